@@ -1,0 +1,3 @@
+from sft_dist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""`sft-dist`: train, generate, and show a resolved config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from sft_dist import __version__
+from sft_dist.errors import ConfigError, SftDistError
+
+EPILOG = """examples:
+  sft-dist train configs/examples/quickstart.yaml
+  sft-dist train configs/examples/quickstart.yaml launcher.num_workers=2 training.max_steps=20
+  torchrun --nproc-per-node 2 --no-python sft-dist train configs/examples/quickstart.yaml
+  sft-dist generate outputs/quickstart --prompt "Qual é a capital de Portugal?"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sft-dist",
+        description="Distributed supervised fine-tuning of causal LMs (TRL SFTTrainer + LoRA) from one config.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"sft-dist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config (with key.sub=value overrides)",
+        description=(
+            "Validate the config, then train. With launcher.type=local (default) and launcher.num_workers=N, "
+            "N worker processes are started here (gloo on CPU, nccl on GPU). Started by torchrun (or any "
+            "launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), this process trains as that rank."
+        ),
+        epilog="overrides: dotted keys, YAML values, e.g. training.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]",
+    )
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    c = sub.add_parser(
+        "config",
+        help="validate a config and print it resolved (defaults filled, paths absolute, secrets redacted)",
+        description="Validate a config (with overrides) and print the resolved YAML that `train` would use.",
+    )
+    c.add_argument("config", help="YAML config file")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text with a trained run (adapter or full model), greedy by default",
+        description=(
+            "Load a run's base model and trained adapter (or full model) and complete prompts, formatted the way "
+            "the run's data was (e.g. the alpaca template with the prompt as the instruction)."
+        ),
+    )
+    g.add_argument("run_dir", help="a run's output_dir (holds config.yaml and adapter/ or model/)")
+    g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    g.add_argument("--input", default="", help="alpaca `input` field for every prompt")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the run's template")
+    g.add_argument("--json", action="store_true", help="print JSON lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "config":
+            return _config(args)
+        if args.command == "generate":
+            return _generate(args)
+    except SftDistError as e:
+        return _report(e)
+    return 2
+
+
+def _train(args) -> int:
+    from sft_dist.config.load import load_config
+    from sft_dist.distributed.env import detect_env
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = detect_env()
+    except SftDistError as e:
+        return _report(e)
+    if env is not None:  # a launcher started this process as one rank
+        return _worker(cfg)
+    if cfg.launcher.type == "torchrun":
+        raise SftDistError(
+            "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
+            f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
+        )
+    _validate_for_launch(cfg)
+    if cfg.launcher.num_workers == 1:
+        return _worker(cfg)
+    from sft_dist.distributed.local import launch_local
+
+    failure = launch_local(cfg.launcher, ["train", args.config, *args.overrides])
+    if failure is None:
+        return 0
+    print(f"sft-dist: {failure.describe()}", file=sys.stderr)
+    # Interrupted (rank -1): 128 + signal, like a shell. A failed worker: 1.
+    return failure.returncode if failure.rank < 0 else 1
+
+
+def _validate_for_launch(cfg) -> None:
+    from sft_dist.distributed.env import resolve_device
+    from sft_dist.train.args import validate_sft_config
+
+    validate_sft_config(cfg, device=resolve_device(cfg.launcher.device))
+
+
+def _worker(cfg) -> int:
+    from sft_dist.train.run import run
+
+    try:
+        run(cfg)
+        return 0
+    except SftDistError as e:
+        return _report(e)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: BLE001 - the launcher needs every failure reported
+        return _report(e, unexpected=True)
+
+
+def _report(e: BaseException, *, unexpected: bool = False) -> int:
+    """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+    rank = int(os.environ.get("RANK", 0))
+    error_file = os.environ.get("SFT_DIST_ERROR_FILE")
+    tb = "".join(traceback.format_exception(e)) if unexpected else None
+    if error_file:  # the local launcher prints it once, for the first rank that failed
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"rank": rank, "type": type(e).__name__, "message": str(e), "traceback": tb,
+                       "user_error": not unexpected}, f)
+        return 1
+    if isinstance(e, ConfigError) and rank != 0:
+        return 1  # every rank read the same config: rank 0 says it once
+    prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and rank != 0 else ""
+    print(tb if tb else f"{prefix}sft-dist: error: {e}", file=sys.stderr)
+    return 1
+
+
+def _config(args) -> int:
+    from sft_dist.config.load import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def _generate(args) -> int:
+    from sft_dist.generate import generate
+
+    outputs = generate(
+        args.run_dir,
+        args.prompt,
+        input=args.input,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        raw=args.raw,
+    )
+    for prompt, text in zip(args.prompt, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+        else:
+            print(f">>> {prompt}\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Load a YAML config plus `key.sub=value` overrides into a validated `Config`.
+
+Every problem found is collected into one `ConfigError` (key, bad value, what is allowed, closest
+valid key for typos), raised before anything heavy is imported or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sft_dist.config.coerce import TypeProblem, closest, coerce
+from sft_dist.config.schema import SECTIONS, Config
+from sft_dist.config.training_args import DEFAULTS, validate_training
+from sft_dist.data.templates import resolve_template
+from sft_dist.errors import ConfigError
+
+BUILTIN = "builtin:"
+# Names of secrets (hub_token, wandb_api_key, password...); not tokenizer fields such as eos_token.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+NOT_SECRET = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+TOP_LEVEL = ["output_dir", "training", *SECTIONS]
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a shipped asset: `builtin:tokenizer`, `builtin:data/alpaca_demo_train.jsonl`."""
+    return Path(str(resources.files("sft_dist") / "assets" / name))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read, override, validate and resolve a config. Raises ConfigError with every problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    problems: list[str] = []
+    cfg = Config()
+    for key, value in raw.items():
+        if key not in TOP_LEVEL:
+            problems.append(_unknown(key, TOP_LEVEL))
+        elif key == "output_dir":
+            if not isinstance(value, str) or not value.strip():
+                problems.append(f"output_dir: got {value!r}; expected a directory path")
+            else:
+                cfg.output_dir = value
+        elif key == "training":
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"training: got {value!r}; expected a mapping of TrainingArguments fields")
+                continue
+            cfg.training, errs = validate_training(value)
+            problems += errs
+        else:
+            section = _build_section(key, SECTIONS[key], value, problems)
+            if section is not None:
+                setattr(cfg, key, section)
+    if not problems:
+        problems += _check_cross_fields(cfg)
+    if problems:
+        raise ConfigError(problems)
+    _resolve_paths(cfg)
+    cfg.training = {**DEFAULTS, **cfg.training}
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. launcher.num_workers=2)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. an unbalanced bracket in a template): take it as a string
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _unknown(key: str, valid: list[str]) -> str:
+    hint = closest(key.split(".")[-1], [v.split(".")[-1] for v in valid])
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    suggestion = f"; did you mean `{prefix}{hint}`?" if hint else f"; valid keys: {', '.join(valid)}"
+    return f"{key}: unknown key{suggestion}"
+
+
+def _build_section(name: str, cls: type, value: Any, problems: list[str]) -> Any:
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        problems.append(f"{name}: got {value!r}; expected a mapping")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, v in value.items():
+        full = f"{name}.{key}"
+        if key not in names:
+            problems.append(_unknown(full, [f"{name}.{n}" for n in names]))
+            continue
+        try:
+            kwargs[key] = coerce(v, hints[key])
+        except TypeProblem as e:
+            problems.append(f"{full}: got {v!r}; {e}")
+    return cls(**kwargs)
+
+
+def _check_cross_fields(cfg: Config) -> list[str]:
+    p: list[str] = []
+    m, d, lo, la, q, b = cfg.model, cfg.data, cfg.lora, cfg.launcher, cfg.quantization, cfg.backend
+    if (m.name_or_path is None) == (m.init_config is None):
+        p.append("model: set exactly one of `model.name_or_path` (hub id or local dir) or `model.init_config`")
+    if m.init_config is not None:
+        p += _check_init_config(m.init_config)
+        if m.tokenizer is None:
+            p.append("model.tokenizer: required with `model.init_config` (e.g. `builtin:tokenizer`)")
+    for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+        if value and _looks_local(value) and not _resolve(value).exists():
+            p.append(f"{key}: {value!r} does not exist (a local path; for a hub id use `org/name`)")
+    if (d.train_files is None) == (d.dataset is None):
+        p.append("data: set exactly one of `data.train_files` (local files) or `data.dataset` (hub dataset name)")
+    for key, spec in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
+        if spec is not None:
+            p += _check_files(key, spec)
+    if d.format == "alpaca":
+        try:
+            resolve_template(d.template)
+        except ConfigError as e:
+            p += e.problems
+    if d.max_length < 8:
+        p.append(f"data.max_length: got {d.max_length}; must be >= 8")
+    if not 0.0 <= d.eval_split_ratio < 1.0:
+        p.append(f"data.eval_split_ratio: got {d.eval_split_ratio}; must be in [0, 1)")
+    if d.eval_split_ratio > 0 and (d.eval_files is not None or d.eval_split is not None):
+        p.append("data.eval_split_ratio: set it only when no `data.eval_files` / `data.eval_split` is given")
+    if d.num_proc is not None and d.num_proc < 1:
+        p.append(f"data.num_proc: got {d.num_proc}; must be >= 1")
+    if lo.enabled:
+        if lo.r < 1:
+            p.append(f"lora.r: got {lo.r}; must be >= 1")
+        if lo.alpha <= 0:
+            p.append(f"lora.alpha: got {lo.alpha}; must be > 0")
+        if not 0.0 <= lo.dropout < 1.0:
+            p.append(f"lora.dropout: got {lo.dropout}; must be in [0, 1)")
+        if isinstance(lo.target_modules, list) and not lo.target_modules:
+            p.append("lora.target_modules: empty list; use `all-linear` or name the modules")
+    if q.bits is not None and not lo.enabled:
+        p.append("quantization.bits: a quantized base cannot be fully fine-tuned; set `lora.enabled: true` (QLoRA)")
+    if la.num_workers < 1:
+        p.append(f"launcher.num_workers: got {la.num_workers}; must be >= 1")
+    if la.threads_per_worker is not None and la.threads_per_worker < 1:
+        p.append(f"launcher.threads_per_worker: got {la.threads_per_worker}; must be >= 1")
+    if la.master_port is not None and not 1 <= la.master_port <= 65535:
+        p.append(f"launcher.master_port: got {la.master_port}; must be in 1..65535")
+    if la.timeout_s < 10:
+        p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
+    if b.type != "ddp":
+        p.append(
+            f"backend.type: {b.type!r} is not available in this version yet; use `ddp` "
+            "(DeepSpeed ZeRO and FSDP2 are being added with checks that they really shard)"
+        )
+    if b.config is not None and b.type == "ddp":
+        p.append("backend.config: DDP takes no config file; remove it or set `backend.type`")
+    return p
+
+
+def _check_init_config(init: dict[str, Any]) -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    model_type = init.get("model_type")
+    if model_type is None:
+        return ["model.init_config.model_type: required (e.g. `llama`, `gpt2`, `qwen2`)"]
+    if model_type not in CONFIG_MAPPING:
+        hint = closest(str(model_type), list(CONFIG_MAPPING.keys()))
+        extra = f"; did you mean {hint!r}?" if hint else ""
+        return [f"model.init_config.model_type: unknown model type {model_type!r}{extra}"]
+    return []
+
+
+def _looks_local(value: str) -> bool:
+    if value.startswith(BUILTIN) or value.startswith(("/", "./", "../", "~")):
+        return True
+    # A hub id is `name` or `org/name`; anything with more parts, or that exists here, is a path.
+    return value.count("/") > 1 or Path(value).exists()
+
+
+def _resolve(value: str) -> Path:
+    if value.startswith(BUILTIN):
+        return builtin_path(value[len(BUILTIN) :])
+    return Path(value).expanduser().resolve()
+
+
+def _expand(spec: str | list[str]) -> tuple[list[str], list[str]]:
+    """Expand paths/globs to absolute file paths. Returns (files, specs that matched nothing)."""
+    files, missing = [], []
+    for item in [spec] if isinstance(spec, str) else spec:
+        path = str(_resolve(item))
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
+        matches = [f for f in matches if os.path.isfile(f)]
+        if matches:
+            files += matches
+        else:
+            missing.append(item)
+    return files, missing
+
+
+def _check_files(key: str, spec: str | list[str]) -> list[str]:
+    _, missing = _expand(spec)
+    return [f"{key}: {m!r} matches no file (relative paths are taken from the current directory)" for m in missing]
+
+
+def _resolve_paths(cfg: Config) -> None:
+    """Make every local path absolute, so workers started elsewhere (cwd, node) see the same files."""
+    m, d = cfg.model, cfg.data
+    if m.name_or_path and _looks_local(m.name_or_path):
+        m.name_or_path = str(_resolve(m.name_or_path))
+    if m.tokenizer and _looks_local(m.tokenizer):
+        m.tokenizer = str(_resolve(m.tokenizer))
+    if d.train_files is not None:
+        d.train_files = _expand(d.train_files)[0]
+    if d.eval_files is not None:
+        d.eval_files = _expand(d.eval_files)[0]
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+
+
+def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
+    data = dataclasses.asdict(cfg)
+    return _redact(data) if redact else data
+
+
+def _redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: ("***" if _is_secret(k) and v not in (None, "") else _redact(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v) for v in node]
+    return node
+
+
+def _is_secret(key: object) -> bool:
+    return bool(SECRET_KEY.search(str(key))) and str(key) not in NOT_SECRET
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, secrets redacted (what goes to output_dir/config.yaml)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,120 @@
+"""The typed config: one dataclass per section. Defaults here are the defaults users get.
+
+`training` is not a dataclass of ours: it takes TRL `SFTConfig` / HF `TrainingArguments` fields by their
+own names and is validated against the installed `SFTConfig` (see `training_args.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local directory, loaded with `from_pretrained`. Exclusive with `init_config`.
+    name_or_path: str | None = None
+    # A transformers config dict (must hold `model_type`) for a randomly initialised model, seeded.
+    init_config: dict[str, Any] | None = None
+    # Tokenizer path or hub id; defaults to `name_or_path`. `builtin:tokenizer` is the shipped tiny one.
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # "all-linear" (every linear layer but the LM head) or a list of module names.
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class QuantizationConfig:
+    # None: no quantization. 4 or 8: bitsandbytes (QLoRA when LoRA is on).
+    bits: Literal[4, 8] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
+
+
+@dataclass
+class DataConfig:
+    # Local file(s): a path, a glob, or a list of them (jsonl, json, parquet, csv). Exclusive with `dataset`.
+    train_files: str | list[str] | None = None
+    # A hub dataset name (loaded with `datasets.load_dataset`).
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    format: Literal["alpaca", "prompt_completion", "messages", "text"] = "alpaca"
+    # Alpaca prompt template: a preset name (alpaca, alpaca_pt, alpaca_full) or a literal template.
+    template: str = "alpaca"
+    # Map this format's column names to the dataset's, e.g. {instruction: question, output: answer}.
+    columns: dict[str, str] | None = None
+    # For format messages: a Jinja chat template (or a .jinja file) overriding the tokenizer's.
+    chat_template: str | None = None
+    max_length: int = 512
+    # None: on for alpaca / prompt_completion / messages (loss on the response only), off for text.
+    completion_only_loss: bool | None = None
+    eval_files: str | list[str] | None = None
+    eval_split: str | None = None
+    # Hold out this fraction of the training rows for eval (fixed seed) when no eval set is given.
+    eval_split_ratio: float = 0.0
+    packing: bool = False
+    num_proc: int | None = None
+    # Each rank writes the ids of the samples it trained on to output_dir/trace/ (debugging sharding).
+    trace_samples: bool = False
+
+
+@dataclass
+class BackendConfig:
+    type: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    # Path to the backend's config file (DeepSpeed JSON, FSDP YAML).
+    config: str | None = None
+
+
+@dataclass
+class LauncherConfig:
+    # local: spawn num_workers processes here. torchrun: expect to be started by torchrun (env checked).
+    type: Literal["local", "torchrun"] = "local"
+    num_workers: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    master_addr: str = "127.0.0.1"
+    # None: a free port is picked.
+    master_port: int | None = None
+    # torch/OMP threads per worker. None: cores / workers (at least 1).
+    threads_per_worker: int | None = None
+    # Seconds a worker waits for its peers (rendezvous and collectives) before failing instead of hanging.
+    timeout_s: int = 600
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: dict[str, Any] = field(default_factory=dict)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "quantization": QuantizationConfig,
+    "data": DataConfig,
+    "backend": BackendConfig,
+    "launcher": LauncherConfig,
+}

@@ -1,0 +1,147 @@
+"""Validate `training.*`: TRL `SFTConfig` / HF `TrainingArguments` fields, by their own names.
+
+The field list and types come from the installed `SFTConfig`, so every knob users know is reachable.
+A few fields are owned by other sections (the data, backend and launcher decide them); setting them
+under `training` is an error that says where they live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from typing import Any
+
+from sft_dist.config.coerce import TypeProblem, closest, coerce, describe
+
+# Fields set by sft_dist from another section; the value says where the user sets them.
+OWNED: dict[str, str] = {
+    "output_dir": "set the top-level `output_dir`",
+    "max_length": "set `data.max_length`",
+    "max_seq_length": "set `data.max_length`",
+    "packing": "set `data.packing`",
+    "dataset_text_field": "use `data.format: text` and `data.columns: {text: <column>}`",
+    "dataset_kwargs": "sft_dist tokenizes the data itself (see the `data` section)",
+    "dataset_num_proc": "set `data.num_proc`",
+    "completion_only_loss": "set `data.completion_only_loss`",
+    "assistant_only_loss": "set `data.completion_only_loss` (with `data.format: messages`)",
+    "deepspeed": "set `backend.type: deepspeed` and `backend.config: <file>`",
+    "fsdp": "set `backend.type: fsdp` and `backend.config: <file>`",
+    "fsdp_config": "set `backend.type: fsdp` and `backend.config: <file>`",
+    "use_cpu": "set `launcher.device: cpu`",
+    "no_cuda": "set `launcher.device: cpu`",
+    "ddp_backend": "sft_dist picks gloo on CPU and nccl on GPU (`launcher.device`)",
+    "local_rank": "the launcher sets the rank",
+    "remove_unused_columns": "sft_dist manages dataset columns itself",
+}
+
+# Defaults that differ from SFTConfig's, and why (see README "Training defaults").
+DEFAULTS: dict[str, Any] = {
+    # TRL defaults to True: slower for small models and a source of LoRA reentrancy errors; opt in.
+    "activation_checkpointing": False,
+    # Trackers only when asked (they may try the network).
+    "report_to": "none",
+    "logging_steps": 1,
+    # LoRA uses every adapter parameter in forward; searching for unused ones costs a graph walk per step.
+    "ddp_find_unused_parameters": False,
+}
+
+# (low, high, inclusive-low) bounds for common numeric fields; None = unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "learning_rate": (0.0, None, False),
+    "per_device_train_batch_size": (1, None, True),
+    "per_device_eval_batch_size": (1, None, True),
+    "gradient_accumulation_steps": (1, None, True),
+    "num_train_epochs": (0.0, None, False),
+    "warmup_ratio": (0.0, 1.0, True),
+    "warmup_steps": (0.0, None, True),
+    "weight_decay": (0.0, None, True),
+    "max_grad_norm": (0.0, None, True),
+    "save_total_limit": (1, None, True),
+    "logging_steps": (0.0, None, False),
+    "eval_steps": (0.0, None, False),
+    "save_steps": (0.0, None, False),
+}
+
+
+@functools.cache
+def sft_fields() -> dict[str, Any]:
+    """{field name: type hint} of the installed SFTConfig (enum-or-str hints narrowed to the enum)."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    out = {}
+    for f in dataclasses.fields(SFTConfig):
+        if not f.init or f.name.startswith("_"):
+            continue
+        out[f.name] = _narrow(hints.get(f.name, Any), f.metadata.get("choices"))
+    return out
+
+
+def _narrow(hint: Any, choices: list | None) -> Any:
+    if choices:
+        return typing.Literal[tuple(choices)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:  # `SchedulerType | str` accepts only the enum's values at runtime
+            rest = [a for a in args if a is not str and a not in enums]
+            return typing.Union[tuple(enums + rest)] if rest else enums[0]
+    return hint
+
+
+def _report_to_choices() -> list[str]:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return ["all", "none", *sorted(INTEGRATION_TO_CALLBACK)]
+
+
+def validate_training(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Check each `training.*` key and value. Returns (coerced values, problems)."""
+    fields = sft_fields()
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in training.items():
+        full = f"training.{key}"
+        if key in OWNED:
+            problems.append(f"{full}: not set here; {OWNED[key]}")
+            continue
+        if key not in fields:
+            hint = closest(key, list(fields) + list(OWNED))
+            extra = f"; did you mean `training.{hint}`?" if hint else ""
+            problems.append(f"{full}: unknown TrainingArguments/SFTConfig field{extra}")
+            continue
+        try:
+            value = coerce(value, fields[key])
+        except TypeProblem as e:
+            problems.append(f"{full}: got {value!r}; {e}")
+            continue
+        problem = _check_value(key, value)
+        if problem:
+            problems.append(f"{full}: got {value!r}; {problem}")
+            continue
+        out[key] = value
+    return out, problems
+
+
+def _check_value(key: str, value: Any) -> str | None:
+    if key == "report_to" and value is not None:
+        allowed = _report_to_choices()
+        bad = [v for v in ([value] if isinstance(value, str) else value) if v not in allowed]
+        if bad:
+            return f"unknown tracker(s) {bad}; allowed: {allowed}"
+    if key in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi, lo_inclusive = RANGES[key]
+        if lo is not None and (value < lo or (value == lo and not lo_inclusive)):
+            return f"must be {'>=' if lo_inclusive else '>'} {lo}"
+        if hi is not None and value > hi:
+            return f"must be <= {hi}"
+    if key == "max_steps" and isinstance(value, int) and value == 0:
+        return "must be > 0, or -1 to train for num_train_epochs"
+    return None
+
+
+def describe_field(key: str) -> str:
+    return describe(sft_fields()[key])

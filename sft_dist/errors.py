@@ -1,0 +1,19 @@
+"""User-facing errors: printed as one clear message, without a traceback."""
+
+
+class SftDistError(Exception):
+    """An error caused by the user's input (config, data, paths); the message says what to do."""
+
+
+class ConfigError(SftDistError):
+    """The config is invalid. Holds every problem found, one per line."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        n = len(self.problems)
+        head = "invalid config" if n == 1 else f"invalid config ({n} problems)"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class DataError(SftDistError):
+    """The data cannot be used as configured (file, row or column named in the message)."""

@@ -1,0 +1,111 @@
+"""What rank 0 shows and writes while training: metrics.jsonl, a progress bar, and the sample trace."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+# Keys that HF/TRL put in the final summary log rather than a per-step line.
+SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second")
+
+
+class MetricsFile(TrainerCallback):
+    """Rank 0 appends one JSON object per logged step (and per eval) to output_dir/metrics.jsonl."""
+
+    def __init__(self, path: Path, *, append: bool = False):
+        self.path = path
+        self.summary: dict = {}
+        if not append and path.exists():
+            path.unlink()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if any(k in logs for k in SUMMARY_KEYS):
+            self.summary.update(logs)
+            return
+        record = {"step": state.global_step, **logs}
+        if "eval_loss" in logs:
+            record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress(TrainerCallback):
+    """A progress bar with loss and tokens/s on a terminal; a log line per ~10% of the run otherwise."""
+
+    def __init__(self, *, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.last = {}
+        self._next_line = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not (self.enabled and state.is_world_process_zero):
+            return
+        if self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                            file=self.stream)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (self.enabled and state.is_world_process_zero) or not logs or "loss" not in logs:
+            return
+        self.last = logs
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_s', 0):.0f}")
+            return
+        every = max(1, state.max_steps // 10)
+        if state.global_step >= self._next_line or state.global_step == state.max_steps:
+            self._next_line = (state.global_step // every + 1) * every
+            print(
+                f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                f"lr {logs.get('learning_rate', 0):.2e}  tokens/s {logs.get('tokens_per_s', 0):.0f}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.enabled and state.is_world_process_zero and metrics and "eval_loss" in metrics:
+            msg = f"eval at step {state.global_step}: loss {metrics['eval_loss']:.4f}"
+            (self.bar.write if self.bar is not None else lambda m: print(m, file=self.stream, flush=True))(msg)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TraceCollator:
+    """Wraps the collator: drops `sample_id` from the batch and, when tracing, records which samples this rank saw."""
+
+    def __init__(self, inner, *, path: Path | None):
+        self.inner = inner
+        self.path = path
+        self._fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "w", encoding="utf-8")
+
+    def __call__(self, examples):
+        ids = [ex.pop("sample_id") for ex in examples if "sample_id" in ex]
+        if self._fh is not None and ids:
+            self._fh.write(json.dumps({"t": round(time.time(), 3), "sample_ids": ids}) + "\n")
+            self._fh.flush()
+        return self.inner(examples)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

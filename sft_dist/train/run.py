@@ -1,0 +1,206 @@
+"""`run(config)`: the one main every launcher calls, on every rank.
+
+setup (process group, tokenizer, data, model, LoRA) -> train (TRL SFTTrainer) -> save (adapter, summary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sft_dist.config.load import dump_config
+from sft_dist.config.schema import Config
+from sft_dist.distributed.env import (
+    DistEnv,
+    default_threads,
+    detect_env,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
+from sft_dist.errors import SftDistError
+
+log = logging.getLogger("sft_dist")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    world_size: int
+    summary: dict = field(default_factory=dict)
+
+
+def setup_logging(env: DistEnv) -> None:
+    """Rank 0 logs at INFO; other ranks only warnings, prefixed with their rank."""
+    level = logging.INFO if env.is_main else logging.WARNING
+    prefix = "" if env.world_size == 1 else f"[rank {env.rank}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s", force=True)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if env.is_main else transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def run(cfg: Config) -> RunResult:
+    env = detect_env() or DistEnv()
+    device = resolve_device(cfg.launcher.device)
+    setup_logging(env)
+    threads = cfg.launcher.threads_per_worker or int(os.environ.get("OMP_NUM_THREADS", 0)) or default_threads(
+        env.local_world_size
+    )
+    import torch
+
+    torch.set_num_threads(threads)
+    init_distributed(env, device=device, timeout_s=cfg.launcher.timeout_s)
+    try:
+        return _run(cfg, env=env, device=device, threads=threads)
+    finally:
+        shutdown_distributed()
+
+
+def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
+    import torch
+
+    from sft_dist.data.build import build_datasets
+    from sft_dist.model.build import build_model, count_parameters, load_pretrained, resolve_dtype
+    from sft_dist.model.lora import apply_lora
+    from sft_dist.model.tokenizer import build_tokenizer
+    from sft_dist.train.args import build_sft_config
+    from sft_dist.train.callbacks import MetricsFile, Progress, TraceCollator
+    from sft_dist.train.trainer import SFTDistTrainer
+
+    out = Path(cfg.output_dir)
+    resume = cfg.training.get("resume_from_checkpoint")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    args = build_sft_config(cfg, device=device, distributed=env.world_size > 1)
+    log.info(
+        "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
+        env.world_size, env.launched_by, device, cfg.backend.type, threads, out,
+    )
+
+    tokenizer = build_tokenizer(cfg.model)
+    data = build_datasets(cfg.data, tokenizer, seed=args.seed)
+    for name, stats in data.stats.items():
+        log.info("data %s", stats.describe(name, cfg.data.max_length))
+
+    dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
+    model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tokenizer, dtype=dtype, seed=args.seed,
+                        device=device)
+    base_dir = None
+    if cfg.model.init_config is not None:
+        # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
+        base_dir = out / "base_model"
+        if env.is_main:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        _barrier(env)
+        if cfg.quantization.bits is not None:
+            model = load_pretrained(str(base_dir), quant=cfg.quantization, dtype=dtype, device=device,
+                                    attn=cfg.model.attn_implementation)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
+                           gradient_checkpointing=bool(args.activation_checkpointing))
+        if base_dir is not None:
+            model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    trainable, total = count_parameters(model)
+    log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
+             type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
+
+    world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
+    log.info(
+        "batch: %d per device x %d accumulation x %d workers = %d sequences per optimizer step",
+        args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size, world_batch,
+    )
+
+    eval_ds = data.eval.remove_columns(["sample_id"]) if data.eval is not None else None
+    metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume))
+    trainer = SFTDistTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[metrics, Progress(enabled=not cfg.training.get("disable_tqdm", False))],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trace_path = out / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
+    trainer.data_collator = TraceCollator(trainer.data_collator, path=trace_path)
+
+    t0 = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_s = time.perf_counter() - t0
+    trainer.data_collator.close()
+
+    final_dir = out / ("adapter" if cfg.lora.enabled else "model")
+    trainer.save_model(str(final_dir))
+    digests = _gather(env, _trainable_digest(trainer.model))
+    if len(set(digests)) != 1:
+        raise SftDistError(
+            f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
+        )
+    if env.is_main:
+        tokenizer.save_pretrained(final_dir)
+        summary = {
+            "world_size": env.world_size,
+            "launched_by": env.launched_by,
+            "device": device,
+            "backend": cfg.backend.type,
+            "global_step": trainer.state.global_step,
+            "global_batch": world_batch,
+            "train_seconds": round(train_s, 3),
+            "loss_tokens": trainer.total_loss_tokens,
+            "train_loss": train_result.training_loss,
+            "trainable_params": trainable,
+            "total_params": total,
+            "rank_weight_digests": digests,
+            "final_dir": str(final_dir),
+            "base_model_dir": str(base_dir) if base_dir else None,
+            "data": {k: vars(v) for k, v in data.stats.items()},
+            "hf_summary": metrics.summary,
+        }
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        log.info("done: %d steps in %.1f s; %s saved to %s", trainer.state.global_step, train_s,
+                 "adapter" if cfg.lora.enabled else "model", final_dir)
+    _barrier(env)
+    return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _trainable_digest(model) -> str:
+    """sha256 of the trainable weights (by name), to prove every rank holds the same model."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather(env: DistEnv, value: str) -> list[str]:
+    if env.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,63 @@
+"""TRL's SFTTrainer plus the per-step numbers sft_dist logs: loss-carrying tokens and step time."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from trl import SFTTrainer
+
+
+class SFTDistTrainer(SFTTrainer):
+    """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._window_tokens = 0
+        self._window_start: float | None = None
+        self._window_step = 0
+        self.total_loss_tokens = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+            self._window_step = self.state.global_step
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items is not None and self.args.average_tokens_across_devices:
+            tokens = int(num_items)  # already summed over ranks by the Trainer
+        else:
+            tokens = self._count_global(batch_samples, device)
+        self._window_tokens += tokens
+        self.total_loss_tokens += tokens
+        return batch_samples, num_items
+
+    def _count_global(self, batch_samples, device) -> int:
+        local = sum(int(b["labels"][..., 1:].ne(-100).sum()) for b in batch_samples if "labels" in b)
+        if self.args.world_size > 1:
+            t = torch.tensor(local, device=device)
+            torch.distributed.all_reduce(t)
+            return int(t)
+        return local
+
+    def evaluate(self, *args, **kwargs):
+        # Evaluation time is not training step time: move the window start past it.
+        t0 = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if self._window_start is not None:
+                self._window_start += time.perf_counter() - t0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window_start is not None:
+            now = time.perf_counter()
+            elapsed = now - self._window_start
+            steps = max(1, self.state.global_step - self._window_step)
+            logs["tokens"] = self._window_tokens
+            logs["tokens_total"] = self.total_loss_tokens
+            logs["step_time_s"] = elapsed / steps
+            logs["tokens_per_s"] = self._window_tokens / elapsed if elapsed > 0 else 0.0
+            self._window_tokens = 0
+            self._window_start = now
+            self._window_step = self.state.global_step
+        super().log(logs, start_time)
