@@ -20,6 +20,9 @@ def load_trained(run_dir: str | Path):
     """(model, tokenizer, run config) for a finished run, on CPU in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sft_dist.quiet import quiet_libraries
+
+    quiet_libraries()
     run_dir = Path(run_dir)
     cfg = _read_run_config(run_dir)
     model_cfg = cfg.get("model", {})

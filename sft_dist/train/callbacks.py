@@ -20,6 +20,8 @@ class MetricsFile(TrainerCallback):
     def __init__(self, path: Path, *, append: bool = False):
         self.path = path
         self.summary: dict = {}
+        self.first: dict = {}  # first and last logged train loss / eval loss
+        self.last: dict = {}
         if not append and path.exists():
             path.unlink()
 
@@ -32,6 +34,10 @@ class MetricsFile(TrainerCallback):
         record = {"step": state.global_step, **logs}
         if "eval_loss" in logs:
             record["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        for key in ("loss", "eval_loss"):
+            if key in logs:
+                self.first.setdefault(key, logs[key])
+                self.last[key] = logs[key]
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 

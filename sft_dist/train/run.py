@@ -24,6 +24,7 @@ from sft_dist.distributed.env import (
     shutdown_distributed,
 )
 from sft_dist.errors import SftDistError
+from sft_dist.quiet import quiet_libraries
 
 log = logging.getLogger("sft_dist")
 
@@ -42,17 +43,14 @@ def setup_logging(env: DistEnv) -> None:
     level = logging.INFO if env.is_main else logging.WARNING
     prefix = "" if env.world_size == 1 else f"[rank {env.rank}] "
     logging.basicConfig(level=level, format=f"{prefix}%(message)s", force=True)
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning() if env.is_main else transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    quiet_libraries(main=env.is_main)
 
 
 def run(cfg: Config) -> RunResult:
     env = detect_env() or DistEnv()
     device = resolve_device(cfg.launcher.device)
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     setup_logging(env)
     threads = cfg.launcher.threads_per_worker or int(os.environ.get("OMP_NUM_THREADS", 0)) or default_threads(
         env.local_world_size
@@ -94,6 +92,11 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
 
+    # Seed before the model and the adapter are initialised (the Trainer seeds only later): the same
+    # config gives the same initial weights on every rank, every launcher and every run.
+    from transformers import set_seed
+
+    set_seed(args.seed)
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
     model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tokenizer, dtype=dtype, seed=args.seed,
                         device=device)
@@ -170,13 +173,26 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
             "final_dir": str(final_dir),
             "base_model_dir": str(base_dir) if base_dir else None,
             "data": {k: vars(v) for k, v in data.stats.items()},
+            "first_loss": metrics.first.get("loss"),
+            "last_loss": metrics.last.get("loss"),
+            "first_eval_loss": metrics.first.get("eval_loss"),
+            "last_eval_loss": metrics.last.get("eval_loss"),
             "hf_summary": metrics.summary,
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        log.info("done: %d steps in %.1f s; %s saved to %s", trainer.state.global_step, train_s,
-                 "adapter" if cfg.lora.enabled else "model", final_dir)
+        log.info("done: %d steps in %.1f s, %s", trainer.state.global_step, train_s, _loss_change(metrics))
+        log.info("%s saved to %s (metrics: %s)", "adapter" if cfg.lora.enabled else "model", final_dir,
+                 out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _loss_change(metrics) -> str:
+    parts = []
+    for key, name in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        if key in metrics.first:
+            parts.append(f"{name} {metrics.first[key]:.4f} -> {metrics.last[key]:.4f}")
+    return ", ".join(parts) or "no loss logged"
 
 
 def _trainable_digest(model) -> str:

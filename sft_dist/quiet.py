@@ -1,0 +1,17 @@
+"""Silence library noise that says nothing actionable to a user (kept in one place)."""
+
+from __future__ import annotations
+
+import warnings
+
+
+def quiet_libraries(*, main: bool = True) -> None:
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    # peft reads a transformers attribute renamed in v5.x; the warning is theirs and says nothing to a user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
