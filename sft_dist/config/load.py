@@ -97,10 +97,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"override {item!r}: expected key.sub=value (e.g. launcher.num_workers=2)")
     key, text = item.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text  # not YAML (e.g. an unbalanced bracket in a template): take it as a string
+    value = _parse_override_value(text)
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
@@ -111,6 +108,25 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _parse_override_value(text: str):
+    """YAML for numbers, booleans, null, [lists] and {maps}; anything else stays the text as typed
+    (so a prompt template such as `### Q: {q}` is not read as a comment or a mapping)."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None and stripped not in ("null", "Null", "NULL", "~"):
+        return text
+    if isinstance(value, dict) and not stripped.startswith("{"):
+        return text
+    if isinstance(value, list) and not stripped.startswith("["):
+        return text
+    return value
 
 
 def _unknown(key: str, valid: list[str]) -> str:

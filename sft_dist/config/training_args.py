@@ -37,6 +37,14 @@ OWNED: dict[str, str] = {
     "remove_unused_columns": "sft_dist manages dataset columns itself",
 }
 
+# Names users know from earlier transformers releases, mapped to the field that does the same now.
+# (transformers 5 folded warmup_ratio into warmup_steps: a value < 1 is a fraction of the steps.)
+ALIASES: dict[str, str] = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+
+# Fields sft_dist accepts beyond SFTConfig's own. logging_dir: where the TensorBoard tracker writes
+# (transformers 5 reads it from TENSORBOARD_LOGGING_DIR; sft_dist sets that on every rank).
+EXTRA: dict[str, Any] = {"logging_dir": str}
+
 # Defaults that differ from SFTConfig's, and why (see README "Training defaults").
 DEFAULTS: dict[str, Any] = {
     # TRL defaults to True: slower for small models and a source of LoRA reentrancy errors; opt in.
@@ -100,16 +108,25 @@ def _report_to_choices() -> list[str]:
 
 def validate_training(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Check each `training.*` key and value. Returns (coerced values, problems)."""
-    fields = sft_fields()
+    fields = {**sft_fields(), **EXTRA}
     out: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in training.items():
         full = f"training.{key}"
+        if key in ALIASES:
+            new = ALIASES[key]
+            if new in training:
+                problems.append(f"{full}: set either `training.{key}` or `training.{new}`, not both")
+                continue
+            if key == "warmup_ratio" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                problems.append(f"{full}: got {value!r}; must be a fraction in [0, 1)")
+                continue
+            key, full = new, f"training.{new}"
         if key in OWNED:
             problems.append(f"{full}: not set here; {OWNED[key]}")
             continue
         if key not in fields:
-            hint = closest(key, list(fields) + list(OWNED))
+            hint = closest(key, list(fields) + list(OWNED) + list(ALIASES))
             extra = f"; did you mean `training.{hint}`?" if hint else ""
             problems.append(f"{full}: unknown TrainingArguments/SFTConfig field{extra}")
             continue

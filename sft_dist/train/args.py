@@ -24,6 +24,7 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
     training = dict(cfg.training)
     training.update(resolve_precision(training, device=device))
     training.pop("disable_tqdm", None)  # sft_dist draws its own progress bar (train/callbacks.py)
+    training.pop("logging_dir", None)  # applied as TENSORBOARD_LOGGING_DIR by the worker (train/run.py)
     cpu = device == "cpu"
     if distributed:  # naming a backend makes accelerate expect an initialised process group
         training["ddp_backend"] = "gloo" if cpu else "nccl"

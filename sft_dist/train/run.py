@@ -82,6 +82,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     args = build_sft_config(cfg, device=device, distributed=env.world_size > 1)
+    if cfg.training.get("logging_dir"):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
         "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
         env.world_size, env.launched_by, device, cfg.backend.type, threads, out,

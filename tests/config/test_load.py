@@ -1,0 +1,174 @@
+"""Config loading: overrides, validation messages, path resolution, redaction."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sft_dist.config.load import builtin_path, dump_config, load_config
+from sft_dist.errors import ConfigError
+from tests.conftest import QUICKSTART
+
+
+def problems(path, overrides=()):
+    with pytest.raises(ConfigError) as ei:
+        load_config(path, list(overrides))
+    return ei.value.problems
+
+
+def test_quickstart_loads_with_paths_resolved():
+    cfg = load_config(QUICKSTART)
+    assert cfg.launcher.num_workers == 2
+    assert cfg.model.tokenizer == str(builtin_path("tokenizer"))
+    assert cfg.data.train_files == [str(builtin_path("data/alpaca_demo_train.jsonl"))]
+    assert cfg.output_dir.startswith("/")
+    # sft_dist defaults under training, user values win
+    assert cfg.training["report_to"] == "none"
+    assert cfg.training["activation_checkpointing"] is False
+    assert cfg.training["max_steps"] == 60
+
+
+def test_overrides_are_yaml_typed():
+    cfg = load_config(QUICKSTART, [
+        "launcher.num_workers=3", "training.learning_rate=2e-4", "lora.target_modules=[q_proj, v_proj]",
+        "data.max_length=64", "training.bf16=false",
+    ])
+    assert cfg.launcher.num_workers == 3
+    assert cfg.training["learning_rate"] == pytest.approx(2e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.max_length == 64
+    assert cfg.training["bf16"] is False
+
+
+def test_learning_rate_without_dot_in_yaml_file(write_config):
+    # PyYAML reads 2e-4 as a string; sft_dist takes it as the number users meant.
+    cfg = load_config(write_config({"training.learning_rate": "2e-4"}))
+    assert cfg.training["learning_rate"] == pytest.approx(2e-4)
+
+
+def test_unknown_keys_name_the_closest_valid_one():
+    msgs = problems(QUICKSTART, ["ouput_dir=x", "lora.alpah=8", "training.learning_rat=1", "data.max_lenght=3"])
+    text = "\n".join(msgs)
+    assert len(msgs) == 4  # every problem reported at once
+    assert "ouput_dir: unknown key; did you mean `output_dir`?" in text
+    assert "lora.alpah: unknown key; did you mean `lora.alpha`?" in text
+    assert "did you mean `training.learning_rate`?" in text
+    assert "did you mean `data.max_length`?" in text
+
+
+def test_wrong_type_names_key_value_and_expected():
+    (msg,) = problems(QUICKSTART, ["launcher.num_workers=two"])
+    assert msg == "launcher.num_workers: got 'two'; expected an integer"
+    (msg,) = problems(QUICKSTART, ["data.format=csv"])
+    assert "data.format: got 'csv'; expected one of 'alpaca', 'prompt_completion', 'messages', 'text'" == msg
+
+
+def test_training_enum_and_range_checks():
+    msgs = problems(QUICKSTART, ["training.lr_scheduler_type=cosinus", "training.learning_rate=-1",
+                                 "training.report_to=wandbx", "training.per_device_train_batch_size=0"])
+    text = "\n".join(msgs)
+    assert "training.lr_scheduler_type: got 'cosinus'; expected one of 'linear', 'cosine'" in text
+    assert "training.learning_rate: got -1; must be > 0.0" in text
+    assert "training.report_to: got 'wandbx'; unknown tracker(s) ['wandbx']" in text
+    assert "training.per_device_train_batch_size: got 0; must be >= 1" in text
+
+
+def test_training_knobs_from_developers_guide_are_accepted(tmp_path):
+    knobs = {
+        "num_train_epochs": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+        "gradient_accumulation_steps": 4, "learning_rate": 2e-4, "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.03, "warmup_steps": 0, "weight_decay": 0.01, "max_grad_norm": 0.3,
+        "optim": "paged_adamw_8bit", "bf16": False, "fp16": False, "eval_strategy": "steps", "eval_steps": 5,
+        "save_strategy": "steps", "save_steps": 5, "save_total_limit": 2, "load_best_model_at_end": True,
+        "metric_for_best_model": "eval_loss", "greater_is_better": False, "report_to": "none",
+        "logging_steps": 1, "logging_dir": "logs", "push_to_hub": False, "seed": 7,
+        "resume_from_checkpoint": None, "max_steps": 10,
+    }
+    knobs.pop("warmup_steps")  # warmup_ratio is its alias since transformers 5
+    base = yaml.safe_load(QUICKSTART.read_text())
+    base["training"] = {}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base))
+    cfg = load_config(path, [f"training.{k}={v if v is not None else 'null'}" for k, v in knobs.items()])
+    for k, v in knobs.items():
+        assert cfg.training["warmup_steps" if k == "warmup_ratio" else k] == v, k
+    from sft_dist.train.args import build_sft_config
+
+    args = build_sft_config(cfg, device="cpu", distributed=False)
+    assert args.warmup_steps == 0.03 and args.optim == "paged_adamw_8bit" and args.max_grad_norm == 0.3
+
+
+def test_fields_owned_by_other_sections_point_there():
+    msgs = problems(QUICKSTART, ["training.max_seq_length=512", "training.deepspeed=x.json", "training.use_cpu=true"])
+    text = "\n".join(msgs)
+    assert "training.max_seq_length: not set here; set `data.max_length`" in text
+    assert "training.deepspeed: not set here; set `backend.type: deepspeed`" in text
+    assert "training.use_cpu: not set here; set `launcher.device: cpu`" in text
+
+
+def test_missing_files_and_exclusive_fields(tmp_path):
+    msgs = problems(QUICKSTART, [f"data.train_files={tmp_path}/nope.jsonl", "model.name_or_path=/no/such/model"])
+    text = "\n".join(msgs)
+    assert f"data.train_files: '{tmp_path}/nope.jsonl' matches no file" in text
+    assert "model: set exactly one of `model.name_or_path`" in text
+    assert "model.name_or_path: '/no/such/model' does not exist" in text
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_unknown_model_type_suggests():
+    (msg,) = problems(QUICKSTART, ["model.init_config.model_type=lama"])
+    assert "unknown model type 'lama'; did you mean 'llama'?" in msg
+
+
+def test_alpaca_template_is_validated():
+    (msg,) = problems(QUICKSTART, ["data.template=### Q: {question}\n{output}"])
+    assert "data.template: unknown field(s) ['question']" in msg
+
+
+def test_backend_not_yet_available_is_refused_not_ignored():
+    (msg,) = problems(QUICKSTART, ["backend.type=fsdp"])
+    assert "backend.type: 'fsdp' is not available in this version yet" in msg
+
+
+def test_dump_redacts_secrets_but_not_tokenizer(tmp_path):
+    cfg = load_config(QUICKSTART, ["training.hub_token=hf_SECRET123", "output_dir=" + str(tmp_path)])
+    text = dump_config(cfg)
+    assert "hf_SECRET123" not in text
+    dumped = yaml.safe_load(text)
+    assert dumped["training"]["hub_token"] == "***"
+    assert dumped["model"]["tokenizer"].endswith("assets/tokenizer")
+    # the dump is itself a valid config
+    assert load_config_from_text(tmp_path, text.replace("'***'", "null")).launcher.num_workers == 2
+
+
+def load_config_from_text(tmp_path, text):
+    p = tmp_path / "dumped.yaml"
+    p.write_text(text)
+    return load_config(p)
+
+
+def test_cross_field_training_errors_caught_before_launch():
+    from sft_dist.train.args import validate_sft_config
+
+    cfg = load_config(QUICKSTART, ["training.load_best_model_at_end=true", "training.save_strategy=epoch"])
+    with pytest.raises(ConfigError, match="load_best_model_at_end requires the save and eval strategy to match"):
+        validate_sft_config(cfg, device="cpu")
+
+
+def test_precision_never_defaults_to_bf16_on_cpu():
+    from sft_dist.train.args import build_sft_config, resolve_precision
+
+    assert resolve_precision({}, device="cpu") == {"bf16": False, "fp16": False}
+    assert resolve_precision({"bf16": True}, device="cpu") == {"bf16": True, "fp16": False}
+    args = build_sft_config(load_config(QUICKSTART), device="cpu", distributed=False)
+    assert args.bf16 is False and args.fp16 is False
+    assert args.activation_checkpointing is False  # TRL's default True is not let through
+    assert args.max_length == 128

@@ -1,0 +1,41 @@
+"""Shared fixtures: the repo paths and a helper to write small configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config dict (merged over the quickstart) to a YAML file; returns its path."""
+
+    def _write(overrides: dict | None = None, *, base: Path | None = QUICKSTART, name: str = "cfg.yaml") -> Path:
+        data = yaml.safe_load(base.read_text()) if base else {}
+        for key, value in (overrides or {}).items():
+            node = data
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, allow_unicode=True))
+        return path
+
+    return _write
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for a `sft-dist` subprocess: not inside any launcher, the venv's tools first."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SFT_DIST_ERROR_FILE")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env

@@ -1,0 +1,155 @@
+"""Tokenization with loss masks, token by token, on real examples with the shipped tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from sft_dist.config.load import builtin_path
+from sft_dist.config.schema import DataConfig
+from sft_dist.data.build import build_datasets
+from sft_dist.data.formats import IGNORE, Tokenizer
+from sft_dist.data.templates import resolve_template
+from sft_dist.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(builtin_path("tokenizer")))
+
+
+def loss_text(tok, out):
+    """The text of the tokens that carry loss."""
+    return tok.decode([t for t, l in zip(out["input_ids"], out["labels"]) if l != IGNORE])
+
+
+def test_alpaca_masks_prompt_and_trains_on_response_plus_eos(tok):
+    t = Tokenizer(tok, fmt="alpaca", template=resolve_template("alpaca_pt"), completion_only_loss=True)
+    row = {"instruction": "Qual é a capital de Portugal?", "input": "", "output": "A capital de Portugal é Lisboa."}
+    out = t(row, "row 0")
+    prompt_ids = tok("### Instrução:\nQual é a capital de Portugal?\n\n### Resposta:\n")["input_ids"]
+    n = len(prompt_ids)
+    assert out["input_ids"][:n] == prompt_ids and prompt_ids[0] == tok.bos_token_id
+    assert out["labels"][:n] == [IGNORE] * n
+    assert out["labels"][n:] == out["input_ids"][n:]
+    assert out["input_ids"][-1] == tok.eos_token_id
+    assert loss_text(tok, out) == "A capital de Portugal é Lisboa.</s>"
+
+
+def test_completion_only_off_trains_on_everything(tok):
+    t = Tokenizer(tok, fmt="alpaca", template=resolve_template("alpaca"), completion_only_loss=False)
+    out = t({"instruction": "Say hi.", "output": "hi"}, "row 0")
+    assert out["labels"] == out["input_ids"]
+
+
+def test_prompt_completion_and_text(tok):
+    pc = Tokenizer(tok, fmt="prompt_completion", template="", completion_only_loss=True)
+    out = pc({"prompt": "2+2=", "completion": "4"}, "row 0")
+    assert loss_text(tok, out) == "4</s>"
+    text = Tokenizer(tok, fmt="text", template="", completion_only_loss=False)
+    out = text({"text": "Olá mundo"}, "row 0")
+    assert out["labels"] == out["input_ids"] and tok.decode(out["input_ids"]) == "<s>Olá mundo</s>"
+
+
+def test_messages_assistant_only_multi_turn(tok):
+    t = Tokenizer(tok, fmt="messages", template="", completion_only_loss=True)
+    msgs = [
+        {"role": "system", "content": "Seja breve."},
+        {"role": "user", "content": "Oi"},
+        {"role": "assistant", "content": "Olá!"},
+        {"role": "user", "content": "Tudo bem?"},
+        {"role": "assistant", "content": "Sim."},
+    ]
+    out = t({"messages": msgs}, "row 0")
+    assert loss_text(tok, out) == "Olá!<|im_end|>Sim.<|im_end|>"
+
+
+def test_messages_without_generation_markers_use_prefix_rendering(tok):
+    # Same ChatML template with the {% generation %} markers removed: the mask must come out identical.
+    plain = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tok2 = AutoTokenizer.from_pretrained(str(builtin_path("tokenizer")))
+    tok2.chat_template = plain
+    msgs = [{"role": "user", "content": "Oi"}, {"role": "assistant", "content": "Olá!"},
+            {"role": "user", "content": "E aí?"}, {"role": "assistant", "content": "Bem."}]
+    a = Tokenizer(tok, fmt="messages", template="", completion_only_loss=True)({"messages": msgs}, "r")
+    b = Tokenizer(tok2, fmt="messages", template="", completion_only_loss=True)({"messages": msgs}, "r")
+    assert a["input_ids"] == b["input_ids"]
+    # the prefix method also counts the newline after <|im_end|> as part of the turn
+    assert loss_text(tok2, b).startswith("Olá!<|im_end|>")
+    assert "Oi" not in loss_text(tok2, b) and "E aí?" not in loss_text(tok2, b)
+
+
+def test_messages_errors_name_the_row(tok):
+    t = Tokenizer(tok, fmt="messages", template="", completion_only_loss=True)
+    with pytest.raises(DataError, match="train row 3: the conversation has no assistant turn"):
+        t({"messages": [{"role": "user", "content": "Oi"}]}, "train row 3")
+    with pytest.raises(DataError, match=r"train row 4: messages\[0\] must be an object"):
+        t({"messages": [{"role": "user"}]}, "train row 4")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_build_datasets_counts_truncation_and_drops(tmp_path, tok):
+    rows = [{"instruction": "short", "output": "ok"},
+            {"instruction": "long " * 200, "output": "never seen"},  # prompt alone exceeds max_length
+            {"instruction": "mid", "output": "word " * 100}]  # response truncated, still has loss
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = build_datasets(DataConfig(train_files=[f], max_length=32), tok, seed=0)
+    st = ds.stats["train"]
+    assert (st.rows, st.truncated, st.dropped_no_loss) == (3, 2, 1)
+    assert sorted(ds.train["sample_id"]) == [0, 2]
+    assert max(len(x) for x in ds.train["input_ids"]) == 32
+
+
+def test_column_mapping_and_missing_column(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    ds = build_datasets(DataConfig(train_files=[f], columns={"instruction": "question", "output": "answer"}), tok,
+                        seed=0)
+    assert len(ds.train) == 1
+    with pytest.raises(DataError, match=r"needs column\(s\) \['instruction', 'output'\].*data.columns"):
+        build_datasets(DataConfig(train_files=[f]), tok, seed=0)
+
+
+def test_bad_rows_are_reported_by_file_line_or_row(tmp_path, tok):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        build_datasets(DataConfig(train_files=[str(bad_json)]), tok, seed=0)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"instruction": "ação", "output": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:1: not valid UTF-8"):
+        build_datasets(DataConfig(train_files=[str(latin1)]), tok, seed=0)
+    null = write_jsonl(tmp_path / "null.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": None, "output": "b"}])
+    with pytest.raises(DataError, match=r"train row 1 \(sample_id 1\): column 'instruction' is null"):
+        build_datasets(DataConfig(train_files=[null]), tok, seed=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="has no rows"):
+        build_datasets(DataConfig(train_files=[str(empty)]), tok, seed=0)
+
+
+def test_eval_split_ratio_is_seeded_and_disjoint(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(50)])
+    a = build_datasets(DataConfig(train_files=[f], eval_split_ratio=0.2), tok, seed=3)
+    b = build_datasets(DataConfig(train_files=[f], eval_split_ratio=0.2), tok, seed=3)
+    assert len(a.eval) == 10 and len(a.train) == 40
+    assert a.eval["sample_id"] == b.eval["sample_id"]
+    assert not set(a.eval["sample_id"]) & set(a.train["sample_id"])
+
+
+def test_parquet_and_csv(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pa.table({"prompt": ["a", "b"], "completion": ["x", "y"]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    pcsv.write_csv(table, tmp_path / "d.csv")
+    for name in ("d.parquet", "d.csv"):
+        ds = build_datasets(DataConfig(train_files=[str(tmp_path / name)], format="prompt_completion"), tok, seed=0)
+        assert len(ds.train) == 2
