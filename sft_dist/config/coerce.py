@@ -50,6 +50,7 @@ def coerce(value: Any, hint: Any) -> Any:
         raise TypeProblem("expected null")
     if origin is Literal:
         allowed = typing.get_args(hint)
+        value = _yaml_bool_word(value, allowed)
         if value in allowed and not (isinstance(value, bool) and True not in allowed and False not in allowed):
             return value
         raise TypeProblem(f"expected {describe(hint)}")
@@ -64,6 +65,7 @@ def coerce(value: Any, hint: Any) -> Any:
         raise TypeProblem(f"expected {describe(hint)}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         values = [m.value for m in hint]
+        value = _yaml_bool_word(value, values)
         if isinstance(value, hint):
             return value.value
         if value in values:
@@ -108,6 +110,15 @@ def coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, hint):
             return value
         raise TypeProblem(f"expected {describe(hint)}")
+    return value
+
+
+def _yaml_bool_word(value: Any, allowed) -> Any:
+    """YAML 1.1 reads a bare `no` / `yes` as a boolean; give the word back where the field wants it."""
+    if isinstance(value, bool):
+        word = "yes" if value else "no"
+        if word in allowed and value not in allowed:
+            return word
     return value
 
 

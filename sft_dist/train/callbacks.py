@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -93,25 +92,18 @@ class Progress(TrainerCallback):
             self.bar = None
 
 
-class TraceCollator:
-    """Wraps the collator: drops `sample_id` from the batch and, when tracing, records which samples this rank saw."""
+class SampleIdCollator:
+    """Wraps the collator: carries each example's `sample_id` into the batch as `sample_ids`, so the
+    trainer knows which samples a micro-batch holds when it trains on it (not when it is prefetched)."""
 
-    def __init__(self, inner, *, path: Path | None):
+    def __init__(self, inner):
         self.inner = inner
-        self.path = path
-        self._fh = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "w", encoding="utf-8")
 
     def __call__(self, examples):
         ids = [ex.pop("sample_id") for ex in examples if "sample_id" in ex]
-        if self._fh is not None and ids:
-            self._fh.write(json.dumps({"t": round(time.time(), 3), "sample_ids": ids}) + "\n")
-            self._fh.flush()
-        return self.inner(examples)
+        batch = self.inner(examples)
+        if ids:
+            import torch
 
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
+        return batch

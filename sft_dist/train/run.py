@@ -73,7 +73,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     from sft_dist.model.lora import apply_lora
     from sft_dist.model.tokenizer import build_tokenizer
     from sft_dist.train.args import build_sft_config
-    from sft_dist.train.callbacks import MetricsFile, Progress, TraceCollator
+    from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
     from sft_dist.train.trainer import SFTDistTrainer
 
     out = Path(cfg.output_dir)
@@ -130,7 +130,9 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
 
     eval_ds = data.eval.remove_columns(["sample_id"]) if data.eval is not None else None
     metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume))
+    trace_path = out / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
     trainer = SFTDistTrainer(
+        trace_path=trace_path,
         model=model,
         args=args,
         train_dataset=data.train,
@@ -142,13 +144,12 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trace_path = out / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
-    trainer.data_collator = TraceCollator(trainer.data_collator, path=trace_path)
+    trainer.data_collator = SampleIdCollator(trainer.data_collator)
 
     t0 = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t0
-    trainer.data_collator.close()
+    trainer.close_trace()
 
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
     trainer.save_model(str(final_dir))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from trl import SFTTrainer
@@ -11,12 +13,29 @@ from trl import SFTTrainer
 class SFTDistTrainer(SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, trace_path: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._trace = None
+        if trace_path is not None:
+            trace_path.parent.mkdir(parents=True, exist_ok=True)
+            self._trace = open(trace_path, "w", encoding="utf-8")
         self._window_tokens = 0
         self._window_start: float | None = None
         self._window_step = 0
         self.total_loss_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.pop("sample_ids", None)
+        if self._trace is not None and ids is not None:
+            record = {"step": self.state.global_step + 1, "sample_ids": ids.tolist()}
+            self._trace.write(json.dumps(record) + "\n")
+            self._trace.flush()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def close_trace(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self._window_start is None:

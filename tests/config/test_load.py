@@ -172,3 +172,8 @@ def test_precision_never_defaults_to_bf16_on_cpu():
     assert args.bf16 is False and args.fp16 is False
     assert args.activation_checkpointing is False  # TRL's default True is not let through
     assert args.max_length == 128
+
+
+def test_bare_no_in_yaml_means_the_strategy_no():
+    cfg = load_config(QUICKSTART, ["training.save_strategy=no", "training.eval_strategy=no"])
+    assert cfg.training["save_strategy"] == "no" and cfg.training["eval_strategy"] == "no"

@@ -1,0 +1,177 @@
+"""End to end: `sft-dist train` with 2 real worker processes over gloo, torchrun, generate, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, QUICKSTART, cli_env
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+COMMON = [f"training.max_steps={STEPS}", "training.eval_steps=6", "data.trace_samples=true"]
+
+
+def sft_dist(*args, timeout=300, **kw):
+    return subprocess.run([str(BIN / "sft-dist"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), **kw)
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "run"
+    r = sft_dist("train", QUICKSTART, f"output_dir={out}", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_two_workers_train_in_one_process_group(local_run):
+    out, r = local_run
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["launched_by"] == "local"
+    assert summary["global_step"] == STEPS and summary["global_batch"] == 16
+    # every rank ended with the same weights
+    assert len(summary["rank_weight_digests"]) == 2 and len(set(summary["rank_weight_digests"])) == 1
+    assert "batch: 8 per device x 1 accumulation x 2 workers = 16 sequences per optimizer step" in r.stderr
+
+
+def test_ranks_saw_different_samples(local_run):
+    out, _ = local_run
+    seen = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (out / "trace" / f"samples.rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+        seen[rank] = [i for r in records for i in r["sample_ids"]]
+        assert len(seen[rank]) == STEPS * 8  # 12 steps x micro-batch 8, no sample repeated within a rank
+        assert len(set(seen[rank])) == len(seen[rank])
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_metrics_file_and_loss_goes_down(local_run):
+    out, _ = local_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for r in train:
+        assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] > 0 and r["step_time_s"] > 0
+    assert sum(r["tokens"] for r in train) == json.loads((out / "run_summary.json").read_text())["loss_tokens"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_outputs_adapter_loads_with_peft_and_config_is_saved(local_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = local_run
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    saved = adapter(out)
+    assert saved and all(t.abs().sum() > 0 for t in saved.values())  # never an empty adapter
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(state) == len([k for k in saved if "lora_" in k])
+    cfg_text = (out / "config.yaml").read_text()
+    assert "output_dir: " + str(out) in cfg_text
+
+
+def test_generate_uses_the_trained_adapter(local_run):
+    out, _ = local_run
+    r = sft_dist("generate", out, "--prompt", "Qual é a capital de Portugal?", "--max-new-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["prompt"] == "Qual é a capital de Portugal?" and isinstance(line["completion"], str)
+
+
+def test_torchrun_gives_the_same_loss_curve_as_local(local_run, tmp_path):
+    out, _ = local_run
+    tr = tmp_path / "torchrun"
+    from sft_dist.distributed.local import free_port
+
+    port = free_port("127.0.0.1")
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--no-python", str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={tr}", *COMMON]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tr / "run_summary.json").read_text())["launched_by"] == "torchrun"
+    a, b = train_losses(out), train_losses(tr)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert max(abs(x - y) / abs(x) for (_, x), (_, y) in zip(a, b)) <= 1e-6
+    wa, wb = adapter(out), adapter(tr)
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
+
+
+def test_bad_config_fails_fast_with_one_message(tmp_path):
+    t0 = time.monotonic()
+    r = sft_dist("train", QUICKSTART, f"output_dir={tmp_path}", "lora.rank=8", "launcher.num_workers=two")
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 30
+    assert r.stderr.count("invalid config") == 1 and "Traceback" not in r.stderr
+    assert "lora.rank: unknown key" in r.stderr and "launcher.num_workers: got 'two'" in r.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_worker_error_is_reported_once_by_the_launcher(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    r = sft_dist("train", QUICKSTART, f"output_dir={tmp_path / 'run'}", f"data.train_files={bad}",
+                 "data.eval_files=null")
+    assert r.returncode == 1
+    assert "bad.jsonl:2: invalid JSON" in r.stderr
+    assert r.stderr.count("invalid JSON") == 1 and "Traceback" not in r.stderr
+
+
+def test_killed_worker_stops_the_job_without_a_hang(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
+                             "training.max_steps=100000", "training.eval_strategy=no"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        workers = {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children()}
+        assert sorted(workers) == [0, 1]
+        workers[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+        assert proc.returncode == 1
+        assert "worker rank 1 was killed by SIGKILL" in err
+        assert not workers[0].is_running() or workers[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+
+
+def test_cli_help():
+    for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["config", "--help"]):
+        r = subprocess.run([sys.executable, "-m", "sft_dist", *args], capture_output=True, text=True, env=cli_env())
+        assert r.returncode == 0 and "usage: sft-dist" in r.stdout
