@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -25,6 +27,11 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
     training.update(resolve_precision(training, device=device))
     training.pop("disable_tqdm", None)  # sft_dist draws its own progress bar (train/callbacks.py)
     training.pop("logging_dir", None)  # applied as TENSORBOARD_LOGGING_DIR by the worker (train/run.py)
+    # The Trainer pickles its arguments into every checkpoint (training_args.bin): hand the hub token
+    # over through the environment, where huggingface_hub reads it, so it is never written to disk.
+    token = training.pop("hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
     cpu = device == "cpu"
     if distributed:  # naming a backend makes accelerate expect an initialised process group
         training["ddp_backend"] = "gloo" if cpu else "nccl"

@@ -25,7 +25,7 @@ def test_quickstart_loads_with_paths_resolved():
     # sft_dist defaults under training, user values win
     assert cfg.training["report_to"] == "none"
     assert cfg.training["activation_checkpointing"] is False
-    assert cfg.training["max_steps"] == 60
+    assert cfg.training["max_steps"] == 200
 
 
 def test_overrides_are_yaml_typed():
@@ -177,3 +177,15 @@ def test_precision_never_defaults_to_bf16_on_cpu():
 def test_bare_no_in_yaml_means_the_strategy_no():
     cfg = load_config(QUICKSTART, ["training.save_strategy=no", "training.eval_strategy=no"])
     assert cfg.training["save_strategy"] == "no" and cfg.training["eval_strategy"] == "no"
+
+
+def test_hub_token_never_reaches_the_pickled_training_args(monkeypatch):
+    from sft_dist.train.args import build_sft_config
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    cfg = load_config(QUICKSTART, ["training.hub_token=hf_SECRET123"])
+    args = build_sft_config(cfg, device="cpu", distributed=False)
+    assert args.hub_token is None
+    import os
+
+    assert os.environ["HF_TOKEN"] == "hf_SECRET123"

@@ -153,3 +153,17 @@ def test_parquet_and_csv(tmp_path, tok):
     for name in ("d.parquet", "d.csv"):
         ds = build_datasets(DataConfig(train_files=[str(tmp_path / name)], format="prompt_completion"), tok, seed=0)
         assert len(ds.train) == 2
+
+
+def test_data_dataset_goes_through_load_dataset(tmp_path, tok, monkeypatch):
+    # `data.dataset` takes a hub name; a local dataset directory exercises the same `load_dataset` path offline.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(6)])
+    write_jsonl(d / "test.jsonl", [{"instruction": "e", "output": "f"}])
+    ds = build_datasets(DataConfig(dataset=str(d), eval_split="test"), tok, seed=0)
+    assert len(ds.train) == 6 and len(ds.eval) == 1
+    with pytest.raises(DataError, match="data.dataset .* cannot load"):
+        build_datasets(DataConfig(dataset=str(d), train_split="nope"), tok, seed=0)
