@@ -88,6 +88,9 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
         env.world_size, env.launched_by, device, cfg.backend.type, threads, out,
     )
+    if env.launched_by not in ("local", "none") and cfg.launcher.num_workers not in (1, env.world_size):
+        log.info("launcher.num_workers=%d does not apply: %s started %d workers",
+                 cfg.launcher.num_workers, env.launched_by, env.world_size)
 
     tokenizer = build_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, seed=args.seed)

@@ -124,6 +124,21 @@ def test_torchrun_gives_the_same_loss_curve_as_local(local_run, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
 
 
+def test_launch_script_runs_under_torchrun(tmp_path):
+    from sft_dist.distributed.local import free_port
+    from tests.conftest import ROOT
+
+    out = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port("127.0.0.1")), str(ROOT / "launch" / "torchrun_train.py"), str(QUICKSTART),
+           f"output_dir={out}", "training.max_steps=2", "training.eval_strategy=no"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert (summary["launched_by"], summary["world_size"], summary["global_step"]) == ("torchrun", 1, 2)
+    assert "launcher.num_workers=2 does not apply: torchrun started 1 workers" in r.stderr
+
+
 def test_bad_config_fails_fast_with_one_message(tmp_path):
     t0 = time.monotonic()
     r = sft_dist("train", QUICKSTART, f"output_dir={tmp_path}", "lora.rank=8", "launcher.num_workers=two")
