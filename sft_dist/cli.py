@@ -29,26 +29,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sft-dist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser(
+    OVERRIDES = "overrides: dotted keys, YAML values, e.g. training.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]"
+
+    def config_command(name: str, help: str, description: str) -> None:
+        cmd = sub.add_parser(name, help=help, description=description, epilog=OVERRIDES)
+        cmd.add_argument("config", help="YAML config file")
+        cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    config_command(
         "train",
-        help="train from a YAML config (with key.sub=value overrides)",
-        description=(
+        "train from a YAML config (with key.sub=value overrides)",
+        (
             "Validate the config, then train. With launcher.type=local (default) and launcher.num_workers=N, "
             "N worker processes are started here (gloo on CPU, nccl on GPU). Started by torchrun (or any "
             "launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), this process trains as that rank."
         ),
-        epilog="overrides: dotted keys, YAML values, e.g. training.learning_rate=1e-4 lora.target_modules=[q_proj,v_proj]",
     )
-    t.add_argument("config", help="YAML config file")
-    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-
-    c = sub.add_parser(
+    config_command(
         "config",
-        help="validate a config and print it resolved (defaults filled, paths absolute, secrets redacted)",
-        description="Validate a config (with overrides) and print the resolved YAML that `train` would use.",
+        "validate a config and print it resolved (defaults filled, paths absolute, secrets redacted)",
+        "Validate a config (with overrides) and print the resolved YAML that `train` would use.",
     )
-    c.add_argument("config", help="YAML config file")
-    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     g = sub.add_parser(
         "generate",
