@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sft_dist.backends import check_backend
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
 from sft_dist.config.training_args import DEFAULTS, validate_training
@@ -206,13 +207,9 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"launcher.master_port: got {la.master_port}; must be in 1..65535")
     if la.timeout_s < 10:
         p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
-    if b.type != "ddp":
-        p.append(
-            f"backend.type: {b.type!r} is not available in this version yet; use `ddp` "
-            "(DeepSpeed ZeRO and FSDP2 are being added with checks that they really shard)"
-        )
-    if b.config is not None and b.type == "ddp":
-        p.append("backend.config: DDP takes no config file; remove it or set `backend.type`")
+    if b.config is not None:
+        b.config = str(_resolve(b.config))
+    p += check_backend(cfg)
     return p
 
 

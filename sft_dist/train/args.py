@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from sft_dist.backends import backend_training_args
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -46,6 +47,7 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
             # Keep `sample_id` for the data trace; the datasets sft_dist builds hold only model inputs.
             remove_unused_columns=False,
             disable_tqdm=True,
+            **backend_training_args(cfg),
             dataloader_pin_memory=not cpu,
             **training,
         )

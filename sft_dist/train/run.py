@@ -5,7 +5,6 @@ setup (process group, tokenizer, data, model, LoRA) -> train (TRL SFTTrainer) ->
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,11 @@ def run(cfg: Config) -> RunResult:
 
     torch.set_num_threads(threads)
     init_distributed(env, device=device, timeout_s=cfg.launcher.timeout_s)
+    if cfg.backend.type == "deepspeed":
+        import deepspeed
+
+        # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     try:
         return _run(cfg, env=env, device=device, threads=threads)
     finally:
@@ -75,6 +79,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     from sft_dist.train.args import build_sft_config
     from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
     from sft_dist.train.trainer import SFTDistTrainer
+    from sft_dist.backends.verify import shard_report, trainable_digest
 
     out = Path(cfg.output_dir)
     resume = cfg.training.get("resume_from_checkpoint")
@@ -136,6 +141,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     trace_path = out / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
     trainer = SFTDistTrainer(
         trace_path=trace_path,
+        backend=cfg.backend.type,
         model=model,
         args=args,
         train_dataset=data.train,
@@ -156,7 +162,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
 
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
     trainer.save_model(str(final_dir))
-    digests = _gather(env, _trainable_digest(trainer.model))
+    digests = _gather(env, trainable_digest(trainer.model))
+    shards = _gather(env, shard_report(trainer))
     if len(set(digests)) != 1:
         raise SftDistError(
             f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
@@ -176,6 +183,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
             "trainable_params": trainable,
             "total_params": total,
             "rank_weight_digests": digests,
+            "backend_applied": trainer.backend_info,
+            "ranks": shards,
             "final_dir": str(final_dir),
             "base_model_dir": str(base_dir) if base_dir else None,
             "data": {k: vars(v) for k, v in data.stats.items()},
@@ -201,17 +210,7 @@ def _loss_change(metrics) -> str:
     return ", ".join(parts) or "no loss logged"
 
 
-def _trainable_digest(model) -> str:
-    """sha256 of the trainable weights (by name), to prove every rank holds the same model."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _gather(env: DistEnv, value: str) -> list[str]:
+def _gather(env: DistEnv, value):
     if env.world_size == 1:
         return [value]
     import torch.distributed as dist

@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
+from sft_dist.backends.verify import wrapper_info
+
 
 class SFTDistTrainer(SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
-    def __init__(self, *args, trace_path: Path | None = None, **kwargs):
+    def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp", **kwargs):
         super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.backend_info: dict = {}
         self._trace = None
         if trace_path is not None:
             trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +27,12 @@ class SFTDistTrainer(SFTTrainer):
         self._window_start: float | None = None
         self._window_step = 0
         self.total_loss_tokens = 0
+
+    def _prepare_for_training(self, *args, **kwargs):
+        model, dataloader = super()._prepare_for_training(*args, **kwargs)
+        # The model is wrapped now: fail here if the requested backend did not apply.
+        self.backend_info = wrapper_info(self, requested=self.backend, world_size=self.args.world_size)
+        return model, dataloader
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop("sample_ids", None)

@@ -1,0 +1,70 @@
+"""DeepSpeed ZeRO: read and check a DeepSpeed JSON before any model loads.
+
+`"auto"` values are filled by transformers from `training.*` (batch sizes, clipping, precision,
+optimizer hyper-parameters), so one config file serves every model and batch geometry. What cannot
+work is refused here with what to change, instead of failing an hour in or saving an empty adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sft_dist.config.schema import Config
+from sft_dist.errors import ConfigError
+
+# DeepSpeed keys that must agree with training.*; "auto" lets transformers fill them.
+BATCH_KEYS = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"backend.config: {path!r} does not exist (shipped: configs/deepspeed/zero{{1,2,3}}.json)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"backend.config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"backend.config: {path}: expected a JSON object")
+    return data
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
+    """Every reason this DeepSpeed config cannot train this job, each with the fix."""
+    p: list[str] = []
+    where = f"backend.config ({path})"
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage")
+    if stage not in (0, 1, 2, 3):
+        return [f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}"]
+    if zero.get("offload_param") and stage != 3:
+        p.append(f"{where}: offload_param needs ZeRO stage 3 (got stage {stage}); use zero3_offload.json "
+                 "or remove offload_param")
+    if zero.get("offload_optimizer") and stage == 0:
+        p.append(f"{where}: offload_optimizer needs ZeRO stage 1-3 (got stage 0)")
+    for ds_key, hf_key in BATCH_KEYS.items():
+        value = ds.get(ds_key, "auto")
+        want = cfg.training.get(hf_key, 8 if hf_key == "per_device_train_batch_size" else 1)
+        if value != "auto" and value != want:
+            p.append(f"{where}: {ds_key}={value} disagrees with training.{hf_key}={want}; set it to \"auto\"")
+    if ds.get("train_batch_size", "auto") != "auto":
+        p.append(f"{where}: train_batch_size is fixed to {ds['train_batch_size']}; set it to \"auto\" "
+                 "(it is per-device batch x accumulation x workers, from training.*)")
+    enabled = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled") is True]
+    if len(enabled) == 2:
+        p.append(f"{where}: fp16 and bf16 are both enabled; enable one, or set both to \"auto\"")
+    if stage == 3 and cfg.lora.enabled and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        p.append(f"{where}: ZeRO-3 with LoRA needs zero_optimization.stage3_gather_16bit_weights_on_model_save: "
+                 "true, otherwise the saved adapter is empty")
+    if cfg.quantization.bits is not None:
+        p.append(f"{where}: quantized (QLoRA) training under DeepSpeed is not supported yet; use backend.type=ddp")
+    return p

@@ -1,0 +1,92 @@
+"""After the Trainer wraps the model: prove the requested backend applied, and measure what each rank holds."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any
+
+import torch
+
+from sft_dist.errors import SftDistError
+
+
+def wrapper_info(trainer, *, requested: str, world_size: int) -> dict[str, Any]:
+    """What actually wraps the model. Raises when it is not what the config asked for."""
+    wrapped = trainer.model_wrapped
+    info: dict[str, Any] = {"requested": requested, "wrapper": type(wrapped).__name__}
+    if requested == "deepspeed":
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(wrapped, DeepSpeedEngine):
+            raise SftDistError(f"backend.type=deepspeed was requested but the model is wrapped in {info['wrapper']}")
+        info["zero_stage"] = wrapped.zero_optimization_stage()
+    elif requested == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
+        n = sum(isinstance(m, FSDPModule) for m in trainer.model.modules())
+        if n == 0:
+            raise SftDistError(
+                f"backend.type=fsdp was requested but no module is FSDP-sharded (model wrapped in {info['wrapper']}); "
+                "refusing to train unsharded"
+            )
+        info["fsdp_modules"] = n
+        info["wrapper"] = "FSDP2 (fully_shard)"
+    elif world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(wrapped, DistributedDataParallel):
+            raise SftDistError(f"{world_size} workers but the model is wrapped in {info['wrapper']}, not DDP")
+    return info
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements of this parameter that live on this rank (its shard under ZeRO-3 / FSDP2)."""
+    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+        return p.ds_tensor.numel()
+    if hasattr(p, "to_local"):  # DTensor (FSDP2)
+        return p.to_local().numel()
+    return p.numel()
+
+
+def _inner_optimizer(opt):
+    while getattr(opt, "optimizer", None) is not None:
+        opt = opt.optimizer
+    return opt
+
+
+def shard_report(trainer) -> dict[str, int]:
+    """Numbers of elements held by this rank: parameters, trainable parameters, optimizer state."""
+    params = list(trainer.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    opt = _inner_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
+    state_numel = 0
+    if opt is not None:
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    state_numel += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+    return {
+        "param_numel_local": sum(local_numel(p) for p in params),
+        "trainable_numel_local": sum(local_numel(p) for p in trainable),
+        "optimizer_state_numel_local": state_numel,
+    }
+
+
+def trainable_digest(model) -> str:
+    """sha256 of the full trainable weights (gathered from shards), to prove every rank holds the same model.
+    Collective under ZeRO-3 / FSDP2: every rank must call it."""
+    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
+    params = [p for _, p in named]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_tensor") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    h = hashlib.sha256()
+    with gather:
+        for name, p in named:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
