@@ -32,7 +32,7 @@ def check_backend(cfg: Config) -> list[str]:
     return check_fsdp(cfg)
 
 
-def backend_training_args(cfg: Config) -> dict[str, Any]:
+def backend_training_args(cfg: Config, *, world_size: int = 1, local_world_size: int = 1) -> dict[str, Any]:
     """The SFTConfig fields that select the backend."""
     if cfg.backend.type == "deepspeed":
         from sft_dist.backends.deepspeed import read_json
@@ -41,5 +41,5 @@ def backend_training_args(cfg: Config) -> dict[str, Any]:
     if cfg.backend.type == "fsdp":
         from sft_dist.backends.fsdp import fsdp_training_args
 
-        return fsdp_training_args(cfg)
+        return fsdp_training_args(cfg, world_size=world_size, local_world_size=local_world_size)
     return {}

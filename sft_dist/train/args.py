@@ -20,7 +20,7 @@ def resolve_precision(training: dict, *, device: str) -> dict:
     return {"bf16": bf16, "fp16": False}
 
 
-def build_sft_config(cfg: Config, *, device: str, distributed: bool):
+def build_sft_config(cfg: Config, *, device: str, world_size: int = 1, local_world_size: int = 1):
     """The SFTConfig every worker trains with. Raises ConfigError for cross-field problems."""
     from trl import SFTConfig
 
@@ -34,7 +34,7 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
     if token:
         os.environ["HF_TOKEN"] = token
     cpu = device == "cpu"
-    if distributed:  # naming a backend makes accelerate expect an initialised process group
+    if world_size > 1:  # naming a backend makes accelerate expect an initialised process group
         training["ddp_backend"] = "gloo" if cpu else "nccl"
     try:
         return SFTConfig(
@@ -47,7 +47,7 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
             # Keep `sample_id` for the data trace; the datasets sft_dist builds hold only model inputs.
             remove_unused_columns=False,
             disable_tqdm=True,
-            **backend_training_args(cfg),
+            **backend_training_args(cfg, world_size=world_size, local_world_size=local_world_size),
             dataloader_pin_memory=not cpu,
             **training,
         )
@@ -57,7 +57,7 @@ def build_sft_config(cfg: Config, *, device: str, distributed: bool):
 
 def validate_sft_config(cfg: Config, *, device: str) -> None:
     """Check the training arguments as a whole in a process that will not train (the launcher)."""
-    build_sft_config(cfg, device=device, distributed=False)
+    build_sft_config(cfg, device=device)
     # Building TrainingArguments caches accelerate's process state; a launcher must not keep it.
     from accelerate.state import AcceleratorState, PartialState
 

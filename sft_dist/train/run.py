@@ -79,6 +79,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     from sft_dist.train.args import build_sft_config
     from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
     from sft_dist.train.trainer import SFTDistTrainer
+    from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
 
     out = Path(cfg.output_dir)
@@ -86,7 +87,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    args = build_sft_config(cfg, device=device, distributed=env.world_size > 1)
+    args = build_sft_config(cfg, device=device, world_size=env.world_size, local_world_size=env.local_world_size)
     if cfg.training.get("logging_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
@@ -161,7 +162,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     trainer.close_trace()
 
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
-    trainer.save_model(str(final_dir))
+    save_final(trainer, final_dir)
     digests = _gather(env, trainable_digest(trainer.model))
     shards = _gather(env, shard_report(trainer))
     if len(set(digests)) != 1:

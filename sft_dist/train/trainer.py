@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
+from sft_dist.backends.fsdp import force_fsdp_on_cpu
 from sft_dist.backends.verify import wrapper_info
 
 
@@ -16,9 +17,9 @@ class SFTDistTrainer(SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
     def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
+        self.backend = backend  # read by create_accelerator_and_postprocess, called from super().__init__
         self.backend_info: dict = {}
+        super().__init__(*args, **kwargs)
         self._trace = None
         if trace_path is not None:
             trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +28,11 @@ class SFTDistTrainer(SFTTrainer):
         self._window_start: float | None = None
         self._window_step = 0
         self.total_loss_tokens = 0
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.backend == "fsdp" and not self.is_fsdp_enabled:
+            force_fsdp_on_cpu(self)
 
     def _prepare_for_training(self, *args, **kwargs):
         model, dataloader = super()._prepare_for_training(*args, **kwargs)

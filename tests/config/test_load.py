@@ -94,7 +94,7 @@ def test_training_knobs_from_developers_guide_are_accepted(tmp_path):
         assert cfg.training["warmup_steps" if k == "warmup_ratio" else k] == v, k
     from sft_dist.train.args import build_sft_config
 
-    args = build_sft_config(cfg, device="cpu", distributed=False)
+    args = build_sft_config(cfg, device="cpu")
     assert args.warmup_steps == 0.03 and args.optim == "paged_adamw_8bit" and args.max_grad_norm == 0.3
 
 
@@ -168,7 +168,7 @@ def test_precision_never_defaults_to_bf16_on_cpu():
 
     assert resolve_precision({}, device="cpu") == {"bf16": False, "fp16": False}
     assert resolve_precision({"bf16": True}, device="cpu") == {"bf16": True, "fp16": False}
-    args = build_sft_config(load_config(QUICKSTART), device="cpu", distributed=False)
+    args = build_sft_config(load_config(QUICKSTART), device="cpu")
     assert args.bf16 is False and args.fp16 is False
     assert args.activation_checkpointing is False  # TRL's default True is not let through
     assert args.max_length == 128
@@ -184,7 +184,7 @@ def test_hub_token_never_reaches_the_pickled_training_args(monkeypatch):
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     cfg = load_config(QUICKSTART, ["training.hub_token=hf_SECRET123"])
-    args = build_sft_config(cfg, device="cpu", distributed=False)
+    args = build_sft_config(cfg, device="cpu")
     assert args.hub_token is None
     import os
 
