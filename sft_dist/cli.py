@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Validate a config (with overrides) and print the resolved YAML that `train` would use.",
     )
 
+    cmp = sub.add_parser(
+        "compare",
+        help="compare runs' loss curves and final weights with a reference run (max relative deviation)",
+        description="Print, for each RUN, the maximum relative deviation of its per-step loss and of its final "
+        "adapter/model weights from REF's. Exits 1 if any exceeds --tol.",
+    )
+    cmp.add_argument("ref", help="reference run directory (e.g. the DDP run)")
+    cmp.add_argument("runs", nargs="+", help="run directories to compare")
+    cmp.add_argument("--tol", type=float, default=1e-5, help="allowed relative deviation (default 1e-5)")
+    cmp.add_argument("--json", action="store_true", help="print JSON")
+
     g = sub.add_parser(
         "generate",
         help="generate text with a trained run (adapter or full model), greedy by default",
@@ -78,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return _config(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "compare":
+            return _compare(args)
     except SftDistError as e:
         return _report(e)
     return 2
@@ -156,6 +169,14 @@ def _config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
     return 0
+
+
+def _compare(args) -> int:
+    from sft_dist.compare import as_json, report
+
+    devs, table = report(args.ref, args.runs, tol=args.tol)
+    print(as_json(devs) if args.json else table)
+    return 0 if all(d.within(args.tol) for d in devs) else 1
 
 
 def _generate(args) -> int:

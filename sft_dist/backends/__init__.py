@@ -10,36 +10,53 @@ from __future__ import annotations
 from typing import Any
 
 from sft_dist.config.schema import Config
+from sft_dist.errors import ConfigError
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def backend_file(cfg: Config) -> dict[str, Any]:
+    """The backend config file's contents (DeepSpeed JSON / FSDP YAML) with `backend.options` merged over."""
+    from sft_dist.backends.deepspeed import read_json
+    from sft_dist.backends.fsdp import read_yaml
+
+    raw = read_json(cfg.backend.config) if cfg.backend.type == "deepspeed" else read_yaml(cfg.backend.config)
+    return merge(raw, cfg.backend.options or {})
 
 
 def check_backend(cfg: Config) -> list[str]:
     """Problems with the backend section (file, stage, options vs the rest of the config)."""
     b = cfg.backend
     if b.type == "ddp":
-        return ["backend.config: DDP takes no config file; remove it or set `backend.type`"] if b.config else []
+        if b.config or b.options:
+            return ["backend.config/options: DDP takes no config file or options; remove them or set `backend.type`"]
+        return []
     if b.config is None:
         shipped = "configs/deepspeed/zero2.json" if b.type == "deepspeed" else "configs/fsdp/full_shard.yaml"
         return [f"backend.config: required with backend.type={b.type} (e.g. {shipped})"]
     if b.type == "deepspeed":
-        from sft_dist.backends.deepspeed import check_deepspeed, read_json
+        from sft_dist.backends.deepspeed import check_deepspeed
 
         try:
-            return check_deepspeed(cfg, read_json(b.config), b.config)
-        except Exception as e:  # ConfigError from reading
-            return list(getattr(e, "problems", [str(e)]))
+            return check_deepspeed(cfg, backend_file(cfg), b.config)
+        except ConfigError as e:
+            return e.problems
     from sft_dist.backends.fsdp import check_fsdp
 
     return check_fsdp(cfg)
 
 
-def backend_training_args(cfg: Config, *, world_size: int = 1, local_world_size: int = 1) -> dict[str, Any]:
+def backend_training_args(cfg: Config) -> dict[str, Any]:
     """The SFTConfig fields that select the backend."""
     if cfg.backend.type == "deepspeed":
-        from sft_dist.backends.deepspeed import read_json
-
-        return {"deepspeed": read_json(cfg.backend.config)}
+        return {"deepspeed": backend_file(cfg)}
     if cfg.backend.type == "fsdp":
         from sft_dist.backends.fsdp import fsdp_training_args
 
-        return fsdp_training_args(cfg, world_size=world_size, local_world_size=local_world_size)
+        return fsdp_training_args(cfg)
     return {}

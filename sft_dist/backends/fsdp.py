@@ -29,7 +29,7 @@ class FsdpConfig:
     cpu_offload: bool = False
 
 
-def read_fsdp(path: str) -> FsdpConfig:
+def read_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"backend.config: {path!r} does not exist (shipped: configs/fsdp/full_shard.yaml)")
@@ -39,6 +39,14 @@ def read_fsdp(path: str) -> FsdpConfig:
         raise ConfigError(f"backend.config: {path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"backend.config: {path}: expected a mapping")
+    return raw
+
+
+def fsdp_settings(cfg: Config) -> FsdpConfig:
+    """The FSDP settings: the backend file with `backend.options` merged over it, type-checked."""
+    from sft_dist.backends import backend_file
+
+    raw, path = backend_file(cfg), cfg.backend.config
     names = [f.name for f in dataclasses.fields(FsdpConfig)]
     hints = typing.get_type_hints(FsdpConfig)
     problems, kwargs = [], {}
@@ -75,15 +83,15 @@ def check_fsdp(cfg: Config) -> list[str]:
         return ["backend.type: fsdp shards across workers; with launcher.num_workers=1 nothing would be sharded. "
                 "Set launcher.num_workers >= 2 (or use backend.type=ddp)"]
     try:
-        fc = read_fsdp(cfg.backend.config)
+        fc = fsdp_settings(cfg)
     except ConfigError as e:
         return e.problems
     where = f"backend.config ({cfg.backend.config})"
     p = []
     if fc.shard_size is not None and fc.sharding != "hybrid_shard":
         p.append(f"{where}: shard_size applies to sharding: hybrid_shard only")
-    if fc.shard_size is not None and fc.shard_size < 1:
-        p.append(f"{where}: shard_size must be >= 1")
+    if fc.shard_size is not None and fc.shard_size < 2:
+        p.append(f"{where}: shard_size must be >= 2 (with 1 nothing is sharded: use backend.type=ddp)")
     if fc.activation_checkpointing and cfg.training.get("activation_checkpointing"):
         p.append(f"{where}: activation_checkpointing is on here and in training.*; keep FSDP's (this file) only")
     if cfg.lora.enabled and cfg.lora.modules_to_save:
@@ -102,41 +110,54 @@ def check_fsdp(cfg: Config) -> list[str]:
     return p
 
 
-def fsdp_training_args(cfg: Config, *, world_size: int = 1, local_world_size: int = 1) -> dict[str, Any]:
-    fc = read_fsdp(cfg.backend.config)
-    options = ["full_shard" if fc.sharding == "full_shard" else "hybrid_shard", "auto_wrap"]
-    if fc.cpu_offload:
-        options.append("offload")
+def fsdp_training_args(cfg: Config) -> dict[str, Any]:
+    fc = fsdp_settings(cfg)
     out: dict[str, Any] = {
-        "fsdp": " ".join(options),
+        "fsdp": True,
         "fsdp_config": {
             "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": decoder_layer_classes(cfg),
             "reshard_after_forward": fc.reshard_after_forward,
             "activation_checkpointing": fc.activation_checkpointing,
+            "cpu_offload": fc.cpu_offload,
             # each rank writes its own shard of a checkpoint (torch.distributed.checkpoint)
             "state_dict_type": "SHARDED_STATE_DICT",
             "cpu_ram_efficient_loading": False,
         },
     }
-    if fc.sharding == "hybrid_shard" and world_size > 1:
-        from accelerate.parallelism_config import ParallelismConfig
-
-        shard = fc.shard_size or local_world_size
-        if world_size % shard:
-            raise ConfigError(f"backend.config: shard_size {shard} does not divide the {world_size} workers")
-        out["parallelism_config"] = ParallelismConfig(dp_replicate_size=world_size // shard, dp_shard_size=shard)
     return out
 
 
-def force_fsdp_on_cpu(trainer) -> None:
-    """Make accelerate apply its FSDP2 plugin on CPU workers (MULTI_CPU), where it would silently use DDP.
-    FSDP2's collectives (all-gather / reduce-scatter) run on gloo; `verify.wrapper_info` checks the result."""
+def hybrid_mesh(cfg: Config, *, world_size: int, local_world_size: int) -> tuple[int, int] | None:
+    """(replicate, shard) sizes of the 2-D mesh for hybrid sharding, or None for full sharding."""
+    if cfg.backend.type != "fsdp":
+        return None
+    fc = fsdp_settings(cfg)
+    if fc.sharding != "hybrid_shard" or world_size == 1:
+        return None
+    shard = fc.shard_size or local_world_size
+    if world_size % shard:
+        raise ConfigError(f"backend.config: shard_size {shard} does not divide the {world_size} workers")
+    return world_size // shard, shard
+
+
+def enable_fsdp(trainer, *, mesh: tuple[int, int] | None) -> None:
+    """Called once the Trainer has built its Accelerator.
+
+    On CPU workers (MULTI_CPU) accelerate ignores its FSDP2 plugin and would silently train DDP: turn the
+    plugin on (FSDP2's all-gather / reduce-scatter run on gloo). For hybrid sharding, give accelerate the
+    (replicate, shard) device mesh that `fully_shard` then uses. `verify.wrapper_info` checks the result."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU or trainer.args.fsdp_plugin_args is None:
-        return  # single process, or a GPU type (accelerate applies FSDP itself): nothing to force
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    trainer.is_fsdp_enabled = True
+    if state.distributed_type == DistributedType.MULTI_CPU and trainer.args.fsdp_plugin_args is not None:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+        trainer.is_fsdp_enabled = True
+    if mesh is not None:
+        from accelerate.parallelism_config import ParallelismConfig
+
+        pc = ParallelismConfig(dp_replicate_size=mesh[0], dp_shard_size=mesh[1])
+        state.parallelism_config = pc
+        state.device_mesh = pc.get_device_mesh(trainer.accelerator.device.type)

@@ -32,6 +32,8 @@ def wrapper_info(trainer, *, requested: str, world_size: int) -> dict[str, Any]:
             )
         info["fsdp_modules"] = n
         info["wrapper"] = "FSDP2 (fully_shard)"
+        mesh = trainer.accelerator.torch_device_mesh
+        info["mesh"] = dict(zip(mesh.mesh_dim_names, mesh.shape)) if mesh is not None else {"dp_shard": world_size}
     elif world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 

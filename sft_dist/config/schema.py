@@ -81,6 +81,9 @@ class BackendConfig:
     type: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     # Path to the backend's config file (DeepSpeed JSON, FSDP YAML).
     config: str | None = None
+    # Keys merged over the file's (nested mappings merged key by key), e.g. {shard_size: 2} or
+    # {zero_optimization: {reduce_bucket_size: 5.0e7}}: tweak a shipped file from the command line.
+    options: dict[str, Any] | None = None
 
 
 @dataclass

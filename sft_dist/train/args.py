@@ -20,7 +20,7 @@ def resolve_precision(training: dict, *, device: str) -> dict:
     return {"bf16": bf16, "fp16": False}
 
 
-def build_sft_config(cfg: Config, *, device: str, world_size: int = 1, local_world_size: int = 1):
+def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     """The SFTConfig every worker trains with. Raises ConfigError for cross-field problems."""
     from trl import SFTConfig
 
@@ -47,7 +47,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1, local_wor
             # Keep `sample_id` for the data trace; the datasets sft_dist builds hold only model inputs.
             remove_unused_columns=False,
             disable_tqdm=True,
-            **backend_training_args(cfg, world_size=world_size, local_world_size=local_world_size),
+            **backend_training_args(cfg),
             dataloader_pin_memory=not cpu,
             **training,
         )

@@ -79,6 +79,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     from sft_dist.train.args import build_sft_config
     from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
     from sft_dist.train.trainer import SFTDistTrainer
+    from sft_dist.backends.fsdp import hybrid_mesh
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
 
@@ -87,7 +88,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    args = build_sft_config(cfg, device=device, world_size=env.world_size, local_world_size=env.local_world_size)
+    args = build_sft_config(cfg, device=device, world_size=env.world_size)
     if cfg.training.get("logging_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
@@ -143,6 +144,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     trainer = SFTDistTrainer(
         trace_path=trace_path,
         backend=cfg.backend.type,
+        fsdp_mesh=hybrid_mesh(cfg, world_size=env.world_size, local_world_size=env.local_world_size),
         model=model,
         args=args,
         train_dataset=data.train,

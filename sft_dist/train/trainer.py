@@ -9,15 +9,18 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from sft_dist.backends.fsdp import force_fsdp_on_cpu
+from sft_dist.backends.fsdp import enable_fsdp
 from sft_dist.backends.verify import wrapper_info
 
 
 class SFTDistTrainer(SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
-    def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp", **kwargs):
-        self.backend = backend  # read by create_accelerator_and_postprocess, called from super().__init__
+    def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp",
+                 fsdp_mesh: tuple[int, int] | None = None, **kwargs):
+        # read by create_accelerator_and_postprocess, which super().__init__ calls
+        self.backend = backend
+        self.fsdp_mesh = fsdp_mesh
         self.backend_info: dict = {}
         super().__init__(*args, **kwargs)
         self._trace = None
@@ -31,8 +34,8 @@ class SFTDistTrainer(SFTTrainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        if self.backend == "fsdp" and not self.is_fsdp_enabled:
-            force_fsdp_on_cpu(self)
+        if self.backend == "fsdp":
+            enable_fsdp(self, mesh=self.fsdp_mesh)
 
     def _prepare_for_training(self, *args, **kwargs):
         model, dataloader = super()._prepare_for_training(*args, **kwargs)

@@ -133,9 +133,9 @@ def test_alpaca_template_is_validated():
     assert "data.template: unknown field(s) ['question']" in msg
 
 
-def test_backend_not_yet_available_is_refused_not_ignored():
+def test_backend_needs_its_config_file():
     (msg,) = problems(QUICKSTART, ["backend.type=fsdp"])
-    assert "backend.type: 'fsdp' is not available in this version yet" in msg
+    assert "backend.config: required with backend.type=fsdp (e.g. configs/fsdp/full_shard.yaml)" in msg
 
 
 def test_dump_redacts_secrets_but_not_tokenizer(tmp_path):

@@ -1,0 +1,97 @@
+"""Backend preflight: what cannot work is refused before any model loads, with what to change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sft_dist.backends.fsdp import decoder_layer_classes, fsdp_training_args
+from sft_dist.config.load import load_config
+from sft_dist.errors import ConfigError
+from tests.conftest import QUICKSTART, ROOT
+
+DS = ROOT / "configs" / "deepspeed"
+FSDP = ROOT / "configs" / "fsdp"
+
+
+def problems(*overrides):
+    with pytest.raises(ConfigError) as ei:
+        load_config(QUICKSTART, list(overrides))
+    return "\n".join(ei.value.problems)
+
+
+def write_ds(tmp_path, **zero):
+    cfg = json.loads((DS / "zero2.json").read_text())
+    cfg["zero_optimization"].update(zero)
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+def test_shipped_deepspeed_configs_pass_preflight(name):
+    cfg = load_config(QUICKSTART, ["backend.type=deepspeed", f"backend.config={DS / name}.json"])
+    assert cfg.backend.config == str(DS / f"{name}.json")
+
+
+def test_deepspeed_incompatible_options(tmp_path):
+    text = problems("backend.type=deepspeed", f"backend.config={write_ds(tmp_path, offload_param={'device': 'cpu'})}")
+    assert "offload_param needs ZeRO stage 3 (got stage 2); use zero3_offload.json" in text
+    text = problems("backend.type=deepspeed",
+                    f"backend.config={write_ds(tmp_path, stage=3, stage3_gather_16bit_weights_on_model_save=False)}")
+    assert "stage3_gather_16bit_weights_on_model_save: true, otherwise the saved adapter is empty" in text
+    cfg = json.loads((DS / "zero2.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "mb.json").write_text(json.dumps(cfg))
+    text = problems("backend.type=deepspeed", f"backend.config={tmp_path / 'mb.json'}")
+    assert 'train_micro_batch_size_per_gpu=4 disagrees with training.per_device_train_batch_size=8; set it to "auto"' in text
+
+
+def test_deepspeed_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    assert f"{bad}:1: invalid JSON" in problems("backend.type=deepspeed", f"backend.config={bad}")
+    assert "backend.config: required with backend.type=deepspeed" in problems("backend.type=deepspeed")
+    assert "backend.config/options: DDP takes no config file" in problems(f"backend.config={DS / 'zero2.json'}")
+
+
+def test_fsdp_refusals(tmp_path):
+    full = f"backend.config={FSDP / 'full_shard.yaml'}"
+    assert "lora.modules_to_save under FSDP2" in problems("backend.type=fsdp", full)
+    assert "with launcher.num_workers=1 nothing would be sharded" in problems(
+        "backend.type=fsdp", full, "launcher.num_workers=1", "lora.modules_to_save=null")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("sharding: full_shard\nreshard_after_foward: true\n")
+    assert "unknown key 'reshard_after_foward'; did you mean 'reshard_after_forward'?" in problems(
+        "backend.type=fsdp", f"backend.config={typo}", "lora.modules_to_save=null")
+    one = tmp_path / "one.yaml"
+    one.write_text("sharding: hybrid_shard\nshard_size: 1\n")
+    assert "shard_size must be >= 2" in problems("backend.type=fsdp", f"backend.config={one}", "lora.modules_to_save=null")
+
+
+@pytest.mark.parametrize("init, expected", [
+    ({"model_type": "llama"}, ["LlamaDecoderLayer"]),
+    ({"model_type": "gpt2"}, ["GPT2Block"]),
+    ({"model_type": "qwen2"}, ["Qwen2DecoderLayer"]),
+])
+def test_fsdp_wraps_the_models_own_decoder_layer(init, expected):
+    cfg = load_config(QUICKSTART, ["backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}",
+                                   "lora.modules_to_save=null", f"model.init_config={json.dumps(init)}"])
+    assert decoder_layer_classes(cfg) == expected
+    args = fsdp_training_args(cfg)
+    assert args["fsdp_config"]["transformer_layer_cls_to_wrap"] == expected
+    assert args["fsdp_config"]["version"] == 2
+
+
+def test_backend_options_merge_over_the_file():
+    from sft_dist.backends import backend_file
+
+    cfg = load_config(QUICKSTART, ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}",
+                                   "backend.options={zero_optimization: {reduce_bucket_size: 1000}}"])
+    ds = backend_file(cfg)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["stage"] == 3  # the rest of the nested mapping is kept
+    text = problems("backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}",
+                    "backend.options={zero_optimization: {offload_param: {device: cpu}}}")
+    assert "offload_param needs ZeRO stage 3" in text
