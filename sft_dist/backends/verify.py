@@ -57,21 +57,43 @@ def _inner_optimizer(opt):
     return opt
 
 
-def shard_report(trainer) -> dict[str, int]:
-    """Numbers of elements held by this rank: parameters, trainable parameters, optimizer state."""
+def local_bytes(p: torch.Tensor) -> int:
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel() * p.ds_tensor.element_size()
+    t = p.to_local() if hasattr(p, "to_local") else p
+    return t.numel() * t.element_size()
+
+
+def grad_bytes(model) -> int:
+    """Bytes of gradients this rank holds in `param.grad` (DDP: all; FSDP2: its shard). DeepSpeed ZeRO keeps
+    gradients in buffers of its own, so callers do not ask there."""
+    return sum(local_bytes(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None)
+
+
+def shard_report(trainer) -> dict[str, int | None]:
+    """What this rank holds: parameters (all / trainable), optimizer state (elements and bytes), the
+    gradient bytes seen before the optimizer step, and the process's peak resident memory."""
+    import resource
+
     params = list(trainer.model.parameters())
     trainable = [p for p in params if p.requires_grad]
     opt = _inner_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
-    state_numel = 0
+    state_numel = state_bytes = 0
     if opt is not None:
         for state in opt.state.values():
             for v in state.values():
                 if torch.is_tensor(v) and v.dim() > 0:
-                    state_numel += v.to_local().numel() if hasattr(v, "to_local") else v.numel()
+                    t = v.to_local() if hasattr(v, "to_local") else v
+                    state_numel += t.numel()
+                    state_bytes += t.numel() * t.element_size()
     return {
         "param_numel_local": sum(local_numel(p) for p in params),
         "trainable_numel_local": sum(local_numel(p) for p in trainable),
         "optimizer_state_numel_local": state_numel,
+        "param_bytes_local": sum(local_bytes(p) for p in params),
+        "grad_bytes_local": getattr(trainer, "grad_bytes_seen", None),
+        "optimizer_state_bytes_local": state_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 

@@ -10,7 +10,7 @@ import torch
 from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
-from sft_dist.backends.verify import wrapper_info
+from sft_dist.backends.verify import grad_bytes, wrapper_info
 
 
 class SFTDistTrainer(SFTTrainer):
@@ -22,6 +22,7 @@ class SFTDistTrainer(SFTTrainer):
         self.backend = backend
         self.fsdp_mesh = fsdp_mesh
         self.backend_info: dict = {}
+        self.grad_bytes_seen: int | None = None  # max gradient bytes held before an optimizer step
         super().__init__(*args, **kwargs)
         self._trace = None
         if trace_path is not None:
@@ -42,6 +43,12 @@ class SFTDistTrainer(SFTTrainer):
         # The model is wrapped now: fail here if the requested backend did not apply.
         self.backend_info = wrapper_info(self, requested=self.backend, world_size=self.args.world_size)
         return model, dataloader
+
+    def _clip_grad_norm(self, model):
+        # Called after backward and before the optimizer step, when this rank's gradients exist.
+        if not self.is_deepspeed_enabled:
+            self.grad_bytes_seen = max(self.grad_bytes_seen or 0, grad_bytes(self.model))
+        return super()._clip_grad_norm(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop("sample_ids", None)
