@@ -22,10 +22,10 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def backend_file(cfg: Config) -> dict[str, Any]:
     """The backend config file's contents (DeepSpeed JSON / FSDP YAML) with `backend.options` merged over."""
-    from sft_dist.backends.deepspeed import read_json
-    from sft_dist.backends.fsdp import read_yaml
+    from sft_dist.config.load import read_mapping
 
-    raw = read_json(cfg.backend.config) if cfg.backend.type == "deepspeed" else read_yaml(cfg.backend.config)
+    shipped = "configs/deepspeed/zero{1,2,3}.json" if cfg.backend.type == "deepspeed" else "configs/fsdp/*.yaml"
+    raw = read_mapping(cfg.backend.config, what="backend.config:", hint=f" (shipped: {shipped})")
     return merge(raw, cfg.backend.options or {})
 
 

@@ -7,31 +7,15 @@ work is refused here with what to change, instead of failing an hour in or savin
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from sft_dist.config.schema import Config
-from sft_dist.errors import ConfigError
 
 # DeepSpeed keys that must agree with training.*; "auto" lets transformers fill them.
 BATCH_KEYS = {
     "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
     "gradient_accumulation_steps": "gradient_accumulation_steps",
 }
-
-
-def read_json(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"backend.config: {path!r} does not exist (shipped: configs/deepspeed/zero{{1,2,3}}.json)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"backend.config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"backend.config: {path}: expected a JSON object")
-    return data
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import Config
@@ -27,19 +25,6 @@ class FsdpConfig:
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
     cpu_offload: bool = False
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"backend.config: {path!r} does not exist (shipped: configs/fsdp/full_shard.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"backend.config: {path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"backend.config: {path}: expected a mapping")
-    return raw
 
 
 def fsdp_settings(cfg: Config) -> FsdpConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import re
 import typing
@@ -40,7 +41,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Read, override, validate and resolve a config. Raises ConfigError with every problem."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_mapping(path, what="config file")
     for item in overrides or []:
         _apply_override(raw, item)
     return build_config(raw)
@@ -78,19 +79,26 @@ def build_config(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_mapping(path: str | Path, *, what: str, hint: str = "") -> dict[str, Any]:
+    """A YAML (or JSON, which is YAML) file holding a mapping. `what` names the file in errors."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist{hint}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}:{e.lineno}: invalid JSON ({e.msg})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {e}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 

@@ -23,7 +23,9 @@ from sft_dist.distributed.env import (
     shutdown_distributed,
 )
 from sft_dist.errors import SftDistError
+from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
+from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
 
 log = logging.getLogger("sft_dist")
 
@@ -70,21 +72,13 @@ def run(cfg: Config) -> RunResult:
 
 
 def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
-    import torch
-
-    from sft_dist.data.build import build_datasets
-    from sft_dist.model.build import build_model, count_parameters, load_pretrained, resolve_dtype
-    from sft_dist.model.lora import apply_lora
-    from sft_dist.model.tokenizer import build_tokenizer
-    from sft_dist.train.args import build_sft_config
-    from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
-    from sft_dist.train.trainer import SFTDistTrainer
-    from sft_dist.backends.fsdp import hybrid_mesh
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
+    from sft_dist.data.build import build_datasets
+    from sft_dist.model.tokenizer import build_tokenizer
+    from sft_dist.train.args import build_sft_config
 
     out = Path(cfg.output_dir)
-    resume = cfg.training.get("resume_from_checkpoint")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -103,60 +97,16 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     data = build_datasets(cfg.data, tokenizer, seed=args.seed)
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
-
-    # Seed before the model and the adapter are initialised (the Trainer seeds only later): the same
-    # config gives the same initial weights on every rank, every launcher and every run.
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
-    model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tokenizer, dtype=dtype, seed=args.seed,
-                        device=device)
-    base_dir = None
-    if cfg.model.init_config is not None:
-        # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
-        base_dir = out / "base_model"
-        if env.is_main:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
-        _barrier(env)
-        if cfg.quantization.bits is not None:
-            model = load_pretrained(str(base_dir), quant=cfg.quantization, dtype=dtype, device=device,
-                                    attn=cfg.model.attn_implementation)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
-                           gradient_checkpointing=bool(args.activation_checkpointing))
-        if base_dir is not None:
-            model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    trainable, total = count_parameters(model)
-    log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
-             type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
-
+    model, base_dir = _build_model(cfg, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
+    trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
     world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
     log.info(
         "batch: %d per device x %d accumulation x %d workers = %d sequences per optimizer step",
         args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size, world_batch,
     )
-
-    eval_ds = data.eval.remove_columns(["sample_id"]) if data.eval is not None else None
+    resume = cfg.training.get("resume_from_checkpoint")
     metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume))
-    trace_path = out / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
-    trainer = SFTDistTrainer(
-        trace_path=trace_path,
-        backend=cfg.backend.type,
-        fsdp_mesh=hybrid_mesh(cfg, world_size=env.world_size, local_world_size=env.local_world_size),
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[metrics, Progress(enabled=not cfg.training.get("disable_tqdm", False))],
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.data_collator = SampleIdCollator(trainer.data_collator)
+    trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
 
     t0 = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -203,6 +153,66 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
                  out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out: Path):
+    """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs)."""
+    from transformers import set_seed
+
+    from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
+    from sft_dist.model.lora import apply_lora
+
+    # Seed before the model and the adapter are initialised (the Trainer seeds only later): the same
+    # config gives the same initial weights on every rank, every launcher and every run.
+    set_seed(args.seed)
+    dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
+    model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tokenizer, dtype=dtype, seed=args.seed,
+                        device=device)
+    base_dir = None
+    if cfg.model.init_config is not None:
+        # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
+        base_dir = out / "base_model"
+        if env.is_main:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        _barrier(env)
+        if cfg.quantization.bits is not None:
+            model = load_pretrained(str(base_dir), quant=cfg.quantization, dtype=dtype, device=device,
+                                    attn=cfg.model.attn_implementation)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
+                           gradient_checkpointing=bool(args.activation_checkpointing))
+        if base_dir is not None:
+            model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    trainable, total = count_parameters(model)
+    log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
+             type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
+    return model, base_dir
+
+
+def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, metrics):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from sft_dist.backends.fsdp import hybrid_mesh
+    from sft_dist.train.trainer import SFTDistTrainer
+
+    trace_path = Path(cfg.output_dir) / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
+    trainer = SFTDistTrainer(
+        trace_path=trace_path,
+        backend=cfg.backend.type,
+        fsdp_mesh=hybrid_mesh(cfg, world_size=env.world_size, local_world_size=env.local_world_size),
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval.remove_columns(["sample_id"]) if data.eval is not None else None,
+        processing_class=tokenizer,
+        callbacks=[metrics, Progress(enabled=not cfg.training.get("disable_tqdm", False))],
+    )
+    # sft_dist's Progress and MetricsFile replace HF's printing of every log dict.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.data_collator = SampleIdCollator(trainer.data_collator)
+    return trainer
 
 
 def _loss_change(metrics) -> str:
