@@ -45,9 +45,8 @@ GEOMETRIES = {
                        "training.gradient_accumulation_steps=4"],
     "geometry_2x4x2": ["training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2"],
 }
-# Same for every run. FSDP2 refuses lora.modules_to_save (see backends/fsdp.py), so the comparison
-# trains LoRA alone.
-COMMON = ["lora.modules_to_save=null", "training.learning_rate=5e-3", "training.warmup_steps=0",
+# Same for every run: the quickstart as shipped (LoRA on every linear layer + a trained output head).
+COMMON = ["training.learning_rate=5e-3", "training.warmup_steps=0",
           "training.eval_strategy=no", "training.save_strategy=no"]
 
 

@@ -79,11 +79,6 @@ def check_fsdp(cfg: Config) -> list[str]:
         p.append(f"{where}: shard_size must be >= 2 (with 1 nothing is sharded: use backend.type=ddp)")
     if fc.activation_checkpointing and cfg.training.get("activation_checkpointing"):
         p.append(f"{where}: activation_checkpointing is on here and in training.*; keep FSDP's (this file) only")
-    if cfg.lora.enabled and cfg.lora.modules_to_save:
-        # Seen here: with peft's ModulesToSaveWrapper under fully_shard, the gradients differ from DDP's
-        # (grad norm 1.62 vs 1.50 at step 1) while LoRA alone and full fine-tuning match DDP exactly.
-        p.append(f"{where}: lora.modules_to_save under FSDP2 trains differently from DDP in sft_dist's equivalence "
-                 "check; set lora.modules_to_save=null, or use backend.type=deepspeed (which matches DDP)")
     if cfg.quantization.bits is not None:
         p.append(f"{where}: quantized (QLoRA) training under FSDP is not supported yet; use backend.type=ddp")
     if not p:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
@@ -37,6 +39,27 @@ class SFTDistTrainer(SFTTrainer):
         super().create_accelerator_and_postprocess()
         if self.backend == "fsdp":
             enable_fsdp(self, mesh=self.fsdp_mesh)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._plain_lm_head_loss:
+            # TRL's fused LM head reads `lm_head.weight` without calling the module, so FSDP2 never runs the
+            # hooks of a trainable head that is its own shard unit (peft modules_to_save): its gradient skips
+            # FSDP's reduce-scatter and comes out wrong. Use the model's own loss (same token normalisation).
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @functools.cached_property
+    def _plain_lm_head_loss(self) -> bool:
+        """Whether the output head is trainable and sharded as an FSDP2 unit of its own (known after wrapping)."""
+        if not self.is_fsdp_enabled:
+            return False
+        from torch.distributed.fsdp import FSDPModule
+
+        head = self.model.get_output_embeddings()
+        return head is not None and any(
+            isinstance(m, FSDPModule) and any(p.requires_grad for p in m.parameters()) for m in head.modules()
+        )
 
     def _prepare_for_training(self, *args, **kwargs):
         model, dataloader = super()._prepare_for_training(*args, **kwargs)

@@ -77,7 +77,7 @@ def test_hybrid_shard_builds_a_replicate_by_shard_mesh(matrix):
 def test_fsdp_where_it_cannot_apply_exits_with_what_to_change(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sft_dist", "train", str(ROOT / "configs/examples/quickstart.yaml"),
                         f"output_dir={tmp_path}", "backend.type=fsdp",
-                        f"backend.config={ROOT / 'configs/fsdp/full_shard.yaml'}", "launcher.num_workers=1",
-                        "lora.modules_to_save=null"], capture_output=True, text=True, env=cli_env(), timeout=120)
+                        f"backend.config={ROOT / 'configs/fsdp/full_shard.yaml'}", "launcher.num_workers=1"],
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "Set launcher.num_workers >= 2 (or use backend.type=ddp)" in r.stderr
