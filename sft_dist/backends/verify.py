@@ -70,6 +70,31 @@ def grad_bytes(model) -> int:
     return sum(local_bytes(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None)
 
 
+def deepspeed_grad_bytes(zero_optimizer) -> int:
+    """Bytes of the gradient partition a DeepSpeed ZeRO optimizer holds, read just before its step."""
+    flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3
+    if torch.is_tensor(flat):
+        return flat.numel() * flat.element_size()
+    total = 0
+    for grads in (getattr(zero_optimizer, "averaged_gradients", None) or {}).values():  # ZeRO-1/2
+        for g in grads if isinstance(grads, (list, tuple)) else [grads]:
+            if torch.is_tensor(g):
+                total += g.numel() * g.element_size()
+    return total
+
+
+def watch_deepspeed_grads(trainer) -> None:
+    """Record the ZeRO optimizer's gradient bytes before each step into `trainer.grad_bytes_seen`."""
+    opt = trainer.model_wrapped.optimizer
+    step = opt.step
+
+    def measured_step(*args, **kwargs):
+        trainer.grad_bytes_seen = max(trainer.grad_bytes_seen or 0, deepspeed_grad_bytes(opt))
+        return step(*args, **kwargs)
+
+    opt.step = measured_step
+
+
 def shard_report(trainer) -> dict[str, int | None]:
     """What this rank holds: parameters (all / trainable), optimizer state (elements and bytes), the
     gradient bytes seen before the optimizer step, and the process's peak resident memory."""

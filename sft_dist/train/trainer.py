@@ -12,7 +12,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
-from sft_dist.backends.verify import grad_bytes, wrapper_info
+from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
 
 
 class SFTDistTrainer(SFTTrainer):
@@ -65,6 +65,8 @@ class SFTDistTrainer(SFTTrainer):
         model, dataloader = super()._prepare_for_training(*args, **kwargs)
         # The model is wrapped now: fail here if the requested backend did not apply.
         self.backend_info = wrapper_info(self, requested=self.backend, world_size=self.args.world_size)
+        if self.is_deepspeed_enabled:
+            watch_deepspeed_grads(self)
         return model, dataloader
 
     def _clip_grad_norm(self, model):
