@@ -31,6 +31,9 @@ BACKENDS = {
     "zero2_offload": ["backend.type=deepspeed", f"backend.config={DS / 'zero2_offload.json'}"],
     "zero3_offload": ["backend.type=deepspeed", f"backend.config={DS / 'zero3_offload.json'}"],
     "fsdp_full_shard": ["backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}"],
+    # the file's other options: FSDP's activation checkpointing, keep parameters gathered until backward
+    "fsdp_ckpt_no_reshard": ["backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}",
+                             "backend.options={activation_checkpointing: true, reshard_after_forward: false}"],
 }
 # Hybrid sharding needs a 2-D mesh: 4 workers as 2 replicas x 2 shards, compared with DDP on 4 workers
 # at the same global batch (a different number of workers sums gradients in a different order).

@@ -79,6 +79,9 @@ def check_fsdp(cfg: Config) -> list[str]:
         p.append(f"{where}: shard_size must be >= 2 (with 1 nothing is sharded: use backend.type=ddp)")
     if fc.activation_checkpointing and cfg.training.get("activation_checkpointing"):
         p.append(f"{where}: activation_checkpointing is on here and in training.*; keep FSDP's (this file) only")
+    if fc.cpu_offload and _device(cfg) == "cpu":
+        p.append(f"{where}: cpu_offload moves shards from GPU to CPU memory; CPU workers have nothing to offload "
+                 "(and FSDP2 refuses it there): set cpu_offload: false")
     if cfg.quantization.bits is not None:
         p.append(f"{where}: quantized (QLoRA) training under FSDP is not supported yet; use backend.type=ddp")
     if not p:
@@ -88,6 +91,15 @@ def check_fsdp(cfg: Config) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a config the model classes cannot read
             p.append(f"{where}: cannot find the model's decoder-layer class: {e}")
     return p
+
+
+def _device(cfg: Config) -> str:
+    from sft_dist.distributed.env import resolve_device
+
+    try:
+        return resolve_device(cfg.launcher.device)
+    except Exception:  # noqa: BLE001 - an unavailable device is reported by the launcher itself
+        return cfg.launcher.device
 
 
 def fsdp_training_args(cfg: Config) -> dict[str, Any]:

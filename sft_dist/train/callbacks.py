@@ -16,13 +16,13 @@ SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second")
 class MetricsFile(TrainerCallback):
     """Rank 0 appends one JSON object per logged step (and per eval) to output_dir/metrics.jsonl."""
 
-    def __init__(self, path: Path, *, append: bool = False):
+    def __init__(self, path: Path, *, append: bool = False, is_main: bool = True):
         self.path = path
         self.summary: dict = {}
         self.first: dict = {}  # first and last logged train loss / eval loss
         self.last: dict = {}
-        if not append and path.exists():
-            path.unlink()
+        if is_main and not append:
+            path.unlink(missing_ok=True)  # a new run starts a new file (rank 0 owns it)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -105,7 +105,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size, world_batch,
     )
     resume = cfg.training.get("resume_from_checkpoint")
-    metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume))
+    metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume), is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
 
     t0 = time.perf_counter()

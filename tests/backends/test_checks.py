@@ -94,3 +94,10 @@ def test_backend_options_merge_over_the_file():
     text = problems("backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}",
                     "backend.options={zero_optimization: {offload_param: {device: cpu}}}")
     assert "offload_param needs ZeRO stage 3" in text
+
+
+def test_fsdp_cpu_offload_is_refused_on_cpu_workers(tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text("sharding: full_shard\ncpu_offload: true\n")
+    assert "CPU workers have nothing to offload" in problems("backend.type=fsdp", f"backend.config={off}",
+                                                            "launcher.device=cpu")

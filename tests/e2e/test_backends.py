@@ -31,11 +31,12 @@ def test_script_reports_every_run_within_tolerance(matrix):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "max deviation over all runs" in r.stdout
     assert set(rows) == {"ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
+                         "fsdp_ckpt_no_reshard",
                          "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2"}
 
 
 @pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
-                                 "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2"])
+                                 "fsdp_ckpt_no_reshard", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2"])
 def test_loss_curve_and_adapter_match_the_reference(matrix, run):
     row = matrix[0][run]
     assert row["steps"] == 20
@@ -47,6 +48,7 @@ def test_loss_curve_and_adapter_match_the_reference(matrix, run):
     ("ddp", "DistributedDataParallel", None), ("zero1", "DeepSpeedEngine", 1), ("zero2", "DeepSpeedEngine", 2),
     ("zero3", "DeepSpeedEngine", 3), ("zero2_offload", "DeepSpeedEngine", 2),
     ("zero3_offload", "DeepSpeedEngine", 3), ("fsdp_full_shard", "FSDP2 (fully_shard)", None),
+    ("fsdp_ckpt_no_reshard", "FSDP2 (fully_shard)", None),
     ("fsdp_hybrid_shard", "FSDP2 (fully_shard)", None),
 ])
 def test_the_requested_wrapper_applied(matrix, run, wrapper, stage):
@@ -57,7 +59,7 @@ def test_the_requested_wrapper_applied(matrix, run, wrapper, stage):
 @pytest.mark.parametrize("run, params_sharded, optim_sharded", [
     ("ddp", False, False), ("zero1", False, True), ("zero2", False, True), ("zero3", True, True),
     ("zero2_offload", False, True), ("zero3_offload", True, True), ("fsdp_full_shard", True, True),
-    ("fsdp_hybrid_shard", True, True),
+    ("fsdp_ckpt_no_reshard", True, True), ("fsdp_hybrid_shard", True, True),
 ])
 def test_each_rank_holds_only_its_shard(matrix, run, params_sharded, optim_sharded):
     row = matrix[0][run]
