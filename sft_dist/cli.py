@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 from sft_dist import __version__
@@ -151,6 +152,12 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
     rank = int(os.environ.get("RANK", 0))
     error_file = os.environ.get("SFT_DIST_ERROR_FILE")
     tb = "".join(traceback.format_exception(e)) if unexpected else None
+    elastic_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if elastic_file:  # torchrun shows this in its failure summary instead of "error_file: <N/A>"
+        with open(elastic_file, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": f"{type(e).__name__}: {e}",
+                                   "extraInfo": {"py_callstack": tb or " ".join(str(e).split()),
+                                                 "timestamp": str(int(time.time()))}}}, f)
     if error_file:  # the local launcher prints it once, for the first rank that failed
         with open(error_file, "w", encoding="utf-8") as f:
             json.dump({"rank": rank, "type": type(e).__name__, "message": str(e), "traceback": tb,

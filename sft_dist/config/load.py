@@ -138,8 +138,19 @@ def _parse_override_value(text: str):
     return value
 
 
+# Names users bring from peft / TRL / other tools, for keys too unlike ours for a spelling match.
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "dora": "use_dora",
+    "max_seq_length": "max_length", "max_seq_len": "max_length", "seq_len": "max_length",
+    "model_name": "name_or_path", "model_id": "name_or_path", "world_size": "num_workers",
+    "nproc_per_node": "num_workers", "num_processes": "num_workers", "workers": "num_workers",
+    "load_in_4bit": "bits", "load_in_8bit": "bits", "bnb_4bit_quant_type": "quant_type",
+}
+
+
 def _unknown(key: str, valid: list[str]) -> str:
-    hint = closest(key.split(".")[-1], [v.split(".")[-1] for v in valid])
+    leaf, names = key.split(".")[-1], [v.split(".")[-1] for v in valid]
+    hint = SYNONYMS.get(leaf) if SYNONYMS.get(leaf) in names else closest(leaf, names)
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
     suggestion = f"; did you mean `{prefix}{hint}`?" if hint else f"; valid keys: {', '.join(valid)}"
     return f"{key}: unknown key{suggestion}"

@@ -56,6 +56,15 @@ def test_unknown_keys_name_the_closest_valid_one():
     assert "did you mean `data.max_length`?" in text
 
 
+def test_names_from_other_tools_point_to_ours():
+    text = "\n".join(problems(QUICKSTART, ["lora.rank=8", "lora.lora_alpha=16", "data.max_seq_length=512",
+                                           "launcher.nproc_per_node=2"]))
+    assert "lora.rank: unknown key; did you mean `lora.r`?" in text
+    assert "lora.lora_alpha: unknown key; did you mean `lora.alpha`?" in text
+    assert "data.max_seq_length: unknown key; did you mean `data.max_length`?" in text
+    assert "launcher.nproc_per_node: unknown key; did you mean `launcher.num_workers`?" in text
+
+
 def test_wrong_type_names_key_value_and_expected():
     (msg,) = problems(QUICKSTART, ["launcher.num_workers=two"])
     assert msg == "launcher.num_workers: got 'two'; expected an integer"
