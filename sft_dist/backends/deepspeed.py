@@ -18,10 +18,6 @@ BATCH_KEYS = {
 }
 
 
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
     """Every reason this DeepSpeed config cannot train this job, each with the fix."""
     p: list[str] = []

@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from sft_dist.config.coerce import TypeProblem, closest, coerce, describe
+from sft_dist.config.coerce import TypeProblem, closest, coerce
 
 # Fields set by sft_dist from another section; the value says where the user sets them.
 OWNED: dict[str, str] = {
@@ -158,7 +158,3 @@ def _check_value(key: str, value: Any) -> str | None:
     if key == "max_steps" and isinstance(value, int) and value == 0:
         return "must be > 0, or -1 to train for num_train_epochs"
     return None
-
-
-def describe_field(key: str) -> str:
-    return describe(sft_fields()[key])
