@@ -99,6 +99,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     model, base_dir = _build_model(cfg, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
     trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
+    quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
+                           for m in model.modules())
     world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
     log.info(
         "batch: %d per device x %d accumulation x %d workers = %d sequences per optimizer step",
@@ -135,6 +137,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
             "train_loss": train_result.training_loss,
             "trainable_params": trainable,
             "total_params": total,
+            "quantized_linear_layers": quantized_layers,
             "rank_weight_digests": digests,
             "backend_applied": trainer.backend_info,
             "ranks": shards,
