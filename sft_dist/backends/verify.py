@@ -42,13 +42,11 @@ def wrapper_info(trainer, *, requested: str, world_size: int) -> dict[str, Any]:
     return info
 
 
-def local_numel(p: torch.Tensor) -> int:
-    """Elements of this parameter that live on this rank (its shard under ZeRO-3 / FSDP2)."""
-    if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
-        return p.ds_tensor.numel()
-    if hasattr(p, "to_local"):  # DTensor (FSDP2)
-        return p.to_local().numel()
-    return p.numel()
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter / state tensor that lives on this rank (ZeRO-3 partition, FSDP2 shard)."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _inner_optimizer(opt):
@@ -57,10 +55,8 @@ def _inner_optimizer(opt):
     return opt
 
 
-def local_bytes(p: torch.Tensor) -> int:
-    if hasattr(p, "ds_tensor"):
-        return p.ds_tensor.numel() * p.ds_tensor.element_size()
-    t = p.to_local() if hasattr(p, "to_local") else p
+def local_bytes(t: torch.Tensor) -> int:
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
@@ -101,23 +97,16 @@ def shard_report(trainer) -> dict[str, int | None]:
     import resource
 
     params = list(trainer.model.parameters())
-    trainable = [p for p in params if p.requires_grad]
     opt = _inner_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
-    state_numel = state_bytes = 0
-    if opt is not None:
-        for state in opt.state.values():
-            for v in state.values():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    t = v.to_local() if hasattr(v, "to_local") else v
-                    state_numel += t.numel()
-                    state_bytes += t.numel() * t.element_size()
+    states = [_local(v) for state in (opt.state.values() if opt is not None else [])
+              for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
     return {
-        "param_numel_local": sum(local_numel(p) for p in params),
-        "trainable_numel_local": sum(local_numel(p) for p in trainable),
-        "optimizer_state_numel_local": state_numel,
+        "param_numel_local": sum(_local(p).numel() for p in params),
+        "trainable_numel_local": sum(_local(p).numel() for p in params if p.requires_grad),
+        "optimizer_state_numel_local": sum(t.numel() for t in states),
         "param_bytes_local": sum(local_bytes(p) for p in params),
         "grad_bytes_local": getattr(trainer, "grad_bytes_seen", None),
-        "optimizer_state_bytes_local": state_bytes,
+        "optimizer_state_bytes_local": sum(t.numel() * t.element_size() for t in states),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 

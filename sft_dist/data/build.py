@@ -148,5 +148,4 @@ def _tokenize(raw: Dataset, tok: Tokenizer, cfg: DataConfig, name: str) -> tuple
         )
     stats.loss_tokens = int(sum(kept["_loss_tokens"]))
     stats.tokens = int(sum(len(x) for x in kept["input_ids"]))
-    stats.rows = len(kept) + stats.dropped_no_loss
     return kept.remove_columns(["_truncated", "_loss_tokens"]), stats

@@ -48,7 +48,6 @@ class Progress(TrainerCallback):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.bar = None
-        self.last = {}
         self._next_line = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -67,7 +66,6 @@ class Progress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not (self.enabled and state.is_world_process_zero) or not logs or "loss" not in logs:
             return
-        self.last = logs
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_s', 0):.0f}")
             return

@@ -97,11 +97,25 @@ def test_outputs_adapter_loads_with_peft_and_config_is_saved(local_run):
 
 
 def test_generate_uses_the_trained_adapter(local_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_dist.generate import format_prompt, load_trained
+
     out, _ = local_run
     r = sft_dist("generate", out, "--prompt", "Qual é a capital de Portugal?", "--max-new-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["prompt"] == "Qual é a capital de Portugal?" and isinstance(line["completion"], str)
+    # what generate loads is the base plus the trained adapter, in the run's alpaca_pt template
+    model, tok, cfg = load_trained(out)
+    assert isinstance(model, PeftModel)
+    text = format_prompt(cfg, tok, "Qual é a capital de Portugal?")
+    assert text == "### Instrução:\nQual é a capital de Portugal?\n\n### Resposta:\n"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-3)
 
 
 def test_torchrun_gives_the_same_loss_curve_as_local(local_run, tmp_path):
