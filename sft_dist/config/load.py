@@ -27,7 +27,7 @@ from sft_dist.errors import ConfigError
 
 BUILTIN = "builtin:"
 # Names of secrets (hub_token, wandb_api_key, password...); not tokenizer fields such as eos_token.
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|access_?key|key|credentials?)$", re.IGNORECASE)
 NOT_SECRET = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
 TOP_LEVEL = ["output_dir", "training", *SECTIONS]
 
@@ -229,6 +229,27 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     if b.config is not None:
         b.config = str(_resolve(b.config))
     p += check_backend(cfg)
+    p += _check_checkpoint(cfg)
+    return p
+
+
+def _check_checkpoint(cfg: Config) -> list[str]:
+    p: list[str] = []
+    c = cfg.checkpoint
+    if c.stop_grace_s <= 0:
+        p.append(f"checkpoint.stop_grace_s: got {c.stop_grace_s}; must be > 0 seconds")
+    resume = cfg.training.get("resume_from_checkpoint", "auto")
+    for key, value in (("checkpoint.dir", c.dir), ("training.resume_from_checkpoint", resume)):
+        if isinstance(value, str) and "://" in value:
+            protocol = value.split("://", 1)[0]
+            try:
+                import fsspec
+
+                fsspec.get_filesystem_class(protocol)
+            except (ImportError, ValueError) as e:
+                p.append(f"{key}: {value!r} needs an fsspec filesystem for {protocol}:// ({e})")
+    if resume is not None and not isinstance(resume, (str, bool)):
+        p.append(f"training.resume_from_checkpoint: got {resume!r}; expected auto, never, or a checkpoint path")
     return p
 
 
@@ -289,6 +310,11 @@ def _resolve_paths(cfg: Config) -> None:
     if d.eval_files is not None:
         d.eval_files = _expand(d.eval_files)[0]
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
+        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).expanduser().resolve())
+    resume = cfg.training.get("resume_from_checkpoint")
+    if isinstance(resume, str) and "://" not in resume and resume.lower() not in ("auto", "never", "no", "none", ""):
+        cfg.training["resume_from_checkpoint"] = str(Path(resume).expanduser().resolve())
 
 
 def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:

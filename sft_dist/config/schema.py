@@ -102,6 +102,22 @@ class LauncherConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Where checkpoints go: a local path or an fsspec URL (s3://bucket/run, gs://...) for multi-node runs
+    # without a shared filesystem. None: <output_dir>/checkpoints.
+    dir: str | None = None
+    # fsspec options for a URL, e.g. {endpoint_url: http://minio:9000}. Prefer credentials from the
+    # environment (AWS_ACCESS_KEY_ID, ...); secret-looking keys here are redacted in every dump.
+    storage_options: dict[str, Any] | None = None
+    # After SIGTERM: seconds allowed to finish the step and write the checkpoint (Kubernetes'
+    # terminationGracePeriodSeconds should be larger).
+    stop_grace_s: float = 300.0
+    # Keep the best checkpoint (training.metric_for_best_model, eval loss by default) beyond
+    # training.save_total_limit.
+    keep_best: bool = True
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +127,7 @@ class Config:
     training: dict[str, Any] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 SECTIONS = {
@@ -120,4 +137,5 @@ SECTIONS = {
     "data": DataConfig,
     "backend": BackendConfig,
     "launcher": LauncherConfig,
+    "checkpoint": CheckpointConfig,
 }

@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     # LoRA uses every adapter parameter in forward; searching for unused ones costs a graph walk per step.
     "ddp_find_unused_parameters": False,
+    # Pick up the newest complete checkpoint of this run (sft_dist/checkpoint/resume.py); `never` to start over.
+    "resume_from_checkpoint": "auto",
 }
 
 # (low, high, inclusive-low) bounds for common numeric fields; None = unbounded.

@@ -27,6 +27,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     training = dict(cfg.training)
     training.update(resolve_precision(training, device=device))
     training.pop("disable_tqdm", None)  # sft_dist draws its own progress bar (train/callbacks.py)
+    training.pop("resume_from_checkpoint", None)  # sft_dist picks and loads checkpoints (sft_dist/checkpoint)
     training.pop("logging_dir", None)  # applied as TENSORBOARD_LOGGING_DIR by the worker (train/run.py)
     # The Trainer pickles its arguments into every checkpoint (training_args.bin): hand the hub token
     # over through the environment, where huggingface_hub reads it, so it is never written to disk.

@@ -16,13 +16,20 @@ SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second")
 class MetricsFile(TrainerCallback):
     """Rank 0 appends one JSON object per logged step (and per eval) to output_dir/metrics.jsonl."""
 
-    def __init__(self, path: Path, *, append: bool = False, is_main: bool = True):
+    def __init__(self, path: Path, *, resume_step: int | None = None, is_main: bool = True):
         self.path = path
         self.summary: dict = {}
         self.first: dict = {}  # first and last logged train loss / eval loss
         self.last: dict = {}
-        if is_main and not append:
+        if not is_main:
+            return
+        if resume_step is None:
             path.unlink(missing_ok=True)  # a new run starts a new file (rank 0 owns it)
+        elif path.exists():
+            # Resuming from step N: what was logged after N (before a crash) is trained again; drop it.
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

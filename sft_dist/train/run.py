@@ -22,9 +22,10 @@ from sft_dist.distributed.env import (
     resolve_device,
     shutdown_distributed,
 )
-from sft_dist.errors import SftDistError
+from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
+from sft_dist.checkpoint.stop import StopOnSignal
 from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
 
 log = logging.getLogger("sft_dist")
@@ -37,6 +38,7 @@ class RunResult:
     global_step: int
     world_size: int
     summary: dict = field(default_factory=dict)
+    stopped: bool = False  # by SIGTERM, after writing a checkpoint
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -82,6 +84,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    resume = _resume_point(cfg, env=env)  # may adjust gradient accumulation (another world size)
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     if cfg.training.get("logging_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
@@ -106,14 +109,32 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         "batch: %d per device x %d accumulation x %d workers = %d sequences per optimizer step",
         args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size, world_batch,
     )
-    resume = cfg.training.get("resume_from_checkpoint")
-    metrics = MetricsFile(out / "metrics.jsonl", append=bool(resume), is_main=env.is_main)
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
+    trainer.checkpointing = _checkpointing(cfg, env=env)
+    stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
+    trainer.add_callback(stopper)
+    local_resume = None
+    if resume is not None:
+        from sft_dist.checkpoint.resume import fetch
+
+        local_resume = str(fetch(resume, rank=env.rank, staging=trainer.checkpointing.staging))
+        trainer.resume_manifest = resume.manifest
+        log.info("resuming from %s (step %d)", resume.display, resume.step)
 
     t0 = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=local_resume)
+    finally:
+        stopper.restore()
     train_s = time.perf_counter() - t0
     trainer.close_trace()
+    if stopper.stopped_at is not None:
+        saved = trainer.checkpointing.saved[-1] if trainer.checkpointing.saved else None
+        log.info("stopped by SIGTERM after step %d; checkpoint %s; run the same command to resume",
+                 stopper.stopped_at, trainer.checkpointing.store.display(saved) if saved else "(none)")
+        _barrier(env)
+        return RunResult(out, out, trainer.state.global_step, env.world_size, stopped=True)
 
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
     save_final(trainer, final_dir)
@@ -156,6 +177,80 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
                  out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _checkpoint_store(cfg: Config):
+    from sft_dist.checkpoint.store import Store
+
+    return Store(cfg.checkpoint.dir or str(Path(cfg.output_dir) / "checkpoints"), cfg.checkpoint.storage_options)
+
+
+def _zero_stage(cfg: Config) -> int | None:
+    if cfg.backend.type != "deepspeed":
+        return None
+    from sft_dist.backends import backend_file
+
+    return backend_file(cfg).get("zero_optimization", {}).get("stage")
+
+
+def _resume_point(cfg: Config, *, env: DistEnv):
+    """The checkpoint this run continues (rank 0 picks, every rank checks it fits), or None."""
+    from sft_dist.checkpoint.resume import check_fit, resume_request, select
+
+    request = resume_request(cfg.training)
+    if request is None:
+        return None
+    choice: dict = {"point": None, "error": None}
+    if env.is_main:
+        try:
+            choice["point"] = select(_checkpoint_store(cfg), request, cfg.checkpoint.storage_options)
+        except SftDistError as e:
+            choice["error"] = str(e)
+    choice = _broadcast(env, choice)
+    if choice["error"] is not None:
+        raise ConfigError(choice["error"])
+    point = choice["point"]
+    if point is None:
+        if request != "auto":
+            raise SftDistError(f"training.resume_from_checkpoint: {request} not found")
+        return None
+    accum = check_fit(point, cfg, world_size=env.world_size,
+                      shard_format="deepspeed" if cfg.backend.type == "deepspeed" else "dcp",
+                      zero_stage=_zero_stage(cfg))
+    if accum is not None:
+        cfg.training["gradient_accumulation_steps"] = accum
+    return point
+
+
+def _checkpointing(cfg: Config, *, env: DistEnv):
+    import tempfile
+
+    from sft_dist.checkpoint.manifest import config_hash
+    from sft_dist.checkpoint.save import Checkpointing
+
+    return Checkpointing(
+        store=_checkpoint_store(cfg),
+        rank=env.rank,
+        world_size=env.world_size,
+        staging=Path(tempfile.gettempdir()) / "sft_dist-staging" / config_hash(cfg),
+        config_yaml=dump_config(cfg),
+        config_hash=config_hash(cfg),
+        backend=cfg.backend.type,
+        zero_stage=_zero_stage(cfg),
+        keep_last=cfg.training.get("save_total_limit"),
+        keep_best=cfg.checkpoint.keep_best,
+        storage_options=cfg.checkpoint.storage_options,
+    )
+
+
+def _broadcast(env: DistEnv, value):
+    if env.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out: Path):

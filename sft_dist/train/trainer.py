@@ -12,10 +12,11 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
+from sft_dist.checkpoint.hooks import CheckpointHooks
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
 
 
-class SFTDistTrainer(SFTTrainer):
+class SFTDistTrainer(CheckpointHooks, SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
     def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp",

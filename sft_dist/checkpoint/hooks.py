@@ -1,0 +1,139 @@
+"""The Trainer methods sft_dist's checkpoints replace (a mixin in front of TRL's SFTTrainer).
+
+HF's loop keeps deciding *when* to save and how far a resumed run has got; *what* is written and read is
+ours: sharded trainable-only state with a manifest, per-rank RNG, and a data cursor the sampler starts
+from directly instead of HF replaying the sampler up to the resume point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+from pathlib import Path
+
+import transformers.trainer as hf_trainer
+from transformers.trainer_utils import seed_worker
+
+from sft_dist.checkpoint.save import Checkpointing, save_checkpoint
+from sft_dist.checkpoint.shards import load_shards
+from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
+from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler
+from sft_dist.errors import SftDistError
+
+log = logging.getLogger("sft_dist")
+
+
+@contextlib.contextmanager
+def _patched(module, **names):
+    old = {k: getattr(module, k) for k in names}
+    for k, v in names.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+class CheckpointHooks:
+    checkpointing: Checkpointing | None = None
+    resume_manifest: dict | None = None
+    train_sampler: GlobalBatchSampler | None = None
+
+    # --- data: the global sample order with a world-size-independent cursor ---
+    def get_train_dataloader(self):
+        args = self.args
+        strategy = str(getattr(args, "train_sampling_strategy", "random"))
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        self.train_sampler = sampler = GlobalBatchSampler(
+            len(self.train_dataset), micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
+            world=args.world_size, rank=args.process_index, seed=seed, shuffle=not strategy.endswith("sequential"),
+        )
+        if sampler.steps_per_epoch == 0:
+            raise SftDistError(
+                f"the training set has {sampler.num_samples} samples, fewer than one global batch of "
+                f"{sampler.global_batch} (per device x accumulation x workers): add data or lower the batch")
+        if sampler.dropped_per_epoch:
+            log.info("data: %d samples = %d steps of %d; the last %d of each epoch's shuffled order are not used "
+                     "(a different set each epoch)", sampler.num_samples, sampler.steps_per_epoch,
+                     sampler.global_batch, sampler.dropped_per_epoch)
+        return CursorDataLoader(
+            self.train_dataset, sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers if args.dataloader_num_workers else False,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+
+    def _skip_batches(self, dataloader, num_batches: int):
+        if isinstance(dataloader, CursorDataLoader):
+            return dataloader.starting_at(num_batches)
+        return self._hf_skip_first_batches(dataloader, num_batches)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if self.checkpointing is None:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._hf_skip_first_batches = hf_trainer.skip_first_batches
+        # DeepSpeed's load is done in _load_optimizer_and_scheduler, with a weights-only reader.
+        with _patched(hf_trainer, skip_first_batches=self._skip_batches,
+                      deepspeed_load_checkpoint=lambda *a, **k: None):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # --- save ---
+    def _save_checkpoint(self, model, trial):
+        if self.checkpointing is None:
+            return super()._save_checkpoint(model, trial)
+        self.store_flos()
+        save_checkpoint(self, self.checkpointing)
+
+    # --- resume (HF calls these with the local checkpoint directory) ---
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.checkpointing is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Weights are loaded with the optimizer, after wrapping (_load_optimizer_and_scheduler).
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.checkpointing is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        m = self.resume_manifest
+        load_shards(self, Path(checkpoint), m["step"])
+        state = load_pt(Path(checkpoint) / "train_state.pt")
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self.total_loss_tokens = int(m.get("tokens_seen", 0))
+        cursor = m["data_cursor"]
+        log.info("resumed from step %d: epoch %d, %d samples into it (%d in all), %d loss tokens seen",
+                 m["step"], cursor["epoch"], cursor["samples_in_epoch"], cursor["samples_total"],
+                 self.total_loss_tokens)
+
+    def _load_scaler(self, checkpoint):
+        if self.checkpointing is None:
+            return super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        if self.checkpointing is None or checkpoint is None:
+            return super()._load_rng_state(checkpoint)
+        path = Path(checkpoint) / rng_file(self.args.process_index)
+        if not path.exists():
+            log.warning("no RNG state for rank %d in the checkpoint (it had %d workers): this rank's random "
+                        "streams (dropout) start fresh", self.args.process_index, self.resume_manifest["world_size"])
+            return
+        set_rng_state(load_pt(path))
+
+    def _load_best_model(self):
+        if self.checkpointing is None:
+            return super()._load_best_model()
+        from sft_dist.checkpoint.resume import fetch, select
+
+        ck = self.checkpointing
+        point = select(ck.store, str(self.state.best_model_checkpoint), ck.storage_options)
+        local = fetch(point, rank=ck.rank, staging=ck.staging)
+        log.info("loading the best checkpoint %s (%s %s)", point.display, self.args.metric_for_best_model,
+                 self.state.best_metric)
+        load_shards(self, local, point.step, model_only=not self.is_deepspeed_enabled)
+

@@ -1,0 +1,124 @@
+"""manifest.json: the last file written into a checkpoint, and the proof that it is complete.
+
+It lists every file with its size and sha256, and the facts a resume must agree with: step, world size,
+batch geometry, data cursor, backend and shard format, and a hash of the config that defines the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sft_dist.checkpoint.store import Store
+
+FORMAT = "sft_dist-checkpoint/1"
+MANIFEST = "manifest.json"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+CHUNK = 1 << 22
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(local_dir: Path, rel_files: list[str]) -> dict[str, dict]:
+    return {rel: {"size": (local_dir / rel).stat().st_size, "sha256": sha256_file(local_dir / rel)}
+            for rel in rel_files}
+
+
+def list_files(local_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
+
+
+@dataclass
+class Verdict:
+    name: str
+    ok: bool
+    reason: str = ""
+    manifest: dict | None = None
+
+    @property
+    def step(self) -> int:
+        m = NAME.match(self.name)
+        return int(m.group(1)) if m else -1
+
+
+def read_manifest(store: Store, name: str) -> dict:
+    data = json.loads(store.read_text(name, MANIFEST))
+    if data.get("format") != FORMAT:
+        raise ValueError(f"unknown checkpoint format {data.get('format')!r} (expected {FORMAT})")
+    return data
+
+
+def verify(store: Store, name: str, *, checksums: bool = True) -> Verdict:
+    """Whether `name` is a complete checkpoint: manifest present, every listed file there with its size and
+    (with `checksums`) its sha256."""
+    if not store.exists(name, MANIFEST):
+        return Verdict(name, False, "no manifest.json (the save did not finish)")
+    try:
+        manifest = read_manifest(store, name)
+    except (ValueError, OSError) as e:
+        return Verdict(name, False, f"unreadable manifest.json ({e})")
+    present = store.files(name)
+    for rel, meta in manifest["files"].items():
+        if rel not in present:
+            return Verdict(name, False, f"{rel} is missing")
+        if present[rel] != meta["size"]:
+            return Verdict(name, False, f"{rel} has {present[rel]} bytes, the manifest says {meta['size']}")
+    if checksums:
+        for rel, meta in manifest["files"].items():
+            h = hashlib.sha256()
+            with store.open(name, rel) as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            if h.hexdigest() != meta["sha256"]:
+                return Verdict(name, False, f"{rel} does not match its sha256 in the manifest (corrupt)")
+    return Verdict(name, True, manifest=manifest)
+
+
+def checkpoint_names(store: Store) -> list[str]:
+    """Checkpoint directories under the root, newest step first (complete or not)."""
+    names = [n for n in store.listdir() if NAME.match(n)]
+    return sorted(names, key=lambda n: int(NAME.match(n).group(1)), reverse=True)
+
+
+def config_identity(d: dict) -> dict:
+    """The parts of a config (as `config_to_dict` gives it) a checkpoint's weights and data cursor depend on."""
+    data = {k: v for k, v in d["data"].items() if k not in ("trace_samples", "num_proc")}
+    return {
+        "model": d["model"],
+        "lora": d["lora"],
+        "quantization": d["quantization"],
+        "data": data,
+        "seed": d["training"].get("seed", 42),
+    }
+
+
+def config_hash(cfg) -> str:
+    from sft_dist.config.load import config_to_dict
+
+    identity = config_identity(config_to_dict(cfg))
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config identities."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += identity_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
