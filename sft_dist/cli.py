@@ -118,7 +118,8 @@ def _train(args) -> int:
         return _worker(cfg)
     from sft_dist.distributed.local import launch_local
 
-    failure = launch_local(cfg.launcher, ["train", args.config, *args.overrides])
+    failure = launch_local(cfg.launcher, ["train", args.config, *args.overrides],
+                           stop_grace_s=cfg.checkpoint.stop_grace_s)
     if failure is None:
         return 0
     print(f"sft-dist: {failure.describe()}", file=sys.stderr)

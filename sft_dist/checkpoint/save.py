@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -88,6 +90,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
     local_dir.mkdir(parents=True, exist_ok=True)
 
     save_shards(trainer, local_dir, step)
+    _fault_point(step, ck.rank)
     save_pt(rng_state(), local_dir / rng_file(ck.rank))
     if ck.rank == 0:
         _save_rank0_state(trainer, local_dir, ck)
@@ -122,6 +125,14 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
         shutil.rmtree(local_dir, ignore_errors=True)
     ck.saved.append(name)
     return name
+
+
+def _fault_point(step: int, rank: int) -> None:
+    """Fault injection for the crash tests: SFT_DIST_KILL_DURING_SAVE=<step>:<rank> SIGKILLs that rank
+    right after its shards are written, before the checkpoint is complete (what a preemption does)."""
+    spec = os.environ.get("SFT_DIST_KILL_DURING_SAVE")
+    if spec and spec == f"{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _save_rank0_state(trainer, local_dir: Path, ck: Checkpointing) -> None:

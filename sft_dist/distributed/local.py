@@ -49,8 +49,12 @@ class WorkerFailure:
         return "\n".join(lines)
 
 
-def launch_local(launcher: LauncherConfig, worker_argv: list[str]) -> WorkerFailure | None:
-    """Run `python -m sft_dist <worker_argv>` as `launcher.num_workers` ranks. Returns the first failure."""
+def launch_local(launcher: LauncherConfig, worker_argv: list[str], *, stop_grace_s: float = 300.0
+                 ) -> WorkerFailure | None:
+    """Run `python -m sft_dist <worker_argv>` as `launcher.num_workers` ranks. Returns the first failure.
+
+    SIGTERM is passed on to the workers, which finish their step, checkpoint and exit 0 (then so does the
+    launcher); they get `stop_grace_s` (+30 s) before being killed. SIGINT stops them at once."""
     n = launcher.num_workers
     port = launcher.master_port or free_port(launcher.master_addr)
     threads = launcher.threads_per_worker or default_threads(n)
@@ -79,6 +83,7 @@ def launch_local(launcher: LauncherConfig, worker_argv: list[str]) -> WorkerFail
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     failure = None
+    deadline: float | None = None
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -89,7 +94,12 @@ def launch_local(launcher: LauncherConfig, worker_argv: list[str]) -> WorkerFail
                 break
             if all(c == 0 for c in codes):
                 break
-            if stop["signal"] is not None:
+            if stop["signal"] == signal.SIGTERM and deadline is None:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + stop_grace_s + 30.0
+            elif stop["signal"] is not None and (stop["signal"] != signal.SIGTERM or time.monotonic() > deadline):
                 failure = WorkerFailure(-1, 128 + stop["signal"], None)
                 break
             time.sleep(0.2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,13 @@ def run(cfg: Config) -> RunResult:
     init_distributed(env, device=device, timeout_s=cfg.launcher.timeout_s)
     if cfg.backend.type == "deepspeed":
         import deepspeed
+
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A single worker still needs a (one-rank) group, else DeepSpeed goes looking for MPI.
+            from sft_dist.distributed.local import free_port
+
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port("127.0.0.1")))
 
         # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
@@ -127,6 +135,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
         train_result = trainer.train(resume_from_checkpoint=local_resume)
     finally:
         stopper.restore()
+        shutil.rmtree(trainer.checkpointing.staging, ignore_errors=True)
     train_s = time.perf_counter() - t0
     trainer.close_trace()
     if stopper.stopped_at is not None:
@@ -232,7 +241,8 @@ def _checkpointing(cfg: Config, *, env: DistEnv):
         store=_checkpoint_store(cfg),
         rank=env.rank,
         world_size=env.world_size,
-        staging=Path(tempfile.gettempdir()) / "sft_dist-staging" / config_hash(cfg),
+        # Private to this rank's process: remote stores stage uploads and resume downloads here.
+        staging=Path(tempfile.gettempdir()) / "sft_dist-staging" / f"{config_hash(cfg)}-{os.getpid()}",
         config_yaml=dump_config(cfg),
         config_hash=config_hash(cfg),
         backend=cfg.backend.type,
