@@ -22,6 +22,7 @@ class Deviation:
     weights_rel_l2: float  # ||w - ref|| / ||ref|| over all final tensors (the pass/fail measure)
     weights_max_rel: float  # max over tensors of max|w - ref| / max|ref| (stricter, reported)
     tensors: int
+    bitwise: bool = False  # every logged loss and every final tensor identical
 
     def within(self, tol: float) -> bool:
         return self.loss_max_rel <= tol and self.weights_rel_l2 <= tol
@@ -62,6 +63,7 @@ def compare(ref: str | Path, run: str | Path) -> Deviation:
         missing = sorted(wa.keys() ^ wb.keys())[:3]
         raise SftDistError(f"{run}: saved tensors differ from {ref}'s (e.g. {missing})")
     w_dev, diff_sq, ref_sq = 0.0, 0.0, 0.0
+    bitwise = all(a[s] == b[s] for s in a) and all(torch.equal(wa[k], wb[k]) for k in wa)
     for k in wa:
         x, y = wa[k].float(), wb[k].float()
         if x.shape != y.shape:
@@ -72,7 +74,7 @@ def compare(ref: str | Path, run: str | Path) -> Deviation:
         if scale > 0:
             w_dev = max(w_dev, (x - y).abs().max().item() / scale)
     rel_l2 = (diff_sq / ref_sq) ** 0.5 if ref_sq > 0 else (0.0 if diff_sq == 0 else float("inf"))
-    return Deviation(str(run), len(a), loss_dev, rel_l2, w_dev, len(wa))
+    return Deviation(str(run), len(a), loss_dev, rel_l2, w_dev, len(wa), bitwise)
 
 
 def report(ref: str | Path, runs: list[str | Path], *, tol: float) -> tuple[list[Deviation], str]:

@@ -51,6 +51,7 @@ class Checkpointing:
     keep_best: bool = True
     storage_options: dict | None = None
     saved: list[str] = field(default_factory=list)
+    last_bytes: int | None = None  # size of the newest checkpoint written
 
     def local_dir_for(self, work: str) -> Path:
         if self.store.local:
@@ -106,6 +107,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
     for part in _all_gather(ck.world_size, hash_files(local_dir, mine)):
         files.update(part)
 
+    ck.last_bytes = sum(f["size"] for f in files.values())
     if ck.rank == 0:
         manifest = _manifest(trainer, ck, step, files)
         store.write_text(json.dumps(manifest, indent=1), work, MANIFEST)  # the commit point

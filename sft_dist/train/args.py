@@ -34,6 +34,9 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     token = training.pop("hub_token", None)
     if token:
         os.environ["HF_TOKEN"] = token
+    if cfg.checkpoint.keep_best and str(training.get("eval_strategy", "no")) != "no":
+        # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it.
+        training.setdefault("metric_for_best_model", "loss")
     cpu = device == "cpu"
     if world_size > 1:  # naming a backend makes accelerate expect an initialised process group
         training["ddp_backend"] = "gloo" if cpu else "nccl"

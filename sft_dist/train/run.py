@@ -174,6 +174,11 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
             "final_dir": str(final_dir),
             "base_model_dir": str(base_dir) if base_dir else None,
             "data": {k: vars(v) for k, v in data.stats.items()},
+            "resumed_from": resume.display if resume else None,
+            "resumed_step": resume.step if resume else None,
+            "checkpoints": trainer.checkpointing.saved,
+            "checkpoint_bytes": trainer.checkpointing.last_bytes,
+            "adapter_bytes": _dir_bytes(final_dir),
             "first_loss": metrics.first.get("loss"),
             "last_loss": metrics.last.get("loss"),
             "first_eval_loss": metrics.first.get("eval_loss"),
@@ -321,6 +326,10 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
     trainer.remove_callback(ProgressCallback)
     trainer.data_collator = SampleIdCollator(trainer.data_collator)
     return trainer
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _loss_change(metrics) -> str:

@@ -32,7 +32,48 @@ def test_script_reports_every_run_within_tolerance(matrix):
     assert "max deviation over all runs" in r.stdout
     assert set(rows) == {"ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
                          "fsdp_ckpt_no_reshard",
-                         "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2"}
+                         "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2",
+                         "resume_ddp", "resume_zero2", "resume_zero3", "resume_fsdp", "resume_ddp_2to1",
+                         "resume_geometry_1to2", "resume_fsdp_2to4"}
+
+
+@pytest.mark.parametrize("run", ["resume_ddp", "resume_zero2", "resume_zero3", "resume_fsdp"])
+def test_resume_on_the_same_workers_is_bitwise_exact(matrix, run):
+    """10 steps, stop, resume to 20 == 20 straight: every loss from step 11 and every adapter tensor."""
+    row = matrix[0][run]
+    assert row["resumed_step"] == 10 and row["steps"] == 20
+    assert row["bitwise"], row
+
+
+@pytest.mark.parametrize("run, world", [("resume_ddp_2to1", 1), ("resume_geometry_1to2", 2),
+                                        ("resume_fsdp_2to4", 4)])
+def test_resume_on_another_number_of_workers_matches(matrix, run, world):
+    row = matrix[0][run]
+    assert row["resumed_step"] == 10 and row["world_size"] == world
+    assert row["loss_max_rel"] <= TOL and row["weights_rel_l2"] <= TOL, row
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_deepspeed_checkpoint_files_load_with_weights_only(matrix, run):
+    """DeepSpeed itself would unpickle its files; sft_dist reads them with torch.load(weights_only=True)."""
+    from pathlib import Path
+
+    from sft_dist.checkpoint.deepspeed_io import load_weights_only
+
+    files = sorted((Path(matrix[0][run]["dir"]) / "checkpoints" / "checkpoint-20").glob("global_step20/*.pt"))
+    assert len(files) >= 3
+    for f in files:
+        assert isinstance(load_weights_only(str(f)), dict)
+
+
+@pytest.mark.parametrize("run", ["ddp", "zero2", "zero3", "fsdp_full_shard"])
+def test_checkpoints_hold_no_frozen_base_weights(matrix, run):
+    """A LoRA checkpoint is the adapter, its fp32 master copy where the backend keeps one, and two AdamW
+    moments: a few times the adapter, far below the base model (which would add ~2.6x the adapter here)."""
+    row = matrix[0][run]
+    ratio = row["checkpoint_bytes"] / row["adapter_bytes"]
+    print(f"{run}: checkpoint {row['checkpoint_bytes']} B = {ratio:.2f}x the adapter ({row['adapter_bytes']} B)")
+    assert 3.0 <= ratio < 5.0
 
 
 @pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
