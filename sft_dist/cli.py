@@ -17,6 +17,7 @@ EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml launcher.num_workers=2 training.max_steps=20
   torchrun --nproc-per-node 2 --no-python sft-dist train configs/examples/quickstart.yaml
   sft-dist generate outputs/quickstart --prompt "Qual é a capital de Portugal?"
+  sft-dist export outputs/quickstart --output outputs/quickstart-merged --merge
 """
 
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the run's template")
     g.add_argument("--json", action="store_true", help="print JSON lines")
+
+    from sft_dist.checkpoint.export import add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "export":
+            from sft_dist.checkpoint.export import run_export
+
+            return run_export(args)
     except SftDistError as e:
         return _report(e)
     return 2

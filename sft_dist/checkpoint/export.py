@@ -88,15 +88,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shard: int) -> dict:
     from sft_dist.checkpoint.export_model import build_view, check_trained
-    from sft_dist.checkpoint.export_source import base_model_path, local_model_dir, tokenizer_source
+    from sft_dist.checkpoint.export_quant import split_quant_state
+    from sft_dist.checkpoint.export_source import (
+        base_model_path,
+        local_model_dir,
+        tokenizer_source,
+    )
     from sft_dist.checkpoint.export_weights import open_trained
     from sft_dist.quiet import quiet_libraries
 
     quiet_libraries()
     base = base_model_path(src)
     base_dir = local_model_dir(base, revision=src.settings.model.revision) if kind != "adapter" else None
-    view = build_view(str(base_dir or base), src.settings)
+    view = build_view(str(base_dir or base), src.settings, merging=kind != "adapter")
     trained = open_trained(src.local_dir, src.manifest)
+    quant_stats = split_quant_state(trained)
     check_trained(view, trained, src.display)
     m = src.manifest
     record = {
@@ -113,7 +119,8 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
         record.update(_write_adapter(view, trained, content, base=base, dtype=dtype))
     else:
         record.update(_write_merged(src, view, trained, content, base_dir=base_dir, dtype=dtype,
-                                    max_shard=max_shard, dequantize=kind == "merged-dequantized"))
+                                    max_shard=max_shard, dequantize=kind == "merged-dequantized",
+                                    quant_stats=quant_stats))
     tok = tokenizer_source(src, base)
     _save_tokenizer(tok, content, src.settings)
     record["tokenizer"] = tok
@@ -134,7 +141,7 @@ def _write_adapter(view, trained, content: Path, *, base: str, dtype: str) -> di
 
 
 def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: Path, dtype: str,
-                  max_shard: int, dequantize: bool) -> dict:
+                  max_shard: int, dequantize: bool, quant_stats: dict[str, str]) -> dict:
     from sft_dist.checkpoint.export_merge import merge, plan_merge, write_config
 
     round_trip, quant_note = None, None
@@ -148,9 +155,11 @@ def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: 
                       "load_dtype": str(load_dtype).removeprefix("torch."), "load_dtype_assumed": assumed,
                       "layers": len(view.quantized)}
     out_dtype = DTYPES[dtype] if dtype != "auto" else _auto_dtype(src, view, dequantize=dequantize)
-    plan = plan_merge(view, trained, round_trip=round_trip)
+    plan = plan_merge(view, trained, round_trip=round_trip, saved_stats=quant_stats)
     result = merge(plan, trained, base_dir=base_dir, out_dir=content, dtype=out_dtype, max_shard_bytes=max_shard,
-                   tied=view.tied)
+                   tied=view.tied, keep_ties=not view.lora)
+    if quant_note is not None:
+        quant_note["layers_checked_against_checkpoint"] = plan.checked
     write_config(base_dir, content, dtype=out_dtype, untie=bool(result.untied))
     base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     return {"files": result.files + ["config.json"], "tensors": result.tensors, "bytes": result.bytes,
@@ -248,13 +257,24 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+def _files(files: list[str]) -> str:
+    shards = [f for f in files if f.startswith("model-")]
+    if len(shards) > 1:
+        files = [f"{len(shards)} shards ({shards[0]} ...)", *(f for f in files if f not in shards)]
+    return ", ".join(files)
+
+
 def _summary(r: dict, out: Path) -> str:
     s = r["source"]
     what = {"adapter": "PEFT adapter", "merged": "merged model", "merged-dequantized": "merged model (dequantized "
             "base)", "full": "full model (full fine-tuning run: no adapter)"}[r["kind"]]
     lines = [f"exported {what} -> {out}",
              f"  from {s['checkpoint']} (step {s['step']}, {s['backend']}, {s['world_size']} workers)",
-             f"  {r['tensors']} tensors, {_human(r['bytes'])} ({r['dtype']}) in {', '.join(r['files'])}"]
+             f"  {r['tensors']} tensors, {_human(r['bytes'])} ({r['dtype']}) in {_files(r['files'])}"]
+    q = r.get("dequantized")
+    if q:
+        lines.append(f"  {q['layers']} {q['bits']}-bit layers dequantized as training saw them ({q['quant_type']}); "
+                     f"scales identical to the checkpoint's for {q['layers_checked_against_checkpoint']}")
     if r.get("untied"):
         lines.append(f"  untied {', '.join(r['untied'])} (a trained copy no longer shares the base tensor)")
     base = f" (base weights {_human(r['base_weights_bytes'])})" if "base_weights_bytes" in r else ""

@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sft_dist.checkpoint.export_model import LoraDelta, ModelView, base_name, lora_deltas
+from sft_dist.checkpoint.export_model import (
+    LoraDelta,
+    ModelView,
+    base_name,
+    lora_deltas,
+)
+from sft_dist.checkpoint.export_quant import RoundTrip
 from sft_dist.checkpoint.export_weights import TrainedWeights
 from sft_dist.errors import SftDistError
 
@@ -51,10 +57,13 @@ class MergePlan:
     deltas: dict[str, LoraDelta]  # base tensor -> the LoRA delta added to it
     replace: dict[str, str]  # base tensor -> the trained tensor that replaces it
     quantized: set[str]  # base tensors that take the quantization round trip first
-    round_trip: Callable[[torch.Tensor], torch.Tensor] | None
+    round_trip: RoundTrip | None
+    saved_stats: dict[str, str] = field(default_factory=dict)  # the run's quantization stats, to check ours
+    checked: int = 0  # quantized tensors whose stats matched the run's
 
 
-def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip=None) -> MergePlan:
+def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip=None,
+               saved_stats: dict[str, str] | None = None) -> MergePlan:
     deltas = {d.weight: d for d in lora_deltas(view)} if view.lora else {}
     used = {n for d in deltas.values() for n in (d.a, d.b, d.magnitude) if n}
     replace = {}
@@ -66,18 +75,18 @@ def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip=None) -> 
                                "instead (without --merge)")
         replace[base_name(name)] = name
     quantized = {f"{m}.weight" for m in view.quantized} if round_trip else set()
-    return MergePlan(deltas, replace, quantized, round_trip)
+    return MergePlan(deltas, replace, quantized, round_trip, saved_stats or {})
 
 
 def merge(plan: MergePlan, trained: TrainedWeights, *, base_dir: Path, out_dir: Path, dtype: torch.dtype,
-          max_shard_bytes: int, tied: dict[str, str]) -> MergeResult:
+          max_shard_bytes: int, tied: dict[str, str], keep_ties: bool = False) -> MergeResult:
+    """`keep_ties`: the trained model shared its tied tensors too (full fine-tuning), so one trained copy is
+    written under the name the base stores; otherwise (LoRA) a trained side of a tied pair unties it."""
     index = base_index(base_dir)
-    changed = set(plan.deltas) | set(plan.replace) | plan.quantized
-    # A trained lm_head (or embedding) must no longer share its tensor with the other: write both.
-    untied = sorted({k for a, b in tied.items() if a in changed or b in changed for k in (a, b)})
     partner = {**tied, **{v: k for k, v in tied.items()}}
+    untied = _resolve_ties(plan, index, tied, partner, keep=keep_ties)
     names = list(index) + [n for n in untied if n not in index]
-    for name in sorted(changed):
+    for name in sorted(set(plan.deltas) | set(plan.replace) | plan.quantized):
         if name not in index and not (name in untied and partner[name] in index):
             raise SftDistError(f"{base_dir}: the base has no tensor {name} (the trained layer it belongs to); "
                                "its safetensors use other names than the model class. Export the adapter instead.")
@@ -89,12 +98,25 @@ def merge(plan: MergePlan, trained: TrainedWeights, *, base_dir: Path, out_dir: 
     return MergeResult(files, writer.count, writer.total, untied)
 
 
+def _resolve_ties(plan: MergePlan, index: dict, tied: dict[str, str], partner: dict[str, str], *,
+                  keep: bool) -> list[str]:
+    if keep:
+        for name in [n for n in plan.replace if n not in index and partner.get(n) in index]:
+            plan.replace.setdefault(partner[name], plan.replace[name])
+            del plan.replace[name]
+        return []
+    # A trained lm_head (or embedding) no longer shares its tensor with the other: write both.
+    changed = set(plan.deltas) | set(plan.replace) | plan.quantized
+    return sorted({k for a, b in tied.items() if a in changed or b in changed for k in (a, b)})
+
+
 def _merged(name: str, base: torch.Tensor | None, plan: MergePlan, trained: TrainedWeights) -> torch.Tensor:
     if name in plan.replace:
         return trained.load(plan.replace[name])
     w = base
     if name in plan.quantized:
-        w = plan.round_trip(w)
+        w, stats = plan.round_trip(w)
+        _check_stats(name, stats, plan, trained)
     d = plan.deltas.get(name)
     if d is None:
         return w
@@ -106,6 +128,20 @@ def _merged(name: str, base: torch.Tensor | None, plan: MergePlan, trained: Trai
         norm = torch.linalg.norm(merged, dim=1)
         merged = (trained.load(d.magnitude).float() / norm).view(-1, 1) * merged
     return merged
+
+
+def _check_stats(name: str, stats: dict[str, torch.Tensor], plan: MergePlan, trained: TrainedWeights) -> None:
+    """The scales we quantize with must be the ones training used (DCP checkpoints keep them): otherwise the
+    base differs from the one trained on, or was loaded in another dtype."""
+    module = name.removesuffix(".weight")
+    found = [(k, t) for k, t in stats.items() if f"{module}.{k}" in plan.saved_stats]
+    for k, t in found:
+        saved = trained.load(plan.saved_stats[f"{module}.{k}"])
+        if saved.shape != t.shape or not torch.equal(saved, t.to(saved.dtype)):
+            raise SftDistError(
+                f"{name}: quantizing the base weight gives other {k} statistics than the run saved in its checkpoint; "
+                "the base model is not the one this run trained on (or was loaded in another model.dtype)")
+    plan.checked += bool(found)
 
 
 def _stream(names: list[str], index: dict[str, Path], partner: dict[str, str],
@@ -135,7 +171,7 @@ def base_index(base_dir: Path) -> dict[str, Path]:
         return {n: base_dir / file for file in sorted(by_file) for n in sorted(by_file[file])}
     if (base_dir / SINGLE).is_file():
         with safe_open(str(base_dir / SINGLE), framework="pt") as f:
-            return {n: base_dir / SINGLE for n in f.keys()}
+            return {n: base_dir / SINGLE for n in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     raise SftDistError(f"{base_dir}: no {SINGLE} or {INDEX}; --merge streams safetensors only. Re-save the base "
                        "with save_pretrained() (safetensors is the default), or export the adapter (without --merge).")
 

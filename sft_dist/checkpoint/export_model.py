@@ -42,7 +42,7 @@ class ModelView:
     tied: dict[str, str] = field(default_factory=dict)  # tied weight -> the weight it shares
 
 
-def build_view(base: str, settings: RunSettings) -> ModelView:
+def build_view(base: str, settings: RunSettings, *, merging: bool = False) -> ModelView:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = settings.model
@@ -51,7 +51,10 @@ def build_view(base: str, settings: RunSettings) -> ModelView:
     except (OSError, ValueError) as e:
         raise SftDistError(f"base model {base!r}: cannot read its config: {e}") from None
     if getattr(config, "quantization_config", None):
-        raise SftDistError(f"base model {base!r} is stored quantized; export needs a full-precision base")
+        if merging:
+            raise SftDistError(f"base model {base!r} is stored quantized: a merge needs its full-precision weights "
+                               "(export the adapter without --merge, or train on a full-precision base)")
+        del config.quantization_config  # only the names matter for an adapter
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)

@@ -1,8 +1,9 @@
 """What `sft-dist export` reads: one complete, verified checkpoint, the run config that wrote it, and where
 its base model and tokenizer are.
 
-The argument is a checkpoint directory (`.../checkpoint-<step>`) or a run directory (its output_dir, holding
-config.yaml); for a run the newest complete checkpoint is taken, and the incomplete ones skipped are named.
+The argument is a checkpoint directory (`.../checkpoint-<step>`), a run directory (its output_dir, holding
+config.yaml; checkpoints under checkpoint.dir or <run>/checkpoints) or a directory of checkpoints; for the
+last two the newest complete checkpoint is taken, and the incomplete ones skipped are named.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from sft_dist.checkpoint.manifest import MANIFEST, NAME, Verdict, checkpoint_names, verify
+from sft_dist.checkpoint.manifest import (
+    MANIFEST,
+    NAME,
+    Verdict,
+    checkpoint_names,
+    verify,
+)
 from sft_dist.checkpoint.resume import ResumePoint, fetch
 from sft_dist.checkpoint.store import Store
 from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
@@ -63,6 +70,8 @@ def locate(target: str, *, staging: Path) -> ExportSource:
     parent, _, name = target.rpartition("/")
     if NAME.match(name):
         store, run_dir, options = Store(parent or ".", None), None, None
+        if not store.exists(name):
+            raise SftDistError(f"{store.display(name)}: no such checkpoint directory")
         v = verify(store, name)
         if not v.ok:
             raise SftDistError(f"{store.display(name)} is not a complete checkpoint: {v.reason}. Export a complete "
@@ -70,7 +79,7 @@ def locate(target: str, *, staging: Path) -> ExportSource:
         if store.local and (Path(store.root).parent / "config.yaml").is_file():
             run_dir = Path(store.root).parent  # the default layout: <run>/checkpoints/checkpoint-<step>
     else:
-        store, v, run_dir, options = _newest_in_run(target)
+        store, v, run_dir, options = _newest_complete(target)
         name = v.name
     point = ResumePoint(store.url, name, store.display(name), v.manifest, options)
     local = fetch(point, rank=0, staging=staging)
@@ -82,26 +91,32 @@ def locate(target: str, *, staging: Path) -> ExportSource:
     return ExportSource(point.display, v.manifest, local, settings, run_dir)
 
 
-def _newest_in_run(target: str) -> tuple[Store, Verdict, Path | None, dict | None]:
+def _newest_complete(target: str) -> tuple[Store, Verdict, Path | None, dict | None]:
     run = Store(target, None)
-    if not run.exists("config.yaml"):
+    if not run.fs.exists(run.root):
+        raise SftDistError(f"{target}: no such run or checkpoint directory")
+    if run.exists("config.yaml"):
+        config = yaml.safe_load(run.read_text("config.yaml")) or {}
+        ck = config.get("checkpoint") or {}
+        # Secrets are redacted in config.yaml: leave them out so fsspec takes credentials from the environment.
+        options = {k: v for k, v in (ck.get("storage_options") or {}).items() if v != REDACTED} or None
+        store = Store(ck.get("dir") or f"{target}/checkpoints", options)
+    elif checkpoint_names(run):  # a checkpoint root (<run>/checkpoints, or checkpoint.dir)
+        store, options = run, None
+        run = Store(str(Path(run.root).parent)) if run.local else run
+    else:
         if run.exists(MANIFEST):
             raise SftDistError(f"{target}: a checkpoint directory must be named checkpoint-<step>")
-        raise SftDistError(f"{target} is neither a checkpoint directory (checkpoint-<step> with manifest.json) nor "
-                           "a run directory (an output_dir with config.yaml)")
-    config = yaml.safe_load(run.read_text("config.yaml")) or {}
-    ck = config.get("checkpoint") or {}
-    # Secrets are redacted in config.yaml: leave them out so fsspec takes credentials from the environment.
-    options = {k: v for k, v in (ck.get("storage_options") or {}).items() if v != REDACTED} or None
-    root = ck.get("dir") or f"{target}/checkpoints"
-    store = Store(root, options)
+        raise SftDistError(f"{target} is neither a checkpoint directory (checkpoint-<step> with manifest.json), "
+                           "a directory of checkpoints, nor a run directory (an output_dir with config.yaml)")
     skipped = []
     for name in checkpoint_names(store):
         v = verify(store, name)
         if v.ok:
             for line in skipped:
                 log.warning("skipping %s", line)
-            return store, v, Path(target) if run.local else None, options
+            run_dir = Path(run.root) if run.local and run.exists("config.yaml") else None
+            return store, v, run_dir, options
         skipped.append(f"{store.display(name)}: {v.reason}")
     detail = "".join(f"\n  - {s}" for s in skipped) or " (none saved: was training.save_strategy 'no'?)"
     raise SftDistError(f"{target}: no complete checkpoint under {store.display()}{detail}")

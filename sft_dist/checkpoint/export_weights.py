@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ class TrainedWeights:
         raise NotImplementedError
 
     def nbytes(self) -> int:
-        return sum(math.prod(s) * torch.empty(0, dtype=d).element_size() for s, d in self.specs.values())
+        return sum(math.prod(s) * d.itemsize for s, d in self.specs.values())
 
 
 def open_trained(local_dir: Path, manifest: dict) -> TrainedWeights:
@@ -51,17 +52,30 @@ class DcpWeights(TrainedWeights):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        self._reader = dcp.FileSystemReader(str(shards))
+        class CachedReader(dcp.FileSystemReader):
+            # dcp.load re-reads (unpickles) .metadata on every call; it lists the optimizer state too, and
+            # reading it per tensor costs more than the tensors.
+            _metadata = None
+
+            def read_metadata(self, *args, **kwargs):
+                if self._metadata is None:
+                    self._metadata = super().read_metadata(*args, **kwargs)
+                return self._metadata
+
+        self._reader = CachedReader(str(shards))
         meta = self._reader.read_metadata().state_dict_metadata
-        self.specs = {k[len(self.PREFIX):]: (m.size, m.properties.dtype) for k, m in meta.items()
-                      if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
+        self._all = {k[len(self.PREFIX):]: (m.size, m.properties.dtype) for k, m in meta.items()
+                     if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
+        self.specs = dict(self._all)  # callers may set entries aside (quantization state); all stay loadable
 
     def load(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
 
-        shape, dtype = self.specs[name]
+        shape, dtype = self._all[name]
         out = torch.empty(shape, dtype=dtype)
-        dcp.load({"model": {name: out}}, storage_reader=self._reader, no_dist=True)
+        with warnings.catch_warnings():  # "no process group: assuming a single process" is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": {name: out}}, storage_reader=self._reader, no_dist=True)
         return out
 
 
