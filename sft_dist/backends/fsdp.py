@@ -12,7 +12,6 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError

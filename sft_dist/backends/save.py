@@ -36,7 +36,9 @@ def _save_fsdp_adapter(trainer, final_dir: Path) -> None:
     checkpoint wrappers; the wrapper's prefix is then dropped from the saved keys."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        _CHECKPOINT_PREFIX,
+    )
 
     model = trainer.model
     gathered = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}

@@ -19,14 +19,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from sft_dist.checkpoint.export_source import ExportSource, RunSettings
 from sft_dist.errors import SftDistError
 
+if TYPE_CHECKING:  # building the parser (`sft-dist --help`) imports no torch; the export imports it when run
+    import torch
+
+    from sft_dist.checkpoint.export_source import ExportSource, RunSettings
+
 FORMAT = "sft_dist-export/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SHARD = "1GB"
 
 
@@ -88,7 +91,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shard: int) -> dict:
     from sft_dist.checkpoint.export_model import build_view, check_trained
-    from sft_dist.checkpoint.export_quant import split_quant_state
     from sft_dist.checkpoint.export_source import (
         base_model_path,
         local_model_dir,
@@ -102,7 +104,6 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
     base_dir = local_model_dir(base, revision=src.settings.model.revision) if kind != "adapter" else None
     view = build_view(str(base_dir or base), src.settings, merging=kind != "adapter")
     trained = open_trained(src.local_dir, src.manifest)
-    quant_stats = split_quant_state(trained)
     check_trained(view, trained, src.display)
     m = src.manifest
     record = {
@@ -119,8 +120,7 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
         record.update(_write_adapter(view, trained, content, base=base, dtype=dtype))
     else:
         record.update(_write_merged(src, view, trained, content, base_dir=base_dir, dtype=dtype,
-                                    max_shard=max_shard, dequantize=kind == "merged-dequantized",
-                                    quant_stats=quant_stats))
+                                    max_shard=max_shard, dequantize=kind == "merged-dequantized"))
     tok = tokenizer_source(src, base)
     _save_tokenizer(tok, content, src.settings)
     record["tokenizer"] = tok
@@ -132,7 +132,7 @@ def _write_adapter(view, trained, content: Path, *, base: str, dtype: str) -> di
 
     from sft_dist.checkpoint.export_model import adapter_tensors, save_adapter_config
 
-    tensors = adapter_tensors(view, trained, dtype=DTYPES.get(dtype))
+    tensors = adapter_tensors(view, trained, dtype=_dtype(dtype) if dtype != "auto" else None)
     save_file(tensors, str(content / "adapter_model.safetensors"), metadata={"format": "pt"})
     save_adapter_config(view, content, base_ref=base)
     return {"files": ["adapter_model.safetensors", "adapter_config.json"], "tensors": len(tensors),
@@ -141,7 +141,7 @@ def _write_adapter(view, trained, content: Path, *, base: str, dtype: str) -> di
 
 
 def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: Path, dtype: str,
-                  max_shard: int, dequantize: bool, quant_stats: dict[str, str]) -> dict:
+                  max_shard: int, dequantize: bool) -> dict:
     from sft_dist.checkpoint.export_merge import merge, plan_merge, write_config
 
     round_trip, quant_note = None, None
@@ -154,12 +154,10 @@ def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: 
                       "double_quant": q.double_quant if q.bits == 4 else None,
                       "load_dtype": str(load_dtype).removeprefix("torch."), "load_dtype_assumed": assumed,
                       "layers": len(view.quantized)}
-    out_dtype = DTYPES[dtype] if dtype != "auto" else _auto_dtype(src, view, dequantize=dequantize)
-    plan = plan_merge(view, trained, round_trip=round_trip, saved_stats=quant_stats)
+    out_dtype = _dtype(dtype) if dtype != "auto" else _auto_dtype(src, view, dequantize=dequantize)
+    plan = plan_merge(view, trained, round_trip=round_trip)
     result = merge(plan, trained, base_dir=base_dir, out_dir=content, dtype=out_dtype, max_shard_bytes=max_shard,
                    tied=view.tied, keep_ties=not view.lora)
-    if quant_note is not None:
-        quant_note["layers_checked_against_checkpoint"] = plan.checked
     write_config(base_dir, content, dtype=out_dtype, untie=bool(result.untied))
     base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     return {"files": result.files + ["config.json"], "tensors": result.tensors, "bytes": result.bytes,
@@ -189,12 +187,18 @@ def _kind(s: RunSettings, *, merge: bool, dequantize: bool) -> str:
     return "adapter"
 
 
+def _dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
 def _load_dtype(src: ExportSource) -> tuple[torch.dtype, bool]:
     """The dtype the run loaded its base in before quantizing it (sft_dist.model.build.resolve_dtype), and
     whether the device it trained on had to be assumed (no run_summary.json yet)."""
     m = src.settings.model
     if m.dtype != "auto":
-        return DTYPES[m.dtype], False
+        return _dtype(m.dtype), False
     device, assumed = src.settings.device, True
     summary = src.run_dir / "run_summary.json" if src.run_dir else None
     if summary is not None and summary.is_file():
@@ -202,15 +206,15 @@ def _load_dtype(src: ExportSource) -> tuple[torch.dtype, bool]:
     elif device != "auto":
         assumed = False
     # auto: bf16 for a LoRA base on a (bf16-capable) GPU, fp32 on CPU.
-    return (torch.bfloat16 if device == "cuda" and src.settings.lora.enabled else torch.float32), assumed
+    return _dtype("bfloat16" if device == "cuda" and src.settings.lora.enabled else "float32"), assumed
 
 
 def _auto_dtype(src: ExportSource, view, *, dequantize: bool) -> torch.dtype:
     if dequantize:  # the dtype the quantized layers computed in
         q = src.settings.quant
-        return DTYPES[q.compute_dtype] if q.compute_dtype != "auto" else _load_dtype(src)[0]
-    d = getattr(view.config, "dtype", None) or getattr(view.config, "torch_dtype", None) or torch.float32
-    return DTYPES.get(d, torch.float32) if isinstance(d, str) else d
+        return _dtype(q.compute_dtype) if q.compute_dtype != "auto" else _load_dtype(src)[0]
+    d = getattr(view.config, "dtype", None) or getattr(view.config, "torch_dtype", None) or "float32"
+    return _dtype(d if d in DTYPES else "float32") if isinstance(d, str) else d
 
 
 def _save_tokenizer(source: str, content: Path, s: RunSettings) -> None:
@@ -273,8 +277,7 @@ def _summary(r: dict, out: Path) -> str:
              f"  {r['tensors']} tensors, {_human(r['bytes'])} ({r['dtype']}) in {_files(r['files'])}"]
     q = r.get("dequantized")
     if q:
-        lines.append(f"  {q['layers']} {q['bits']}-bit layers dequantized as training saw them ({q['quant_type']}); "
-                     f"scales identical to the checkpoint's for {q['layers_checked_against_checkpoint']}")
+        lines.append(f"  {q['layers']} {q['bits']}-bit layers dequantized as training saw them ({q['quant_type']})")
     if r.get("untied"):
         lines.append(f"  untied {', '.join(r['untied'])} (a trained copy no longer shares the base tensor)")
     base = f" (base weights {_human(r['base_weights_bytes'])})" if "base_weights_bytes" in r else ""

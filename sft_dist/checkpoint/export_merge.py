@@ -58,12 +58,9 @@ class MergePlan:
     replace: dict[str, str]  # base tensor -> the trained tensor that replaces it
     quantized: set[str]  # base tensors that take the quantization round trip first
     round_trip: RoundTrip | None
-    saved_stats: dict[str, str] = field(default_factory=dict)  # the run's quantization stats, to check ours
-    checked: int = 0  # quantized tensors whose stats matched the run's
 
 
-def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip=None,
-               saved_stats: dict[str, str] | None = None) -> MergePlan:
+def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip: RoundTrip | None = None) -> MergePlan:
     deltas = {d.weight: d for d in lora_deltas(view)} if view.lora else {}
     used = {n for d in deltas.values() for n in (d.a, d.b, d.magnitude) if n}
     replace = {}
@@ -75,7 +72,7 @@ def plan_merge(view: ModelView, trained: TrainedWeights, *, round_trip=None,
                                "instead (without --merge)")
         replace[base_name(name)] = name
     quantized = {f"{m}.weight" for m in view.quantized} if round_trip else set()
-    return MergePlan(deltas, replace, quantized, round_trip, saved_stats or {})
+    return MergePlan(deltas, replace, quantized, round_trip)
 
 
 def merge(plan: MergePlan, trained: TrainedWeights, *, base_dir: Path, out_dir: Path, dtype: torch.dtype,
@@ -113,10 +110,7 @@ def _resolve_ties(plan: MergePlan, index: dict, tied: dict[str, str], partner: d
 def _merged(name: str, base: torch.Tensor | None, plan: MergePlan, trained: TrainedWeights) -> torch.Tensor:
     if name in plan.replace:
         return trained.load(plan.replace[name])
-    w = base
-    if name in plan.quantized:
-        w, stats = plan.round_trip(w)
-        _check_stats(name, stats, plan, trained)
+    w = plan.round_trip(base) if name in plan.quantized else base
     d = plan.deltas.get(name)
     if d is None:
         return w
@@ -128,20 +122,6 @@ def _merged(name: str, base: torch.Tensor | None, plan: MergePlan, trained: Trai
         norm = torch.linalg.norm(merged, dim=1)
         merged = (trained.load(d.magnitude).float() / norm).view(-1, 1) * merged
     return merged
-
-
-def _check_stats(name: str, stats: dict[str, torch.Tensor], plan: MergePlan, trained: TrainedWeights) -> None:
-    """The scales we quantize with must be the ones training used (DCP checkpoints keep them): otherwise the
-    base differs from the one trained on, or was loaded in another dtype."""
-    module = name.removesuffix(".weight")
-    found = [(k, t) for k, t in stats.items() if f"{module}.{k}" in plan.saved_stats]
-    for k, t in found:
-        saved = trained.load(plan.saved_stats[f"{module}.{k}"])
-        if saved.shape != t.shape or not torch.equal(saved, t.to(saved.dtype)):
-            raise SftDistError(
-                f"{name}: quantizing the base weight gives other {k} statistics than the run saved in its checkpoint; "
-                "the base model is not the one this run trained on (or was loaded in another model.dtype)")
-    plan.checked += bool(found)
 
 
 def _stream(names: list[str], index: dict[str, Path], partner: dict[str, str],

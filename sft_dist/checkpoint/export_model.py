@@ -79,14 +79,18 @@ def build_view(base: str, settings: RunSettings, *, merging: bool = False) -> Mo
 
 def check_trained(view: ModelView, trained: TrainedWeights, where: str) -> None:
     """Raise unless the checkpoint holds exactly the trainable tensors of the model its config describes."""
-    params = dict(view.model.named_parameters())
+    params = dict(view.model.named_parameters())  # a tied parameter under its first name only
     state = view.model.state_dict()
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in trained.specs)
+    # Other state-dict names may appear: FSDP2's get_model_state_dict(ignore_frozen_params=True) keeps the
+    # persistent buffers and a frozen tied parameter's other names (it drops the first name only).
+    frozen = sorted(n for n in trained.specs if n in params and not params[n].requires_grad)
     unknown = sorted(n for n in trained.specs if n not in state)
     wrong = sorted(f"{n} {tuple(s)} (model: {tuple(state[n].shape)})" for n, (s, _) in trained.specs.items()
                    if n in state and tuple(state[n].shape) != tuple(s))
     problems = [f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
-                for what, names in (("missing", missing), ("not in the model", unknown), ("shape", wrong)) if names]
+                for what, names in (("missing", missing), ("frozen in the model", frozen),
+                                    ("not in the model", unknown), ("shape", wrong)) if names]
     if problems:
         raise SftDistError(f"{where}: the trained tensors do not match the model its config.yaml describes "
                            f"({'; '.join(problems)}). Was the base model changed since training?")

@@ -9,31 +9,15 @@ and the model is written unquantized in the compute dtype.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from sft_dist.checkpoint.export_model import base_name
-from sft_dist.checkpoint.export_weights import TrainedWeights
 from sft_dist.config.schema import QuantizationConfig
 
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers' loader uses
-# bitsandbytes' state-dict entries for a quantized weight (4-bit: weight.<stat>; 8-bit: SCB, weight_format).
-QUANT_STATE = re.compile(r"\.(weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)"
-                         r"|SCB|weight_format)$")
-RoundTrip = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def split_quant_state(trained: TrainedWeights) -> dict[str, str]:
-    """Take bitsandbytes' quantization state out of `trained` (DCP saves it with the trainable tensors: it is
-    state-dict data, not a frozen parameter). Returns base name -> trained name, e.g.
-    model.layers.0.mlp.down_proj.weight.absmax -> base_model.model....down_proj.base_layer.weight.absmax."""
-    found = {base_name(n): n for n in trained.specs if QUANT_STATE.search(n)}
-    for n in found.values():
-        del trained.specs[n]
-    return found
+RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 
 
 def quantized_modules(model: nn.Module) -> set[str]:
@@ -49,28 +33,24 @@ def quantized_modules(model: nn.Module) -> set[str]:
 
 
 def round_trip(quant: QuantizationConfig, *, load_dtype: torch.dtype) -> RoundTrip:
-    """weight -> (the weight a quantized layer computes with, in float32; the quantization statistics, named
-    as in the layer's state dict relative to the module, to check against the checkpoint's). `load_dtype`: the
-    dtype the base was loaded in before quantization (model.dtype at training time)."""
+    """weight -> the weight a quantized layer computes with, in float32. `load_dtype`: the dtype the base was
+    loaded in before quantization (model.dtype at training time)."""
     import bitsandbytes.functional as F
 
     if quant.bits == 8:
-        def int8(w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def int8(w: torch.Tensor) -> torch.Tensor:
             cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16).contiguous())
-            return F.int8_vectorwise_dequant(cb, scb).float(), {"SCB": scb}
+            return F.int8_vectorwise_dequant(cb, scb).float()
 
         return int8
 
     storage = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16,
                "float16": torch.float16}[quant.quant_storage]
 
-    def four_bit(w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def four_bit(w: torch.Tensor) -> torch.Tensor:
         q, state = F.quantize_4bit(w.to(load_dtype).contiguous(), blocksize=BLOCKSIZE,
                                    compress_statistics=quant.double_quant, quant_type=quant.quant_type,
                                    quant_storage=storage)
-        stats = {"weight.absmax": state.absmax}
-        if state.nested:
-            stats["weight.nested_absmax"] = state.state2.absmax
-        return F.dequantize_4bit(q, state).float(), stats
+        return F.dequantize_4bit(q, state).float()
 
     return four_bit

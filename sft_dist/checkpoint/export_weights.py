@@ -64,14 +64,13 @@ class DcpWeights(TrainedWeights):
 
         self._reader = CachedReader(str(shards))
         meta = self._reader.read_metadata().state_dict_metadata
-        self._all = {k[len(self.PREFIX):]: (m.size, m.properties.dtype) for k, m in meta.items()
-                     if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
-        self.specs = dict(self._all)  # callers may set entries aside (quantization state); all stay loadable
+        self.specs = {k[len(self.PREFIX):]: (m.size, m.properties.dtype) for k, m in meta.items()
+                      if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
 
     def load(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
 
-        shape, dtype = self._all[name]
+        shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():  # "no process group: assuming a single process" is the point here
             warnings.simplefilter("ignore", UserWarning)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from sft_dist.checkpoint.manifest import NAME, checkpoint_names, config_identity, identity_diff, verify
+from sft_dist.checkpoint.manifest import (
+    NAME,
+    checkpoint_names,
+    config_identity,
+    identity_diff,
+    verify,
+)
 from sft_dist.checkpoint.store import Store
 from sft_dist.errors import ConfigError
 

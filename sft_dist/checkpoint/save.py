@@ -115,7 +115,6 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
             store.remove(name)
             store.rename(work, name)
         store.write_text(name + "\n", LATEST)
-        _set_best(trainer, ck)
         removed = _retain(trainer, ck, current=name)
         total = sum(f["size"] for f in files.values())
         trainable = manifest["trainable_param_bytes"]
@@ -123,6 +122,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
                  len(files), _human(total), total / max(1, trainable), time.perf_counter() - t0,
                  f"; removed {', '.join(removed)}" if removed else "")
     _barrier(ck.world_size)
+    _set_best(trainer, ck)  # on every rank: loading the best model at the end is collective
     if not store.local:
         shutil.rmtree(local_dir, ignore_errors=True)
     ck.saved.append(name)

@@ -51,29 +51,44 @@ def load_shards(trainer, local_dir: Path, step: int, *, model_only: bool = False
             raise RuntimeError(f"DeepSpeed found no checkpoint {ds_tag(step)} in {local_dir}")
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = _dcp_state(trainer, optim=not model_only)
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(local_dir / DCP_DIR)),
              no_dist=trainer.args.world_size == 1)
-    set_state_dict(
-        trainer.model_wrapped,
-        optimizers=() if model_only else _torch_optimizer(trainer.optimizer),
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optim", {}),
+    if trainer.is_fsdp_enabled:
         # The frozen keys are absent on purpose; dcp.load above already failed on any missing trainable key.
-        options=_options(strict=False),
-    )
+        set_model_state_dict(trainer.model_wrapped, state["model"], options=_options(strict=False))
+    # (DDP: dcp.load wrote straight into the parameters, which `state` holds as detached views.)
+    if not model_only:
+        set_optimizer_state_dict(trainer.model_wrapped, _torch_optimizer(trainer.optimizer), state["optim"],
+                                 options=_options())
 
 
 def _dcp_state(trainer, *, optim: bool) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    if trainer.is_fsdp_enabled:
+        model = get_model_state_dict(trainer.model_wrapped, options=_options())
+    else:
+        # Replicated (DDP) parameters, by name, without going through model.state_dict(): a quantized base's
+        # state_dict (bitsandbytes 8-bit: SCB) is neither needed here nor reachable by DCP's name lookup.
+        model = {name: p.detach() for name, p in _trainable(trainer.model)}
+    state = {"model": model}
     if optim:
-        msd, osd = get_state_dict(trainer.model_wrapped, optimizers=_torch_optimizer(trainer.optimizer),
-                                  options=_options())
-        return {"model": msd, "optim": osd}
-    return {"model": get_model_state_dict(trainer.model_wrapped, options=_options())}
+        state["optim"] = get_optimizer_state_dict(trainer.model_wrapped, _torch_optimizer(trainer.optimizer),
+                                                  options=_options())
+    return state
+
+
+def _trainable(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _options(strict: bool = True):

@@ -6,7 +6,8 @@ exact (no re-tokenization drift at the seam) and the completion always ends with
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sft_dist.data.templates import render_completion, render_prompt
 from sft_dist.errors import DataError

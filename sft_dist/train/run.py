@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sft_dist.checkpoint.stop import StopOnSignal
 from sft_dist.config.load import dump_config
 from sft_dist.config.schema import Config
 from sft_dist.distributed.env import (
@@ -26,7 +27,6 @@ from sft_dist.distributed.env import (
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
-from sft_dist.checkpoint.stop import StopOnSignal
 from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
 
 log = logging.getLogger("sft_dist")

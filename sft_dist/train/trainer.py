@@ -12,8 +12,8 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
-from sft_dist.checkpoint.hooks import CheckpointHooks
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
+from sft_dist.checkpoint.hooks import CheckpointHooks
 
 
 class SFTDistTrainer(CheckpointHooks, SFTTrainer):

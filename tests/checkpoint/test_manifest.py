@@ -10,7 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from sft_dist.checkpoint.manifest import FORMAT, MANIFEST, hash_files, list_files, verify
+from sft_dist.checkpoint.manifest import (
+    FORMAT,
+    MANIFEST,
+    hash_files,
+    list_files,
+    verify,
+)
 from sft_dist.checkpoint.resume import ResumePoint, check_fit, resume_request, select
 from sft_dist.checkpoint.save import Checkpointing, _retain
 from sft_dist.checkpoint.store import Store

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sft_dist.data.templates import PRESETS, render_completion, render_prompt, resolve_template
+from sft_dist.data.templates import (
+    PRESETS,
+    render_completion,
+    render_prompt,
+    resolve_template,
+)
 from sft_dist.errors import ConfigError
 
 

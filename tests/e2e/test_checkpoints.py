@@ -133,3 +133,29 @@ def test_s3_checkpoints_survive_a_crash_and_resume_exactly(reference, tmp_path, 
     assert fs.exists("ckpts/job/checkpoint-20/manifest.json")
     assert_same_training(reference, out)
     assert endpoint in (out / "config.yaml").read_text() and "testing" not in (out / "config.yaml").read_text()
+
+
+def test_retention_keeps_the_last_and_the_best_and_load_best_restores_it(tmp_path):
+    """lr 0.05 makes eval loss go up and down; save_total_limit=1 keeps the newest plus the best."""
+    out = tmp_path / "run"
+    r = subprocess.run([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
+                        "training.max_steps=20", "training.save_strategy=steps", "training.save_steps=5",
+                        "training.eval_steps=5", "training.save_total_limit=1", "training.learning_rate=0.05",
+                        "training.max_grad_norm=0", "training.load_best_model_at_end=true"],
+                       capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = {row["step"]: row["eval_loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in row}
+    best = min(evals, key=evals.get)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({f"checkpoint-{best}", "checkpoint-20"})
+    assert f"loading the best checkpoint {out / 'checkpoints' / f'checkpoint-{best}'}" in r.stderr
+    # the final adapter is the best checkpoint's weights
+    e = subprocess.run([str(BIN / "sft-dist"), "export", str(out / "checkpoints" / f"checkpoint-{best}"),
+                        "--output", str(tmp_path / "best")], capture_output=True, text=True, env=cli_env())
+    assert e.returncode == 0, e.stderr
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "best" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert exported.keys() == final.keys() and all((exported[k] == final[k]).all() for k in final)
