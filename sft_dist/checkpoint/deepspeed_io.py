@@ -31,5 +31,5 @@ def use_weights_only_loading(engine) -> None:
         def load(self, path: str, map_location=None):
             return load_weights_only(path, map_location)
 
-    if not type(engine.checkpoint_engine).__name__ == "WeightsOnlyCheckpointEngine":
+    if type(engine.checkpoint_engine).__name__ != "WeightsOnlyCheckpointEngine":
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
