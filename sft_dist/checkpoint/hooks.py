@@ -48,7 +48,7 @@ class CheckpointHooks:
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.train_sampler = sampler = GlobalBatchSampler(
             len(self.train_dataset), micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
-            world=args.world_size, rank=args.process_index, seed=seed, shuffle=not strategy.endswith("sequential"),
+            world=args.world_size, rank=args.process_index, seed=seed, shuffle=strategy == "random",
         )
         if sampler.steps_per_epoch == 0:
             raise SftDistError(

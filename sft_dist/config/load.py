@@ -248,6 +248,11 @@ def _check_checkpoint(cfg: Config) -> list[str]:
                 fsspec.get_filesystem_class(protocol)
             except (ImportError, ValueError) as e:
                 p.append(f"{key}: {value!r} needs an fsspec filesystem for {protocol}:// ({e})")
+    strategy = cfg.training.get("train_sampling_strategy", "random")
+    if strategy not in ("random", "sequential"):
+        p.append(f"training.train_sampling_strategy: {strategy!r} is not supported: sft_dist's sample order is a "
+                 "seeded permutation with a resumable cursor that does not depend on the number of workers; use "
+                 "`random` (default) or `sequential` (for less padding, data.packing)")
     if resume is not None and not isinstance(resume, (str, bool)):
         p.append(f"training.resume_from_checkpoint: got {resume!r}; expected auto, never, or a checkpoint path")
     return p

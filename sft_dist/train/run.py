@@ -233,6 +233,10 @@ def _resume_point(cfg: Config, *, env: DistEnv):
                       zero_stage=_zero_stage(cfg))
     if accum is not None:
         cfg.training["gradient_accumulation_steps"] = accum
+    max_steps = int(cfg.training.get("max_steps", -1) or -1)
+    if 0 < max_steps <= point.step:
+        log.info("%s is already at training.max_steps=%d: nothing left to train (raise max_steps to train on, or "
+                 "set training.resume_from_checkpoint=never to start over)", point.display, max_steps)
     return point
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -198,3 +200,21 @@ def test_hub_token_never_reaches_the_pickled_training_args(monkeypatch):
     import os
 
     assert os.environ["HF_TOKEN"] == "hf_SECRET123"
+
+
+def test_checkpoint_section_and_resume_settings_are_checked():
+    cfg = load_config(QUICKSTART, ["checkpoint.dir=ckpts", "training.resume_from_checkpoint=runs/a/checkpoint-5"])
+    assert Path(cfg.checkpoint.dir).is_absolute() and cfg.training["resume_from_checkpoint"].endswith(
+        "runs/a/checkpoint-5") and Path(cfg.training["resume_from_checkpoint"]).is_absolute()
+    assert load_config(QUICKSTART).training["resume_from_checkpoint"] == "auto"
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, ["checkpoint.stop_grace_s=0", "training.train_sampling_strategy=group_by_length",
+                                 "checkpoint.dir=nosuchfs://bucket/x"])
+    msg = str(e.value)
+    assert "checkpoint.stop_grace_s" in msg and "train_sampling_strategy" in msg and "nosuchfs://" in msg
+
+
+def test_storage_credentials_are_redacted_in_dumps():
+    cfg = load_config(QUICKSTART, ["checkpoint.storage_options={key: AKIA1, secret: s3cr3t, endpoint_url: http://x}"])
+    dumped = dump_config(cfg)
+    assert "AKIA1" not in dumped and "s3cr3t" not in dumped and "http://x" in dumped
