@@ -39,3 +39,17 @@ def cli_env() -> dict[str, str]:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SFT_DIST_ERROR_FILE")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+@pytest.fixture(scope="session")
+def checkpointed_run(tmp_path_factory):
+    """The quickstart, 2 workers, 20 steps with checkpoints at 10 and 20 and eval at 10 and 20: shared by
+    the checkpoint and export tests (a finished run is only read, or copied before it is changed)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    r = subprocess.run([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
+                        "training.max_steps=20", "training.save_strategy=steps", "training.save_steps=10",
+                        "training.eval_steps=10"], capture_output=True, text=True, timeout=600, env=cli_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

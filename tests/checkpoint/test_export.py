@@ -3,20 +3,15 @@ as adapters and merged models, compared tensor by tensor and logit by logit with
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import shutil
 import subprocess
-from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft_dist.checkpoint.export import add_export_parser, run_export
 from sft_dist.errors import SftDistError
 from tests.conftest import BIN, QUICKSTART, cli_env
 
@@ -26,28 +21,11 @@ IDS = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0)
 QLORA_TOL = 1e-5  # measured: 1.2e-6 (logit scale ~3); merging into the full-precision base instead: 0.12
 
 
-@cache
-def _cli_has_export() -> bool:
-    r = subprocess.run([str(BIN / "sft-dist"), "--help"], check=False, capture_output=True, text=True, env=cli_env())
-    return "export" in r.stdout
-
-
 def export(*args) -> tuple[int, str]:
-    """`sft-dist export ARGS` -> (exit code, output): the CLI once it has the command, else in-process."""
-    args = [str(a) for a in args]
-    if _cli_has_export():
-        r = subprocess.run([str(BIN / "sft-dist"), "export", *args], check=False, capture_output=True, text=True,
-                           env=cli_env(), timeout=300)
-        return r.returncode, r.stdout + r.stderr
-    parser = argparse.ArgumentParser(prog="sft-dist")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        try:
-            rc = run_export(parser.parse_args(["export", *args]))
-        except SftDistError as e:
-            return 1, f"sft-dist: error: {e}"
-    return rc, out.getvalue()
+    """`sft-dist export ARGS` -> (exit code, output)."""
+    r = subprocess.run([str(BIN / "sft-dist"), "export", *map(str, args)], check=False, capture_output=True,
+                       text=True, env=cli_env(), timeout=300)
+    return r.returncode, r.stdout + r.stderr
 
 
 def train(out: Path, *overrides: str) -> Path:
@@ -86,8 +64,8 @@ def merged_logits(path: Path) -> torch.Tensor:
 # ---- real runs (slow) ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("export") / "ddp")
+def ddp_run(checkpointed_run):
+    return checkpointed_run  # 20 steps, checkpoints at 10 and 20 (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +78,7 @@ def zero3_run(tmp_path_factory):
 def test_ddp_adapter_equals_the_runs_adapter(ddp_run, tmp_path):
     rc, out = export(ddp_run, "--output", tmp_path / "a")
     assert rc == 0, out
-    assert "exported PEFT adapter" in out and "checkpoint-10 (step 10, ddp, 2 workers)" in out
+    assert "exported PEFT adapter" in out and "checkpoint-20 (step 20, ddp, 2 workers)" in out
     got = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert_same_tensors(got, load_file(ddp_run / "adapter" / "adapter_model.safetensors"), tol=0.0)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -113,7 +91,7 @@ def test_ddp_adapter_equals_the_runs_adapter(ddp_run, tmp_path):
 @pytest.mark.slow
 def test_ddp_merge_gives_the_peft_models_logits_in_shards(ddp_run, tmp_path):
     out_dir = tmp_path / "m"
-    rc, out = export(ddp_run / "checkpoints" / "checkpoint-10", "--output", out_dir, "--merge",
+    rc, out = export(ddp_run / "checkpoints" / "checkpoint-20", "--output", out_dir, "--merge",
                      "--max-shard-size", "300KB")
     assert rc == 0, out
     index = json.loads((out_dir / "model.safetensors.index.json").read_text())
@@ -178,7 +156,8 @@ def test_qlora_merge_is_refused_and_dequantize_matches_the_4bit_model(tmp_path_f
 def test_incomplete_checkpoint_is_refused_and_a_run_skips_it(ddp_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ddp_run, run)
-    (run / "checkpoints" / "checkpoint-10" / "manifest.json").unlink()
+    for step in (10, 20):
+        (run / "checkpoints" / f"checkpoint-{step}" / "manifest.json").unlink()
     rc, out = export(run / "checkpoints" / "checkpoint-10", "--output", tmp_path / "x")
     assert rc == 1 and "not a complete checkpoint: no manifest.json" in out
     rc, out = export(run, "--output", tmp_path / "y")

@@ -37,11 +37,8 @@ def logged_steps(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    r = train(out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def reference(checkpointed_run):
+    return checkpointed_run  # the same STEPS, uninterrupted (tests/conftest.py)
 
 
 def assert_same_training(reference: Path, run: Path) -> None:
