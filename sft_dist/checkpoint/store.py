@@ -64,9 +64,6 @@ class Store:
             with self.fs.open(target, "wb") as f:
                 f.write(text.encode("utf-8"))
 
-    def size(self, *parts: str) -> int:
-        return int(self.fs.size(self.path(*parts)))
-
     def files(self, *parts: str) -> dict[str, int]:
         """Relative path -> size of every file below a directory."""
         base = self.path(*parts)

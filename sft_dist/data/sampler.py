@@ -61,9 +61,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
         s.epoch = self.epoch
         return s
 
-    def samples_consumed_in_epoch(self, steps_in_epoch: int) -> int:
-        return steps_in_epoch * self.global_batch
-
 
 class CursorDataLoader(torch.utils.data.DataLoader):
     """A DataLoader over a GlobalBatchSampler that can be repositioned in O(1) (no batches replayed)."""
