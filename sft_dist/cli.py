@@ -16,6 +16,8 @@ EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml
   sft-dist train configs/examples/quickstart.yaml launcher.num_workers=2 training.max_steps=20
   torchrun --nproc-per-node 2 --no-python sft-dist train configs/examples/quickstart.yaml
+  sft-dist train configs/examples/quickstart.yaml launcher.type=ray launcher.max_failures=2
+  ray job submit --address http://HEAD:8265 -- sft-dist train CONFIG launcher.type=ray
   sft-dist generate outputs/quickstart --prompt "Qual é a capital de Portugal?"
   sft-dist export outputs/quickstart --output outputs/quickstart-merged --merge
 """
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train from a YAML config (with key.sub=value overrides)",
         (
             "Validate the config, then train. With launcher.type=local (default) and launcher.num_workers=N, "
-            "N worker processes are started here (gloo on CPU, nccl on GPU). Started by torchrun (or any "
+            "N worker processes are started here (gloo on CPU, nccl on GPU); with launcher.type=ray, N Ray Train "
+            "workers (an embedded Ray, or the cluster at launcher.address / RAY_ADDRESS). Started by torchrun (or any "
             "launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), this process trains as that rank."
         ),
     )
@@ -122,9 +125,15 @@ def _train(args) -> int:
             "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
             f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
         )
-    _validate_for_launch(cfg)
+    if cfg.launcher.type == "ray":
+        # Checked here, once: a bad training field must not cost a Ray cluster launch, or a retry each.
+        _validate_for_launch(cfg)
+        from sft_dist.distributed.ray_train import launch_ray
+
+        return launch_ray(cfg)
     if cfg.launcher.num_workers == 1:
         return _worker(cfg)
+    # The workers check the training arguments (they import TRL anyway; the launcher need not).
     from sft_dist.distributed.local import launch_local
 
     failure = launch_local(cfg.launcher, ["train", args.config, *args.overrides],

@@ -26,7 +26,10 @@ class StopOnSignal(TrainerCallback):
         self.device = device
         self.received: int | None = None
         self.stopped_at: int | None = None
-        self._old = signal.signal(signal.SIGTERM, self._on_signal)
+        # Ray Train runs the training function in a worker thread and handles the worker's signals itself
+        # (a preempted Ray worker is restarted and resumes from the last checkpoint): nothing to install.
+        self.enabled = threading.current_thread() is threading.main_thread()
+        self._old = signal.signal(signal.SIGTERM, self._on_signal) if self.enabled else None
 
     def _on_signal(self, signum, _frame) -> None:
         if self.received is not None:
@@ -55,11 +58,12 @@ class StopOnSignal(TrainerCallback):
         return bool(t.item())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_stopping():
+        if self.enabled and self._any_rank_stopping():
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._old)

@@ -226,6 +226,11 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"launcher.master_port: got {la.master_port}; must be in 1..65535")
     if la.timeout_s < 10:
         p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
+    if la.max_failures < -1:
+        p.append(f"launcher.max_failures: got {la.max_failures}; must be >= 0 (or -1 for unlimited restarts)")
+    for name, amount in (la.resources_per_worker or {}).items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            p.append(f"launcher.resources_per_worker.{name}: got {amount!r}; must be a number >= 0")
     if b.config is not None:
         b.config = str(_resolve(b.config))
     p += check_backend(cfg)
@@ -315,6 +320,8 @@ def _resolve_paths(cfg: Config) -> None:
     if d.eval_files is not None:
         d.eval_files = _expand(d.eval_files)[0]
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    if cfg.launcher.storage_path and "://" not in cfg.launcher.storage_path:
+        cfg.launcher.storage_path = str(Path(cfg.launcher.storage_path).expanduser().resolve())
     if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).expanduser().resolve())
     resume = cfg.training.get("resume_from_checkpoint")

@@ -89,16 +89,31 @@ class BackendConfig:
 @dataclass
 class LauncherConfig:
     # local: spawn num_workers processes here. torchrun: expect to be started by torchrun (env checked).
-    type: Literal["local", "torchrun"] = "local"
+    # ray: a Ray Train TorchTrainer with num_workers workers (an embedded local Ray, or the cluster at
+    # `address` / RAY_ADDRESS, e.g. under `ray job submit`).
+    type: Literal["local", "torchrun", "ray"] = "local"
     num_workers: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     master_addr: str = "127.0.0.1"
     # None: a free port is picked.
     master_port: int | None = None
-    # torch/OMP threads per worker. None: cores / workers (at least 1).
+    # torch/OMP threads per worker. None: cores / workers on the node (at least 1); under Ray the
+    # worker's CPU resource.
     threads_per_worker: int | None = None
     # Seconds a worker waits for its peers (rendezvous and collectives) before failing instead of hanging.
     timeout_s: int = 600
+    # Ray: the cluster to join ("auto", "ray://host:10001", ...). None: RAY_ADDRESS if set, else an
+    # embedded single-node Ray on 127.0.0.1 that stops with the run.
+    address: str | None = None
+    # Ray: resources each worker reserves, e.g. {CPU: 8, GPU: 1}. None: {CPU: 1} (+ {GPU: 1} on cuda).
+    resources_per_worker: dict[str, float] | None = None
+    # Ray: restarts of the worker group after a worker or node dies (FailureConfig.max_failures); every
+    # restart resumes from the newest complete checkpoint. -1: unlimited.
+    max_failures: int = 0
+    # Ray: the run's name and where Ray keeps its run state (reported metrics, checkpoint pointers).
+    # None: the output_dir's name, and <output_dir>/ray. Keep both stable so a re-submitted job resumes.
+    run_name: str | None = None
+    storage_path: str | None = None
 
 
 @dataclass

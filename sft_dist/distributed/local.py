@@ -42,7 +42,9 @@ class WorkerFailure:
             how = f"exited with code {self.returncode}"
         lines = [f"worker rank {self.rank} {how}"]
         if self.error:
-            if self.error.get("user_error"):
+            if self.error.get("type") == "ConfigError":  # every rank read the same config: no rank to name
+                lines = [f"error: {self.error['message']}"]
+            elif self.error.get("user_error"):
                 lines = [f"worker rank {self.rank}: {self.error['message']}"]
             else:
                 lines.append(self.error.get("traceback") or f"{self.error['type']}: {self.error['message']}")

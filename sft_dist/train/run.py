@@ -50,7 +50,9 @@ def setup_logging(env: DistEnv) -> None:
     quiet_libraries(main=env.is_main)
 
 
-def run(cfg: Config) -> RunResult:
+def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
+    """Train `cfg` as this process's rank. `callbacks`: extra TrainerCallbacks from the launcher (Ray's
+    reporting); one with an `attach(trainer)` method is handed the trainer before training starts."""
     env = detect_env() or DistEnv()
     device = resolve_device(cfg.launcher.device)
     if device == "cpu":
@@ -76,12 +78,12 @@ def run(cfg: Config) -> RunResult:
         # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     try:
-        return _run(cfg, env=env, device=device, threads=threads)
+        return _run(cfg, env=env, device=device, threads=threads, callbacks=callbacks or [])
     finally:
         shutdown_distributed()
 
 
-def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
+def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: list) -> RunResult:
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
     from sft_dist.data.build import build_datasets
@@ -92,6 +94,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    _write_roster(out, env)
     resume = _resume_point(cfg, env=env)  # may adjust gradient accumulation (another world size)
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     if cfg.training.get("logging_dir"):
@@ -122,6 +125,10 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
     trainer.checkpointing = _checkpointing(cfg, env=env)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
     local_resume = None
     if resume is not None:
         from sft_dist.checkpoint.resume import fetch
@@ -191,6 +198,21 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int) -> RunResult:
                  out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _write_roster(out: Path, env: DistEnv) -> None:
+    """output_dir/workers/rank<N>.json: which host and process is each rank (for logs, kills, diagnosis).
+    Written into a directory rank 0 may not have created yet: every rank creates it."""
+    import socket
+
+    d = out / "workers"
+    d.mkdir(parents=True, exist_ok=True)
+    info = {"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
+            "host": socket.gethostname(), "pid": os.getpid(), "launcher": env.launched_by,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = d / f".rank{env.rank}.json.tmp"
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    tmp.replace(d / f"rank{env.rank}.json")
 
 
 def _checkpoint_store(cfg: Config):

@@ -1,0 +1,217 @@
+"""A named join: every rank says who it is (host, pid) in a TCPStore before the process group is made.
+
+torch's own env:// rendezvous waits for the world and, on timeout, says only that it timed out. Here
+each rank writes `join/<rank>` first, so a rank that gives up can say which ranks never came and where
+the ones that did are running. The process group is then built on the same store (under `pg/`), and
+the heartbeats (health.py) live there too.
+
+Who hosts the store follows torch's `_create_c10d_store`: under torchrun the agent already serves one
+at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE=True) and every rank is a client; otherwise
+(the local launcher, Kubernetes operators, torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0
+serves it there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sft_dist.errors import SftDistError
+
+
+@dataclass(frozen=True)
+class Member:
+    rank: int
+    host: str
+    pid: int
+    world_size: int
+
+    def describe(self) -> str:
+        return f"rank {self.rank} ({self.host}, pid {self.pid})"
+
+
+@dataclass
+class Rendezvous:
+    """A completed join: the store, this job's key prefix in it and who every rank is."""
+
+    store: object  # torch.distributed.TCPStore
+    prefix: str
+    addr: str
+    port: int
+    rank: int
+    world_size: int
+    agent_store: bool  # served by torchrun's agent (outlives rank 0) rather than by rank 0
+    timeout_s: float
+    members: dict[int, Member] = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    @property
+    def host_description(self) -> str:
+        if self.agent_store:
+            return f"the torchrun agent's store at {self.addr}:{self.port}"
+        who = self.members.get(0)
+        return f"the store at {self.addr}:{self.port} hosted by {who.describe() if who else 'rank 0'}"
+
+    def client(self, timeout_s: float):
+        """A new connection to the store (its own socket: safe to use from another thread), short timeout."""
+        from torch.distributed import TCPStore
+
+        return TCPStore(self.addr, self.port, None, is_master=False, timeout=timedelta(seconds=timeout_s),
+                        wait_for_workers=False)
+
+
+def agent_hosts_store(environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # what torch.distributed.rendezvous checks
+
+
+def key_prefix(environ: dict[str, str] | None = None) -> str:
+    """Keys of this job and attempt: torchrun's agent store outlives a worker-group restart."""
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"sft_dist/{env['TORCHELASTIC_RUN_ID']}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return "sft_dist/"
+
+
+def format_ranks(ranks) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    ranks = sorted(set(ranks))
+    parts: list[str] = []
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def ranks_phrase(ranks) -> str:
+    ranks = sorted(set(ranks))
+    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
+
+
+def by_host(members) -> str:
+    """'host-a (ranks 0-3), host-b (rank 4, pid 77)': who arrived, grouped by host; pids for lone ranks."""
+    hosts: dict[str, list[Member]] = {}
+    for m in sorted(members, key=lambda m: m.rank):
+        hosts.setdefault(m.host, []).append(m)
+    out = []
+    for host, ms in hosts.items():
+        if len(ms) == 1:
+            out.append(f"{host} (rank {ms[0].rank}, pid {ms[0].pid})")
+        else:
+            out.append(f"{host} ({ranks_phrase(m.rank for m in ms)})")
+    return ", ".join(out)
+
+
+def missing_message(*, rank: int, world_size: int, arrived: list[Member], timeout_s: float, addr: str, port: int
+                    ) -> str:
+    missing = sorted(set(range(world_size)) - {m.rank for m in arrived})
+    there = by_host(arrived) if arrived else "none"
+    return (
+        f"rendezvous timed out after {timeout_s:g} s on rank {rank}: {len(missing)} of {world_size} ranks never "
+        f"joined at {addr}:{port}: {ranks_phrase(missing)}. Arrived: {there}. Check that the missing "
+        f"worker(s) started (their pod/node logs: a crash before joining, a pending pod, an image pull), "
+        f"that every worker has the same MASTER_ADDR/MASTER_PORT ({addr}:{port}) and WORLD_SIZE={world_size}, "
+        f"and that their hosts can reach {addr}:{port} (firewall, network policy). "
+        f"launcher.timeout_s sets how long to wait."
+    )
+
+
+def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, agent_store: bool | None = None,
+         prefix: str | None = None, host: str | None = None) -> Rendezvous:
+    """Connect to (or, on rank 0, serve) the store and wait until every rank has said who it is.
+
+    Raises:
+        SftDistError: the store cannot be reached, ranks are missing after `timeout_s`, a rank joined
+            twice, or the ranks disagree on the world size. The message names the ranks and hosts.
+    """
+    from torch.distributed import TCPStore
+
+    agent_store = agent_hosts_store() if agent_store is None else agent_store
+    prefix = key_prefix() if prefix is None else prefix
+    me = Member(rank, host or socket.gethostname(), os.getpid(), world_size)
+    serve = rank == 0 and not agent_store
+    t0 = time.monotonic()
+    try:
+        # multi_tenant: another TCPStore(is_master=True) on this port in this process shares the server.
+        store = TCPStore(addr, port, None, is_master=serve, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False, multi_tenant=serve)
+    except Exception as e:  # noqa: BLE001 - DistNetworkError (timeout) or a bind error, both explained below
+        if serve:
+            raise SftDistError(f"rank 0 could not serve the rendezvous store on {addr}:{port}: {_first_line(e)}. "
+                               f"Is the port in use (another job)? Pick another launcher.master_port / "
+                               f"MASTER_PORT.") from e
+        server = "the torchrun agent" if agent_store else "rank 0"
+        raise SftDistError(
+            f"rank {rank} ({me.host}) could not reach the rendezvous store at {addr}:{port} (served by {server}) "
+            f"within {timeout_s:g} s: {server} has not started, failed before listening, or {addr}:{port} is not "
+            f"reachable from {me.host} (firewall, wrong MASTER_ADDR/MASTER_PORT). Check {server}'s log."
+        ) from e
+
+    rdzv = Rendezvous(store, prefix, addr, port, rank, world_size, agent_store, timeout_s)
+    if store.add(rdzv.key(f"join/{rank}/count"), 1) > 1:
+        other = _read_member(store, rdzv.key(f"join/{rank}"))
+        raise SftDistError(
+            f"rank {rank} joined twice at {addr}:{port}: by {me.host} pid {me.pid} and before by "
+            f"{other.host + ' pid ' + str(other.pid) if other else 'another process'}. Two workers were given "
+            f"the same RANK, or two jobs share MASTER_PORT {port}."
+        )
+    store.set(rdzv.key(f"join/{rank}"), json.dumps({"host": me.host, "pid": me.pid, "world_size": world_size}))
+    store.add(rdzv.key("joined"), 1)
+    keys = [rdzv.key(f"join/{r}") for r in range(world_size)]
+    deadline = t0 + timeout_s
+    while True:
+        try:
+            # A rank with another WORLD_SIZE can make up the count: all of ours must be there.
+            complete = store.add(rdzv.key("joined"), 0) >= world_size and store.check(keys)
+        except Exception as e:  # noqa: BLE001 - the store's host went away while we waited
+            raise SftDistError(
+                f"rank {rank} ({me.host}) lost the rendezvous store at {addr}:{port} while waiting for the other "
+                f"ranks ({_first_line(e)}): {'the torchrun agent' if agent_store else 'rank 0'} that served it "
+                f"has exited; see its error."
+            ) from e
+        if complete:
+            break
+        if time.monotonic() > deadline:
+            arrived = [m for k in keys if (m := _read_member(store, k)) is not None]
+            raise SftDistError(missing_message(rank=rank, world_size=world_size, arrived=arrived,
+                                               timeout_s=timeout_s, addr=addr, port=port))
+        time.sleep(0.1 if world_size <= 64 else 0.5)  # every rank polls the one store
+
+    values = store.multi_get(keys)
+    rdzv.members = {r: Member(r, **json.loads(v)) for r, v in enumerate(values)}
+    odd = {r: m.world_size for r, m in rdzv.members.items() if m.world_size != world_size}
+    if odd:
+        raise SftDistError(
+            f"the ranks disagree on WORLD_SIZE: rank {rank} has {world_size}, "
+            + ", ".join(f"{rdzv.members[r].describe()} has {w}" for r, w in sorted(odd.items()))
+            + ". Start every worker with the same WORLD_SIZE."
+        )
+    return rdzv
+
+
+def _read_member(store, key: str) -> Member | None:
+    try:
+        if not store.check([key]):
+            return None
+        d = json.loads(store.get(key))
+        return Member(int(key.rsplit("/", 1)[1]), d["host"], d["pid"], d["world_size"])
+    except Exception:  # noqa: BLE001 - best effort inside an error message
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of a c10d error, without the C++ source location prefix."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line
