@@ -15,6 +15,7 @@ def quiet_libraries(*, main: bool = True) -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     # Under Ray, its per-report INFO lines ("Reporting training result ...") would pass sft_dist's INFO root.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.train"):  # ray.train sets its own level
+        logging.getLogger(name).setLevel(logging.WARNING)
     # peft reads a transformers attribute renamed in v5.x; the warning is theirs and says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)

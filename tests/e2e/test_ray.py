@@ -1,0 +1,170 @@
+"""launcher.type=ray for real: an embedded Ray whose worker is killed -9 mid-run, and `ray job submit` to a
+head this test starts on 127.0.0.1 with token authentication on. Each run is compared with the local
+2-worker run of the same config (`checkpointed_run`): Ray must give the same losses and adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sft_dist.distributed.local import free_port
+from sft_dist.train.ray_report import read_pointer
+from tests.conftest import BIN, QUICKSTART, ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+# The overrides of the `checkpointed_run` reference (tests/conftest.py).
+SAME = ["training.max_steps=20", "training.save_strategy=steps", "training.save_steps=10", "training.eval_steps=10"]
+
+
+def compare(ref: Path, run: Path, tol: float = 1e-6) -> dict:
+    r = subprocess.run([str(BIN / "sft-dist"), "compare", str(ref), str(run), "--tol", str(tol), "--json"],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout)[0]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.1)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process we started and everything under it (Ray's workers leave their process group)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=20)
+
+
+def test_embedded_ray_survives_a_killed_worker_and_matches_the_local_run(tmp_path, checkpointed_run):
+    out = tmp_path / "run"
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), "launcher.type=ray",
+                             "launcher.max_failures=1", f"output_dir={out}", *SAME],
+                            stdout=log, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    try:
+        wait_for(out / "checkpoints" / "checkpoint-10" / "manifest.json", proc, timeout=400)
+        victim = json.loads((out / "workers" / "rank1.json").read_text())
+        assert victim["launcher"] == "ray"
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert proc.wait(timeout=400) == 0, (tmp_path / "train.log").read_text()[-4000:]
+    finally:
+        kill_tree(proc)
+        log.close()
+    text = (tmp_path / "train.log").read_text()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["launched_by"] == "ray" and summary["world_size"] == 2
+    # The restarted worker group resumed from the checkpoint written before the kill, not from step 0.
+    assert summary["resumed_step"] == 10, text[-3000:]
+    assert json.loads((out / "workers" / "rank1.json").read_text())["pid"] != victim["pid"]
+    dev = compare(checkpointed_run, out)
+    assert dev["steps"] == 20 and dev["loss_max_rel"] <= 1e-6 and dev["weights_max_rel"] <= 1e-6
+    # Ray holds pointers to sft_dist's sharded checkpoints (a few hundred bytes each), never a copy.
+    pointers = sorted((out / "ray" / "run").glob("checkpoint_*/sft_dist_checkpoint.json"))
+    steps = sorted(read_pointer(p.parent)["step"] for p in pointers)
+    assert steps[-1] == 20  # (the pointer to 10 may be missing: the kill can land before it is reported)
+    for p in pointers:
+        assert p.stat().st_size < 1000 and len(list(p.parent.iterdir())) == 1
+        assert Path(read_pointer(p.parent)["checkpoint"], "manifest.json").exists()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with token authentication, stopped by its PIDs. Yields (address, env)."""
+    port, dash = free_port("127.0.0.1"), free_port("127.0.0.1")
+    env = cli_env()
+    # Token auth stays on: the head and every client share a token (here from the environment; on a
+    # cluster from a Secret). Without it a client is refused ("Missing authentication token").
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=2", "--include-dashboard=true"],
+                            stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                               capture_output=True, text=True, env=env, timeout=60)
+            if r.returncode == 0:
+                break
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, r.stderr[-2000:]
+            time.sleep(1)
+        yield address, env
+    finally:
+        kill_tree(head)
+
+
+def submit(address: str, env: dict, *args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "ray"), "job", "submit", "--address", address, *args],
+                            cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_ray_job_submit_stops_resubmits_resumes_and_propagates_failure(tmp_path, ray_head, checkpointed_run):
+    address, env = ray_head
+    out = tmp_path / "run"
+    sft = [str(BIN / "sft-dist"), "train", str(QUICKSTART), "launcher.type=ray", f"output_dir={out}", *SAME]
+
+    # A client without the token is refused: authentication is really on.
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, text=True,
+                       env=no_token, timeout=60)
+    assert r.returncode != 0 and "token" in (r.stdout + r.stderr).lower()
+
+    # 1. The project installed on the cluster (as in a container image): stopped after its first checkpoint.
+    first = submit(address, env, "--submission-id", "sft-first", "--", *sft, cwd=tmp_path, log=tmp_path / "first.log")
+    try:
+        wait_for(out / "checkpoints" / "checkpoint-10" / "manifest.json", first, timeout=400)
+        r = subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, "sft-first"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert first.wait(timeout=120) != 0  # the submitting client reports the stopped job as not succeeded
+    finally:
+        kill_tree(first)
+    assert not (out / "run_summary.json").exists()
+
+    # 2. The same job submitted again, as uploaded code (`--working-dir`) through the launch/ entry: resumes.
+    second = submit(address, env, "--submission-id", "sft-second", "--working-dir", ".",
+                    "--", sys.executable, "launch/ray_train.py", str(QUICKSTART), f"output_dir={out}", *SAME,
+                    cwd=ROOT, log=tmp_path / "second.log")
+    try:
+        assert second.wait(timeout=500) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    finally:
+        kill_tree(second)
+    text = (tmp_path / "second.log").read_text()
+    assert "succeeded" in text and "done: 20 steps" in text  # the job's log streamed to the client
+    upload = [line for line in text.splitlines() if "Uploading package" in line or "Pushing file package" in line]
+    assert upload, text[:3000]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["launched_by"] == "ray" and summary["resumed_step"] >= 10
+    dev = compare(checkpointed_run, out)
+    assert dev["steps"] == 20 and dev["loss_max_rel"] <= 1e-6 and dev["weights_max_rel"] <= 1e-6
+
+    # 3. A failing job: its exit status reaches `ray job submit`, with the one-line reason.
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", *sft[:3],
+                        "launcher.type=ray", f"output_dir={tmp_path / 'bad'}", "training.learning_rate=abc"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert "training.learning_rate" in r.stdout + r.stderr
