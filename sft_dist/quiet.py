@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 
@@ -14,8 +15,13 @@ def quiet_libraries(*, main: bool = True) -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    # Under Ray, its per-report INFO lines ("Reporting training result ...") would pass sft_dist's INFO root.
-    for name in ("ray", "ray.train"):  # ray.train sets its own level
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Under Ray, its per-report INFO lines ("Reporting training result ...") would pass sft_dist's INFO root;
+    # some Ray modules log under their file path, so filter by where a record comes from.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_below_warning_from_ray)
     # peft reads a transformers attribute renamed in v5.x; the warning is theirs and says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+
+
+def _below_warning_from_ray(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.pathname

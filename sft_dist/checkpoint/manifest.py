@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +94,29 @@ def checkpoint_names(store: Store) -> list[str]:
     return sorted(names, key=lambda n: int(NAME.match(n).group(1)), reverse=True)
 
 
+ASSETS = "/sft_dist/assets/"
+
+
 def config_identity(d: dict) -> dict:
     """The parts of a config (as `config_to_dict` gives it) a checkpoint's weights and data cursor depend on."""
-    data = {k: v for k, v in d["data"].items() if k not in ("trace_samples", "num_proc")}
+    data = {k: _builtin(v) for k, v in d["data"].items() if k not in ("trace_samples", "num_proc")}
     return {
-        "model": d["model"],
+        "model": {k: _builtin(v) for k, v in d["model"].items()},
         "lora": d["lora"],
         "quantization": d["quantization"],
         "data": data,
         "seed": d["training"].get("seed", 42),
     }
+
+
+def _builtin(value):
+    """Shipped assets by name, not by where this copy of sft_dist sits (an installed package, a Ray job's
+    uploaded working_dir, a container image): the same bundled file must not block a resume."""
+    if isinstance(value, list):
+        return [_builtin(v) for v in value]
+    if isinstance(value, str) and ASSETS in value.replace(os.sep, "/"):
+        return "builtin:" + value.replace(os.sep, "/").split(ASSETS, 1)[1]
+    return value
 
 
 def config_hash(cfg) -> str:

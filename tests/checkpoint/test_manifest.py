@@ -161,3 +161,17 @@ def test_small_files_are_replaced_atomically_and_readable(tmp_path):
     assert store.read_text("latest") == "checkpoint-20\n"
     assert stat.S_IMODE((tmp_path / "latest").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temp file left
+
+
+def test_bundled_files_are_identified_by_name_not_by_where_sft_dist_is_installed():
+    from sft_dist.checkpoint.manifest import config_identity
+    from sft_dist.config.load import config_to_dict
+
+    d = config_to_dict(load_config(QUICKSTART, []))
+    moved = json.loads(json.dumps(d).replace(str(d["data"]["train_files"][0]).split("/sft_dist/")[0],
+                                             "/tmp/ray/session_x/working_dir_files/_ray_pkg_1"))
+    assert moved["data"]["train_files"] != d["data"]["train_files"]
+    assert config_identity(moved) == config_identity(d)
+    other = json.loads(json.dumps(d))
+    other["data"]["train_files"] = ["/data/train.jsonl"]
+    assert config_identity(other) != config_identity(d)  # a user's own file is still identified by its path
