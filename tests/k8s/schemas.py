@@ -75,7 +75,7 @@ def to_json_schema(node: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schemas(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """{(apiVersion, kind): JSON schema} for every served version of every CRD in `folder`."""
     found: dict[tuple[str, str], dict[str, Any]] = {}

@@ -11,7 +11,10 @@ What a laptop cannot have, and is stood in for (`Substitutions`, and the callers
 - volumes: a mountPath -> a temp dir (a configMap volume's dir holds the ConfigMap's data as files; every
   pod mounting one PVC gets the same dir; a `medium: Memory` emptyDir at /dev/shm is the host's /dev/shm).
   Paths are rewritten wherever they appear: env values, command, args, the ConfigMap's files;
-- the image: this venv (its bin/ first on PATH), HOME a temp dir; Secrets: what the test passes in.
+- the image: this venv (its bin/ first on PATH), HOME a temp dir; Secrets: what the test passes in;
+- Ray pods (`ray_pod`): the caller's `ray start` parameters for a pod IP, free ports, a temp dir and
+  no GPUs; the variables KubeRay adds (RAY_ADDRESS, and RAY_AUTH_* with token auth) are added here.
+tests/k8s/test_manifests.py says, at each simulation, which overrides it appends.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
