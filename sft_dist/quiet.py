@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -24,4 +25,7 @@ def quiet_libraries(*, main: bool = True) -> None:
 
 
 def _below_warning_from_ray(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.pathname
+    if record.levelno >= logging.WARNING or "ray" not in sys.modules:
+        return True
+    ray_dir = os.path.dirname(sys.modules["ray"].__file__ or "") + os.sep
+    return not record.pathname.startswith(ray_dir)
