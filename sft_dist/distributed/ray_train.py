@@ -80,7 +80,10 @@ def _init_ray(address: str | None, *, cpus_needed: float) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A laptop user gets a private single-node Ray on loopback that lives as long as this process.
+    # A laptop user gets a private single-node Ray that lives as long as this process. Ray advertises the
+    # node's outward address even when given 127.0.0.1, and its GCS/raylet listen on every interface
+    # (Ray 2.60 has no loopback-only option); token authentication, on by default, guards them.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
     # Workers beyond the core count share cores, as local processes would, instead of waiting forever.
     ray.init(
         address="local",

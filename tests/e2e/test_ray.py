@@ -94,7 +94,7 @@ def ray_head(tmp_path):
     env = cli_env()
     # Token auth stays on: the head and every client share a token (here from the environment; on a
     # cluster from a Secret). Without it a client is refused ("Missing authentication token").
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
