@@ -36,7 +36,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv | None:
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" not in env or "RANK" not in env:
         return None
-    missing = [k for k in ENV_KEYS if k not in env and not (k == "LOCAL_RANK")]
+    missing = [k for k in ENV_KEYS if k not in env and k != "LOCAL_RANK"]
     if int(env["WORLD_SIZE"]) > 1 and missing:
         raise SftDistError(f"launcher environment is incomplete: {missing} not set (RANK and WORLD_SIZE are)")
     if "SFT_DIST_LAUNCHER" in env:
@@ -77,7 +77,12 @@ def default_threads(local_world_size: int, cpu_count: int | None = None) -> int:
 
 
 def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
-    """Join the process group (idempotent). A world of 1 needs none."""
+    """Join the process group (idempotent). A world of 1 needs none; a group made by someone else (Ray) is kept.
+
+    With MASTER_ADDR/PORT set (the local launcher, torchrun, Kubernetes operators) the ranks first join by
+    name in a TCPStore (rendezvous.py: a rank that gives up names the missing ones), the group is built on
+    that store, and a heartbeat thread starts (health.py: `diagnose` names the rank a failed collective
+    waited for)."""
     import torch
     import torch.distributed as dist
 
@@ -89,6 +94,14 @@ def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
     kwargs = {}
     if device == "cuda":
         kwargs["device_id"] = torch.device("cuda", env.local_rank)
+    rdzv = None
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        from sft_dist.distributed.rendezvous import join
+
+        # A named join first: a rank that gives up says which ranks never came (torch's env:// does not).
+        rdzv = join(rank=env.rank, world_size=env.world_size, addr=os.environ["MASTER_ADDR"],
+                    port=int(os.environ["MASTER_PORT"]), timeout_s=timeout_s)
+        kwargs["store"] = dist.PrefixStore(rdzv.key("pg/"), rdzv.store)
     dist.init_process_group(
         backend=backend,
         rank=env.rank,
@@ -96,11 +109,18 @@ def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
         timeout=timedelta(seconds=timeout_s),
         **kwargs,
     )
+    if rdzv is not None:
+        from sft_dist.distributed.health import start_heartbeat
+
+        start_heartbeat(rdzv)
     log.debug("rank %d joined a %s process group of %d", env.rank, backend, env.world_size)
 
 
 def shutdown_distributed() -> None:
     import torch.distributed as dist
 
+    from sft_dist.distributed.health import stop_heartbeat
+
+    stop_heartbeat()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -64,6 +65,29 @@ class Rendezvous:
 
         return TCPStore(self.addr, self.port, None, is_master=False, timeout=timedelta(seconds=timeout_s),
                         wait_for_workers=False)
+
+
+def bounded(fn, timeout_s: float):
+    """`fn()`, or TimeoutError if it has not returned within `timeout_s` (it is left running in a daemon thread).
+
+    A TCPStore client op (get, set, add, check) waits forever on a server that is frozen (SIGSTOP, a hung or
+    partitioned host): its own timeout covers only connecting and `wait`."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="sft_dist-store-op", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def agent_hosts_store(environ: dict[str, str] | None = None) -> bool:
@@ -140,17 +164,17 @@ def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, 
     prefix = key_prefix() if prefix is None else prefix
     me = Member(rank, host or socket.gethostname(), os.getpid(), world_size)
     serve = rank == 0 and not agent_store
+    server = "the torchrun agent" if agent_store else "rank 0"
     t0 = time.monotonic()
     try:
         # multi_tenant: another TCPStore(is_master=True) on this port in this process shares the server.
         store = TCPStore(addr, port, None, is_master=serve, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False, multi_tenant=serve)
-    except Exception as e:  # noqa: BLE001 - DistNetworkError (timeout) or a bind error, both explained below
+    except Exception as e:  # DistNetworkError: connect timed out; or the port is taken (rank 0)
         if serve:
-            raise SftDistError(f"rank 0 could not serve the rendezvous store on {addr}:{port}: {_first_line(e)}. "
+            raise SftDistError(f"rank 0 could not serve the rendezvous store on {addr}:{port}: {first_line(e)}. "
                                f"Is the port in use (another job)? Pick another launcher.master_port / "
                                f"MASTER_PORT.") from e
-        server = "the torchrun agent" if agent_store else "rank 0"
         raise SftDistError(
             f"rank {rank} ({me.host}) could not reach the rendezvous store at {addr}:{port} (served by {server}) "
             f"within {timeout_s:g} s: {server} has not started, failed before listening, or {addr}:{port} is not "
@@ -158,37 +182,15 @@ def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, 
         ) from e
 
     rdzv = Rendezvous(store, prefix, addr, port, rank, world_size, agent_store, timeout_s)
-    if store.add(rdzv.key(f"join/{rank}/count"), 1) > 1:
-        other = _read_member(store, rdzv.key(f"join/{rank}"))
+    try:
+        bounded(lambda: _announce_and_wait(rdzv, me, deadline=t0 + timeout_s), timeout_s + 10)
+    except SftDistError:
+        raise
+    except Exception as e:  # the store's host went away, or froze (TimeoutError from bounded)
         raise SftDistError(
-            f"rank {rank} joined twice at {addr}:{port}: by {me.host} pid {me.pid} and before by "
-            f"{other.host + ' pid ' + str(other.pid) if other else 'another process'}. Two workers were given "
-            f"the same RANK, or two jobs share MASTER_PORT {port}."
-        )
-    store.set(rdzv.key(f"join/{rank}"), json.dumps({"host": me.host, "pid": me.pid, "world_size": world_size}))
-    store.add(rdzv.key("joined"), 1)
-    keys = [rdzv.key(f"join/{r}") for r in range(world_size)]
-    deadline = t0 + timeout_s
-    while True:
-        try:
-            # A rank with another WORLD_SIZE can make up the count: all of ours must be there.
-            complete = store.add(rdzv.key("joined"), 0) >= world_size and store.check(keys)
-        except Exception as e:  # noqa: BLE001 - the store's host went away while we waited
-            raise SftDistError(
-                f"rank {rank} ({me.host}) lost the rendezvous store at {addr}:{port} while waiting for the other "
-                f"ranks ({_first_line(e)}): {'the torchrun agent' if agent_store else 'rank 0'} that served it "
-                f"has exited; see its error."
-            ) from e
-        if complete:
-            break
-        if time.monotonic() > deadline:
-            arrived = [m for k in keys if (m := _read_member(store, k)) is not None]
-            raise SftDistError(missing_message(rank=rank, world_size=world_size, arrived=arrived,
-                                               timeout_s=timeout_s, addr=addr, port=port))
-        time.sleep(0.1 if world_size <= 64 else 0.5)  # every rank polls the one store
-
-    values = store.multi_get(keys)
-    rdzv.members = {r: Member(r, **json.loads(v)) for r, v in enumerate(values)}
+            f"rank {rank} ({me.host}) lost the rendezvous store at {addr}:{port} while waiting for the other ranks "
+            f"({first_line(e)}): {server}, which served it, exited or is frozen; see its log."
+        ) from e
     odd = {r: m.world_size for r, m in rdzv.members.items() if m.world_size != world_size}
     if odd:
         raise SftDistError(
@@ -197,6 +199,29 @@ def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, 
             + ". Start every worker with the same WORLD_SIZE."
         )
     return rdzv
+
+
+def _announce_and_wait(rdzv: Rendezvous, me: Member, *, deadline: float) -> None:
+    """Write `join/<rank>` and wait until every rank has; fills `rdzv.members`."""
+    store, rank, world_size = rdzv.store, rdzv.rank, rdzv.world_size
+    if store.add(rdzv.key(f"join/{rank}/count"), 1) > 1:
+        other = _read_member(store, rdzv.key(f"join/{rank}"))
+        raise SftDistError(
+            f"rank {rank} joined twice at {rdzv.addr}:{rdzv.port}: by {me.host} pid {me.pid} and before by "
+            f"{other.host + ' pid ' + str(other.pid) if other else 'another process'}. Two workers were given "
+            f"the same RANK, or two jobs share MASTER_PORT {rdzv.port}."
+        )
+    store.set(rdzv.key(f"join/{rank}"), json.dumps({"host": me.host, "pid": me.pid, "world_size": world_size}))
+    store.add(rdzv.key("joined"), 1)
+    keys = [rdzv.key(f"join/{r}") for r in range(world_size)]
+    # A rank with another WORLD_SIZE can make up the count: all of ours must be there.
+    while not (store.add(rdzv.key("joined"), 0) >= world_size and store.check(keys)):
+        if time.monotonic() > deadline:
+            arrived = [m for k in keys if (m := _read_member(store, k)) is not None]
+            raise SftDistError(missing_message(rank=rank, world_size=world_size, arrived=arrived,
+                                               timeout_s=rdzv.timeout_s, addr=rdzv.addr, port=rdzv.port))
+        time.sleep(0.1 if world_size <= 64 else 0.5)  # every rank polls the one store
+    rdzv.members = {r: Member(r, **json.loads(v)) for r, v in enumerate(store.multi_get(keys))}
 
 
 def _read_member(store, key: str) -> Member | None:
@@ -209,7 +234,7 @@ def _read_member(store, key: str) -> Member | None:
         return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The first line of a c10d error, without the C++ source location prefix."""
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if line.startswith("[") and "] " in line:
