@@ -21,6 +21,9 @@ from sft_dist.config.schema import LauncherConfig
 from sft_dist.distributed.env import default_threads
 
 GRACE_S = 10.0
+# After a worker failed: the others cannot finish a step or a checkpoint without it (every collective
+# fails), and one that hangs or is frozen would hold back the error message for the whole GRACE_S.
+FAILED_GRACE_S = 3.0
 
 
 def free_port(addr: str) -> int:
@@ -106,7 +109,7 @@ def launch_local(launcher: LauncherConfig, worker_argv: list[str], *, stop_grace
                 break
             time.sleep(0.2)
     finally:
-        _stop_all(procs)
+        _stop_all(procs, grace_s=FAILED_GRACE_S if failure is not None and failure.rank >= 0 else GRACE_S)
         for s, h in old.items():
             signal.signal(s, h)
         for f in errdir.glob("*.json"):
@@ -122,12 +125,12 @@ def _read_error(path: Path) -> dict | None:
         return None
 
 
-def _stop_all(procs: list[subprocess.Popen]) -> None:
+def _stop_all(procs: list[subprocess.Popen], *, grace_s: float = GRACE_S) -> None:
     """SIGTERM the workers still running (peers of a failed rank would hang in a collective), then SIGKILL."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
+    deadline = time.monotonic() + grace_s
     for p in alive:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -174,7 +174,7 @@ def test_frozen_rank_is_named_by_sft_dist_train(tmp_path):
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - t0
         assert proc.returncode == 1
-        assert 10 < took < 40, took  # timeout 10 s + diagnosis + the launcher stopping rank 1
+        assert 10 < took < 30, took  # timeout 10 s + diagnosis (2.5 s) + the launcher stopping rank 1 (3 s)
         assert "worker rank 0: collective failed on rank 0" in err and "Timed out waiting 10000ms" in err
         assert f"rank 1 ({socket.gethostname()}, pid {workers[1].pid}): no heartbeat for" in err
     finally:
