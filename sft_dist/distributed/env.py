@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
+# The last rendezvous, kept past shutdown_distributed: on rank 0 it is the store's server, and the other
+# ranks may still write a last heartbeat into it while they shut down (a closed store makes c10d log).
+_rendezvous = None
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -86,6 +90,7 @@ def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
     import torch
     import torch.distributed as dist
 
+    global _rendezvous
     if device == "cuda":
         torch.cuda.set_device(env.local_rank)
     if env.world_size == 1 or dist.is_initialized():
@@ -99,8 +104,8 @@ def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
         from sft_dist.distributed.rendezvous import join
 
         # A named join first: a rank that gives up says which ranks never came (torch's env:// does not).
-        rdzv = join(rank=env.rank, world_size=env.world_size, addr=os.environ["MASTER_ADDR"],
-                    port=int(os.environ["MASTER_PORT"]), timeout_s=timeout_s)
+        rdzv = _rendezvous = join(rank=env.rank, world_size=env.world_size, addr=os.environ["MASTER_ADDR"],
+                                  port=int(os.environ["MASTER_PORT"]), timeout_s=timeout_s)
         kwargs["store"] = dist.PrefixStore(rdzv.key("pg/"), rdzv.store)
     dist.init_process_group(
         backend=backend,
