@@ -107,13 +107,20 @@ def init_distributed(env: DistEnv, *, device: str, timeout_s: int) -> None:
         rdzv = _rendezvous = join(rank=env.rank, world_size=env.world_size, addr=os.environ["MASTER_ADDR"],
                                   port=int(os.environ["MASTER_PORT"]), timeout_s=timeout_s)
         kwargs["store"] = dist.PrefixStore(rdzv.key("pg/"), rdzv.store)
-    dist.init_process_group(
-        backend=backend,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    try:
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+    except Exception as e:
+        if rdzv is None:
+            raise
+        from sft_dist.distributed.rendezvous import group_failed_message
+
+        raise SftDistError(group_failed_message(rdzv, backend, e)) from e
     if rdzv is not None:
         from sft_dist.distributed.health import start_heartbeat
 

@@ -13,6 +13,7 @@ serves it there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -199,6 +200,37 @@ def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, 
             + ". Start every worker with the same WORLD_SIZE."
         )
     return rdzv
+
+
+def group_failed_message(rdzv: Rendezvous, backend: str, exc: BaseException, *, wait_s: float = 1.0) -> str:
+    """Every rank joined, then building the process group failed: say so, with what the other ranks reported.
+
+    The backend's own connections go rank to rank (not through the store), so this is where a host that
+    announces an unreachable interface, or a firewall between hosts, shows up."""
+    me = rdzv.members[rdzv.rank]
+    error = first_line(exc)
+    others: dict[int, str] = {}
+
+    def exchange():
+        rdzv.store.set(rdzv.key(f"group_failed/{rdzv.rank}"), error)
+        keys = {r: rdzv.key(f"group_failed/{r}") for r in rdzv.members if r != rdzv.rank}
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and len(others) < len(keys):
+            for r, k in keys.items():
+                if r not in others and rdzv.store.check([k]):
+                    others[r] = rdzv.store.get(k).decode()
+            time.sleep(0.1)
+
+    with contextlib.suppress(Exception):  # what the others said is a bonus; the store may be gone
+        bounded(exchange, wait_s + 2)
+    head = (f"{me.describe()} could not build the {backend} process group after all {rdzv.world_size} ranks joined "
+            f"at {rdzv.addr}:{rdzv.port} ({by_host(rdzv.members.values())}): {error}")
+    lines = [head]
+    lines += [f"  {rdzv.members[r].describe()} failed too: {msg}" for r, msg in sorted(others.items())]
+    lines.append("The ranks connect to each other directly, not only to the store: check that every host can reach "
+                 "the others on any port (firewall, network policy) and, on hosts with several interfaces, "
+                 f"{'NCCL' if backend == 'nccl' else 'GLOO'}_SOCKET_IFNAME.")
+    return "\n".join(lines)
 
 
 def _announce_and_wait(rdzv: Rendezvous, me: Member, *, deadline: float) -> None:

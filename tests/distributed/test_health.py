@@ -28,14 +28,15 @@ WORKER = Path(__file__).with_name("health_worker.py")
 RUN_PY = Path(__file__).resolve().parents[2] / "sft_dist" / "train" / "run.py"
 
 
-def run_world(mode: str, bad: int, timeout_s: float, *, world: int = 2, limit_s: float = 40) -> dict[int, dict]:
+def run_world(mode: str, bad: int, timeout_s: float, *, world: int = 2, limit_s: float = 40,
+              extra_env: dict[int, dict] | None = None) -> dict[int, dict]:
     """Start `world` health_worker ranks; once every rank but `bad` has ended, kill `bad` (as a launcher would).
     Per rank: rc, the JSON lines it printed, stderr, and seconds from the misbehaving to its exit."""
     port = free_port("127.0.0.1")
     procs = {}
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}).get(r, {}))
         procs[r] = subprocess.Popen([sys.executable, str(WORKER), mode, str(bad), str(timeout_s)], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ended: dict[int, float] = {}
@@ -64,6 +65,17 @@ def test_healthy_world_trains_and_exits_cleanly():
         assert out[r]["rc"] == 0, out[r]["err"][-2000:]
         assert {"ok": 8.0, "agent_store": False} in out[r]["lines"]  # rank 0 served the store
         assert "Broken pipe" not in out[r]["err"]  # no heartbeat written to a store that is gone
+
+
+def test_group_setup_failure_names_the_rank_that_failed():
+    """Both ranks join the store, then rank 1 cannot set up gloo (an interface that does not exist): rank 0's
+    message says so instead of gloo's "wait timeout ... keys: /sft_dist/pg//0//cpu//0/1"."""
+    out = run_world("ok", 1, 2, extra_env={1: {"GLOO_SOCKET_IFNAME": "bogus0"}})
+    assert out[0]["rc"] == out[1]["rc"] == 1
+    err = out[0]["err"]
+    assert "rank 0 (" in err and "could not build the gloo process group after all 2 ranks joined" in err
+    assert "rank 1 (" in err and "failed too: " in err and "Unable to find address for: bogus0" in err
+    assert "GLOO_SOCKET_IFNAME" in err
 
 
 def test_hung_rank_is_named_after_the_timeout():
