@@ -1,6 +1,6 @@
 """Heartbeats, and the diagnosis of a failed collective from them.
 
-A daemon thread per rank writes `beat/<rank>` into the rendezvous store every few seconds: a sequence
+A daemon thread per rank writes `beat/<rank>` into the rendezvous store every second: a sequence
 number, the training step, the time, host and pid, and where the training thread is (its innermost
 frame, sampled from `sys._current_frames`). The beat keeps going while the training thread is blocked,
 so when a collective times out or loses a peer, `diagnose(exc)` can tell the peers apart:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -181,6 +182,7 @@ def test_frozen_rank_is_named_by_sft_dist_train(tmp_path):
     command fails naming rank 1, instead of hanging."""
     proc, workers = start_training(tmp_path / "run")
     try:
+        time.sleep(2)  # a heartbeat after a few steps (the Heartbeat callback puts the step in it)
         workers[1].send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=90)
@@ -189,6 +191,7 @@ def test_frozen_rank_is_named_by_sft_dist_train(tmp_path):
         assert 10 < took < 30, took  # timeout 10 s + diagnosis (2.5 s) + the launcher stopping rank 1 (3 s)
         assert "worker rank 0: collective failed on rank 0" in err and "Timed out waiting 10000ms" in err
         assert f"rank 1 ({socket.gethostname()}, pid {workers[1].pid}): no heartbeat for" in err
+        assert re.search(r"no heartbeat for [\d.]+ s \(last at step [1-9]", err), err[-3000:]
     finally:
         stop_everything(proc, workers)
 
