@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sft_dist.errors import SftDistError
+from sft_dist.errors import ConfigError, SftDistError
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,13 @@ def agent_hosts_store(environ: dict[str, str] | None = None) -> bool:
 def key_prefix(environ: dict[str, str] | None = None) -> str:
     """Keys of this job and attempt: torchrun's agent store outlives a worker-group restart."""
     env = os.environ if environ is None else environ
-    if "TORCHELASTIC_RUN_ID" in env:
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return "sft_dist/"
+    if agent_hosts_store(env):
         return f"sft_dist/{env['TORCHELASTIC_RUN_ID']}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    return "sft_dist/"
+    # Rank 0 serves a new store each attempt, and the restart count can differ between nodes (an agent that
+    # restarts its workers because another node failed does not count it): it must not be in the keys.
+    return f"sft_dist/{env['TORCHELASTIC_RUN_ID']}/"
 
 
 def format_ranks(ranks) -> str:
@@ -162,6 +166,12 @@ def join(*, rank: int, world_size: int, addr: str, port: int, timeout_s: float, 
     from torch.distributed import TCPStore
 
     agent_store = agent_hosts_store() if agent_store is None else agent_store
+    if agent_store and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(
+            os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        raise ConfigError(
+            "torchrun --max-restarts with several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+            "environment on every node: torch's shared store outlives a restart and the nodes count restarts "
+            "differently, so a restarted group could not find itself")
     prefix = key_prefix() if prefix is None else prefix
     me = Member(rank, host or socket.gethostname(), os.getpid(), world_size)
     serve = rank == 0 and not agent_store

@@ -24,6 +24,7 @@ from sft_dist.distributed.env import (
     resolve_device,
     shutdown_distributed,
 )
+from sft_dist.distributed.health import diagnose
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
@@ -79,6 +80,12 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     try:
         return _run(cfg, env=env, device=device, threads=threads, callbacks=callbacks or [])
+    except Exception as e:
+        # A collective that timed out or lost a peer names no rank: the heartbeats say which one it was.
+        msg = None if isinstance(e, SftDistError) else diagnose(e)
+        if msg:
+            raise SftDistError(msg) from e
+        raise
     finally:
         shutdown_distributed()
 
@@ -87,6 +94,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
     from sft_dist.data.build import build_datasets
+    from sft_dist.distributed.heartbeat import Heartbeat
     from sft_dist.model.tokenizer import build_tokenizer
     from sft_dist.train.args import build_sft_config
 
@@ -125,6 +133,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     trainer.checkpointing = _checkpointing(cfg, env=env)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
+    trainer.add_callback(Heartbeat())
     for cb in callbacks:
         trainer.add_callback(cb)
         if hasattr(cb, "attach"):

@@ -129,3 +129,20 @@ def test_bounded_gives_up_on_a_call_that_never_returns():
     with pytest.raises(TimeoutError, match="no answer within 0.2 s"):
         bounded(lambda: time.sleep(5), 0.2)
     assert time.monotonic() - t0 < 1
+
+
+def test_restart_count_stays_out_of_the_keys_when_rank_0_serves_the_store():
+    """Each attempt gets a fresh store from rank 0, and nodes count restarts differently (an agent restarting
+    its workers because another node failed does not count it): the keys must agree across nodes."""
+    env = {"TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert key_prefix(env) == "sft_dist/job7/"
+
+
+def test_multi_node_restarts_on_the_shared_agent_store_are_refused(monkeypatch):
+    from sft_dist.errors import ConfigError
+
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "2",
+                 "TORCHELASTIC_MAX_RESTARTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        join(rank=0, world_size=2, addr="127.0.0.1", port=free_port("127.0.0.1"), timeout_s=5)
