@@ -32,7 +32,7 @@ def describe(hint: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(hint)
         return f"list of {describe(args[0])}" if args else "list"
-    if origin is dict:
+    if origin is dict or hint is dict:
         return "mapping"
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in hint)

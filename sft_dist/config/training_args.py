@@ -77,8 +77,25 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
 
 
 @functools.cache
+def _schema() -> dict[str, Any]:
+    """The installed SFTConfig's fields and the known trackers: from the JSON cache, else from TRL (and
+    then cached for the next process: a launcher checking a config need not import TRL)."""
+    from sft_dist.config import fields_cache
+
+    cached = fields_cache.load()
+    if cached is not None:
+        return cached
+    schema = {"fields": _fields_from_trl(), "report_to": _report_to_from_transformers()}
+    fields_cache.store(schema["fields"], schema["report_to"])
+    return schema
+
+
 def sft_fields() -> dict[str, Any]:
     """{field name: type hint} of the installed SFTConfig (enum-or-str hints narrowed to the enum)."""
+    return _schema()["fields"]
+
+
+def _fields_from_trl() -> dict[str, Any]:
     from trl import SFTConfig
 
     hints = typing.get_type_hints(SFTConfig)
@@ -103,6 +120,10 @@ def _narrow(hint: Any, choices: list | None) -> Any:
 
 
 def _report_to_choices() -> list[str]:
+    return _schema()["report_to"]
+
+
+def _report_to_from_transformers() -> list[str]:
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     return ["all", "none", *sorted(INTEGRATION_TO_CALLBACK)]

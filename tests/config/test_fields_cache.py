@@ -1,0 +1,53 @@
+"""The JSON cache of SFTConfig's field types gives the same validation as TRL's own dataclass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from sft_dist.config import fields_cache
+from sft_dist.config.coerce import TypeProblem, coerce, describe
+from sft_dist.config.training_args import _fields_from_trl, _report_to_from_transformers
+
+SAMPLES = [None, True, False, 0, 1, 2.5, "2e-4", "linear", "steps", "cosine", "paged_adamw_8bit", "abc", [1],
+           ["a"], {"a": 1}, "yes", "no"]
+
+
+def outcome(value, hint):
+    try:
+        return "ok", coerce(value, hint)
+    except TypeProblem as e:
+        return "error", str(e)
+
+
+def test_cached_hints_validate_exactly_like_the_installed_sftconfig(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fields, trackers = _fields_from_trl(), _report_to_from_transformers()
+    fields_cache.store(fields, trackers)
+    assert fields_cache.cache_path().is_file() and fields_cache.cache_path().parent.parent == tmp_path
+    cached = fields_cache.load()
+    assert cached["report_to"] == trackers and set(cached["fields"]) == set(fields) and len(fields) > 100
+    for name, hint in fields.items():
+        assert describe(cached["fields"][name]) == describe(hint), name
+        for value in SAMPLES:
+            assert outcome(value, cached["fields"][name]) == outcome(value, hint), (name, value)
+
+
+def test_a_damaged_cache_is_ignored_and_a_config_is_checked_without_importing_trl(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fields_cache.store(_fields_from_trl(), _report_to_from_transformers())
+    code = ("import sys; from sft_dist.config.load import load_config; "
+            "load_config(sys.argv[1], ['training.lr_scheduler_type=cosine']); print('trl' in sys.modules)")
+    from tests.conftest import QUICKSTART
+
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+    fields_cache.cache_path().write_text("{not json")
+    assert fields_cache.load() is None
+    r = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]  # fell back to TRL itself
+    assert json.loads(fields_cache.cache_path().read_text())["fields"]  # and rewrote the cache
