@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--only", help="comma-separated run names (ddp is always run)")
+    ap.add_argument("--skip", default="", help="comma-separated run names to leave out (the test suite's subset)")
     args = ap.parse_args()
 
     from sft_dist.compare import compare
@@ -111,11 +112,12 @@ def main() -> int:
     wanted = set(args.only.split(",")) if args.only else set(matrix)
     if "fsdp_hybrid_shard" in wanted:
         wanted.add("ddp_4workers")
-    names = ["ddp"] + [n for n in matrix if n != "ddp" and n in wanted]
+    skip = set(filter(None, args.skip.split(",")))
+    names = ["ddp"] + [n for n in matrix if n != "ddp" and n in wanted and n not in skip]
     results = [run(n, matrix[n], args.out, args.steps) for n in names]
     by_name = {r["name"]: r for r in results}
     for name, (source, extra) in RESUMES.items():
-        if source in by_name and (not args.only or name in wanted or source in wanted):
+        if source in by_name and name not in skip and (not args.only or name in wanted or source in wanted):
             results.append(resume(name, by_name[source], extra, args.out, args.steps, matrix))
     dirs = {r["name"]: r["dir"] for r in results}
     sources = {name: src for name, (src, _) in RESUMES.items()}

@@ -14,13 +14,17 @@ from tests.conftest import ROOT, cli_env
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5
+SKIPPED = ("zero2_offload", "geometry_2x4x2", "resume_zero2")
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
+    # The bench's full matrix less three rows another row covers (ZeRO-2 offload: ZeRO-3 offload; the
+    # 2x4x2 geometry: 1x4x4; ZeRO-2 resume: ZeRO-3 resume), to keep the suite near 20 minutes.
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "equivalence.py"), "--out", str(out), "--steps", "20",
-                        "--tol", str(TOL)], capture_output=True, text=True, env=cli_env(), timeout=1500)
+                        "--tol", str(TOL), "--skip", ",".join(SKIPPED)],
+                       capture_output=True, text=True, env=cli_env(), timeout=1500)
     print(r.stdout)
     rows = {row["run"]: row for row in json.loads((out / "equivalence.json").read_text())}
     return rows, r
@@ -30,14 +34,13 @@ def test_script_reports_every_run_within_tolerance(matrix):
     rows, r = matrix
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "max deviation over all runs" in r.stdout
-    assert set(rows) == {"ddp", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
-                         "fsdp_ckpt_no_reshard",
-                         "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2",
-                         "resume_ddp", "resume_zero2", "resume_zero3", "resume_fsdp", "resume_ddp_2to1",
+    assert set(rows) == {"ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp_full_shard",
+                         "fsdp_ckpt_no_reshard", "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4",
+                         "resume_ddp", "resume_zero3", "resume_fsdp", "resume_ddp_2to1",
                          "resume_geometry_1to2", "resume_fsdp_2to4"}
 
 
-@pytest.mark.parametrize("run", ["resume_ddp", "resume_zero2", "resume_zero3", "resume_fsdp"])
+@pytest.mark.parametrize("run", ["resume_ddp", "resume_zero3", "resume_fsdp"])
 def test_resume_on_the_same_workers_is_bitwise_exact(matrix, run):
     """10 steps, stop, resume to 20 == 20 straight: every loss from step 11 and every adapter tensor."""
     row = matrix[0][run]
@@ -76,8 +79,8 @@ def test_checkpoints_hold_no_frozen_base_weights(matrix, run):
     assert 3.0 <= ratio < 5.0
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "fsdp_full_shard",
-                                 "fsdp_ckpt_no_reshard", "fsdp_hybrid_shard", "geometry_1x4x4", "geometry_2x4x2"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero3_offload", "fsdp_full_shard",
+                                 "fsdp_ckpt_no_reshard", "fsdp_hybrid_shard", "geometry_1x4x4"])
 def test_loss_curve_and_adapter_match_the_reference(matrix, run):
     row = matrix[0][run]
     assert row["steps"] == 20
@@ -87,8 +90,7 @@ def test_loss_curve_and_adapter_match_the_reference(matrix, run):
 
 @pytest.mark.parametrize("run, wrapper, stage", [
     ("ddp", "DistributedDataParallel", None), ("zero1", "DeepSpeedEngine", 1), ("zero2", "DeepSpeedEngine", 2),
-    ("zero3", "DeepSpeedEngine", 3), ("zero2_offload", "DeepSpeedEngine", 2),
-    ("zero3_offload", "DeepSpeedEngine", 3), ("fsdp_full_shard", "FSDP2 (fully_shard)", None),
+    ("zero3", "DeepSpeedEngine", 3), ("zero3_offload", "DeepSpeedEngine", 3), ("fsdp_full_shard", "FSDP2 (fully_shard)", None),
     ("fsdp_ckpt_no_reshard", "FSDP2 (fully_shard)", None),
     ("fsdp_hybrid_shard", "FSDP2 (fully_shard)", None),
 ])
@@ -99,7 +101,7 @@ def test_the_requested_wrapper_applied(matrix, run, wrapper, stage):
 
 @pytest.mark.parametrize("run, params_sharded, optim_sharded", [
     ("ddp", False, False), ("zero1", False, True), ("zero2", False, True), ("zero3", True, True),
-    ("zero2_offload", False, True), ("zero3_offload", True, True), ("fsdp_full_shard", True, True),
+    ("zero3_offload", True, True), ("fsdp_full_shard", True, True),
     ("fsdp_ckpt_no_reshard", True, True), ("fsdp_hybrid_shard", True, True),
 ])
 def test_each_rank_holds_only_its_shard(matrix, run, params_sharded, optim_sharded):
