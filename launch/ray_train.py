@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sft_dist.cli import main  # noqa: E402
+from sft_dist.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["train", *sys.argv[1:2], "launcher.type=ray", *sys.argv[2:]]))

@@ -127,7 +127,11 @@ def _train(args) -> int:
         )
     if cfg.launcher.type == "ray":
         # Checked here, once: a bad training field must not cost a Ray cluster launch, or a retry each.
-        _validate_for_launch(cfg)
+        # The driver may sit on a CPU-only head while the workers have GPUs: then the workers check.
+        import torch
+
+        if cfg.launcher.device != "cuda" or torch.cuda.is_available():
+            _validate_for_launch(cfg)
         from sft_dist.distributed.ray_train import launch_ray
 
         return launch_ray(cfg)

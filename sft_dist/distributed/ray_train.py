@@ -21,15 +21,14 @@ log = logging.getLogger("sft_dist")
 
 def launch_ray(cfg: Config) -> int:
     """Train `cfg` on `launcher.num_workers` Ray workers; the exit status for the CLI."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from sft_dist.distributed.env import pick_backend, resolve_device
+    from sft_dist.distributed.env import pick_backend
 
     la = cfg.launcher
-    device = resolve_device(la.device) if la.device != "auto" else "auto"
-    use_gpu = device == "cuda" or (device == "auto" and (la.resources_per_worker or {}).get("GPU", 0) > 0)
+    # Decided from the config, not from this driver's devices: a CPU-only head drives GPU workers.
+    use_gpu = la.device == "cuda" or (la.device == "auto" and (la.resources_per_worker or {}).get("GPU", 0) > 0)
     resources = dict(la.resources_per_worker or {"CPU": 1})
     if use_gpu:
         resources.setdefault("GPU", 1)
