@@ -187,7 +187,10 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
                        "user_error": not unexpected}, f)
         return 1
     if isinstance(e, ConfigError) and rank != 0:
-        return 1  # every rank read the same config: rank 0 says it once
+        # Every rank read the same config: rank 0 says it once. Leave it time to, before a launcher that
+        # stops the group at the first exit (torchrun) kills it mid-sentence.
+        time.sleep(5)
+        return 1
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and rank != 0 else ""
     print(tb if tb else f"{prefix}sft-dist: error: {e}", file=sys.stderr)
     return 1

@@ -115,6 +115,8 @@ def test_two_nodes_on_one_host_give_the_local_loss_curve(checkpointed_run, tmp_p
     def record_listeners(procs):
         for p in procs:
             try:
+                if "RANK" not in p.environ():  # torchrun's own helpers (pt_elastic: its store, on all interfaces)
+                    continue
                 listening.update(c.laddr.ip for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
             except psutil.Error:
                 pass
