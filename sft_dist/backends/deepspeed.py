@@ -45,6 +45,4 @@ def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
     if stage == 3 and cfg.lora.enabled and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         p.append(f"{where}: ZeRO-3 with LoRA needs zero_optimization.stage3_gather_16bit_weights_on_model_save: "
                  "true, otherwise the saved adapter is empty")
-    if cfg.quantization.bits is not None:
-        p.append(f"{where}: quantized (QLoRA) training under DeepSpeed is not supported yet; use backend.type=ddp")
     return p

@@ -81,8 +81,6 @@ def check_fsdp(cfg: Config) -> list[str]:
     if fc.cpu_offload and _device(cfg) == "cpu":
         p.append(f"{where}: cpu_offload moves shards from GPU to CPU memory; CPU workers have nothing to offload "
                  "(and FSDP2 refuses it there): set cpu_offload: false")
-    if cfg.quantization.bits is not None:
-        p.append(f"{where}: quantized (QLoRA) training under FSDP is not supported yet; use backend.type=ddp")
     if not p:
         try:
             if not decoder_layer_classes(cfg):

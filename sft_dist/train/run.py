@@ -119,6 +119,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     data = build_datasets(cfg.data, tokenizer, seed=args.seed)
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
+    rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
     model, base_dir = _build_model(cfg, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
     trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
     quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
@@ -164,7 +165,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
     save_final(trainer, final_dir)
     digests = _gather(env, trainable_digest(trainer.model))
-    shards = _gather(env, shard_report(trainer))
+    shards = _gather(env, {**shard_report(trainer), "rss_before_model_bytes": rss_before_model})
     if len(set(digests)) != 1:
         raise SftDistError(
             f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
@@ -207,6 +208,14 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
                  out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _write_roster(out: Path, env: DistEnv) -> None:

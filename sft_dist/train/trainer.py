@@ -26,7 +26,10 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self.fsdp_mesh = fsdp_mesh
         self.backend_info: dict = {}
         self.grad_bytes_seen: int | None = None  # max gradient bytes held before an optimizer step
+        model = kwargs.get("model")
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
         super().__init__(*args, **kwargs)
+        _restore_trainable_dtypes(self.model, dtypes)
         self._trace = None
         if trace_path is not None:
             trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,3 +135,14 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             self._window_start = now
             self._window_step = self.state.global_step
         super().log(logs, start_time)
+
+
+def _restore_trainable_dtypes(model, dtypes: dict) -> None:
+    """Undo TRL's cast of a quantized model's trainable parameters to bf16: they stay in the dtype peft gave
+    them (fp32 masters, as for every LoRA run). In bf16 the small updates of the adapter are rounded away, a
+    trainable head (`modules_to_save`) no longer matches fp32 activations, and FSDP2 would shard bf16 masters."""
+    for name, param in model.named_parameters():
+        want = dtypes.get(name)
+        if want is not None and param.dtype != want:
+            param.data = param.data.to(want)
+
