@@ -15,6 +15,7 @@ from sft_dist.errors import ConfigError, SftDistError
 EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml
   sft-dist train configs/examples/quickstart.yaml launcher.num_workers=2 training.max_steps=20
+  sft-dist plan configs/examples/quickstart.yaml quantization.bits=4 backend.type=fsdp [--json]
   torchrun --nproc-per-node 2 --no-python sft-dist train configs/examples/quickstart.yaml
   sft-dist train configs/examples/quickstart.yaml launcher.type=ray launcher.max_failures=2
   ray job submit --address http://HEAD:8265 -- sft-dist train CONFIG launcher.type=ray
@@ -50,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
             "launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), this process trains as that rank."
         ),
     )
+    plan = sub.add_parser(
+        "plan", help="preflight a config: changes from defaults, batch geometry, compatibility, memory per rank",
+        description="Resolve a config the way `train` will, without loading any weight: print what it changes "
+        "from the defaults, the batch geometry, every compatibility rule that fires (an error refuses the run, "
+        "as `train` would) and a per-rank memory estimate from the model config (meta device). Exits 1 when "
+        "refused.", epilog=OVERRIDES)
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: launcher.device)")
+    plan.add_argument("--world-size", type=int, help="plan for this many workers (default: launcher.num_workers)")
     config_command(
         "config",
         "validate a config and print it resolved (defaults filled, paths absolute, secrets redacted)",
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "compare":
@@ -118,8 +132,15 @@ def _train(args) -> int:
         env = detect_env()
     except SftDistError as e:
         return _report(e)
-    if env is not None:  # a launcher started this process as one rank
+    if env is not None:  # a launcher started this process as one rank (the rules run in `run`)
         return _worker(cfg)
+    try:  # before any worker or cluster starts: a setup the rules refuse costs seconds, not a launch
+        from sft_dist.plan import check
+
+        for warning in check(cfg):
+            print(f"sft-dist: warning: {warning.describe()}", file=sys.stderr)
+    except SftDistError as e:
+        return _report(e)
     if cfg.launcher.type == "torchrun":
         raise SftDistError(
             "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
@@ -194,6 +215,17 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and rank != 0 else ""
     print(tb if tb else f"{prefix}sft-dist: error: {e}", file=sys.stderr)
     return 1
+
+
+def _plan(args) -> int:
+    from sft_dist.config.load import load_config
+    from sft_dist.plan import make_plan
+    from sft_dist.plan.report import render
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, device=args.device, world_size=args.world_size)
+    print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else render(plan))
+    return 1 if plan.errors else 0
 
 
 def _config(args) -> int:

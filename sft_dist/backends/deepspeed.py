@@ -36,13 +36,8 @@ def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
         want = cfg.training.get(hf_key, 8 if hf_key == "per_device_train_batch_size" else 1)
         if value != "auto" and value != want:
             p.append(f"{where}: {ds_key}={value} disagrees with training.{hf_key}={want}; set it to \"auto\"")
-    if ds.get("train_batch_size", "auto") != "auto":
-        p.append(f"{where}: train_batch_size is fixed to {ds['train_batch_size']}; set it to \"auto\" "
-                 "(it is per-device batch x accumulation x workers, from training.*)")
+    # a fixed train_batch_size and ZeRO-3 + LoRA saving are compatibility rules (sft_dist/plan/rules.py)
     enabled = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled") is True]
     if len(enabled) == 2:
         p.append(f"{where}: fp16 and bf16 are both enabled; enable one, or set both to \"auto\"")
-    if stage == 3 and cfg.lora.enabled and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-        p.append(f"{where}: ZeRO-3 with LoRA needs zero_optimization.stage3_gather_16bit_weights_on_model_save: "
-                 "true, otherwise the saved adapter is empty")
     return p

@@ -50,14 +50,11 @@ def fsdp_settings(cfg: Config) -> FsdpConfig:
 
 def decoder_layer_classes(cfg: Config) -> list[str]:
     """The model's own decoder-layer class names (its `_no_split_modules`), from the config alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    m = cfg.model
-    if m.init_config is not None:
-        init = dict(m.init_config)
-        config = AutoConfig.for_model(init.pop("model_type"), **init)
-    else:
-        config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    from sft_dist.model.config import model_config
+
+    config = model_config(cfg.model)
     model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     return list(getattr(model_cls, "_no_split_modules", None) or [])
 

@@ -44,7 +44,8 @@ def round_trip(quant: QuantizationConfig, *, load_dtype: torch.dtype) -> RoundTr
 
         return int8
 
-    storage = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16,
+    # the packing dtype does not change the quantized values
+    storage = {"auto": torch.uint8, "uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16,
                "float16": torch.float16}[quant.quant_storage]
 
     def four_bit(w: torch.Tensor) -> torch.Tensor:

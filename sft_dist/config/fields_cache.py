@@ -36,24 +36,25 @@ def cache_path() -> Path | None:
 
 
 def load() -> dict[str, Any] | None:
-    """{"fields": {name: hint}, "report_to": [...]} from the cache, or None (missing, unreadable)."""
+    """{"fields": {name: hint}, "report_to": [...], "defaults": {name: value}} from the cache, or None (missing, unreadable)."""
     path = cache_path()
     if path is None:
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return {"fields": {k: decode(v) for k, v in raw["fields"].items()}, "report_to": list(raw["report_to"])}
+        return {"fields": {k: decode(v) for k, v in raw["fields"].items()}, "report_to": list(raw["report_to"]),
+                "defaults": dict(raw["defaults"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def store(fields: dict[str, Any], report_to: list[str]) -> None:
+def store(fields: dict[str, Any], report_to: list[str], defaults: dict[str, Any]) -> None:
     """Write the cache atomically; skipped quietly if a hint has no JSON form or the disk refuses."""
     path = cache_path()
     if path is None:
         return
     try:
-        data = {"fields": {k: encode(v) for k, v in fields.items()}, "report_to": report_to}
+        data = {"fields": {k: encode(v) for k, v in fields.items()}, "report_to": report_to, "defaults": defaults}
     except TypeError:
         return
     try:

@@ -45,7 +45,9 @@ class QuantizationConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
+    # The dtype 4-bit weights are packed into. auto: the model's dtype under FSDP (FSDP2 shards floating
+    # tensors only), else uint8.
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass

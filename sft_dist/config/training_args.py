@@ -38,8 +38,10 @@ OWNED: dict[str, str] = {
 }
 
 # Names users know from earlier transformers releases, mapped to the field that does the same now.
-# (transformers 5 folded warmup_ratio into warmup_steps: a value < 1 is a fraction of the steps.)
-ALIASES: dict[str, str] = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+# (transformers 5 folded warmup_ratio into warmup_steps: a value < 1 is a fraction of the steps. Its
+# gradient_checkpointing alias is ignored once activation_checkpointing is set, as sft_dist's default is.)
+ALIASES: dict[str, str] = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy",
+                           "gradient_checkpointing": "activation_checkpointing"}
 
 # Fields sft_dist accepts beyond SFTConfig's own. logging_dir: where the TensorBoard tracker writes
 # (transformers 5 reads it from TENSORBOARD_LOGGING_DIR; sft_dist sets that on every rank).
@@ -85,8 +87,9 @@ def _schema() -> dict[str, Any]:
     cached = fields_cache.load()
     if cached is not None:
         return cached
-    schema = {"fields": _fields_from_trl(), "report_to": _report_to_from_transformers()}
-    fields_cache.store(schema["fields"], schema["report_to"])
+    schema = {"fields": _fields_from_trl(), "report_to": _report_to_from_transformers(),
+              "defaults": _defaults_from_trl()}
+    fields_cache.store(schema["fields"], schema["report_to"], schema["defaults"])
     return schema
 
 
@@ -104,6 +107,24 @@ def _fields_from_trl() -> dict[str, Any]:
         if not f.init or f.name.startswith("_"):
             continue
         out[f.name] = _narrow(hints.get(f.name, Any), f.metadata.get("choices"))
+    return out
+
+
+def sft_defaults() -> dict[str, Any]:
+    """SFTConfig's own defaults (plain values only; enums as their values), overlaid with sft_dist's."""
+    return {**_schema()["defaults"], **DEFAULTS}
+
+
+def _defaults_from_trl() -> dict[str, Any]:
+    from trl import SFTConfig
+
+    out = {}
+    for f in dataclasses.fields(SFTConfig):
+        if not f.init or f.name.startswith("_") or f.default is dataclasses.MISSING:
+            continue
+        value = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        if value is None or isinstance(value, (str, int, float, bool)):
+            out[f.name] = value
     return out
 
 

@@ -124,7 +124,7 @@ def bnb_config(quant: QuantizationConfig, *, dtype: torch.dtype):
     compute = dtype if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype]
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    storage = {"uint8": torch.uint8, **DTYPES}[quant.quant_storage]
+    storage = {"uint8": torch.uint8, **DTYPES}[quant.quant_storage] if quant.quant_storage != "auto" else torch.uint8
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -132,6 +132,17 @@ def bnb_config(quant: QuantizationConfig, *, dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=storage,
     )
+
+
+def for_backend(quant: QuantizationConfig, *, backend: str, dtype: torch.dtype) -> QuantizationConfig:
+    """`quant_storage: auto` resolved: FSDP2 shards floating tensors only (4-bit weights packed in uint8 would
+    stay whole on every rank), so under FSDP the 4-bit weights are packed in the model's own dtype."""
+    import dataclasses
+
+    if quant.quant_storage != "auto":
+        return quant
+    storage = str(dtype).removeprefix("torch.") if backend == "fsdp" else "uint8"
+    return dataclasses.replace(quant, quant_storage=storage)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -115,6 +115,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         log.info("launcher.num_workers=%d does not apply: %s started %d workers",
                  cfg.launcher.num_workers, env.launched_by, env.world_size)
 
+    _preflight(cfg, env=env, device=device, out=out)
     tokenizer = build_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, seed=args.seed)
     for name, stats in data.stats.items():
@@ -208,6 +209,21 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
                  out / "metrics.jsonl")
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
+    """`sft-dist plan` on this rank, before data or model: every rank refuses what the rules refuse (they all
+    see the same facts); rank 0 logs the plan and writes it to output_dir/plan.json."""
+    from sft_dist.plan import make_plan
+    from sft_dist.plan.report import render
+
+    plan = make_plan(cfg, device=device, world_size=env.world_size, memory=env.is_main)
+    if plan.errors:
+        raise ConfigError([f.describe() for f in plan.errors])
+    if env.is_main:
+        for line in render(plan, diff=False).splitlines()[1:]:
+            log.info("plan: %s", line)
+        (out / "plan.json").write_text(json.dumps(plan.as_dict(), indent=2, default=str), encoding="utf-8")
 
 
 def _current_rss() -> int:
@@ -316,15 +332,20 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
     """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs)."""
     from transformers import set_seed
 
-    from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
+    from sft_dist.model.build import (
+        build_model,
+        for_backend,
+        load_pretrained,
+        resolve_dtype,
+    )
     from sft_dist.model.lora import apply_lora
 
     # Seed before the model and the adapter are initialised (the Trainer seeds only later): the same
     # config gives the same initial weights on every rank, every launcher and every run.
     set_seed(args.seed)
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
-    model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tokenizer, dtype=dtype, seed=args.seed,
-                        device=device)
+    quant = for_backend(cfg.quantization, backend=cfg.backend.type, dtype=dtype)
+    model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device)
     base_dir = None
     if cfg.model.init_config is not None:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
@@ -334,7 +355,7 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
             tokenizer.save_pretrained(base_dir)
         _barrier(env)
         if cfg.quantization.bits is not None:
-            model = load_pretrained(str(base_dir), quant=cfg.quantization, dtype=dtype, device=device,
+            model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device,
                                     attn=cfg.model.attn_implementation)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,

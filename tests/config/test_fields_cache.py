@@ -8,7 +8,7 @@ import sys
 
 from sft_dist.config import fields_cache
 from sft_dist.config.coerce import TypeProblem, coerce, describe
-from sft_dist.config.training_args import _fields_from_trl, _report_to_from_transformers
+from sft_dist.config.training_args import _defaults_from_trl, _fields_from_trl, _report_to_from_transformers
 
 SAMPLES = [None, True, False, 0, 1, 2.5, "2e-4", "linear", "steps", "cosine", "paged_adamw_8bit", "abc", [1],
            ["a"], {"a": 1}, "yes", "no"]
@@ -23,11 +23,14 @@ def outcome(value, hint):
 
 def test_cached_hints_validate_exactly_like_the_installed_sftconfig(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fields, trackers = _fields_from_trl(), _report_to_from_transformers()
-    fields_cache.store(fields, trackers)
+    fields, trackers, defaults = _fields_from_trl(), _report_to_from_transformers(), _defaults_from_trl()
+    fields_cache.store(fields, trackers, defaults)
     assert fields_cache.cache_path().is_file() and fields_cache.cache_path().parent.parent == tmp_path
     cached = fields_cache.load()
     assert cached["report_to"] == trackers and set(cached["fields"]) == set(fields) and len(fields) > 100
+    # the defaults the plan's config diff compares with (TRL's own, e.g. its gradient checkpointing default)
+    assert cached["defaults"] == defaults and defaults["per_device_train_batch_size"] == 8
+    assert defaults["gradient_checkpointing"] is True and defaults["lr_scheduler_type"] == "linear"
     for name, hint in fields.items():
         assert describe(cached["fields"][name]) == describe(hint), name
         for value in SAMPLES:
@@ -36,7 +39,7 @@ def test_cached_hints_validate_exactly_like_the_installed_sftconfig(tmp_path, mo
 
 def test_a_damaged_cache_is_ignored_and_a_config_is_checked_without_importing_trl(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fields_cache.store(_fields_from_trl(), _report_to_from_transformers())
+    fields_cache.store(_fields_from_trl(), _report_to_from_transformers(), _defaults_from_trl())
     code = ("import sys; from sft_dist.config.load import load_config; "
             "load_config(sys.argv[1], ['training.lr_scheduler_type=cosine']); print('trl' in sys.modules)")
     from tests.conftest import QUICKSTART

@@ -1,0 +1,164 @@
+"""What the compatibility rules look at: the config resolved the way training will resolve it.
+
+Facts are plain values, so a rule is a predicate over them and a test can set any combination (a GPU
+without bf16, a bitsandbytes build without kernels for the device) without that hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft_dist.config.schema import Config
+
+# Optimizers whose state lives in bitsandbytes kernels (TrainingArguments.optim values).
+BNB_OPTIMIZERS = ("8bit", "bnb", "paged_")
+
+
+@dataclass
+class Facts:
+    device: str = "cpu"  # cpu | cuda: where the workers train
+    device_here: bool = True  # the device is visible to this process (its hardware can be checked)
+    bf16_hardware: bool | None = None  # the GPU computes bf16 (None: not checked)
+    bnb_optimizer_kernels: bool | None = None  # bitsandbytes has optimizer kernels for the device (None: not checked)
+    backend: str = "ddp"
+    zero_stage: int | None = None
+    zero_gather_on_save: bool = False
+    ds_train_batch_size: Any = "auto"
+    fsdp_sharding: str | None = None
+    fsdp_shard_size: int | None = None
+    world_size: int = 1
+    micro_batch: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    packing: bool = False
+    max_positions: int | None = None
+    model_dtype: str = "float32"  # the dtype the (unquantized parts of the) base is loaded in
+    bits: int | None = None
+    quant_storage: str = "uint8"
+    compute_dtype: str = "float32"
+    lora: bool = True
+    dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)
+    bf16: bool = False
+    fp16: bool = False
+    optim: str = "adamw_torch"
+    activation_checkpointing: bool = False
+    use_reentrant: bool | None = None
+    ddp_find_unused: bool = False
+    eval_strategy: str = "no"
+    save_strategy: str = "steps"
+    load_best: bool = False
+    has_eval_data: bool = False
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def bnb_optimizer(self) -> bool:
+        return any(tag in self.optim for tag in BNB_OPTIMIZERS)
+
+    def replace(self, **changes) -> Facts:
+        return dataclasses.replace(self, **changes)
+
+
+def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | None = None) -> Facts:
+    """The facts of `cfg` as this process sees them. `device`/`world_size` default to what the workers
+    would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size."""
+    from sft_dist.config.training_args import sft_defaults
+    from sft_dist.model.build import resolve_dtype
+    from sft_dist.model.config import max_positions, model_config
+    from sft_dist.train.args import resolve_precision
+
+    device, here = _device(cfg, device)
+    t = {**sft_defaults(), **cfg.training}
+    f = Facts(device=device, device_here=here, backend=cfg.backend.type, world_size=world_size or _world_size(cfg))
+    f.bf16_hardware = _bf16_hardware() if device == "cuda" and here else None
+    f.micro_batch = int(t.get("per_device_train_batch_size") or 8)
+    f.grad_accum = int(t.get("gradient_accumulation_steps") or 1)
+    f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
+    f.max_positions = max_positions(model_config(cfg.model))
+    precision = resolve_precision(cfg.training, device=device) if here else {
+        "bf16": bool(cfg.training.get("bf16", device == "cuda")), "fp16": bool(cfg.training.get("fp16", False))}
+    f.bf16, f.fp16 = precision["bf16"], precision["fp16"]
+    dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled) if here else None
+    f.model_dtype = _dtype_name(dtype) if dtype is not None else (
+        cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" and cfg.lora.enabled
+                                                           else "float32"))
+    q = cfg.quantization
+    f.bits = q.bits
+    f.quant_storage = q.quant_storage if q.quant_storage != "auto" else (
+        f.model_dtype if cfg.backend.type == "fsdp" else "uint8")  # as model/build.py for_backend resolves it
+    f.compute_dtype = f.model_dtype if q.compute_dtype == "auto" else q.compute_dtype
+    f.lora, f.dora = cfg.lora.enabled, cfg.lora.enabled and cfg.lora.use_dora
+    f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
+    f.optim = str(t.get("optim") or "adamw_torch")
+    f.bnb_optimizer_kernels = _bnb_optimizer_kernels(device) if f.bnb_optimizer and here else None
+    f.activation_checkpointing = bool(t.get("activation_checkpointing") or cfg.training.get("gradient_checkpointing"))
+    reentrant = (t.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
+    f.use_reentrant = None if reentrant is None else bool(reentrant)
+    f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
+    f.eval_strategy, f.save_strategy = str(t.get("eval_strategy", "no")), str(t.get("save_strategy", "steps"))
+    f.load_best = bool(t.get("load_best_model_at_end", False))
+    d = cfg.data
+    f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
+    if cfg.backend.type == "deepspeed":
+        from sft_dist.backends import backend_file
+
+        ds = backend_file(cfg)
+        zero = ds.get("zero_optimization", {})
+        f.zero_stage = zero.get("stage")
+        f.zero_gather_on_save = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
+        f.ds_train_batch_size = ds.get("train_batch_size", "auto")
+    elif cfg.backend.type == "fsdp":
+        from sft_dist.backends.fsdp import fsdp_settings
+
+        fc = fsdp_settings(cfg)
+        f.fsdp_sharding, f.fsdp_shard_size = fc.sharding, fc.shard_size
+        f.activation_checkpointing = f.activation_checkpointing or fc.activation_checkpointing
+    return f
+
+
+def _device(cfg: Config, device: str | None) -> tuple[str, bool]:
+    import torch
+
+    requested = device or cfg.launcher.device
+    visible = torch.cuda.is_available()
+    if requested == "auto":
+        return ("cuda" if visible else "cpu"), True
+    return requested, requested == "cpu" or visible
+
+
+def _world_size(cfg: Config) -> int:
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.launcher.num_workers
+
+
+def _bf16_hardware() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def _bnb_optimizer_kernels(device: str) -> bool:
+    """Whether the installed bitsandbytes registers its 8-bit optimizer kernel for `device` (it registers one
+    op per backend it was built with; the optimizers fail at the first step where there is none)."""
+    try:
+        import bitsandbytes  # noqa: F401 - importing registers the kernels
+        import torch
+    except ImportError:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device, device.upper())
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(
+            "bitsandbytes::optimizer_update_8bit_blockwise", key))
+    except RuntimeError:  # the op itself is not defined by this bitsandbytes
+        return False
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

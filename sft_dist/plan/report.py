@@ -1,0 +1,58 @@
+"""`sft-dist plan` as text for people (the JSON form is `Plan.as_dict`)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from sft_dist.plan import Plan, setup
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TB"
+
+
+def render(plan: Plan, *, diff: bool = True) -> str:
+    errors, warnings = len(plan.errors), len(plan.findings) - len(plan.errors)
+    lines = [f"verdict: {'REFUSED' if errors else 'OK'} ({errors} error(s), {warnings} warning(s))"]
+    if diff:
+        lines.append("changed from the defaults:" if plan.diff else "changed from the defaults: nothing")
+        for key, d in plan.diff.items():
+            lines.append(f"  {key:<40} {_short(d['value'])}   (default {_short(d['default'])})")
+    s = setup(plan.facts)
+    lines.append("setup: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()))
+    g = plan.geometry
+    lines.append(f"batch: {g['micro_batch']} per device x {g['gradient_accumulation_steps']} accumulation x "
+                 f"{g['world_size']} workers = {g['global_batch']} sequences per optimizer step, up to "
+                 f"{g['tokens_per_step_max']:,} tokens (max_length {g['max_length']}"
+                 f"{', packed' if g['packing'] else ''})")
+    lines.append("rules:" if plan.findings else "rules: none fired (compatible)")
+    for f in plan.findings:
+        lines.append(f"  {f.severity:<7} [{f.rule}] {', '.join(f.keys)}")
+        lines += textwrap.wrap(f.message, 110, initial_indent="          ", subsequent_indent="          ")
+        lines += textwrap.wrap(f"fix: {f.fix}", 110, initial_indent="          ", subsequent_indent="          ")
+    lines += memory_lines(plan)
+    return "\n".join(lines)
+
+
+def memory_lines(plan: Plan) -> list[str]:
+    m = plan.memory
+    if m is None:
+        return [f"memory per rank: not estimated ({plan.memory_error or 'skipped'})"]
+    out = [f"memory per rank (estimate, {plan.facts.world_size} worker(s), {plan.facts.device}):",
+           f"  weights      {human_bytes(m.weights):>11}   (trainable {human_bytes(m.lora)})",
+           f"  gradients    {human_bytes(m.gradients):>11}",
+           f"  optimizer    {human_bytes(m.optimizer):>11}",
+           f"  activations  {human_bytes(m.activations):>11}   (one micro-batch)",
+           f"  total        {human_bytes(m.total):>11}"]
+    out += [f"  - {n}" for n in m.notes]
+    return out
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

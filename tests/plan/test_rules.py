@@ -1,0 +1,197 @@
+"""The compatibility rules of `sft-dist plan` / `sft-dist train`: one test per rule, each showing the
+setup that fires it (with its message and fix) and the corrected setup that passes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from sft_dist.cli import main
+from sft_dist.config.load import load_config
+from sft_dist.plan.facts import gather_facts
+from sft_dist.plan.rules import RULES, evaluate
+from tests.conftest import QUICKSTART, ROOT
+
+DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
+ZERO2 = ["backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}"]
+ZERO3 = ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}"]
+FULL_SHARD = ["backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}"]
+
+
+def findings(*overrides, **facts):
+    f = gather_facts(load_config(QUICKSTART, list(overrides)))
+    return {x.rule: x for x in evaluate(f.replace(**facts) if facts else f)}
+
+
+def fires(rule: str, bad: list[str], good: list[str], *, severity: str = "error", bad_facts=None, good_facts=None):
+    """`rule` fires for `bad` (and its text names the rule's keys and a fix), and not for `good`."""
+    hit = findings(*bad, **(bad_facts or {}))
+    assert rule in hit, f"{rule} did not fire for {bad}: {sorted(hit)}"
+    finding = hit[rule]
+    assert finding.severity == severity and finding.fix and finding.keys
+    assert rule not in findings(*good, **(good_facts or {})), f"{rule} fired for the corrected setup {good}"
+    return finding
+
+
+def test_qlora_fsdp_needs_floating_quant_storage():
+    f = fires("qlora-fsdp-quant-storage", ["quantization.bits=4", "quantization.quant_storage=uint8", *FULL_SHARD],
+              ["quantization.bits=4", *FULL_SHARD])  # auto: the model's dtype under FSDP
+    assert "cannot be sharded by FSDP2" in f.message and "quant_storage: float32" in f.fix
+
+
+def test_int8_under_fsdp_is_refused():
+    f = fires("int8-fsdp", ["quantization.bits=8", *FULL_SHARD], ["quantization.bits=8", *ZERO2])
+    assert "'Parameter' object has no attribute 'CB'" in f.message and "quantization.bits: 4" in f.fix
+
+
+def test_qlora_zero3_init_warns_that_each_rank_loads_the_whole_base():
+    f = fires("qlora-zero3-init", ["quantization.bits=4", *ZERO3], ["quantization.bits=4", *ZERO2],
+              severity="warning")
+    assert "zero.Init" in f.message and "whole 4-bit base" in f.fix
+
+
+def test_reentrant_checkpointing_with_lora_under_ddp_searching_unused_parameters():
+    ckpt = ["training.activation_checkpointing=true", "training.gradient_checkpointing_kwargs={use_reentrant: true}"]
+    f = fires("reentrant-checkpointing-lora", [*ckpt, "training.ddp_find_unused_parameters=true"],
+              [*ckpt])  # sft_dist's default find_unused_parameters=false: measured to train
+    assert "Expected to mark a variable ready only once" in f.message and "use_reentrant: false" in f.fix
+    assert "reentrant-checkpointing-lora" not in findings(*ckpt, "training.ddp_find_unused_parameters=true",
+                                                          "launcher.num_workers=1")
+
+
+def test_dora_on_an_8bit_base_is_refused():
+    f = fires("dora-int8", ["quantization.bits=8", "lora.use_dora=true"], ["quantization.bits=4", "lora.use_dora=true"])
+    assert "quantization.bits: 4" in f.fix
+
+
+def test_dora_on_a_quantized_base_under_zero3_is_refused():
+    f = fires("dora-quantized-zero3", ["quantization.bits=4", "lora.use_dora=true", *ZERO3],
+              ["quantization.bits=4", "lora.use_dora=true", *FULL_SHARD])
+    assert "ds_status" in f.message and "fsdp" in f.fix
+
+
+def test_dora_on_a_4bit_base_warns_about_its_cost():
+    fires("dora-quantized-cost", ["quantization.bits=4", "lora.use_dora=true"], ["quantization.bits=4"],
+          severity="warning")
+
+
+def test_fp16_on_cpu_is_refused():
+    f = fires("fp16-on-cpu", ["training.fp16=true"], ["training.bf16=true"])
+    assert "bf16: true" in f.fix
+
+
+def test_bf16_on_a_gpu_without_bf16():
+    f = fires("bf16-without-hardware", ["training.bf16=true"], ["training.fp16=true"],
+              bad_facts={"device": "cuda", "bf16_hardware": False},
+              good_facts={"device": "cuda", "bf16_hardware": False})
+    assert "fp16: true" in f.fix
+    assert "bf16-without-hardware" not in findings("training.bf16=true", device="cuda", bf16_hardware=True)
+
+
+def test_bitsandbytes_optimizer_on_a_device_without_its_kernels():
+    f = fires("bnb-optimizer-device", ["training.optim=paged_adamw_8bit"], ["training.optim=adamw_torch"],
+              bad_facts={"bnb_optimizer_kernels": False})
+    assert "adamw_torch" in f.fix
+    # the installed bitsandbytes has CPU kernels: on this machine paged_adamw_8bit passes (with a warning)
+    assert "bnb-optimizer-device" not in findings("training.optim=paged_adamw_8bit")
+
+
+def test_paged_optimizer_on_cpu_warns_that_nothing_is_paged():
+    fires("paged-optimizer-on-cpu", ["training.optim=paged_adamw_8bit"], ["training.optim=adamw_bnb_8bit"],
+          severity="warning")
+
+
+def test_load_best_model_without_eval():
+    f = fires("best-model-without-eval", ["training.load_best_model_at_end=true", "training.eval_strategy=no"],
+              ["training.load_best_model_at_end=true", "training.save_strategy=steps", "training.save_steps=50"])
+    assert "eval_strategy is 'no'" in f.message
+    f = findings("training.load_best_model_at_end=true", "data.eval_files=null", "training.save_steps=50",
+                 "training.save_strategy=steps")["best-model-without-eval"]
+    assert "there is no eval data" in f.message
+
+
+def test_global_batch_not_divisible(tmp_path):
+    def ds(train_batch_size):
+        cfg = json.loads((DS / "zero2.json").read_text())
+        cfg["train_batch_size"] = train_batch_size
+        path = tmp_path / f"tbs{train_batch_size}.json"
+        path.write_text(json.dumps(cfg))
+        return ["backend.type=deepspeed", f"backend.config={path}"]
+
+    f = fires("global-batch-not-divisible", ds(24), ds(16))  # 8 per device x 1 x 2 workers = 16
+    assert "micro batch 8 x accumulation 1 x 2 workers = 16" in f.message
+    assert "a multiple of 16" in f.fix
+    assert "gradient_accumulation_steps: 2" in findings(*ds(32))["global-batch-not-divisible"].fix
+
+
+def test_max_length_beyond_the_models_positions():
+    f = fires("max-length-beyond-positions", ["data.max_length=1024"], ["data.max_length=512"])
+    assert "512 positions" in f.message and "data.max_length <= 512" in f.fix
+
+
+def test_zero3_adapter_export_needs_gathering_with_modules_to_save(tmp_path):
+    cfg = json.loads((DS / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps(cfg))
+    f = fires("zero3-adapter-export", ["backend.type=deepspeed", f"backend.config={path}"], ZERO3)
+    assert "modules_to_save copies (lm_head)" in f.message and "stage3_gather_16bit_weights_on_model_save" in f.fix
+
+
+def test_hybrid_shard_size_must_divide_the_workers(tmp_path):
+    hybrid = tmp_path / "hybrid.yaml"
+    hybrid.write_text("sharding: hybrid_shard\nshard_size: 2\n")
+    fires("hybrid-shard-size", ["backend.type=fsdp", f"backend.config={hybrid}", "launcher.num_workers=3"],
+          ["backend.type=fsdp", f"backend.config={hybrid}", "launcher.num_workers=4"])
+
+
+def test_every_rule_has_its_test():
+    import re
+    from pathlib import Path
+
+    tested = set(re.findall(r'fires\("([a-z0-9-]+)"', Path(__file__).read_text(encoding="utf-8")))
+    assert tested == {r.id for r in RULES}
+
+
+# Each refusal, end to end through both commands, before any model loads.
+REFUSED = [
+    ("qlora-fsdp-quant-storage", ["quantization.bits=4", "quantization.quant_storage=uint8", *FULL_SHARD]),
+    ("int8-fsdp", ["quantization.bits=8", *FULL_SHARD]),
+    ("dora-int8", ["quantization.bits=8", "lora.use_dora=true"]),
+    ("dora-quantized-zero3", ["quantization.bits=4", "lora.use_dora=true", *ZERO3]),
+    ("fp16-on-cpu", ["training.fp16=true"]),
+    ("best-model-without-eval", ["training.load_best_model_at_end=true", "training.eval_strategy=no"]),
+    ("max-length-beyond-positions", ["data.max_length=1024"]),
+    ("reentrant-checkpointing-lora", ["training.activation_checkpointing=true",
+                                      "training.gradient_checkpointing_kwargs={use_reentrant: true}",
+                                      "training.ddp_find_unused_parameters=true"]),
+]
+
+
+@pytest.mark.parametrize("rule, overrides", REFUSED, ids=[r for r, _ in REFUSED])
+def test_plan_and_train_refuse_in_seconds(rule, overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    for command in ("plan", "train"):
+        t0 = time.monotonic()
+        rc = main([command, str(QUICKSTART), f"output_dir={out}", *overrides])
+        text = capsys.readouterr()
+        assert rc == 1 and time.monotonic() - t0 < 30
+        said = text.out if command == "plan" else text.err
+        assert f"[{rule}]" in said and ("Fix:" in said or "fix:" in said), said[-2000:]
+    assert not out.exists()  # refused before anything was written
+
+
+def test_plan_json_for_a_compatible_qlora_fsdp_setup(capsys):
+    rc = main(["plan", str(QUICKSTART), "quantization.bits=4", *FULL_SHARD, "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert rc == 0 and plan["verdict"] == "ok" and plan["rules"] == []
+    assert plan["geometry"] == {"micro_batch": 8, "gradient_accumulation_steps": 1, "world_size": 2,
+                                "global_batch": 16, "max_length": 128, "tokens_per_step_max": 2048,
+                                "packing": False}
+    assert plan["setup"]["quantization"].startswith("4-bit bitsandbytes (storage float32")
+    assert plan["config_diff"]["quantization.bits"] == {"value": 4, "default": None}
+    assert plan["config_diff"]["training.learning_rate"] == {"value": 0.005, "default": 2e-05}
+    assert "launcher.device" not in plan["config_diff"]
+    assert plan["memory_per_rank"]["weights"] > 0 and plan["memory_per_rank"]["total"] > 0
