@@ -50,6 +50,7 @@ class _Sharding:
     gradients: int = 1
     optimizer: int = 1
     master_copy: bool = False  # DeepSpeed keeps an fp32 copy of its trainable partition
+    grad_partition_copy: bool = False  # ZeRO-1/2 flatten the gradient partition again for the fp32 step
     ddp_buckets: bool = False  # DDP's reducer holds a flat copy of all gradients
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -75,8 +76,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
     weights = _div(weights_full, shard.weights)
     lora = _div(trainable_bytes, shard.weights)
     gradients = _div(trainable_bytes, shard.gradients)
-    per_param, opt_note = _optimizer_bytes_per_param(cfg, model)
-    optimizer = _div(per_param, shard.optimizer)
+    optimizer_full, opt_note = _optimizer_bytes(cfg, model)
+    optimizer = _div(optimizer_full, shard.optimizer)
     master = _div(counts["trainable_numel"] * 4, shard.optimizer) if shard.master_copy else 0
     optimizer += master
     if opt_note:
@@ -96,6 +97,12 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         extra += trainable_bytes
         notes.append(f"DDP: the reducer's gradient buckets hold another copy of the gradients "
                      f"({_gb(trainable_bytes)})")
+    if shard.grad_partition_copy:
+        # Measured (bench/plan_memory.py): the flattened fp32 gradient partition the step builds stays resident
+        # next to the reduced one, one more gradient partition per rank.
+        partition = _div(trainable_bytes, shard.optimizer)
+        extra += partition
+        notes.append(f"{shard.label}: a second, flattened gradient partition for the fp32 step ({_gb(partition)})")
     if shard.gathers_layers:
         gathered = counts["largest_layer_bytes"] * 2  # the layer in use and the one prefetched
         extra += gathered
@@ -107,9 +114,9 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         notes.append(f"quantized layers dequantize their weight for each matmul (up to {_gb(dequant)} at a time)")
     peak_phase = max(backward_peak, gradients)  # backward, or the optimizer step (all gradients + states)
     transient = max(0, peak_phase - activations - gradients) + extra
-    on_rank_optimizer = 0 if shard.offload_optimizer else optimizer
-    on_rank_weights = weights if not shard.offload_param else weights - lora
-    total = on_rank_weights + gradients + on_rank_optimizer + activations + transient
+    # Offloaded parts live in host memory: not on the device (the same memory on a CPU device; see notes).
+    total = (0 if shard.offload_param else weights) + gradients + (0 if shard.offload_optimizer else optimizer)
+    total += activations + transient
 
     load = _load_peak(cfg, counts, shard=shard, dtype=dtype, world_size=world_size)
     notes += _notes(cfg, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
@@ -129,7 +136,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         "load_dtype": str(dtype).removeprefix("torch."),
         "compute_dtype": str(compute).removeprefix("torch."),
         "bytes_per_param": {"weights": round(weights_full / max(1, counts["total_numel"]), 3),
-                            "optimizer": round(per_param / max(1, counts["trainable_numel"]), 3)},
+                            "optimizer": round(optimizer_full / max(1, counts["trainable_numel"]), 3)},
         "optimizer_master_copy": master,
         "sharded_by": {"weights": shard.weights, "gradients": shard.gradients, "optimizer": shard.optimizer},
         "offloaded": {"optimizer": shard.offload_optimizer, "params": shard.offload_param},
@@ -211,8 +218,9 @@ def _count(model, cfg: Config, *, dtype: torch.dtype, skip: set) -> dict[str, in
     """Parameter counts and bytes as the run stores them (quantized base layers packed, LoRA in fp32)."""
     quantized = {id(m.weight) for m in _quantized_linears(model, cfg).values()}
     bits = cfg.quantization.bits
-    c = dict(total_numel=0, trainable_numel=0, trainable_bytes=0, quantized_numel=0, param_bytes=0,
-             buffer_bytes=0, quant_state_bytes=0, largest_quantized_numel=0)
+    keys = ("total_numel", "trainable_numel", "trainable_bytes", "quantized_numel", "param_bytes",
+            "quant_state_bytes", "largest_quantized_numel")
+    c = dict.fromkeys(keys, 0)
     for p in model.parameters():
         n = p.numel()
         c["total_numel"] += n
@@ -260,8 +268,8 @@ def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
 
 # --- optimizer ------------------------------------------------------------------------------------------------
 
-def _optimizer_bytes_per_param(cfg: Config, model) -> tuple[int, str | None]:
-    """Optimizer-state bytes for all trainable parameters (unsharded), by `training.optim`."""
+def _optimizer_bytes(cfg: Config, model) -> tuple[int, str | None]:
+    """Optimizer-state bytes of all trainable parameters (unsharded) by `training.optim`, and a note if unknown."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     ds_optimizer = cfg.backend.type == "deepspeed" and _ds_file(cfg).get("optimizer")
     if ds_optimizer:
@@ -274,9 +282,9 @@ def _optimizer_bytes_per_param(cfg: Config, model) -> tuple[int, str | None]:
     note = None
     total = 0
     for p in trainable:
-        n, size = p.numel(), 4  # torch keeps states in the parameter's dtype; trainable params are fp32 here
-        size = p.element_size() if cfg.quantization.bits is None else 4
-        if optim.endswith("_8bit") or optim.endswith("8bit"):
+        # torch keeps states in the parameter's dtype (a quantized model's trainable params are fp32)
+        n, size = p.numel(), (p.element_size() if cfg.quantization.bits is None else 4)
+        if optim.endswith("8bit"):
             states = 1 if "lion" in optim else 3 if "ademamix" in optim else 2
             if n < BNB_OPT_MIN_8BIT:
                 total += states * n * 4
@@ -331,6 +339,7 @@ def _sharding(cfg: Config, world_size: int) -> _Sharding:
         gradients=n if stage >= 2 else 1,
         optimizer=n if stage >= 1 else 1,
         master_copy=stage >= 1,
+        grad_partition_copy=stage in (1, 2),
         offload_optimizer=bool(zero.get("offload_optimizer")),
         offload_param=bool(zero.get("offload_param")),
         gathers_layers=stage >= 3 and n > 1,
@@ -450,7 +459,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
         skip = skip | {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable({"use_reentrant": False})
         if cfg.lora.enabled:
             base.enable_input_require_grads()
     model.train()
