@@ -86,14 +86,14 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int):
     if cfg.attn_implementation:
         config._attn_implementation = cfg.attn_implementation
     # Same seed on every rank: identical initial weights without a broadcast.
-    with torch.random.fork_rng(devices=[]), _without_zero3_init():
+    with torch.random.fork_rng(devices=[]), without_zero3_init():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
 
 
 @contextlib.contextmanager
-def _without_zero3_init():
+def without_zero3_init():
     """Build a random-init model whole, even when a ZeRO-3 config is active (transformers would build it
     under `deepspeed.zero.Init`, with a different init and partitioned weights). The seeded weights are then
     the same as under DDP, rank 0 can save them as the base, and DeepSpeed partitions them at engine start."""
