@@ -221,8 +221,10 @@ def _plan(args) -> int:
     from sft_dist.config.load import load_config
     from sft_dist.plan import make_plan
     from sft_dist.plan.report import render
+    from sft_dist.quiet import quiet_libraries
 
     cfg = load_config(args.config, args.overrides)
+    quiet_libraries()
     plan = make_plan(cfg, device=args.device, world_size=args.world_size)
     print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else render(plan))
     return 1 if plan.errors else 0
