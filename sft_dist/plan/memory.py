@@ -50,7 +50,6 @@ class _Sharding:
     gradients: int = 1
     optimizer: int = 1
     master_copy: bool = False  # DeepSpeed keeps an fp32 copy of its trainable partition
-    grad_partition_copy: bool = False  # ZeRO-1/2 flatten the gradient partition again for the fp32 step
     ddp_buckets: bool = False  # DDP's reducer holds a flat copy of all gradients
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -97,17 +96,15 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         extra += trainable_bytes
         notes.append(f"DDP: the reducer's gradient buckets hold another copy of the gradients "
                      f"({_gb(trainable_bytes)})")
-    if shard.grad_partition_copy:
-        # Measured (bench/plan_memory.py): the flattened fp32 gradient partition the step builds stays resident
-        # next to the reduced one, one more gradient partition per rank.
-        partition = _div(trainable_bytes, shard.optimizer)
-        extra += partition
-        notes.append(f"{shard.label}: a second, flattened gradient partition for the fp32 step ({_gb(partition)})")
     if shard.gathers_layers:
         gathered = counts["largest_layer_bytes"] * 2  # the layer in use and the one prefetched
         extra += gathered
         notes.append(f"{shard.label}: full weights of a decoder layer are gathered while it runs "
                      f"(~{_gb(gathered)} with prefetch)")
+    if cfg.backend.type == "fsdp" and shard.weights > 1 and not _plain_loss(cfg):
+        head = counts["head_bytes"]  # TRL's fused head gathers the sharded output head whole (full_tensor)
+        extra += head
+        notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({_gb(head)})")
     if counts["largest_quantized_numel"]:
         dequant = counts["largest_quantized_numel"] * _bytes(compute)
         extra += dequant
@@ -242,6 +239,8 @@ def _count(model, cfg: Config, *, dtype: torch.dtype, skip: set) -> dict[str, in
             c["trainable_bytes"] += n * size
     c["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
+    head = model.get_output_embeddings()
+    c["head_bytes"] = head.weight.numel() * 4 if bits is not None else head.weight.numel() * head.weight.element_size()
     return c
 
 
@@ -339,7 +338,6 @@ def _sharding(cfg: Config, world_size: int) -> _Sharding:
         gradients=n if stage >= 2 else 1,
         optimizer=n if stage >= 1 else 1,
         master_copy=stage >= 1,
-        grad_partition_copy=stage in (1, 2),
         offload_optimizer=bool(zero.get("offload_optimizer")),
         offload_param=bool(zero.get("offload_param")),
         gathers_layers=stage >= 3 and n > 1,
@@ -392,42 +390,48 @@ _register_attention()
 
 
 class _LiveStorages(TorchDispatchMode):
-    """Follows every storage an op creates until it is freed: a timeline of (op index, +/- bytes)."""
+    """Follows every storage an op creates until it is freed: spans of (bytes, born, died) on an op clock.
+    Storages are keyed by address while alive only; a freed address may come back for a new storage."""
 
     def __init__(self, skip: set):
         super().__init__()
         self.skip = skip
-        self.live: dict[int, tuple[StorageWeakRef, int, int]] = {}  # key -> (ref, bytes, born)
-        self.spans: list[tuple[int, int, int, int]] = []  # (key, bytes, born, died)
+        self.live: dict[int, tuple[StorageWeakRef, int, int, int]] = {}  # address -> (ref, bytes, born, serial)
+        self.spans: list[tuple[int, int, int, int]] = []  # (serial, bytes, born, died)
         self.clock = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.sweep()
         out = func(*args, **(kwargs or {}))
         self.clock += 1
+        self.sweep()  # before registering: an output may reuse the address of a storage the op freed
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
                 key = s._cdata
                 if key not in self.live and key not in self.skip:
-                    self.live[key] = (StorageWeakRef(s), s.nbytes(), self.clock)
-        self.sweep()
+                    self.live[key] = (StorageWeakRef(s), s.nbytes(), self.clock, len(self.spans) + len(self.live))
         return out
 
     def sweep(self) -> None:
-        for key, (ref, size, born) in list(self.live.items()):
+        for key, (ref, size, born, serial) in list(self.live.items()):
             if ref.expired():
                 del self.live[key]
-                self.spans.append((key, size, born, self.clock))
+                self.spans.append((serial, size, born, self.clock))
 
     def live_bytes(self) -> int:
-        return sum(size for _, size, _ in self.live.values())
+        return sum(size for _, size, _, _ in self.live.values())
+
+    def serials(self, storages: set) -> set:
+        """Serials of the live storages at these addresses."""
+        return {self.live[k][3] for k in storages if k in self.live}
 
     def peak(self, exclude: set) -> int:
-        """Highest live bytes over the timeline, leaving out the storages in `exclude`."""
+        """Highest live bytes over the timeline, leaving out the spans whose serial is in `exclude`."""
         events: list[tuple[int, int]] = []
-        spans = self.spans + [(k, size, born, self.clock + 1) for k, (_, size, born) in self.live.items()]
-        for key, size, born, died in spans:
-            if key not in exclude:
+        spans = self.spans + [(serial, size, born, self.clock + 1) for _, size, born, serial in self.live.values()]
+        for serial, size, born, died in spans:
+            if serial not in exclude:
                 events += [(born, size), (died, -size)]
         cur = best = 0
         for _, delta in sorted(events, key=lambda e: (e[0], e[1] < 0)):
@@ -476,7 +480,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
         loss.backward()
         del loss
         tracker.sweep()
-    grads = {p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None}
+    grads = tracker.serials({p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None})
     return {"activations": activations, "forward_peak": forward_peak,
             "peak_with_grads": tracker.peak(set()), "peak_without_grads": tracker.peak(grads)}
 
@@ -487,15 +491,17 @@ def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtyp
     """Bytes a rank holds while the model loads, before any backend shards it."""
     full = counts["total_numel"] * _bytes(dtype)
     quantized = counts["param_bytes"] + counts["quant_state_bytes"] + counts["buffer_bytes"]
+    # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
+    mapped = full
     if cfg.model.init_config is not None:
         # The random base is built whole in the load dtype on every rank (model/build.py); a quantized run
         # then reloads it quantized from disk while the full-precision one is still referenced.
-        return full + (quantized if cfg.quantization.bits is not None else 0)
+        return full + (mapped + quantized if cfg.quantization.bits is not None else 0)
     if cfg.quantization.bits is not None:
-        return quantized  # every rank loads the whole quantized base, whatever the backend
+        return mapped + quantized  # every rank loads the whole quantized base, whatever the backend
     if shard.weights > 1 and cfg.backend.type == "deepspeed":
         return _div(full, shard.weights)  # transformers loads under deepspeed.zero.Init
-    return full
+    return mapped + full
 
 
 def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
