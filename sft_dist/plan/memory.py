@@ -98,6 +98,11 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
                      f"({_gb(trainable_bytes)})")
     if shard.gathers_layers:
         gathered = counts["largest_layer_bytes"] * 2  # the layer in use and the one prefetched
+        if cfg.backend.type == "deepspeed":
+            # ZeRO-3 keeps gathered parameters until stage3_max_live_parameters (default 1e9) are live or
+            # stage3_max_reuse_distance passes: measured, with the defaults it holds the whole model in the step.
+            live = float(_ds_file(cfg).get("zero_optimization", {}).get("stage3_max_live_parameters", 1e9))
+            gathered = max(gathered, int(weights_full * min(1.0, live / max(1, counts["total_numel"]))))
         extra += gathered
         notes.append(f"{shard.label}: full weights of a decoder layer are gathered while it runs "
                      f"(~{_gb(gathered)} with prefetch)")
