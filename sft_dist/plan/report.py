@@ -48,7 +48,10 @@ def memory_lines(plan: Plan) -> list[str]:
            f"  gradients    {human_bytes(m.gradients):>11}",
            f"  optimizer    {human_bytes(m.optimizer):>11}",
            f"  activations  {human_bytes(m.activations):>11}   (one micro-batch)",
-           f"  total        {human_bytes(m.total):>11}"]
+           f"  total        {human_bytes(m.total):>11}   (training peak)"]
+    load_peak = m.detail.get("load_peak") or 0
+    if load_peak > m.total:
+        out.append(f"  load peak    {human_bytes(load_peak):>11}   (while the model is built, above the training peak)")
     out += [f"  - {n}" for n in m.notes]
     return out
 
