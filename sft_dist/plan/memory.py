@@ -21,7 +21,6 @@ from torch.utils._pytree import tree_flatten
 
 from sft_dist.config.schema import Config
 
-GB = 1024**3
 # bitsandbytes: 4-bit weights are quantized in blocks of 64 with one absmax per block; double quantization
 # stores that absmax in 8 bits plus one fp32 per 256 absmax values (and a 256-entry fp32 code book).
 BNB4_BLOCK, BNB4_NESTED_BLOCK = 64, 256
@@ -517,7 +516,9 @@ def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: i
     if _plain_loss(cfg):
         notes.append("loss: the model's own (full logits), as sft_dist uses under FSDP2 with a trainable head")
     else:
-        notes.append("loss: TRL's chunked LM head (no full logits; tiles of up to 4096 tokens x 32768 vocab)")
+        notes.append("loss: TRL's chunked LM head (no full logits; it allocates a tile buffer of up to 4096 tokens "
+                     "x 32768 vocab columns whatever the vocabulary: on CPU the columns a smaller vocabulary never "
+                     "touches stay out of RSS, on a GPU they are allocated)")
     if shard.offload_optimizer:
         notes.append(f"optimizer state offloaded to host memory: {_gb(optimizer)} per rank there, not on the device")
     if shard.offload_param:
@@ -545,4 +546,6 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def _gb(x: int) -> str:
-    return f"{x / GB:.2f} GB"
+    from sft_dist.plan.report import human_bytes
+
+    return human_bytes(x)
