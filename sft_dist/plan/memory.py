@@ -156,17 +156,17 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
 # --- the model, on the meta device ---------------------------------------------------------------------------
 
 def _model_config(cfg: Config):
-    from transformers import AutoConfig
+    import dataclasses
+
+    from sft_dist.model.config import model_config
 
     m = cfg.model
-    if m.init_config is None:
-        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    init = dict(m.init_config)
-    if "vocab_size" not in init:  # the run sizes the embedding to the tokenizer (model/build.py)
+    if m.init_config is not None and "vocab_size" not in m.init_config:
+        # the run sizes the embedding to the tokenizer (model/build.py)
         from sft_dist.model.tokenizer import build_tokenizer
 
-        init["vocab_size"] = len(build_tokenizer(m))
-    return AutoConfig.for_model(init.pop("model_type"), **init)
+        m = dataclasses.replace(m, init_config={**m.init_config, "vocab_size": len(build_tokenizer(m))})
+    return model_config(m)
 
 
 def _meta_model(cfg: Config, *, dtype: torch.dtype):
