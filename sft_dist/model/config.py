@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from sft_dist.config.schema import ModelConfig
 from sft_dist.errors import ConfigError
 
@@ -22,10 +25,29 @@ def model_config(m: ModelConfig):
         raise ConfigError(f"model.name_or_path: cannot read the config of {m.name_or_path!r}: {e}") from None
 
 
-def max_positions(config) -> int | None:
-    """The longest sequence the model's position embeddings / RoPE table were built for (None: unbounded)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(m: ModelConfig) -> int | None:
+    """The longest sequence the model's position embeddings / RoPE table were built for (None: unbounded).
+    Read from the config dict or a local config.json when they name it: importing a model's config class
+    costs a launcher ~3 s (transformers pulls in its kernels hub), so that happens only when needed."""
+    raw = m.init_config
+    if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
+        try:
+            raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raw = None
+    if isinstance(raw, dict):
+        found = _positions(raw.get)
+        if found is not None or m.init_config is None:
+            return found
+    return _positions(lambda name: getattr(model_config(m), name, None))
+
+
+def _positions(get) -> int | None:
+    for name in POSITION_KEYS:
+        value = get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_dist.config.schema import Config
+from sft_dist.errors import ConfigError
 
 # Optimizers whose state lives in bitsandbytes kernels (TrainingArguments.optim values).
 BNB_OPTIMIZERS = ("8bit", "bnb", "paged_")
@@ -70,7 +71,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size."""
     from sft_dist.config.training_args import sft_defaults
     from sft_dist.model.build import resolve_dtype
-    from sft_dist.model.config import max_positions, model_config
+    from sft_dist.model.config import max_positions
     from sft_dist.train.args import resolve_precision
 
     device, here = _device(cfg, device)
@@ -80,7 +81,10 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.micro_batch = int(t.get("per_device_train_batch_size") or 8)
     f.grad_accum = int(t.get("gradient_accumulation_steps") or 1)
     f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
-    f.max_positions = max_positions(model_config(cfg.model))
+    try:
+        f.max_positions = max_positions(cfg.model)
+    except ConfigError:  # an unreadable model config is reported where the model loads, with its context
+        f.max_positions = None
     precision = resolve_precision(cfg.training, device=device) if here else {
         "bf16": bool(cfg.training.get("bf16", device == "cuda")), "fp16": bool(cfg.training.get("fp16", False))}
     f.bf16, f.fp16 = precision["bf16"], precision["fp16"]
