@@ -57,7 +57,7 @@ def setup(f: Facts) -> dict[str, Any]:
     adapter = ("DoRA" if f.dora else "LoRA") if f.lora else "full fine-tuning"
     return {"device": f.device, "backend": backend, "precision": precision, "model_dtype": f.model_dtype,
             "quantization": quant, "adapter": adapter, "optimizer": f.optim,
-            "activation_checkpointing": f.activation_checkpointing}
+            "activation_checkpointing": "on" if f.activation_checkpointing else "off"}
 
 
 def check(cfg: Config, *, device: str | None = None, world_size: int | None = None) -> list[Finding]:
