@@ -17,3 +17,15 @@ class ConfigError(SftDistError):
 
 class DataError(SftDistError):
     """The data cannot be used as configured (file, row or column named in the message)."""
+
+
+class BadRow(DataError):
+    """One row (or line) cannot be used. `kind` names the problem; `data.on_bad_row: skip` counts such rows
+    by kind and drops them, where a file-level DataError always stops the run."""
+
+    def __init__(self, message: str, kind: str = "bad row"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` when `datasets.map(num_proc=N)` sends the error back from a worker
+        return type(self), (str(self), self.kind)

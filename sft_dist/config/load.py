@@ -205,6 +205,8 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"data.eval_split_ratio: got {d.eval_split_ratio}; must be in [0, 1)")
     if d.eval_split_ratio > 0 and (d.eval_files is not None or d.eval_split is not None):
         p.append("data.eval_split_ratio: set it only when no `data.eval_files` / `data.eval_split` is given")
+    if d.id_column is not None and not d.id_column.strip():
+        p.append("data.id_column: empty; name the column holding row ids, or leave it unset")
     if d.num_proc is not None and d.num_proc < 1:
         p.append(f"data.num_proc: got {d.num_proc}; must be >= 1")
     if lo.enabled:

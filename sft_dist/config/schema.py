@@ -76,6 +76,12 @@ class DataConfig:
     num_proc: int | None = None
     # Each rank writes the ids of the samples it trained on to output_dir/trace/ (debugging sharding).
     trace_samples: bool = False
+    # A row that cannot be used (null or wrong-typed value, empty response, unknown chat role, duplicate id,
+    # a corrupt jsonl line): `error` stops at the first, naming file and line; `skip` drops such rows and logs
+    # one line counting them by kind. A bad file (missing, unreadable, empty, nothing left) always stops.
+    on_bad_row: Literal["error", "skip"] = "error"
+    # The column holding each row's id: ids must be unique (a duplicate names both rows' lines).
+    id_column: str | None = None
 
 
 @dataclass

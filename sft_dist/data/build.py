@@ -3,6 +3,7 @@ truncate, and report what was truncated or dropped (never silently)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 from datasets import Dataset
 
 from sft_dist.config.schema import DataConfig
-from sft_dist.data.files import read_files, read_hub
+from sft_dist.data.bad_rows import BadRows
+from sft_dist.data.files import ORIGIN, read_files, read_hub
 from sft_dist.data.formats import IGNORE, OPTIONAL, REQUIRED, Tokenizer
 from sft_dist.data.templates import resolve_template
-from sft_dist.errors import DataError
+from sft_dist.errors import BadRow, DataError
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,14 @@ class SplitStats:
     dropped_no_loss: int = 0
     loss_tokens: int = 0
     tokens: int = 0
+    skipped_bad: int = 0  # with data.on_bad_row=skip; counted by kind in their own log line
 
     def describe(self, name: str, max_length: int) -> str:
+        skipped = f"; {self.skipped_bad} skipped as bad" if self.skipped_bad else ""
         return (
             f"{name}: {self.rows} rows, {self.tokens} tokens ({self.loss_tokens} carry loss); "
             f"{self.truncated} truncated to data.max_length={max_length}; "
-            f"{self.dropped_no_loss} dropped (no loss-carrying token left)"
+            f"{self.dropped_no_loss} dropped (no loss-carrying token left){skipped}"
         )
 
 
@@ -59,37 +63,70 @@ def apply_chat_template_override(cfg: DataConfig, tokenizer) -> None:
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
-    """Read and tokenize the train (and eval) data. Rows get a stable `sample_id` (their index)."""
+    """Read and tokenize the train (and eval) data. Rows get a stable `sample_id` (their index).
+
+    Raises DataError naming the file and line/row; a bad row is skipped and counted instead with
+    `data.on_bad_row: skip` (one log line per split), a bad file never is."""
     apply_chat_template_override(cfg, tokenizer)
     template = resolve_template(cfg.template) if cfg.format == "alpaca" else ""
     tok = Tokenizer(tokenizer, fmt=cfg.format, template=template, completion_only_loss=completion_only(cfg))
+    skip = cfg.on_bad_row == "skip"
 
-    train_raw = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files")
-    eval_raw = None
+    bad = {"train": BadRows(skip=skip)}
+    train_raw, source = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", bad["train"])
+    eval_raw, eval_source = None, source
     if cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None):
-        eval_raw = _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files")
+        bad["eval"] = BadRows(skip=skip)
+        eval_raw, eval_source = _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", bad["eval"])
     elif cfg.eval_split_ratio > 0:
         if len(train_raw) < 2:
             raise DataError("data.eval_split_ratio: need at least 2 training rows to hold some out")
         parts = train_raw.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
         train_raw, eval_raw = parts["train"], parts["test"]
+        bad["eval"] = BadRows(skip=skip)
 
     out = Datasets(train=None, eval=None)  # type: ignore[arg-type]
-    out.train, out.stats["train"] = _tokenize(train_raw, tok, cfg, "train")
+    out.train, out.stats["train"] = _tokenize(train_raw, tok, cfg, "train", bad["train"], source)
     if eval_raw is not None:
-        out.eval, out.stats["eval"] = _tokenize(eval_raw, tok, cfg, "eval")
+        out.eval, out.stats["eval"] = _tokenize(eval_raw, tok, cfg, "eval", bad["eval"], eval_source)
+    for name, b in bad.items():
+        out.stats[name].skipped_bad = b.count
+        if b.count:
+            log.info("%s", b.summary(name))
     return out
 
 
-def _read(cfg: DataConfig, files, split, key: str) -> Dataset:
-    ds = read_hub(cfg.dataset, cfg.dataset_config, split) if files is None else read_files(files)
+def _read(cfg: DataConfig, files, split, key: str, bad: BadRows) -> tuple[Dataset, str]:
+    ds = read_hub(cfg.dataset, cfg.dataset_config, split) if files is None else read_files(files, bad)
     source = cfg.dataset if files is None else ", ".join(files)
     ds = _map_columns(ds, cfg, source)
+    if cfg.id_column is not None:
+        ds = _drop_duplicate_ids(ds, cfg.id_column, source, bad)
     if "sample_id" not in ds.column_names:
         ds = ds.add_column("sample_id", list(range(len(ds))))
     if len(ds) == 0:
         raise DataError(f"{key}: {source} has no rows")
-    return ds
+    return ds, source
+
+
+def _drop_duplicate_ids(ds: Dataset, col: str, source: str, bad: BadRows) -> Dataset:
+    if col not in ds.column_names:
+        raise DataError(f"data.id_column: {source} has no column {col!r}; its columns: "
+                        f"{[c for c in ds.column_names if c != ORIGIN]}; name the id column or unset data.id_column")
+    first: dict = {}
+    dropped = set()
+    for i, (value, where) in enumerate(zip(ds[col], ds[ORIGIN])):
+        key = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True, default=str)
+        if value is None:
+            bad.add(BadRow(f"{where}: id column {col!r} is null; give the row an id", "null value"), where)
+        elif key in first:
+            bad.add(BadRow(f"{where}: duplicate id {value!r} (column {col!r}), first at {first[key]}; ids must be "
+                           "unique", "duplicate id"), where)
+        else:
+            first[key] = where
+            continue
+        dropped.add(i)  # skip mode: the first row with an id is kept
+    return ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
 
 
 def _map_columns(ds: Dataset, cfg: DataConfig, source: str) -> Dataset:
@@ -114,38 +151,54 @@ def _map_columns(ds: Dataset, cfg: DataConfig, source: str) -> Dataset:
     return ds
 
 
-def _tokenize(raw: Dataset, tok: Tokenizer, cfg: DataConfig, name: str) -> tuple[Dataset, SplitStats]:
+def _tokenize(raw: Dataset, tok: Tokenizer, cfg: DataConfig, name: str, bad: BadRows,
+              source: str) -> tuple[Dataset, SplitStats]:
     max_length = cfg.max_length
 
-    def fn(row, idx):
-        where = f"{name} row {idx} (sample_id {row['sample_id']})"
-        out = tok(row, where)
+    def fn(row):
+        where = f"{row[ORIGIN]} ({name} sample_id {row['sample_id']})"
+        try:
+            out = tok(row, where)
+        except BadRow as e:
+            if not bad.skip:
+                raise BadRows.stop(e) from None
+            # Counted in this process below: with num_proc the map runs in other processes.
+            out, e_kind = {"input_ids": [], "labels": []}, e.kind
+        else:
+            e_kind = ""
         full = len(out["input_ids"])
         ids, labels = out["input_ids"][:max_length], out["labels"][:max_length]
         # labels[0] never carries loss: the model predicts token t from tokens < t.
         n_loss = sum(1 for t in labels[1:] if t != IGNORE)
-        return {"input_ids": ids, "labels": labels, "sample_id": row["sample_id"],
-                "_truncated": full > max_length, "_loss_tokens": n_loss}
+        return {"input_ids": ids, "labels": labels, "sample_id": row["sample_id"], ORIGIN: row[ORIGIN],
+                "_length": full, "_loss_tokens": n_loss, "_bad": e_kind}
 
     mapped = raw.map(
         fn,
-        with_indices=True,
         remove_columns=raw.column_names,
         keep_in_memory=True,
         num_proc=cfg.num_proc,
         desc=f"Tokenizing {name}",
     )
+    kinds, lengths, origins = mapped["_bad"], mapped["_length"], mapped[ORIGIN]
+    for kind, where in zip(kinds, origins):
+        if kind:
+            bad.add(BadRow("", kind), where)
+    good = [not k for k in kinds]
+    truncated = [where for ok, n, where in zip(good, lengths, origins) if ok and n > max_length]
     stats = SplitStats(
-        rows=len(mapped),
-        truncated=int(sum(mapped["_truncated"])),
-        dropped_no_loss=int(sum(1 for n in mapped["_loss_tokens"] if n == 0)),
+        rows=sum(good),
+        truncated=len(truncated),
+        dropped_no_loss=sum(1 for ok, n in zip(good, mapped["_loss_tokens"]) if ok and n == 0),
     )
     kept = mapped.filter(lambda n: n > 0, input_columns=["_loss_tokens"], keep_in_memory=True)
     if len(kept) == 0:
+        skipped = f", {bad.count} skipped as bad" if bad.count else ""
+        example = f" (first at {truncated[0]}; the longest row has {max(lengths)} tokens)" if truncated else ""
         raise DataError(
-            f"{name}: no row has a loss-carrying token within data.max_length={max_length} "
-            f"({stats.rows} rows, {stats.truncated} truncated); raise data.max_length"
+            f"{source}: no {name} row has a loss-carrying token within data.max_length={max_length} "
+            f"({stats.rows} rows, {stats.truncated} truncated{example}{skipped}); raise data.max_length"
         )
     stats.loss_tokens = int(sum(kept["_loss_tokens"]))
     stats.tokens = int(sum(len(x) for x in kept["input_ids"]))
-    return kept.remove_columns(["_truncated", "_loss_tokens"]), stats
+    return kept.remove_columns([ORIGIN, "_length", "_loss_tokens", "_bad"]), stats

@@ -7,17 +7,22 @@ and line number, and so that ranks reading the same files never race on a shared
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
 
-from sft_dist.errors import DataError
+from sft_dist.data.bad_rows import BadRows
+from sft_dist.errors import BadRow, DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ORIGIN = "_origin"  # each row's "file:line" (jsonl) or "file row N" (others; N counts from 1), for messages
 
 
-def read_files(files: list[str]) -> Dataset:
-    """Concatenate the rows of every file, in order. Raises DataError naming the file (and line)."""
+def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
+    """Concatenate the rows of every file, in order, with an `_origin` column. Raises DataError naming the
+    file (and line); a bad line or row goes to `bad`, which raises or skips it."""
+    bad = bad or BadRows(skip=False)
     if not files:
         raise DataError("no data files were given")
     parts = []
@@ -25,9 +30,16 @@ def read_files(files: list[str]) -> Dataset:
         kind = SUFFIXES.get(Path(f).suffix.lower())
         if kind is None:
             raise DataError(f"{f}: unsupported file type {Path(f).suffix!r}; use one of {sorted(SUFFIXES)}")
-        rows = _READERS[kind](f)
+        if not Path(f).is_file():
+            raise DataError(f"{f}: no such file; check data.train_files / data.eval_files")
+        skipped = bad.count
+        try:
+            rows = _READERS[kind](f, bad)
+        except OSError as e:  # permissions, a file removed or a disk error mid-read
+            raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it exists and is readable") from None
         if len(rows) == 0:
-            raise DataError(f"{f}: the file has no rows")
+            why = f"all {bad.count - skipped} of its rows were skipped as bad" if bad.count > skipped else "the file has no rows"
+            raise DataError(f"{f}: {why}")
         parts.append(rows)
     try:
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
@@ -35,72 +47,123 @@ def read_files(files: list[str]) -> Dataset:
         raise DataError(f"data files {files} have different columns or types and cannot be combined: {e}") from None
 
 
-def _read_jsonl(path: str) -> Dataset:
+def _read_jsonl(path: str, bad: BadRows) -> Dataset:
     rows = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+                row = _parse_line(raw, where)
+            except BadRow as e:
+                bad.add(e, where)
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return _from_rows(path, rows)
+            if row is not None:
+                row[ORIGIN] = where
+                rows.append(row)
+    return _from_rows(path, rows, bad)
 
 
-def _read_json(path: str) -> Dataset:
+def _parse_line(raw: bytes, where: str) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRow(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8",
+                     "not UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow(f"{where}: invalid JSON ({e.msg} at column {e.colno}); a truncated or corrupt line?",
+                     "invalid JSON") from None
+    if not isinstance(row, dict):
+        raise BadRow(f"{where}: expected a JSON object per line, got {type(row).__name__}", "not an object")
+    return row
+
+
+def _read_json(path: str, bad: BadRows) -> Dataset:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         # A .json file may be JSON Lines; try that before giving up.
         if e.msg == "Extra data":
-            return _read_jsonl(path)
+            return _read_jsonl(path, bad)
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise DataError(f"{path}: expected a list of objects (or an object holding exactly one list)")
         data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+    if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of JSON objects")
-    return _from_rows(path, data)
+    rows = []
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            bad.add(BadRow(f"{path} row {i}: expected a JSON object, got {type(row).__name__}", "not an object"),
+                    f"{path} row {i}")
+            continue
+        rows.append({**row, ORIGIN: f"{path} row {i}"})
+    return _from_rows(path, rows, bad)
 
 
-def _from_rows(path: str, rows: list[dict]) -> Dataset:
+def _from_rows(path: str, rows: list[dict], bad: BadRows) -> Dataset:
     if not rows:
         return Dataset.from_dict({})
     try:
         return Dataset.from_list(rows)
     except Exception as e:  # pyarrow type clash between rows, e.g. a number where others have text
-        raise DataError(f"{path}: rows have inconsistent column types ({e}); fix the rows or the column") from None
+        clashes = _type_clashes(rows)
+        if not clashes:
+            raise DataError(f"{path}: rows have inconsistent column types ({e}); fix the rows or the column") from None
+    for i, col, got, want in clashes:
+        where = rows[i][ORIGIN]
+        bad.add(BadRow(f"{where}: column {col!r} is {got}, other rows have {want}; fix the row", "wrong type"), where)
+    dropped = {i for i, *_ in clashes}
+    return _from_rows(path, [r for i, r in enumerate(rows) if i not in dropped], bad)
 
 
-def _read_parquet(path: str) -> Dataset:
+def _type_clashes(rows: list[dict]) -> list[tuple[int, str, str, str]]:
+    """(row index, column, its type, the column's usual type) for values whose type differs from most rows'."""
+    def kind(v):
+        return "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+
+    usual: dict[str, Counter] = {}
+    for row in rows:
+        for col, v in row.items():
+            if v is not None:
+                usual.setdefault(col, Counter())[kind(v)] += 1
+    out = []
+    for i, row in enumerate(rows):
+        for col, v in row.items():
+            if v is not None and len(usual[col]) > 1 and kind(v) != usual[col].most_common(1)[0][0]:
+                out.append((i, col, kind(v), usual[col].most_common(1)[0][0]))
+                break
+    return out
+
+
+def _read_parquet(path: str, bad: BadRows) -> Dataset:
     import pyarrow.parquet as pq
 
     try:
-        return Dataset(pq.read_table(path))
+        return _numbered(Dataset(pq.read_table(path)), f"{path} row")
     except Exception as e:
         raise DataError(f"{path}: cannot read parquet file ({e})") from None
 
 
-def _read_csv(path: str) -> Dataset:
+def _read_csv(path: str, bad: BadRows) -> Dataset:
     import pyarrow.csv as pcsv
 
     try:
-        return Dataset(pcsv.read_csv(path))
+        return _numbered(Dataset(pcsv.read_csv(path)), f"{path} row")
     except Exception as e:
         raise DataError(f"{path}: cannot read CSV file ({e})") from None
+
+
+def _numbered(ds: Dataset, prefix: str) -> Dataset:
+    return ds.add_column(ORIGIN, [f"{prefix} {i}" for i in range(1, len(ds) + 1)])
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}
@@ -110,6 +173,7 @@ def read_hub(name: str, config: str | None, split: str) -> Dataset:
     from datasets import load_dataset
 
     try:
-        return load_dataset(name, config, split=split)
+        ds = load_dataset(name, config, split=split)
     except Exception as e:
         raise DataError(f"data.dataset {name!r} (split {split!r}): cannot load from the hub or cache: {e}") from None
+    return _numbered(ds, f"{name} split {split!r} row")

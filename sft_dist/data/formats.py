@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_dist.data.templates import render_completion, render_prompt
-from sft_dist.errors import DataError
+from sft_dist.errors import BadRow, DataError
 
 IGNORE = -100
 
@@ -21,6 +21,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 OPTIONAL: dict[str, tuple[str, ...]] = {"alpaca": ("input",)}
+ROLES = ("system", "user", "assistant", "tool")
 
 Segments = list[tuple[str, bool]]  # (text, carries loss)
 
@@ -30,9 +31,16 @@ def _text(row: dict[str, Any], col: str, where: str, *, optional: bool = False) 
     if value is None:
         if optional:
             return ""
-        raise DataError(f"{where}: column {col!r} is null; fill it or drop the row")
+        raise BadRow(f"{where}: column {col!r} is missing or null; fill it or drop the row", "null value")
     if not isinstance(value, str):
-        raise DataError(f"{where}: column {col!r} must be text, got {type(value).__name__} {value!r:.60}")
+        raise BadRow(f"{where}: column {col!r} must be text, got {type(value).__name__} {value!r:.60}", "wrong type")
+    return value
+
+
+def _response(row: dict[str, Any], col: str, where: str) -> str:
+    value = _text(row, col, where)
+    if not value.strip():
+        raise BadRow(f"{where}: empty response (column {col!r} is blank), so nothing to learn from", "empty response")
     return value
 
 
@@ -42,11 +50,11 @@ def alpaca_segments(row: dict[str, Any], where: str, *, template: str) -> Segmen
         instruction=_text(row, "instruction", where),
         input=_text(row, "input", where, optional=True),
     )
-    return [(prompt, False), (render_completion(template, _text(row, "output", where)), True)]
+    return [(prompt, False), (render_completion(template, _response(row, "output", where)), True)]
 
 
 def prompt_completion_segments(row: dict[str, Any], where: str) -> Segments:
-    return [(_text(row, "prompt", where), False), (_text(row, "completion", where), True)]
+    return [(_text(row, "prompt", where), False), (_response(row, "completion", where), True)]
 
 
 def text_segments(row: dict[str, Any], where: str) -> Segments:
@@ -93,13 +101,22 @@ class Tokenizer:
 
     def _messages(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
         messages = row.get("messages")
+        if messages is None:
+            raise BadRow(f"{where}: column 'messages' is missing or null; fill it or drop the row", "null value")
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: column 'messages' must be a non-empty list of {{role, content}} objects")
+            raise BadRow(f"{where}: column 'messages' must be a non-empty list of {{role, content}} objects",
+                         "wrong type")
         for j, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{j}] must be an object with text 'role' and 'content'")
+                raise BadRow(f"{where}: messages[{j}] must be an object with text 'role' and 'content'", "wrong type")
+            if m["role"] not in ROLES:
+                raise BadRow(f"{where}: messages[{j}] has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}",
+                             "unknown role")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise BadRow(f"{where}: empty response (messages[{j}], an assistant turn, is blank)", "empty response")
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+            raise BadRow(f"{where}: the conversation has no assistant turn, so nothing to learn from",
+                         "no assistant turn")
         if has_generation_markers(self.tok):
             out = self.tok.apply_chat_template(
                 messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

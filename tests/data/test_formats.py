@@ -125,7 +125,7 @@ def test_bad_rows_are_reported_by_file_line_or_row(tmp_path, tok):
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not valid UTF-8"):
         build_datasets(DataConfig(train_files=[str(latin1)]), tok, seed=0)
     null = write_jsonl(tmp_path / "null.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": None, "output": "b"}])
-    with pytest.raises(DataError, match=r"train row 1 \(sample_id 1\): column 'instruction' is null"):
+    with pytest.raises(DataError, match=r"null.jsonl:2 \(train sample_id 1\): column 'instruction' is missing or null"):
         build_datasets(DataConfig(train_files=[null]), tok, seed=0)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
