@@ -31,7 +31,8 @@ def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
         if kind is None:
             raise DataError(f"{f}: unsupported file type {Path(f).suffix!r}; use one of {sorted(SUFFIXES)}")
         if not Path(f).is_file():
-            raise DataError(f"{f}: no such file; check data.train_files / data.eval_files")
+            what = "is a directory, not a file" if Path(f).is_dir() else "no such file"
+            raise DataError(f"{f}: {what}; check data.train_files / data.eval_files")
         skipped = bad.count
         try:
             rows = _READERS[kind](f, bad)
