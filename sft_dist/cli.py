@@ -10,7 +10,7 @@ import time
 import traceback
 
 from sft_dist import __version__
-from sft_dist.errors import ConfigError, SftDistError
+from sft_dist.errors import ConfigError, DataError, SftDistError
 
 EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml
@@ -207,9 +207,9 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
             json.dump({"rank": rank, "type": type(e).__name__, "message": str(e), "traceback": tb,
                        "user_error": not unexpected}, f)
         return 1
-    if isinstance(e, ConfigError) and rank != 0:
-        # Every rank read the same config: rank 0 says it once. Leave it time to, before a launcher that
-        # stops the group at the first exit (torchrun) kills it mid-sentence.
+    if isinstance(e, (ConfigError, DataError)) and rank != 0:
+        # Every rank read the same config and data: rank 0 says it once. Leave it time to, before a launcher
+        # that stops the group at the first exit (torchrun) kills it mid-sentence.
         time.sleep(5)
         return 1
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and rank != 0 else ""

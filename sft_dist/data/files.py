@@ -75,11 +75,16 @@ def _parse_line(raw: bytes, where: str) -> dict | None:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise BadRow(f"{where}: invalid JSON ({e.msg} at column {e.colno}); a truncated or corrupt line?",
+        raise BadRow(f"{where}: invalid JSON ({_json_problem(e)}); a truncated or corrupt line?",
                      "invalid JSON") from None
     if not isinstance(row, dict):
         raise BadRow(f"{where}: expected a JSON object per line, got {type(row).__name__}", "not an object")
     return row
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    # Some messages end in "at" ("Unterminated string starting at"): not "at at column".
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _read_json(path: str, bad: BadRows) -> Dataset:
@@ -92,7 +97,7 @@ def _read_json(path: str, bad: BadRows) -> Dataset:
         # A .json file may be JSON Lines; try that before giving up.
         if e.msg == "Extra data":
             return _read_jsonl(path, bad)
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

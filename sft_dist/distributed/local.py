@@ -45,7 +45,8 @@ class WorkerFailure:
             how = f"exited with code {self.returncode}"
         lines = [f"worker rank {self.rank} {how}"]
         if self.error:
-            if self.error.get("type") == "ConfigError":  # every rank read the same config: no rank to name
+            # Every rank read the same config and data: no rank to name.
+            if self.error.get("type") in ("ConfigError", "DataError", "BadRow"):
                 lines = [f"error: {self.error['message']}"]
             elif self.error.get("user_error"):
                 lines = [f"worker rank {self.rank}: {self.error['message']}"]
