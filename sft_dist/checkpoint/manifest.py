@@ -97,9 +97,15 @@ def checkpoint_names(store: Store) -> list[str]:
 ASSETS = "/sft_dist/assets/"
 
 
+# Data keys added after checkpoints were first written: at their default they stay out of the identity, so
+# a checkpoint from before them still resumes (a run they would have stopped never wrote one).
+LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None}
+
+
 def config_identity(d: dict) -> dict:
     """The parts of a config (as `config_to_dict` gives it) a checkpoint's weights and data cursor depend on."""
-    data = {k: _builtin(v) for k, v in d["data"].items() if k not in ("trace_samples", "num_proc")}
+    data = {k: _builtin(v) for k, v in d["data"].items()
+            if k not in ("trace_samples", "num_proc") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return {
         "model": {k: _builtin(v) for k, v in d["model"].items()},
         "lora": d["lora"],

@@ -175,3 +175,15 @@ def test_bundled_files_are_identified_by_name_not_by_where_sft_dist_is_installed
     other = json.loads(json.dumps(d))
     other["data"]["train_files"] = ["/data/train.jsonl"]
     assert config_identity(other) != config_identity(d)  # a user's own file is still identified by its path
+
+
+def test_new_data_keys_at_their_defaults_keep_older_checkpoints_resumable():
+    from sft_dist.checkpoint.manifest import config_identity
+    from sft_dist.config.load import config_to_dict
+
+    d = config_to_dict(load_config(QUICKSTART, []))
+    older = json.loads(json.dumps(d))
+    del older["data"]["on_bad_row"], older["data"]["id_column"]  # written before these keys existed
+    assert config_identity(older) == config_identity(d)
+    with_ids = config_to_dict(load_config(QUICKSTART, ["data.id_column=id"]))
+    assert config_identity(with_ids) != config_identity(d)
