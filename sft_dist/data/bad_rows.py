@@ -38,4 +38,5 @@ class BadRows:
     def summary(self, name: str) -> str:
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.kinds.most_common())
         more = ", ..." if self.count > len(self.first) else ""
-        return f"data {name}: skipped {self.count} bad row(s) (data.on_bad_row=skip): {kinds}; at {', '.join(self.first)}{more}"
+        where = ", ".join(self.first) + more
+        return f"data {name}: skipped {self.count} bad row(s) (data.on_bad_row=skip): {kinds}; at {where}"

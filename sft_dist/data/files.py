@@ -33,13 +33,14 @@ def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
         if not Path(f).is_file():
             what = "is a directory, not a file" if Path(f).is_dir() else "no such file"
             raise DataError(f"{f}: {what}; check data.train_files / data.eval_files")
-        skipped = bad.count
+        bad_before = bad.count
         try:
             rows = _READERS[kind](f, bad)
         except OSError as e:  # permissions, a file removed or a disk error mid-read
-            raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it exists and is readable") from None
+            raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it is readable") from None
         if len(rows) == 0:
-            why = f"all {bad.count - skipped} of its rows were skipped as bad" if bad.count > skipped else "the file has no rows"
+            skipped = bad.count - bad_before
+            why = f"all {skipped} of its rows were skipped as bad" if skipped else "the file has no rows"
             raise DataError(f"{f}: {why}")
         parts.append(rows)
     try:

@@ -214,3 +214,14 @@ def test_error_from_a_map_worker_keeps_its_kind():
 
     e = pickle.loads(pickle.dumps(BadRow("f.jsonl:3: empty response", "empty response")))
     assert (str(e), e.kind) == ("f.jsonl:3: empty response", "empty response")
+
+
+def test_hub_dataset_rows_are_named_by_split_and_row(tmp_path, tok, monkeypatch):
+    # A local dataset directory goes through `load_dataset` like a hub name, offline.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    jsonl(d / "train.jsonl", [GOOD, GOOD, {"instruction": "x", "output": " "}])
+    msg = error(tok, dataset=str(d))
+    assert f"{d} split 'train' row 3 (train sample_id 2): empty response" in msg
