@@ -194,10 +194,10 @@ def _tokenize(raw: Dataset, tok: Tokenizer, cfg: DataConfig, name: str, bad: Bad
     kept = mapped.filter(lambda n: n > 0, input_columns=["_loss_tokens"], keep_in_memory=True)
     if len(kept) == 0:
         skipped = f", {bad.count} skipped as bad" if bad.count else ""
-        example = f" (first at {truncated[0]}; the longest row has {max(lengths)} tokens)" if truncated else ""
+        longest = f", the longest {max(lengths)} tokens, the first at {truncated[0]}" if truncated else ""
         raise DataError(
             f"{source}: no {name} row has a loss-carrying token within data.max_length={max_length} "
-            f"({stats.rows} rows, {stats.truncated} truncated{example}{skipped}); raise data.max_length"
+            f"({stats.rows} rows, {stats.truncated} truncated{longest}{skipped}); raise data.max_length"
         )
     stats.loss_tokens = int(sum(kept["_loss_tokens"]))
     stats.tokens = int(sum(len(x) for x in kept["input_ids"]))
