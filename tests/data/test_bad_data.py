@@ -111,7 +111,7 @@ def test_every_row_longer_than_max_length(tmp_path, tok):
     f = jsonl(tmp_path / "long.jsonl", [{"instruction": "long " * 100, "output": "x"}] * 3)
     msg = error(tok, train_files=[f], max_length=16)
     assert msg.startswith(f"{f}: no train row has a loss-carrying token within data.max_length=16")
-    assert f"(3 rows, 3 truncated, the longest " in msg and f" tokens, the first at {f}:1); raise data.max_length" in msg
+    assert "(3 rows, 3 truncated, the longest " in msg and f" tokens, the first at {f}:1); raise data.max_length" in msg
 
 
 def test_duplicate_ids(tmp_path, tok):
