@@ -12,6 +12,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
+DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
+
+
+def backend(name: str) -> list[str]:
+    """Overrides selecting a shipped backend: `ddp`, a DeepSpeed file (`zero3`) or an FSDP file (`full_shard`)."""
+    if name == "ddp":
+        return []
+    if (DS / f"{name}.json").is_file():
+        return ["backend.type=deepspeed", f"backend.config={DS / name}.json"]
+    return ["backend.type=fsdp", f"backend.config={FSDP / name}.yaml"]
 
 
 @pytest.fixture

@@ -50,7 +50,6 @@ class Facts:
     use_reentrant: bool | None = None
     ddp_find_unused: bool = False
     eval_strategy: str = "no"
-    save_strategy: str = "steps"
     load_best: bool = False
     has_eval_data: bool = False
 
@@ -101,11 +100,11 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
     f.optim = str(t.get("optim") or "adamw_torch")
     f.bnb_optimizer_kernels = _bnb_optimizer_kernels(device) if f.bnb_optimizer and here else None
-    f.activation_checkpointing = bool(t.get("activation_checkpointing") or cfg.training.get("gradient_checkpointing"))
+    f.activation_checkpointing = activation_checkpointing(cfg)
     reentrant = (t.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
     f.use_reentrant = None if reentrant is None else bool(reentrant)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
-    f.eval_strategy, f.save_strategy = str(t.get("eval_strategy", "no")), str(t.get("save_strategy", "steps"))
+    f.eval_strategy = str(t.get("eval_strategy", "no"))
     f.load_best = bool(t.get("load_best_model_at_end", False))
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
@@ -122,8 +121,18 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
 
         fc = fsdp_settings(cfg)
         f.fsdp_sharding, f.fsdp_shard_size = fc.sharding, fc.shard_size
-        f.activation_checkpointing = f.activation_checkpointing or fc.activation_checkpointing
     return f
+
+
+def activation_checkpointing(cfg: Config) -> bool:
+    """On through `training.activation_checkpointing` or the FSDP file's own switch."""
+    if cfg.training.get("activation_checkpointing"):
+        return True
+    if cfg.backend.type == "fsdp":
+        from sft_dist.backends.fsdp import fsdp_settings
+
+        return fsdp_settings(cfg).activation_checkpointing
+    return False
 
 
 def _device(cfg: Config, device: str | None) -> tuple[str, bool]:

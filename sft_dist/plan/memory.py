@@ -19,7 +19,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sft_dist.backends import backend_file
 from sft_dist.config.schema import Config
+from sft_dist.config.training_args import sft_defaults
+from sft_dist.plan.facts import activation_checkpointing
 
 # bitsandbytes: 4-bit weights are quantized in blocks of 64 with one absmax per block; double quantization
 # stores that absmax in 8 bits plus one fp32 per 256 absmax values (and a 256-entry fp32 code book).
@@ -83,7 +86,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
 
     batch = int(cfg.training.get("per_device_train_batch_size", 8))
     length = cfg.data.max_length
-    checkpointing = _checkpointing(cfg)
+    checkpointing = activation_checkpointing(cfg)
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
                          plain_loss=_plain_loss(cfg), skip=skip)
     activations = step["activations"]
@@ -100,7 +103,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         if cfg.backend.type == "deepspeed":
             # ZeRO-3 keeps gathered parameters until stage3_max_live_parameters (default 1e9) are live or
             # stage3_max_reuse_distance passes: measured, with the defaults it holds the whole model in the step.
-            live = float(_ds_file(cfg).get("zero_optimization", {}).get("stage3_max_live_parameters", 1e9))
+            live = float(backend_file(cfg).get("zero_optimization", {}).get("stage3_max_live_parameters", 1e9))
             gathered = max(gathered, int(weights_full * min(1.0, live / max(1, counts["total_numel"]))))
         extra += gathered
         notes.append(f"{shard.label}: full weights of a decoder layer are gathered while it runs "
@@ -274,12 +277,12 @@ def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
 def _optimizer_bytes(cfg: Config, model) -> tuple[int, str | None]:
     """Optimizer-state bytes of all trainable parameters (unsharded) by `training.optim`, and a note if unknown."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_optimizer = cfg.backend.type == "deepspeed" and _ds_file(cfg).get("optimizer")
+    ds_optimizer = cfg.backend.type == "deepspeed" and backend_file(cfg).get("optimizer")
     if ds_optimizer:
         kind = str(ds_optimizer.get("type", "adamw")).lower()
         per = 4 if kind in ("sgd", "lion") else 8
         return sum(p.numel() for p in trainable) * per, f"optimizer: DeepSpeed {kind}, fp32 states"
-    optim = str(cfg.training.get("optim", _default_optim()))
+    optim = str(cfg.training.get("optim", sft_defaults()["optim"]))
     optim = getattr(optim, "value", optim)
     args = str(cfg.training.get("optim_args") or "")
     note = None
@@ -307,21 +310,7 @@ def _optimizer_bytes(cfg: Config, model) -> tuple[int, str | None]:
     return total, note
 
 
-def _default_optim() -> str:
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    return next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
-
-
 # --- backend --------------------------------------------------------------------------------------------------
-
-def _ds_file(cfg: Config) -> dict:
-    from sft_dist.backends import backend_file
-
-    return backend_file(cfg)
-
 
 def _sharding(cfg: Config, world_size: int) -> _Sharding:
     n = world_size
@@ -335,7 +324,7 @@ def _sharding(cfg: Config, world_size: int) -> _Sharding:
         size = min(size, n)
         return _Sharding(weights=size, gradients=size, optimizer=size, offload_optimizer=fc.cpu_offload,
                          offload_param=fc.cpu_offload, gathers_layers=size > 1, label=f"fsdp2 {fc.sharding}")
-    zero = _ds_file(cfg).get("zero_optimization", {})
+    zero = backend_file(cfg).get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     return _Sharding(
         weights=n if stage >= 3 else 1,
@@ -347,16 +336,6 @@ def _sharding(cfg: Config, world_size: int) -> _Sharding:
         gathers_layers=stage >= 3 and n > 1,
         label=f"zero{stage}",
     )
-
-
-def _checkpointing(cfg: Config) -> bool:
-    if cfg.training.get("activation_checkpointing") or cfg.training.get("gradient_checkpointing"):
-        return True
-    if cfg.backend.type == "fsdp":
-        from sft_dist.backends.fsdp import fsdp_settings
-
-        return fsdp_settings(cfg).activation_checkpointing
-    return False
 
 
 def _plain_loss(cfg: Config) -> bool:

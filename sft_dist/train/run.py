@@ -126,10 +126,6 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
                            for m in model.modules())
     world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
-    log.info(
-        "batch: %d per device x %d accumulation x %d workers = %d sequences per optimizer step",
-        args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size, world_batch,
-    )
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
     trainer.checkpointing = _checkpointing(cfg, env=env)

@@ -13,10 +13,8 @@ from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
 from sft_dist.model.lora import apply_lora
 from sft_dist.model.tokenizer import build_tokenizer
 from sft_dist.plan.memory import estimate_memory
+from tests.conftest import QUICKSTART, backend
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
-DS = ROOT / "configs" / "deepspeed"
 # Big enough that every LoRA / linear tensor passes bitsandbytes' 4096-element minimum for 8-bit optimizer state.
 WIDE = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
@@ -96,14 +94,8 @@ def test_local_directory_gives_the_same_counts(tmp_path):
 def full_ft():
     """Full fine-tuning estimates of one model under each backend, 4 workers."""
     base = ["lora.enabled=false", "lora.modules_to_save=null"]
-    backends = {
-        "ddp": [],
-        "zero1": ["backend.type=deepspeed", f"backend.config={DS / 'zero1.json'}"],
-        "zero2": ["backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}"],
-        "zero3": ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}"],
-        "fsdp": ["backend.type=fsdp", f"backend.config={ROOT / 'configs' / 'fsdp' / 'full_shard.yaml'}"],
-    }
-    return {k: estimate_memory(config(*base, *v), world_size=4, device="cpu") for k, v in backends.items()}
+    names = {"ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3", "fsdp": "full_shard"}
+    return {k: estimate_memory(config(*base, *backend(v)), world_size=4, device="cpu") for k, v in names.items()}
 
 
 def test_sharding_divides_what_each_backend_shards(full_ft):

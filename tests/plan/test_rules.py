@@ -12,12 +12,9 @@ from sft_dist.cli import main
 from sft_dist.config.load import load_config
 from sft_dist.plan.facts import gather_facts
 from sft_dist.plan.rules import RULES, evaluate
-from tests.conftest import QUICKSTART, ROOT
+from tests.conftest import DS, QUICKSTART, backend
 
-DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
-ZERO2 = ["backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}"]
-ZERO3 = ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}"]
-FULL_SHARD = ["backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}"]
+ZERO2, ZERO3, FULL_SHARD = backend("zero2"), backend("zero3"), backend("full_shard")
 
 
 def findings(*overrides, **facts):
