@@ -18,7 +18,7 @@ from transformers.trainer_utils import seed_worker
 from sft_dist.checkpoint.save import Checkpointing, save_checkpoint
 from sft_dist.checkpoint.shards import load_shards
 from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
-from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler
+from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler, WithPlaceholder
 from sft_dist.errors import SftDistError
 
 log = logging.getLogger("sft_dist")
@@ -50,16 +50,11 @@ class CheckpointHooks:
             len(self.train_dataset), micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
             world=args.world_size, rank=args.process_index, seed=seed, shuffle=strategy == "random",
         )
-        if sampler.steps_per_epoch == 0:
-            raise SftDistError(
-                f"the training set has {sampler.num_samples} samples, fewer than one global batch of "
-                f"{sampler.global_batch} (per device x accumulation x workers): add data or lower the batch")
-        if sampler.dropped_per_epoch:
-            log.info("data: %d samples = %d steps of %d; the last %d of each epoch's shuffled order are not used "
-                     "(a different set each epoch)", sampler.num_samples, sampler.steps_per_epoch,
-                     sampler.global_batch, sampler.dropped_per_epoch)
+        if sampler.num_samples == 0:
+            raise SftDistError("the training set has no samples")
+        log.info("%s", sampler.describe())
         return CursorDataLoader(
-            self.train_dataset, sampler,
+            WithPlaceholder(self.train_dataset), sampler,
             collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory,

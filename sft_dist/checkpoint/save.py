@@ -174,9 +174,10 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
             "global": sampler.global_batch,
         },
         "data_cursor": {
-            "samples_total": step * sampler.global_batch,
+            "samples_total": step // steps_per_epoch * sampler.num_samples
+            + sampler.samples_before(step % steps_per_epoch),
             "epoch": step // steps_per_epoch,
-            "samples_in_epoch": (step % steps_per_epoch) * sampler.global_batch,
+            "samples_in_epoch": sampler.samples_before(step % steps_per_epoch),
             "num_samples": sampler.num_samples,
             "seed": sampler.seed,
             "shuffle": sampler.shuffle,

@@ -5,12 +5,20 @@ global batch). Rank r's micro-batch m of the step takes the `micro` positions st
 s*G + (m*world + r)*micro. The data position is therefore one number, the samples consumed, which does
 not depend on the world size: a resume starts the sampler there directly (no batches are replayed), and
 a resume on another number of workers trains on the same samples in every step.
+
+Every sample is trained on exactly once per epoch. When G does not divide the dataset, the epoch ends
+with a smaller step holding the remaining samples, spread evenly over the step's accum x world
+micro-batches; a micro-batch left without a sample gets PLACEHOLDER, a row whose labels carry no loss
+(every rank must run forward/backward for the gradient all-reduce). The loss is normalised by the
+loss-carrying tokens of the whole step, so that step is an ordinary, smaller batch.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+PLACEHOLDER = -1
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -25,13 +33,26 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.start = start  # micro-batches of this rank already consumed in the current epoch
 
     @property
-    def steps_per_epoch(self) -> int:
+    def full_steps(self) -> int:
         return self.num_samples // self.global_batch
 
     @property
-    def dropped_per_epoch(self) -> int:
-        """Samples past the last full global batch of an epoch (a different set each epoch when shuffled)."""
-        return self.num_samples - self.steps_per_epoch * self.global_batch
+    def tail(self) -> int:
+        """Samples in the epoch's last, smaller step (0 when the global batch divides the dataset)."""
+        return self.num_samples - self.full_steps * self.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.full_steps + (1 if self.tail else 0)
+
+    @property
+    def empty_tail_slots(self) -> int:
+        """Micro-batches of the last step (over all ranks) that get only a placeholder."""
+        return max(0, self.accum * self.world - self.tail) if self.tail else 0
+
+    def samples_before(self, step_in_epoch: int) -> int:
+        """Samples of an epoch consumed by its first `step_in_epoch` steps."""
+        return min(step_in_epoch * self.global_batch, self.num_samples)
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.accum
@@ -51,8 +72,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
         start, self.start = self.start, 0  # a resume offset applies to the first epoch iterated only
         for b in range(start, len(self)):
             step, m = divmod(b, self.accum)
-            base = step * self.global_batch + (m * self.world + self.rank) * self.micro
-            yield order[base:base + self.micro]
+            slot = m * self.world + self.rank
+            if step < self.full_steps:
+                base = step * self.global_batch + slot * self.micro
+                yield order[base:base + self.micro]
+            else:
+                yield self._tail_slot(order, slot)
+
+    def _tail_slot(self, order: list[int], slot: int) -> list[int]:
+        q, extra = divmod(self.tail, self.accum * self.world)
+        begin = self.full_steps * self.global_batch + slot * q + min(slot, extra)
+        return order[begin:begin + q + (slot < extra)] or [PLACEHOLDER]
 
     def starting_at(self, batches: int) -> GlobalBatchSampler:
         """The same sampler, positioned after `batches` micro-batches of this rank in the current epoch."""
@@ -60,6 +90,42 @@ class GlobalBatchSampler(Sampler[list[int]]):
                                rank=self.rank, seed=self.seed, shuffle=self.shuffle, start=batches)
         s.epoch = self.epoch
         return s
+
+    def describe(self) -> str:
+        if not self.tail:
+            return (f"data: {self.num_samples} samples per epoch = {self.full_steps} steps of {self.global_batch}; "
+                    "each sample once per epoch")
+        empty = (f"; {self.empty_tail_slots} of its {self.accum * self.world} micro-batches hold a placeholder "
+                 "that carries no loss" if self.empty_tail_slots else "")
+        return (f"data: {self.num_samples} samples per epoch = {self.full_steps} steps of {self.global_batch} "
+                f"+ a last step of {self.tail}; each sample once per epoch{empty}")
+
+
+class WithPlaceholder(Dataset):
+    """The train dataset, where index PLACEHOLDER is a copy of row 0 with no loss-carrying label."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._placeholder: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.placeholder() if i == PLACEHOLDER else self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        real = [i for i in indices if i != PLACEHOLDER]
+        rows = iter(self.dataset.__getitems__(real) if real else [])
+        return [self.placeholder() if i == PLACEHOLDER else next(rows) for i in indices]
+
+    def placeholder(self) -> dict:
+        if self._placeholder is None:
+            row = dict(self.dataset[0])
+            row["labels"] = [-100] * len(row["labels"])
+            row["sample_id"] = [] if isinstance(row.get("sample_id"), list) else PLACEHOLDER
+            self._placeholder = row
+        return dict(self._placeholder)
 
 
 class CursorDataLoader(torch.utils.data.DataLoader):

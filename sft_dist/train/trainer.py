@@ -82,7 +82,8 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop("sample_ids", None)
         if self._trace is not None and ids is not None:
-            record = {"step": self.state.global_step + 1, "sample_ids": ids.tolist()}
+            # The placeholder of an epoch's last, smaller step (sampler.PLACEHOLDER) trained on no sample.
+            record = {"step": self.state.global_step + 1, "sample_ids": [i for i in ids.tolist() if i >= 0]}
             self._trace.write(json.dumps(record) + "\n")
             self._trace.flush()
         return super().training_step(model, inputs, num_items_in_batch)

@@ -1,10 +1,10 @@
-"""The global sample order: world-size independent, every sample at most once per epoch, O(1) resume."""
+"""The global sample order: world-size independent, every sample exactly once per epoch, O(1) resume."""
 
 from __future__ import annotations
 
 import pytest
 
-from sft_dist.data.sampler import GlobalBatchSampler
+from sft_dist.data.sampler import PLACEHOLDER, GlobalBatchSampler, WithPlaceholder
 
 
 def steps(n, *, micro, accum, world, seed=1, epoch=0, shuffle=True):
@@ -16,28 +16,63 @@ def steps(n, *, micro, accum, world, seed=1, epoch=0, shuffle=True):
         per_rank.append(list(s))
     out = []
     for step in range(len(per_rank[0]) // accum):
-        ids = [i for r in per_rank for b in r[step * accum:(step + 1) * accum] for i in b]
+        ids = [i for r in per_rank for b in r[step * accum:(step + 1) * accum] for i in b if i != PLACEHOLDER]
         out.append(sorted(ids))
     return out
 
 
 def test_each_step_trains_the_same_samples_for_any_geometry_of_one_global_batch():
     ref = steps(103, micro=8, accum=1, world=2)
-    assert len(ref) == 103 // 16
+    assert len(ref) == 103 // 16 + 1
     assert steps(103, micro=4, accum=4, world=1) == ref
     assert steps(103, micro=4, accum=2, world=2) == ref
     assert steps(103, micro=2, accum=2, world=4) == ref
 
 
-def test_an_epoch_sees_each_sample_at_most_once_and_drops_only_the_tail():
-    s = GlobalBatchSampler(103, micro=8, accum=1, world=2, rank=0, seed=1)
-    assert s.dropped_per_epoch == 103 - 6 * 16
+@pytest.mark.parametrize("n,micro,accum,world", [(103, 8, 1, 2), (103, 4, 2, 2), (37, 4, 2, 2), (5, 4, 2, 3),
+                                                 (1, 2, 1, 2), (96, 8, 1, 2), (17, 1, 1, 4)])
+def test_an_epoch_trains_on_every_sample_exactly_once(n, micro, accum, world):
+    per_step = steps(n, micro=micro, accum=accum, world=world)
+    seen = [i for step in per_step for i in step]
+    assert sorted(seen) == list(range(n))  # none dropped, none twice
+    g = micro * accum * world
+    assert [len(s) for s in per_step] == [g] * (n // g) + ([n % g] if n % g else [])
+    s = GlobalBatchSampler(n, micro=micro, accum=accum, world=world, rank=0, seed=1)
+    assert len(s) == len(per_step) * accum  # every rank runs every micro-batch of every step
+    for rank in range(world):
+        r = GlobalBatchSampler(n, micro=micro, accum=accum, world=world, rank=rank, seed=1)
+        assert all(1 <= len(b) <= micro for b in r)  # an empty slot holds the placeholder, never nothing
+
+
+def test_the_last_step_spreads_its_samples_and_says_so():
+    s = GlobalBatchSampler(37, micro=4, accum=2, world=2, rank=0, seed=1)
+    assert (s.full_steps, s.tail, s.steps_per_epoch, s.empty_tail_slots) == (2, 5, 3, 0)
+    assert [len(b) for b in s][-2:] == [2, 1]  # 5 samples over 4 micro-batches: 2, 1 | 1, 1
+    assert s.describe() == "data: 37 samples per epoch = 2 steps of 16 + a last step of 5; each sample once per epoch"
+    small = GlobalBatchSampler(3, micro=2, accum=2, world=2, rank=1, seed=1)
+    assert list(small)[-1] == [PLACEHOLDER] and small.empty_tail_slots == 1
+    assert "1 of its 4 micro-batches hold a placeholder that carries no loss" in small.describe()
+    assert GlobalBatchSampler(32, micro=4, accum=2, world=2, rank=0, seed=1).describe().endswith(
+        "= 2 steps of 16; each sample once per epoch")
+
+
+def test_epochs_reshuffle_and_the_seed_decides():
     seen = [i for step in steps(103, micro=8, accum=1, world=2) for i in step]
-    assert len(seen) == len(set(seen)) == 96
     other_epoch = [i for step in steps(103, micro=8, accum=1, world=2, epoch=1) for i in step]
     assert other_epoch != seen  # reshuffled each epoch
     assert steps(103, micro=8, accum=1, world=2, seed=1) == steps(103, micro=8, accum=1, world=2, seed=1)
     assert steps(103, micro=8, accum=1, world=2, seed=2) != steps(103, micro=8, accum=1, world=2, seed=1)
+
+
+def test_placeholder_row_keeps_the_columns_and_carries_no_loss():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [8, 9]],
+                            "sample_id": [10, 11]})
+    wrapped = WithPlaceholder(ds)
+    rows = wrapped.__getitems__([1, PLACEHOLDER, 0])
+    assert rows[0]["sample_id"] == 11 and rows[2]["sample_id"] == 10
+    assert rows[1] == {"input_ids": [5, 6, 7], "labels": [-100, -100, -100], "sample_id": PLACEHOLDER}
 
 
 def test_sequential_order_without_shuffle():
