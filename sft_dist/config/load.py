@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import typing
@@ -189,8 +190,10 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if value and _looks_local(value) and not _resolve(value).exists():
             p.append(f"{key}: {value!r} does not exist (a local path; for a hub id use `org/name`)")
-    if (d.train_files is None) == (d.dataset is None):
-        p.append("data: set exactly one of `data.train_files` (local files) or `data.dataset` (hub dataset name)")
+    if sum(x is not None for x in (d.train_files, d.dataset, d.mixture)) != 1:
+        p.append("data: set exactly one of `data.train_files` (local files), `data.dataset` (hub dataset name) or "
+                 "`data.mixture` (weighted sources)")
+    p += _check_mixture(d)
     for key, spec in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
         if spec is not None:
             p += _check_files(key, spec)
@@ -305,6 +308,43 @@ def _expand(spec: str | list[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
+MIXTURE_KEYS = ("files", "weight", "columns")
+
+
+def _check_mixture(d) -> list[str]:
+    if d.mixture is None:
+        return ["data.mixture_rows: set it only with `data.mixture`"] if d.mixture_rows is not None else []
+    p: list[str] = []
+    if not d.mixture:
+        p.append("data.mixture: empty list; give at least one {files, weight} source")
+    for i, src in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        if not isinstance(src, dict):
+            p.append(f"{key}: expected a mapping {{files, weight, columns}}, got {src!r:.60}")
+            continue
+        for k in src:
+            if k not in MIXTURE_KEYS:
+                hint = closest(str(k), MIXTURE_KEYS)
+                p.append(f"{key}.{k}: unknown key" + (f"; did you mean {hint!r}?" if hint else f"; allowed: {list(MIXTURE_KEYS)}"))
+        files = src.get("files")
+        if not (isinstance(files, str) or (isinstance(files, list) and files and all(isinstance(f, str) for f in files))):
+            p.append(f"{key}.files: required, a path, glob or list of them")
+        else:
+            p += _check_files(f"{key}.files", files)
+        w = src.get("weight")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
+            p.append(f"{key}.weight: required, a number > 0 (the source's share of each epoch), got {w!r}")
+        cols = src.get("columns")
+        if cols is not None and not (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values())):
+            p.append(f"{key}.columns: a mapping of this format's column names to the source's, got {cols!r:.60}")
+    if d.mixture_rows is not None and d.mixture_rows < 1:
+        p.append(f"data.mixture_rows: got {d.mixture_rows}; must be >= 1")
+    if d.eval_split_ratio > 0:
+        p.append("data.eval_split_ratio: cannot hold out rows of a mixture (a repeated row would be in both); "
+                 "give `data.eval_files`")
+    return p
+
+
 def _check_files(key: str, spec: str | list[str]) -> list[str]:
     _, missing = _expand(spec)
     return [f"{key}: {m!r} matches no file (relative paths are taken from the current directory)" for m in missing]
@@ -319,6 +359,8 @@ def _resolve_paths(cfg: Config) -> None:
         m.tokenizer = str(_resolve(m.tokenizer))
     if d.train_files is not None:
         d.train_files = _expand(d.train_files)[0]
+    for src in d.mixture or []:
+        src["files"] = _expand(src["files"])[0]
     if d.eval_files is not None:
         d.eval_files = _expand(d.eval_files)[0]
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())

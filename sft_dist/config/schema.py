@@ -56,6 +56,13 @@ class DataConfig:
     train_files: str | list[str] | None = None
     # A hub dataset name (loaded with `datasets.load_dataset`).
     dataset: str | None = None
+    # Instead of train_files: several sources mixed by weight, e.g.
+    #   [{files: a.jsonl, weight: 3}, {files: "b/*.jsonl", weight: 1, columns: {output: answer}}]
+    # A source's share of each epoch is weight / sum(weights) (repeated or subsampled, seeded); `columns`
+    # maps that source's names like data.columns. All sources share data.format.
+    mixture: list[dict[str, Any]] | None = None
+    # Samples per epoch drawn from the mixture. None: the sources' rows added up.
+    mixture_rows: int | None = None
     dataset_config: str | None = None
     train_split: str = "train"
     format: Literal["alpaca", "prompt_completion", "messages", "text"] = "alpaca"

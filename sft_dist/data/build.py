@@ -14,6 +14,7 @@ from sft_dist.config.schema import DataConfig
 from sft_dist.data.bad_rows import BadRows
 from sft_dist.data.files import ORIGIN, read_files, read_hub
 from sft_dist.data.formats import IGNORE, OPTIONAL, REQUIRED, Tokenizer
+from sft_dist.data.mixture import SourceShare, mix
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import BadRow, DataError
 
@@ -30,6 +31,7 @@ class SplitStats:
     loss_tokens: int = 0
     tokens: int = 0
     skipped_bad: int = 0  # with data.on_bad_row=skip; counted by kind in their own log line
+    sources: list[dict] | None = None  # with data.mixture: what each source gave (mixture.SourceShare)
 
     def describe(self, name: str, max_length: int) -> str:
         skipped = f"; {self.skipped_bad} skipped as bad" if self.skipped_bad else ""
@@ -73,7 +75,11 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
     skip = cfg.on_bad_row == "skip"
 
     bad = {"train": BadRows(skip=skip)}
-    train_raw, source = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", bad["train"])
+    shares = None
+    if cfg.mixture is not None:
+        train_raw, source, shares = _read_mixture(cfg, bad["train"], seed)
+    else:
+        train_raw, source = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", bad["train"])
     eval_raw, eval_source = None, source
     if cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None):
         bad["eval"] = BadRows(skip=skip)
@@ -89,6 +95,10 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
     out.train, out.stats["train"] = _tokenize(train_raw, tok, cfg, "train", bad["train"], source)
     if eval_raw is not None:
         out.eval, out.stats["eval"] = _tokenize(eval_raw, tok, cfg, "eval", bad["eval"], eval_source)
+    if shares is not None:
+        out.stats["train"].sources = [vars(x) for x in shares]
+        log.info("data mixture: %d samples per epoch from %d sources: %s", len(train_raw), len(shares),
+                 "; ".join(x.describe() for x in shares))
     for name, b in bad.items():
         out.stats[name].skipped_bad = b.count
         if b.count:
@@ -96,10 +106,10 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
     return out
 
 
-def _read(cfg: DataConfig, files, split, key: str, bad: BadRows) -> tuple[Dataset, str]:
+def _read(cfg: DataConfig, files, split, key: str, bad: BadRows, columns: dict | None = None) -> tuple[Dataset, str]:
     ds = read_hub(cfg.dataset, cfg.dataset_config, split) if files is None else read_files(files, bad)
     source = cfg.dataset if files is None else ", ".join(files)
-    ds = _map_columns(ds, cfg, source)
+    ds = _map_columns(ds, cfg, source, cfg.columns if columns is None else columns)
     if cfg.id_column is not None:
         ds = _drop_duplicate_ids(ds, cfg.id_column, source, bad)
     if "sample_id" not in ds.column_names:
@@ -129,8 +139,27 @@ def _drop_duplicate_ids(ds: Dataset, col: str, source: str, bad: BadRows) -> Dat
     return ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
 
 
-def _map_columns(ds: Dataset, cfg: DataConfig, source: str) -> Dataset:
-    mapping = cfg.columns or {}
+def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> tuple[Dataset, str, list[SourceShare]]:
+    """Each source read (and checked) on its own, cut to the format's columns, then mixed by weight."""
+    parts, names = [], []
+    for i, src in enumerate(cfg.mixture):
+        ds, name = _read(cfg, src["files"], None, f"data.mixture[{i}].files", bad, columns=src.get("columns") or {})
+        keep = [c for c in REQUIRED[cfg.format] + OPTIONAL.get(cfg.format, ()) if c in ds.column_names]
+        ds = ds.select_columns(keep + [ORIGIN] + ([cfg.id_column] if cfg.id_column else []))
+        for col in OPTIONAL.get(cfg.format, ()):
+            if col not in ds.column_names:  # e.g. one alpaca source without `input`: the same as an empty one
+                ds = ds.add_column(col, [""] * len(ds))
+        if parts:
+            ds = ds.select_columns(parts[0].column_names).cast(parts[0].features)
+        parts.append(ds)
+        names.append(name)
+    mixed, shares = mix(parts, names, [float(s["weight"]) for s in cfg.mixture], total=cfg.mixture_rows, seed=seed)
+    mixed = mixed.add_column("sample_id", list(range(len(mixed))))
+    return mixed, "data.mixture", shares
+
+
+def _map_columns(ds: Dataset, cfg: DataConfig, source: str, mapping: dict | None) -> Dataset:
+    mapping = mapping or {}
     allowed = REQUIRED[cfg.format] + OPTIONAL.get(cfg.format, ())
     for ours, theirs in mapping.items():
         if ours not in allowed:
