@@ -19,6 +19,7 @@ from sft_dist.checkpoint.save import Checkpointing, save_checkpoint
 from sft_dist.checkpoint.shards import load_shards
 from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
 from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler, WithPlaceholder
+from sft_dist.data.stream import StreamingTrain, StreamLoader, StreamSource
 from sft_dist.errors import SftDistError
 
 log = logging.getLogger("sft_dist")
@@ -44,6 +45,8 @@ class CheckpointHooks:
     # --- data: the global sample order with a world-size-independent cursor ---
     def get_train_dataloader(self):
         args = self.args
+        if isinstance(self.train_dataset, StreamSource):
+            return self._stream_loader()
         strategy = str(getattr(args, "train_sampling_strategy", "random"))
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.train_sampler = sampler = GlobalBatchSampler(
@@ -63,8 +66,17 @@ class CheckpointHooks:
             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
         )
 
+    def _stream_loader(self) -> StreamLoader:
+        args = self.args
+        data = StreamingTrain(self.train_dataset, micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
+                              world=args.world_size, rank=args.process_index)
+        self.train_sampler = data  # what checkpoints take the cursor from
+        log.info("%s", self.train_dataset.describe())
+        return StreamLoader(data, collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
+                            pin_memory=args.dataloader_pin_memory)
+
     def _skip_batches(self, dataloader, num_batches: int):
-        if isinstance(dataloader, CursorDataLoader):
+        if isinstance(dataloader, (CursorDataLoader, StreamLoader)):
             return dataloader.starting_at(num_batches)
         return self._hf_skip_first_batches(dataloader, num_batches)
 
@@ -102,9 +114,10 @@ class CheckpointHooks:
             scaler.load_state_dict(state["scaler"])
         self.total_loss_tokens = int(m.get("tokens_seen", 0))
         cursor = m["data_cursor"]
-        log.info("resumed from step %d: epoch %d, %d samples into it (%d in all), %d loss tokens seen",
-                 m["step"], cursor["epoch"], cursor["samples_in_epoch"], cursor["samples_total"],
-                 self.total_loss_tokens)
+        where = ("stream position" if cursor.get("streaming") else
+                 f"epoch {cursor['epoch']}, {cursor['samples_in_epoch']} samples into it,")
+        log.info("resumed from step %d: %s %d samples in all, %d loss tokens seen",
+                 m["step"], where, cursor["samples_total"], self.total_loss_tokens)
 
     def _load_scaler(self, checkpoint):
         if self.checkpointing is None:

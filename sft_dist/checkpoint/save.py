@@ -157,7 +157,6 @@ def _save_rank0_state(trainer, local_dir: Path, ck: Checkpointing) -> None:
 def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
     args = trainer.args
     sampler = trainer.train_sampler
-    steps_per_epoch = sampler.steps_per_epoch
     # ds_numel: a ZeRO-3 parameter is an empty placeholder outside forward; FSDP2 DTensors report the full size.
     trainable = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                     for p in trainer.model.parameters() if p.requires_grad)
@@ -173,15 +172,7 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
             "world_size": ck.world_size,
             "global": sampler.global_batch,
         },
-        "data_cursor": {
-            "samples_total": step // steps_per_epoch * sampler.num_samples
-            + sampler.samples_before(step % steps_per_epoch),
-            "epoch": step // steps_per_epoch,
-            "samples_in_epoch": sampler.samples_before(step % steps_per_epoch),
-            "num_samples": sampler.num_samples,
-            "seed": sampler.seed,
-            "shuffle": sampler.shuffle,
-        },
+        "data_cursor": sampler.cursor(step),
         "tokens_seen": trainer.total_loss_tokens,
         "backend": ck.backend,
         "zero_stage": ck.zero_stage,

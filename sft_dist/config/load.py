@@ -194,6 +194,7 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append("data: set exactly one of `data.train_files` (local files), `data.dataset` (hub dataset name) or "
                  "`data.mixture` (weighted sources)")
     p += _check_mixture(d)
+    p += _check_streaming(cfg)
     for key, spec in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
         if spec is not None:
             p += _check_files(key, spec)
@@ -342,6 +343,27 @@ def _check_mixture(d) -> list[str]:
     if d.eval_split_ratio > 0:
         p.append("data.eval_split_ratio: cannot hold out rows of a mixture (a repeated row would be in both); "
                  "give `data.eval_files`")
+    return p
+
+
+def _check_streaming(cfg: Config) -> list[str]:
+    d = cfg.data
+    if d.shuffle_window < 0:
+        return [f"data.shuffle_window: got {d.shuffle_window}; must be >= 0 (0: file order)"]
+    if not d.streaming:
+        return []
+    p = []
+    steps = cfg.training.get("max_steps", -1)
+    if not isinstance(steps, int) or steps <= 0:
+        p.append("data.streaming: needs `training.max_steps` (> 0): a stream has no length to count epochs by")
+    for key, why in (("packing", "pack ahead of time"), ("mixture", "mix the files ahead of time"),
+                     ("id_column", "unset it"), ("eval_split_ratio", "give data.eval_files")):
+        if getattr(d, key) not in (None, False, 0, 0.0):
+            p.append(f"data.{key}: not supported with data.streaming (the rows are never all in hand); {why}")
+    for f in _expand(d.train_files)[0] if d.train_files else []:
+        if Path(f).suffix.lower() not in (".jsonl", ".parquet", ".csv"):
+            p.append(f"data.train_files: {f} cannot be streamed (a .json file is one document); use .jsonl, "
+                     ".parquet or .csv")
     return p
 
 

@@ -63,6 +63,11 @@ class DataConfig:
     mixture: list[dict[str, Any]] | None = None
     # Samples per epoch drawn from the mixture. None: the sources' rows added up.
     mixture_rows: int | None = None
+    # Read and tokenize the training rows as they are trained on (jsonl/parquet/csv files or a hub dataset),
+    # for data that does not fit on local disk: needs training.max_steps; resumable; passes run into each other.
+    streaming: bool = False
+    # With streaming: rows shuffled together in windows of this many consecutive rows (seeded); 0: file order.
+    shuffle_window: int = 10000
     dataset_config: str | None = None
     train_split: str = "train"
     format: Literal["alpaca", "prompt_completion", "messages", "text"] = "alpaca"

@@ -74,6 +74,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
     tok = Tokenizer(tokenizer, fmt=cfg.format, template=template, completion_only_loss=completion_only(cfg))
     skip = cfg.on_bad_row == "skip"
 
+    if cfg.streaming:
+        return _streaming(cfg, tok, seed)
     bad = {"train": BadRows(skip=skip)}
     shares = None
     if cfg.mixture is not None:
@@ -103,6 +105,22 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
         out.stats[name].skipped_bad = b.count
         if b.count:
             log.info("%s", b.summary(name))
+    return out
+
+
+def _streaming(cfg: DataConfig, tok: Tokenizer, seed: int) -> Datasets:
+    """The train split as a stream (tokenized as it is trained on); the eval split read and tokenized now."""
+    from sft_dist.data.stream import RowStream, StreamSource
+
+    hub = None if cfg.train_files is not None else (cfg.dataset, cfg.dataset_config, cfg.train_split)
+    train = StreamSource(RowStream(cfg.train_files, hub), tok, max_length=cfg.max_length,
+                         skip_bad=cfg.on_bad_row == "skip", seed=seed, window=cfg.shuffle_window)
+    out = Datasets(train=train, eval=None)  # type: ignore[arg-type]
+    if cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None):
+        bad = BadRows(skip=cfg.on_bad_row == "skip")
+        eval_raw, source = _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", bad)
+        out.eval, out.stats["eval"] = _tokenize(eval_raw, tok, cfg, "eval", bad, source)
+        out.stats["eval"].skipped_bad = bad.count
     return out
 
 

@@ -57,6 +57,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps_per_epoch * self.accum
 
+    def cursor(self, step: int) -> dict:
+        """The data position after `step` optimizer steps, as checkpoints record it (world-size independent)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return {"samples_total": epoch * self.num_samples + self.samples_before(within), "epoch": epoch,
+                "samples_in_epoch": self.samples_before(within), "num_samples": self.num_samples,
+                "seed": self.seed, "shuffle": self.shuffle}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -371,6 +371,11 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
     from sft_dist.train.trainer import SFTDistTrainer
 
     trace_path = Path(cfg.output_dir) / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
+    stream = data.train if cfg.data.streaming else None
+    if stream is not None:  # TRL prepares a datasets.Dataset: give it a tokenized stand-in, then the stream
+        from datasets import Dataset
+
+        data.train = Dataset.from_dict({"input_ids": [[tokenizer.eos_token_id]], "labels": [[-100]], "sample_id": [-1]})
     trainer = SFTDistTrainer(
         trace_path=trace_path,
         backend=cfg.backend.type,
@@ -386,6 +391,8 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.data_collator = SampleIdCollator(trainer.data_collator)
+    if stream is not None:
+        trainer.train_dataset = data.train = stream
     return trainer
 
 
