@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from sft_dist import __version__
 from sft_dist.errors import ConfigError, DataError, SftDistError
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--tol", type=float, default=1e-5, help="allowed relative deviation (default 1e-5)")
     cmp.add_argument("--json", action="store_true", help="print JSON")
 
+    rep = sub.add_parser(
+        "report",
+        help="(re)build a run's report.html: loss, throughput and memory curves, and the run summary",
+        description="Write OUTPUT_DIR/report.html (and report/*.png) from the run's metrics.jsonl, run_summary.json, "
+        "plan.json and config.yaml. Training writes it at the end; this rebuilds it, e.g. for a stopped run.",
+    )
+    rep.add_argument("run_dir", help="a run's output_dir")
+
     g = sub.add_parser(
         "generate",
         help="generate text with a trained run (adapter or full model), greedy by default",
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "report":
+            return _run_report(args)
         if args.command == "export":
             from sft_dist.checkpoint.export import run_export
 
@@ -244,6 +255,15 @@ def _compare(args) -> int:
     devs, table = report(args.ref, args.runs, tol=args.tol)
     print(as_json(devs) if args.json else table)
     return 0 if all(d.within(args.tol) for d in devs) else 1
+
+
+def _run_report(args) -> int:
+    from sft_dist.metrics.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").exists():
+        raise SftDistError(f"{args.run_dir}: no metrics.jsonl; give a run's output_dir")
+    print(write_report(Path(args.run_dir)))
+    return 0
 
 
 def _generate(args) -> int:

@@ -156,6 +156,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         saved = trainer.checkpointing.saved[-1] if trainer.checkpointing.saved else None
         log.info("stopped by SIGTERM after step %d; checkpoint %s; run the same command to resume",
                  stopper.stopped_at, trainer.checkpointing.store.display(saved) if saved else "(none)")
+        if env.is_main:
+            _write_report(out)
         _barrier(env)
         return RunResult(out, out, trainer.state.global_step, env.world_size, stopped=True)
 
@@ -203,8 +205,18 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         log.info("done: %d steps in %.1f s, %s", trainer.state.global_step, train_s, _loss_change(metrics))
         log.info("%s saved to %s (metrics: %s)", "adapter" if cfg.lora.enabled else "model", final_dir,
                  out / "metrics.jsonl")
+        _write_report(out)
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _write_report(out: Path) -> None:
+    from sft_dist.metrics.report import write_report
+
+    try:
+        log.info("report: %s", write_report(out))
+    except Exception as e:  # noqa: BLE001 - the run is done and saved; a chart failing must not fail it
+        log.warning("report: not written (%s: %s); rebuild it with `sft-dist report %s`", type(e).__name__, e, out)
 
 
 def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:

@@ -81,6 +81,16 @@ def test_metrics_file_and_loss_goes_down(local_run):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
+def test_run_writes_a_report_with_its_curves(local_run):
+    from tests.metrics.test_report import BLUE, ORANGE, check_report, share_of
+
+    out, r = local_run
+    charts = check_report(out)
+    assert {"loss", "throughput", "learning_rate"} <= set(charts)
+    assert share_of(charts["loss"], BLUE) > 0.002 and share_of(charts["loss"], ORANGE) > 0.0005
+    assert f"report: {out / 'report.html'}" in r.stderr
+
+
 def test_outputs_adapter_loads_with_peft_and_config_is_saved(local_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
