@@ -147,7 +147,9 @@ def _train(args) -> int:
         return _worker(cfg)
     try:  # before any worker or cluster starts: a setup the rules refuse costs seconds, not a launch
         from sft_dist.plan import check
+        from sft_dist.train.trackers import check_installed
 
+        check_installed(cfg.training)
         for warning in check(cfg):
             print(f"sft-dist: warning: {warning.describe()}", file=sys.stderr)
     except SftDistError as e:

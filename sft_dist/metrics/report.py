@@ -25,6 +25,9 @@ CHARTS = [
     ("learning_rate", "Learning rate", "lr", [("learning_rate", "learning rate", "-")]),
 ]
 SCALE = {"peak_mem_bytes": 1 / 2**30}
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:64em}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
+         "pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}")
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -101,14 +104,14 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
     evals = [r for r in rows if "eval_loss" in r]
     facts = [
         ("status", "finished" if summary else "no run_summary.json (stopped or still running)"),
-        ("workers", f"{summary.get('world_size', '?')} ({summary.get('launched_by', '?')}), device "
-                    f"{summary.get('device', '?')}, backend {summary.get('backend', '?')}"),
-        ("steps", f"{summary.get('global_step', train[-1]['step'] if train else 0)} of global batch "
-                  f"{summary.get('global_batch', '?')}"),
+        ("workers", (f"{summary.get('world_size', '?')} ({summary.get('launched_by', '?')}), device "
+                     f"{summary.get('device', '?')}, backend {summary.get('backend', '?')}")),
+        ("steps", (f"{summary.get('global_step', train[-1]['step'] if train else 0)} of global batch "
+                   f"{summary.get('global_batch', '?')}")),
         ("train time", f"{summary['train_seconds']:.1f} s" if "train_seconds" in summary else "?"),
         ("train loss", f"{train[0]['loss']:.4f} → {train[-1]['loss']:.4f}" if train else "none logged"),
-        ("eval loss", f"{evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} (perplexity "
-                      f"{evals[-1].get('eval_perplexity', float('nan')):.2f})" if evals else "no eval"),
+        ("eval loss", (f"{evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} (perplexity "
+                       f"{evals[-1].get('eval_perplexity', float('nan')):.2f})") if evals else "no eval"),
         ("loss-carrying tokens", f"{summary.get('loss_tokens', '?')}"),
         ("parameters", f"{summary.get('trainable_params', '?')} trainable of {summary.get('total_params', '?')}"),
         ("resumed from", summary.get("resumed_from") or "—"),
@@ -119,9 +122,7 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
         tail = sorted(tput[len(tput) // 2:])  # second half: past warm-up
         facts.insert(4, ("tokens/s (median, 2nd half)", f"{tail[len(tail) // 2]:.0f} loss-carrying tokens/s"))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sft_dist report: {e(out.name)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:64em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
-             "pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}</style></head><body>",
+             f"<style>{STYLE}</style></head><body>",
              f"<h1>sft_dist run: {e(str(out))}</h1>", "<h2>Summary</h2>", _table(facts)]
     if plan.get("geometry"):
         g = plan["geometry"]

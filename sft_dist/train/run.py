@@ -97,6 +97,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     from sft_dist.distributed.heartbeat import Heartbeat
     from sft_dist.model.tokenizer import build_tokenizer
     from sft_dist.train.args import build_sft_config
+    from sft_dist.train.trackers import set_local_dirs
 
     out = Path(cfg.output_dir)
     if env.is_main:
@@ -105,6 +106,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     _write_roster(out, env)
     resume = _resume_point(cfg, env=env)  # may adjust gradient accumulation (another world size)
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
+    set_local_dirs(cfg.training, out)
     if cfg.training.get("logging_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
@@ -225,6 +227,9 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
     from sft_dist.plan import make_plan
     from sft_dist.plan.report import render
 
+    from sft_dist.train.trackers import check_installed
+
+    check_installed(cfg.training)  # torchrun / Ray workers: before the data and model
     plan = make_plan(cfg, device=device, world_size=env.world_size, memory=env.is_main)
     if plan.errors:
         raise ConfigError([f.describe() for f in plan.errors])
