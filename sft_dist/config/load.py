@@ -230,6 +230,8 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"launcher.threads_per_worker: got {la.threads_per_worker}; must be >= 1")
     if la.master_port is not None and not 1 <= la.master_port <= 65535:
         p.append(f"launcher.master_port: got {la.master_port}; must be in 1..65535")
+    if cfg.metrics.peak_tflops is not None and not cfg.metrics.peak_tflops > 0:
+        p.append(f"metrics.peak_tflops: got {cfg.metrics.peak_tflops}; must be > 0 (TFLOP/s of one device)")
     if la.timeout_s < 10:
         p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
     if la.max_failures < -1:

@@ -153,6 +153,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # Peak dense TFLOP/s of one device for MFU (model FLOPs utilisation). None: looked up for known GPUs
+    # (bf16/fp16 tensor peak); on a CPU, MFU is n/a unless this is given.
+    peak_tflops: float | None = None
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +170,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 SECTIONS = {
@@ -173,4 +181,5 @@ SECTIONS = {
     "backend": BackendConfig,
     "launcher": LauncherConfig,
     "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
 }

@@ -74,14 +74,17 @@ class Progress(TrainerCallback):
         if not (self.enabled and state.is_world_process_zero) or not logs or "loss" not in logs:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_s', 0):.0f}")
+            extra = {"mfu": f"{logs['mfu']:.1%}"} if "mfu" in logs else {}
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_s', 0):.0f}", **extra)
             return
         every = max(1, state.max_steps // 10)
         if state.global_step >= self._next_line or state.global_step == state.max_steps:
             self._next_line = (state.global_step // every + 1) * every
+            mfu = f"  mfu {logs['mfu']:.1%}" if "mfu" in logs else ""
+            eta = f"  eta {_duration(logs['eta_s'])}" if "eta_s" in logs else ""
             print(
                 f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                f"lr {logs.get('learning_rate', 0):.2e}  tokens/s {logs.get('tokens_per_s', 0):.0f}",
+                f"lr {logs.get('learning_rate', 0):.2e}  tokens/s {logs.get('tokens_per_s', 0):.0f}{mfu}{eta}",
                 file=self.stream,
                 flush=True,
             )
@@ -95,6 +98,12 @@ class Progress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class SampleIdCollator:

@@ -130,6 +130,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
+    trainer.peak_tflops = _mfu_peak(cfg, device=device, args=args)
     trainer.checkpointing = _checkpointing(cfg, env=env)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
@@ -210,6 +211,14 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         _write_report(out)
     _barrier(env)
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _mfu_peak(cfg: Config, *, device: str, args) -> float | None:
+    from sft_dist.metrics.flops import device_peak_tflops
+
+    peak, source = device_peak_tflops(device, given=cfg.metrics.peak_tflops, half_precision=bool(args.bf16 or args.fp16))
+    log.info("MFU: %s", f"against {peak:g} TFLOP/s per device ({source})" if peak else f"n/a ({source})")
+    return peak
 
 
 def _write_report(out: Path) -> None:

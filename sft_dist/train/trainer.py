@@ -37,7 +37,11 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self._window_tokens = 0
         self._window_start: float | None = None
         self._window_step = 0
+        self._window_data_wait = 0.0
+        self._window_input_tokens = 0.0  # TRL's num_tokens (non-padding input tokens, all ranks) at window start
         self.total_loss_tokens = 0
+        self.peak_tflops: float | None = None  # set by the run (metrics.peak_tflops or the device table)
+        self._flops = None
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -97,7 +101,9 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         if self._window_start is None:
             self._window_start = time.perf_counter()
             self._window_step = self.state.global_step
+        t0 = time.perf_counter()
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window_data_wait += time.perf_counter() - t0
         if num_items is not None and self.args.average_tokens_across_devices:
             tokens = int(num_items)  # already summed over ranks by the Trainer
         else:
@@ -125,17 +131,59 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._window_start is not None:
+            # Every rank logs at the same steps, so the one collective here (peak memory) is safe.
             now = time.perf_counter()
             elapsed = now - self._window_start
             steps = max(1, self.state.global_step - self._window_step)
+            world = self.args.world_size
             logs["tokens"] = self._window_tokens
             logs["tokens_total"] = self.total_loss_tokens
             logs["step_time_s"] = elapsed / steps
+            logs["data_wait_s"] = self._window_data_wait / steps
             logs["tokens_per_s"] = self._window_tokens / elapsed if elapsed > 0 else 0.0
+            logs["tokens_per_s_per_device"] = logs["tokens_per_s"] / world
+            mfu = self._mfu(getattr(self, "_total_train_tokens", None), elapsed, steps)
+            if mfu is not None:
+                logs["mfu"] = mfu
+            logs["peak_mem_bytes"] = self._peak_memory()
+            if self.state.max_steps > 0:
+                logs["eta_s"] = logs["step_time_s"] * (self.state.max_steps - self.state.global_step)
             self._window_tokens = 0
+            self._window_data_wait = 0.0
             self._window_start = now
             self._window_step = self.state.global_step
         super().log(logs, start_time)
+
+    def _mfu(self, num_tokens: float | None, elapsed: float, steps: int) -> float | None:
+        """Model FLOPs of the window's input tokens (TRL's cumulative non-padding count, all ranks) per
+        device-second, over the device peak."""
+        if num_tokens is None or elapsed <= 0:
+            return None
+        tokens = max(0.0, num_tokens - self._window_input_tokens)
+        self._window_input_tokens = num_tokens
+        if self.peak_tflops is None:
+            return None
+        if self._flops is None:
+            from sft_dist.metrics.flops import model_flops
+
+            self._flops = model_flops(self.model)
+        rows = steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        seq = tokens / rows  # mean tokens per row: the attention span, approximately
+        return self._flops.per_token(seq) * tokens / elapsed / self.args.world_size / (self.peak_tflops * 1e12)
+
+    def _peak_memory(self) -> int:
+        """The largest peak over ranks: allocated device memory on a GPU, the process's peak RSS on a CPU."""
+        if torch.cuda.is_available() and self.args.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.args.device)
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        if self.args.world_size > 1:
+            t = torch.tensor(peak, dtype=torch.long, device=self.args.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            peak = int(t)
+        return int(peak)
 
 
 def _restore_trainable_dtypes(model, dtypes: dict) -> None:

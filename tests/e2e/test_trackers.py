@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto import event_pb2
 
     (path,) = glob.glob(str(run / "runs" / "*" / "events.out.tfevents.*"))
-    data, i, tags = open(path, "rb").read(), 0, {}
+    data, i, tags = Path(path).read_bytes(), 0, {}
     while i < len(data):
         (n,) = struct.unpack("<Q", data[i:i + 8])
         event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
@@ -57,7 +58,7 @@ def test_tensorboard_wandb_mlflow_offline(tmp_path):
     assert len(tb["eval/loss"]) == 2
 
     (mlflow_loss,) = glob.glob(str(out / "mlruns" / "*" / "*" / "metrics" / "loss"))
-    logged = [line.split() for line in open(mlflow_loss).read().splitlines()]
+    logged = [line.split() for line in Path(mlflow_loss).read_text().splitlines()]
     assert [(int(step), float(v)) for _, v, step in logged] == losses
     assert glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))  # in output_dir, not the cwd
     assert not (tmp_path / "wandb").exists()

@@ -19,7 +19,7 @@ from tests.conftest import BIN, QUICKSTART, cli_env
 pytestmark = pytest.mark.slow
 
 STEPS = 12
-COMMON = [f"training.max_steps={STEPS}", "training.eval_steps=6", "data.trace_samples=true"]
+COMMON = [f"training.max_steps={STEPS}", "training.eval_steps=6", "data.trace_samples=true", "metrics.peak_tflops=0.05"]
 
 
 def sft_dist(*args, timeout=300, **kw):
@@ -73,8 +73,13 @@ def test_metrics_file_and_loss_goes_down(local_run):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for r in train:
-        assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s"} <= r.keys()
+        assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s", "grad_norm", "mfu",
+                "peak_mem_bytes", "data_wait_s", "eta_s"} <= r.keys()
         assert r["tokens"] > 0 and r["step_time_s"] > 0
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+        assert 0 <= r["data_wait_s"] < r["step_time_s"] and 0 < r["mfu"] < 1
+        assert r["peak_mem_bytes"] > 100 * 2**20  # a worker process's peak RSS: torch alone is more
+        assert r["eta_s"] == pytest.approx(r["step_time_s"] * (STEPS - r["step"]))
     assert sum(r["tokens"] for r in train) == json.loads((out / "run_summary.json").read_text())["loss_tokens"]
     assert [r["step"] for r in evals] == [6, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
