@@ -235,7 +235,6 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
     see the same facts); rank 0 logs the plan and writes it to output_dir/plan.json."""
     from sft_dist.plan import make_plan
     from sft_dist.plan.report import render
-
     from sft_dist.train.trackers import check_installed
 
     check_installed(cfg.training)  # torchrun / Ray workers: before the data and model
