@@ -232,6 +232,8 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"launcher.master_port: got {la.master_port}; must be in 1..65535")
     if cfg.metrics.peak_tflops is not None and not cfg.metrics.peak_tflops > 0:
         p.append(f"metrics.peak_tflops: got {cfg.metrics.peak_tflops}; must be > 0 (TFLOP/s of one device)")
+    if not 1 <= cfg.metrics.generate_max_new_tokens <= 4096:
+        p.append(f"metrics.generate_max_new_tokens: got {cfg.metrics.generate_max_new_tokens}; must be in 1..4096")
     if la.timeout_s < 10:
         p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
     if la.max_failures < -1:

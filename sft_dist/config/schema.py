@@ -157,6 +157,10 @@ class MetricsConfig:
     # Peak dense TFLOP/s of one device for MFU (model FLOPs utilisation). None: looked up for known GPUs
     # (bf16/fp16 tensor peak); on a CPU, MFU is n/a unless this is given.
     peak_tflops: float | None = None
+    # At each evaluation: greedy completions of these prompts (formatted like the training data), logged and
+    # written to output_dir/samples.jsonl and the report.
+    generate_prompts: list[str] | None = None
+    generate_max_new_tokens: int = 32
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft_dist.checkpoint.stop import StopOnSignal
-from sft_dist.config.load import dump_config
+from sft_dist.config.load import config_to_dict, dump_config
 from sft_dist.config.schema import Config
 from sft_dist.distributed.env import (
     DistEnv,
@@ -131,6 +131,16 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
     trainer.peak_tflops = _mfu_peak(cfg, device=device, args=args)
+    if cfg.metrics.generate_prompts:
+        from sft_dist.train.evaluation import Samples
+
+        sharded = cfg.backend.type == "fsdp" or (cfg.backend.type == "deepspeed" and trainer.is_deepspeed_enabled)
+        trainer.samples = Samples(cfg.metrics.generate_prompts, data_cfg=config_to_dict(cfg)["data"],
+                                  tokenizer=tokenizer, max_new_tokens=cfg.metrics.generate_max_new_tokens,
+                                  path=out / "samples.jsonl" if env.is_main else None,
+                                  sync=sharded and env.world_size > 1)
+        if env.is_main and resume is None:
+            (out / "samples.jsonl").unlink(missing_ok=True)
     trainer.checkpointing = _checkpointing(cfg, env=env)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)

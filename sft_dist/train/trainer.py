@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,9 @@ from trl import SFTTrainer
 from sft_dist.backends.fsdp import enable_fsdp
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
 from sft_dist.checkpoint.hooks import CheckpointHooks
+
+
+log = logging.getLogger("sft_dist")
 
 
 class SFTDistTrainer(CheckpointHooks, SFTTrainer):
@@ -41,6 +45,8 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self._window_input_tokens = 0.0  # TRL's num_tokens (non-padding input tokens, all ranks) at window start
         self.total_loss_tokens = 0
         self.peak_tflops: float | None = None  # set by the run (metrics.peak_tflops or the device table)
+        self.samples = None  # train/evaluation.Samples when metrics.generate_prompts is set
+        self.eval_samples: list[dict] = []
         self._flops = None
 
     def create_accelerator_and_postprocess(self):
@@ -120,11 +126,24 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             return int(t)
         return local
 
-    def evaluate(self, *args, **kwargs):
-        # Evaluation time is not training step time: move the window start past it.
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """sft_dist's evaluation (train/evaluation.py): one token-weighted eval loss over all ranks, and the
+        generation samples. Evaluation time is not training step time: the window start moves past it."""
+        from sft_dist.train.evaluation import eval_loss
+
         t0 = time.perf_counter()
         try:
-            return super().evaluate(*args, **kwargs)
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            metrics = eval_loss(self, dataset, metric_key_prefix)
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - t0, 4)
+            if self.samples is not None:
+                for s in self.samples(self.model, step=self.state.global_step, device=self.args.device):
+                    self.eval_samples.append(s)
+                    if self.is_world_process_zero():
+                        log.info("sample at step %d: %r -> %r", s["step"], s["prompt"], s["completion"])
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
         finally:
             if self._window_start is not None:
                 self._window_start += time.perf_counter() - t0

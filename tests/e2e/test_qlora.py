@@ -30,8 +30,19 @@ def train(out: Path, *overrides: str) -> dict:
     return json.loads((out / "run_summary.json").read_text())
 
 
+EVAL = ["training.eval_strategy=steps", "training.eval_steps=3", 'metrics.generate_prompts=["Diga oi.", "Um gato"]',
+        "metrics.generate_max_new_tokens=8"]
+
+
+def evals(run: Path) -> list[tuple[int, float, int]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["eval_loss"], r["eval_tokens"]) for r in rows if "eval_loss" in r]
+
+
 def test_4bit_trains_the_same_under_ddp_fsdp2_and_zero3_and_shards(tmp_path):
-    runs = {name: train(tmp_path / name, "quantization.bits=4", *extra) for name, extra in BACKENDS.items()}
+    # with evaluation and generation samples at steps 3 and 6: sharded weights are gathered inside forward,
+    # so every rank must evaluate and generate in step with the others
+    runs = {name: train(tmp_path / name, "quantization.bits=4", *EVAL, *extra) for name, extra in BACKENDS.items()}
     assert {name: s["quantized_linear_layers"] for name, s in runs.items()} == {"ddp": 14, "fsdp": 14, "zero3": 14}
     assert runs["fsdp"]["backend_applied"]["wrapper"] == "FSDP2 (fully_shard)"
     ddp_bytes = runs["ddp"]["ranks"][0]["param_bytes_local"]
@@ -40,6 +51,12 @@ def test_4bit_trains_the_same_under_ddp_fsdp2_and_zero3_and_shards(tmp_path):
             assert rank["param_bytes_local"] <= 0.51 * ddp_bytes, (name, rank["param_bytes_local"], ddp_bytes)
     r = sft_dist("compare", tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "zero3", "--tol", "1e-5", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
+    ref = evals(tmp_path / "ddp")
+    assert [(s, n) for s, _, n in ref] == [(3, 261), (6, 261)]  # every eval token once, over both ranks
+    samples = {name: (tmp_path / name / "samples.jsonl").read_text().splitlines() for name in BACKENDS}
+    assert len(samples["ddp"]) == 4 and samples["fsdp"] == samples["ddp"] == samples["zero3"]
+    for name in ("fsdp", "zero3"):
+        assert all(abs(a[1] - b[1]) <= 1e-5 * abs(b[1]) for a, b in zip(evals(tmp_path / name), ref, strict=True))
     plan = json.loads((tmp_path / "fsdp" / "plan.json").read_text())  # rank 0's preflight, as run
     assert plan["verdict"] == "ok" and "storage float32" in plan["setup"]["quantization"]
     r = sft_dist("export", tmp_path / "fsdp", "--output", tmp_path / "fsdp-adapter")

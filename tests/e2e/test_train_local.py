@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -84,6 +85,31 @@ def test_metrics_file_and_loss_goes_down(local_run):
     assert [r["step"] for r in evals] == [6, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_eval_loss_is_the_token_weighted_mean_over_the_whole_eval_set(local_run):
+    """The eval at the last step (the final weights), split over 2 ranks, equals one process scoring every eval
+    row alone: the same tokens, once each, the same mean."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_dist.config.load import load_config
+    from sft_dist.data.build import build_datasets
+
+    out, _ = local_run
+    cfg = load_config(out / "config.yaml")
+    data = build_datasets(cfg.data, AutoTokenizer.from_pretrained(out / "adapter"), seed=42)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out / "adapter").eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(data.eval["input_ids"], data.eval["labels"]):
+            n = sum(1 for t in labels[1:] if t != -100)
+            total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            tokens += n
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1]
+    assert last["step"] == STEPS and last["eval_tokens"] == tokens == data.stats["eval"].loss_tokens
+    assert last["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert last["eval_perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
 
 
 def test_run_writes_a_report_with_its_curves(local_run):
