@@ -99,7 +99,7 @@ ASSETS = "/sft_dist/assets/"
 
 # Data keys added after checkpoints were first written: at their default they stay out of the identity, so
 # a checkpoint from before them still resumes (a run they would have stopped never wrote one).
-LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None}
+LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "truncate"}
 
 
 def config_identity(d: dict) -> dict:
