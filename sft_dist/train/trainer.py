@@ -38,6 +38,9 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self._window_start: float | None = None
         self._window_step = 0
         self.total_loss_tokens = 0
+        # [real tokens, tokens the model processed (padding included)] over ranks: this window, this run
+        self._window_seen = [0, 0]
+        self._total_seen = [0, 0]
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -97,21 +100,41 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             self._window_start = time.perf_counter()
             self._window_step = self.state.global_step
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        tokens, real, processed = self._count_global(batch_samples, device)
         if num_items is not None and self.args.average_tokens_across_devices:
             tokens = int(num_items)  # already summed over ranks by the Trainer
-        else:
-            tokens = self._count_global(batch_samples, device)
         self._window_tokens += tokens
         self.total_loss_tokens += tokens
+        for seen in (self._window_seen, self._total_seen):
+            seen[0] += real
+            seen[1] += processed
         return batch_samples, num_items
 
-    def _count_global(self, batch_samples, device) -> int:
-        local = sum(int(b["labels"][..., 1:].ne(-100).sum()) for b in batch_samples if "labels" in b)
+    def _count_global(self, batch_samples, device) -> tuple[int, int, int]:
+        """Loss-carrying tokens, real tokens and processed tokens (what the model ran on: rows x padded
+        length, or the flattened length) in these micro-batches, summed over ranks."""
+        local = [0, 0, 0]
+        for b in batch_samples:
+            if "labels" in b:
+                local[0] += int(b["labels"][..., 1:].ne(-100).sum())
+            real = b.pop("input_tokens", None)  # from SampleIdCollator; not a model input
+            if real is not None:
+                local[1] += int(real)
+                local[2] += b["input_ids"].numel()
         if self.args.world_size > 1:
             t = torch.tensor(local, device=device)
             torch.distributed.all_reduce(t)
-            return int(t)
-        return local
+            return tuple(int(x) for x in t)
+        return tuple(local)
+
+    def padding_fraction(self, seen: list[int] | None = None) -> float | None:
+        """The share of the tokens the model processed that were padding (this run's, by default)."""
+        real, processed = seen or self._total_seen
+        return 1 - real / processed if processed else None
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop("input_tokens", None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
         # Evaluation time is not training step time: move the window start past it.
@@ -131,7 +154,10 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             logs["tokens_total"] = self.total_loss_tokens
             logs["step_time_s"] = elapsed / steps
             logs["tokens_per_s"] = self._window_tokens / elapsed if elapsed > 0 else 0.0
+            if self._window_seen[1]:
+                logs["padding_fraction"] = self.padding_fraction(self._window_seen)
             self._window_tokens = 0
+            self._window_seen = [0, 0]
             self._window_start = now
             self._window_step = self.state.global_step
         super().log(logs, start_time)
