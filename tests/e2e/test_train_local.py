@@ -73,8 +73,8 @@ def test_metrics_file_and_loss_goes_down(local_run):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for r in train:
-        assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s"} <= r.keys()
-        assert r["tokens"] > 0 and r["step_time_s"] > 0
+        assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s", "padding_fraction"} <= r.keys()
+        assert r["tokens"] > 0 and r["step_time_s"] > 0 and 0 < r["padding_fraction"] < 1
     assert sum(r["tokens"] for r in train) == json.loads((out / "run_summary.json").read_text())["loss_tokens"]
     assert [r["step"] for r in evals] == [6, 12]
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
