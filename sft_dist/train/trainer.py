@@ -156,6 +156,10 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             logs["tokens_per_s"] = self._window_tokens / elapsed if elapsed > 0 else 0.0
             if self._window_seen[1]:
                 logs["padding_fraction"] = self.padding_fraction(self._window_seen)
+            if self._metrics["train"].get("num_tokens") and self._total_seen[0]:
+                # TRL counts a batch without attention_mask (packed rows) as one row of position_ids: give
+                # its `num_tokens` the real tokens, the same number it reports for padded batches.
+                self._metrics["train"]["num_tokens"] = [self._total_seen[0]]
             self._window_tokens = 0
             self._window_seen = [0, 0]
             self._window_start = now

@@ -57,6 +57,9 @@ def test_packing_processes_less_padding_and_both_runs_report_it(runs):
         assert len(train) == STEPS and all(0 <= s["padding_fraction"] < 1 for s in train)
         assert all(math.isfinite(s["loss"]) for s in train)
         assert math.isfinite(next(s for s in steps if "eval_loss" in s)["eval_loss"])  # eval rows stay unpacked
+    # TRL's num_tokens: the real tokens trained on (8 rows a step, packed ones ~96% of 128 tokens)
+    last = [s for s in map(json.loads, (runs[True][0] / "metrics.jsonl").read_text().splitlines()) if "loss" in s][-1]
+    assert last["step"] == STEPS and last["num_tokens"] > STEPS * 8 * 128 * 0.9
     # packed rows carry more loss-carrying tokens per optimizer step than single documents
     assert packed["loss_tokens"] > 1.2 * plain["loss_tokens"]
 
