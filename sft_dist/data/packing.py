@@ -4,9 +4,9 @@ document kept whole and isolated.
 A packed row holds its documents' tokens back to back, `position_ids` restarting at 0 for every document,
 `seq_lengths`, and the `sample_ids` it holds. Isolation then rests on two things, both tested:
 - the label of each document's first token is ignored: it would be predicted from the previous document;
-- the batch reaches the model padding-free (one flattened row, position_ids, no attention_mask): transformers
-  then builds a block-diagonal causal mask from the position_ids (sdpa, eager), and flash attention reads the
-  same boundaries as cu_seq_lens.
+- the batch reaches the model with position_ids and no attention_mask (`PackedCollator`): transformers then
+  builds a block-diagonal causal mask from the position_ids (sdpa, eager), and flash attention, given the
+  micro-batch flattened into one row, reads the same boundaries as cu_seq_lens.
 """
 
 from __future__ import annotations
