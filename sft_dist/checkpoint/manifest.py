@@ -99,8 +99,8 @@ ASSETS = "/sft_dist/assets/"
 
 # Data keys added after checkpoints were first written: at their default they stay out of the identity, so
 # a checkpoint from before them still resumes (a run they would have stopped never wrote one).
-LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "mixture": None, "mixture_rows": None,
-                  "streaming": False, "shuffle_window": 10000}
+LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "truncate", "mixture": None,
+                  "mixture_rows": None, "streaming": False, "shuffle_window": 10000}
 
 
 def config_identity(d: dict) -> dict:

@@ -78,12 +78,17 @@ class DataConfig:
     # For format messages: a Jinja chat template (or a .jinja file) overriding the tokenizer's.
     chat_template: str | None = None
     max_length: int = 512
+    # A row longer than max_length: `truncate` keeps its first max_length tokens; `drop` leaves it out (for
+    # data where a cut response teaches the wrong thing). Either way the log line counts them.
+    truncation: Literal["truncate", "drop"] = "truncate"
     # None: on for alpaca / prompt_completion / messages (loss on the response only), off for text.
     completion_only_loss: bool | None = None
     eval_files: str | list[str] | None = None
     eval_split: str | None = None
     # Hold out this fraction of the training rows for eval (fixed seed) when no eval set is given.
     eval_split_ratio: float = 0.0
+    # Pack the training rows, best-fit decreasing, into rows of max_length tokens (sft_dist/data/packing.py);
+    # no document attends to another. Eval rows stay unpacked.
     packing: bool = False
     num_proc: int | None = None
     # Each rank writes the ids of the samples it trained on to output_dir/trace/ (debugging sharding).

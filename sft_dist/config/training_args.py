@@ -22,6 +22,10 @@ OWNED: dict[str, str] = {
     "max_length": "set `data.max_length`",
     "max_seq_length": "set `data.max_length`",
     "packing": "set `data.packing`",
+    # sft_dist packs in the data layer and collates packed rows itself (sft_dist/data/packing.py)
+    "packing_strategy": "set `data.packing` (best-fit decreasing, documents kept whole)",
+    "eval_packing": "set `data.packing` (it packs the training rows; eval rows stay unpacked)",
+    "padding_free": "set `data.packing` (packed rows are collated without padding across documents)",
     "dataset_text_field": "use `data.format: text` and `data.columns: {text: <column>}`",
     "dataset_kwargs": "sft_dist tokenizes the data itself (see the `data` section)",
     "dataset_num_proc": "set `data.num_proc`",

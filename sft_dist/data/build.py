@@ -1,5 +1,5 @@
 """Build the tokenized train/eval datasets from the `data` config: read, map columns, split, tokenize,
-truncate, and report what was truncated or dropped (never silently)."""
+truncate or drop over-long rows, pack (data.packing), and report what was truncated or dropped (never silently)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sft_dist.data.bad_rows import BadRows
 from sft_dist.data.files import ORIGIN, read_files, read_hub
 from sft_dist.data.formats import IGNORE, OPTIONAL, REQUIRED, Tokenizer
 from sft_dist.data.mixture import SourceShare, mix
+from sft_dist.data.packing import pack_dataset
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import BadRow, DataError
 
@@ -27,18 +28,24 @@ INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages")
 class SplitStats:
     rows: int = 0
     truncated: int = 0
+    dropped_long: int = 0  # with data.truncation=drop
     dropped_no_loss: int = 0
     loss_tokens: int = 0
     tokens: int = 0
     skipped_bad: int = 0  # with data.on_bad_row=skip; counted by kind in their own log line
     sources: list[dict] | None = None  # with data.mixture: what each source gave (mixture.SourceShare)
+    packed_rows: int = 0  # with data.packing: the rows of max_length the documents were packed into
+    fill: float | None = None  # tokens / (packed_rows * max_length)
 
     def describe(self, name: str, max_length: int) -> str:
         skipped = f"; {self.skipped_bad} skipped as bad" if self.skipped_bad else ""
+        long = (f"{self.dropped_long} dropped as longer than data.max_length={max_length}" if self.dropped_long
+                else f"{self.truncated} truncated to data.max_length={max_length}")
+        packed = (f"; packed into {self.packed_rows} rows of {max_length} ({100 * self.fill:.1f}% filled)"
+                  if self.packed_rows else "")
         return (
-            f"{name}: {self.rows} rows, {self.tokens} tokens ({self.loss_tokens} carry loss); "
-            f"{self.truncated} truncated to data.max_length={max_length}; "
-            f"{self.dropped_no_loss} dropped (no loss-carrying token left){skipped}"
+            f"{name}: {self.rows} rows, {self.tokens} tokens ({self.loss_tokens} carry loss); {long}; "
+            f"{self.dropped_no_loss} dropped (no loss-carrying token left){skipped}{packed}"
         )
 
 
@@ -105,6 +112,11 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
         out.stats[name].skipped_bad = b.count
         if b.count:
             log.info("%s", b.summary(name))
+    if cfg.packing:
+        # Train only: eval loss stays comparable with unpacked runs (the Trainer averages it per batch).
+        out.train = pack_dataset(out.train, cfg.max_length)
+        st = out.stats["train"]
+        st.packed_rows, st.fill = len(out.train), st.tokens / (len(out.train) * cfg.max_length)
     return out
 
 
@@ -233,18 +245,23 @@ def _tokenize(raw: Dataset, tok: Tokenizer, cfg: DataConfig, name: str, bad: Bad
             bad.add(BadRow("", kind), where)
     good = [not k for k in kinds]
     truncated = [where for ok, n, where in zip(good, lengths, origins) if ok and n > max_length]
+    drop = cfg.truncation == "drop"
     stats = SplitStats(
         rows=sum(good),
-        truncated=len(truncated),
-        dropped_no_loss=sum(1 for ok, n in zip(good, mapped["_loss_tokens"]) if ok and n == 0),
+        truncated=0 if drop else len(truncated),
+        dropped_long=len(truncated) if drop else 0,
+        dropped_no_loss=sum(1 for ok, n, full in zip(good, mapped["_loss_tokens"], lengths)
+                            if ok and n == 0 and not (drop and full > max_length)),
     )
-    kept = mapped.filter(lambda n: n > 0, input_columns=["_loss_tokens"], keep_in_memory=True)
+    kept = mapped.filter(lambda n, full: n > 0 and not (drop and full > max_length),
+                         input_columns=["_loss_tokens", "_length"], keep_in_memory=True)
     if len(kept) == 0:
         skipped = f", {bad.count} skipped as bad" if bad.count else ""
         longest = f", the longest {max(lengths)} tokens, the first at {truncated[0]}" if truncated else ""
+        cut = f"{stats.dropped_long} dropped as too long" if drop else f"{stats.truncated} truncated"
         raise DataError(
             f"{source}: no {name} row has a loss-carrying token within data.max_length={max_length} "
-            f"({stats.rows} rows, {stats.truncated} truncated{longest}{skipped}); raise data.max_length"
+            f"({stats.rows} rows, {cut}{longest}{skipped}); raise data.max_length"
         )
     stats.loss_tokens = int(sum(kept["_loss_tokens"]))
     stats.tokens = int(sum(len(x) for x in kept["input_ids"]))

@@ -130,7 +130,10 @@ class WithPlaceholder(Dataset):
         if self._placeholder is None:
             row = dict(self.dataset[0])
             row["labels"] = [-100] * len(row["labels"])
-            row["sample_id"] = [] if isinstance(row.get("sample_id"), list) else PLACEHOLDER
+            if "sample_ids" in row:  # a packed row (data/packing.py)
+                row["sample_ids"] = []
+            else:
+                row["sample_id"] = PLACEHOLDER
             self._placeholder = row
         return dict(self._placeholder)
 

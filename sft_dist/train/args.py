@@ -44,7 +44,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
         return SFTConfig(
             output_dir=cfg.output_dir,
             max_length=cfg.data.max_length,
-            packing=cfg.data.packing,
+            packing=False,  # sft_dist packs in the data layer (data/packing.py), keeping sample ids
             dataset_num_proc=cfg.data.num_proc,
             use_cpu=cpu,
             ddp_timeout=cfg.launcher.timeout_s,

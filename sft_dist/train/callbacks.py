@@ -107,17 +107,25 @@ def _duration(seconds: float) -> str:
 
 
 class SampleIdCollator:
-    """Wraps the collator: carries each example's `sample_id` into the batch as `sample_ids`, so the
-    trainer knows which samples a micro-batch holds when it trains on it (not when it is prefetched)."""
+    """Wraps the collator: carries each example's `sample_id` (a packed row's `sample_ids`, flattened) into
+    the batch as `sample_ids`, so the trainer knows which samples a micro-batch holds when it trains on it
+    (not when it is prefetched); and the number of real tokens as `input_tokens`, against which the batch's
+    size gives the padding the model processed."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def __call__(self, examples):
-        ids = [ex.pop("sample_id") for ex in examples if "sample_id" in ex]
+        import torch
+
+        ids = [i for ex in examples for i in _as_list(ex.pop("sample_id", ex.pop("sample_ids", None)))]
+        tokens = sum(len(ex["input_ids"]) for ex in examples)
         batch = self.inner(examples)
         if ids:
-            import torch
-
             batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
+        batch["input_tokens"] = torch.tensor(tokens, dtype=torch.long)
         return batch
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]

@@ -18,7 +18,7 @@ import torch
 
 from sft_dist.data.sampler import PLACEHOLDER, WithPlaceholder
 
-NOT_MODEL_INPUTS = ("sample_ids", "completion_mask", "assistant_masks", "seq_lengths")
+NOT_MODEL_INPUTS = ("sample_ids", "input_tokens", "completion_mask", "assistant_masks", "seq_lengths")
 
 
 def shard(n: int, world: int, rank: int) -> list[int]:

@@ -193,6 +193,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
             "global_batch": world_batch,
             "train_seconds": round(train_s, 3),
             "loss_tokens": trainer.total_loss_tokens,
+            "padding_fraction": trainer.padding_fraction(),
             "train_loss": train_result.training_loss,
             "trainable_params": trainable,
             "total_params": total,
@@ -425,7 +426,12 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
     # sft_dist's Progress and MetricsFile replace HF's printing of every log dict.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.data_collator = SampleIdCollator(trainer.data_collator)
+    collator = trainer.data_collator
+    if cfg.data.packing:
+        from sft_dist.data.packing import PackedCollator
+
+        collator = PackedCollator(collator, attn_implementation=model.config._attn_implementation)
+    trainer.data_collator = SampleIdCollator(collator)
     if stream is not None:
         trainer.train_dataset = data.train = stream
     return trainer

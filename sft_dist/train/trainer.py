@@ -42,12 +42,14 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self._window_start: float | None = None
         self._window_step = 0
         self._window_data_wait = 0.0
-        self._window_input_tokens = 0.0  # TRL's num_tokens (non-padding input tokens, all ranks) at window start
         self.total_loss_tokens = 0
         self.peak_tflops: float | None = None  # set by the run (metrics.peak_tflops or the device table)
         self.samples = None  # train/evaluation.Samples when metrics.generate_prompts is set
         self.eval_samples: list[dict] = []
         self._flops = None
+        # [real tokens, tokens the model processed (padding included)] over ranks: this window, this run
+        self._window_seen = [0, 0]
+        self._total_seen = [0, 0]
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -110,21 +112,41 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         t0 = time.perf_counter()
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._window_data_wait += time.perf_counter() - t0
+        tokens, real, processed = self._count_global(batch_samples, device)
         if num_items is not None and self.args.average_tokens_across_devices:
             tokens = int(num_items)  # already summed over ranks by the Trainer
-        else:
-            tokens = self._count_global(batch_samples, device)
         self._window_tokens += tokens
         self.total_loss_tokens += tokens
+        for seen in (self._window_seen, self._total_seen):
+            seen[0] += real
+            seen[1] += processed
         return batch_samples, num_items
 
-    def _count_global(self, batch_samples, device) -> int:
-        local = sum(int(b["labels"][..., 1:].ne(-100).sum()) for b in batch_samples if "labels" in b)
+    def _count_global(self, batch_samples, device) -> tuple[int, int, int]:
+        """Loss-carrying tokens, real tokens and processed tokens (what the model ran on: rows x padded
+        length, or the flattened length) in these micro-batches, summed over ranks."""
+        local = [0, 0, 0]
+        for b in batch_samples:
+            if "labels" in b:
+                local[0] += int(b["labels"][..., 1:].ne(-100).sum())
+            real = b.pop("input_tokens", None)  # from SampleIdCollator; not a model input
+            if real is not None:
+                local[1] += int(real)
+                local[2] += b["input_ids"].numel()
         if self.args.world_size > 1:
             t = torch.tensor(local, device=device)
             torch.distributed.all_reduce(t)
-            return int(t)
-        return local
+            return tuple(int(x) for x in t)
+        return tuple(local)
+
+    def padding_fraction(self, seen: list[int] | None = None) -> float | None:
+        """The share of the tokens the model processed that were padding (this run's, by default)."""
+        real, processed = seen or self._total_seen
+        return 1 - real / processed if processed else None
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop("input_tokens", None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """sft_dist's evaluation (train/evaluation.py): one token-weighted eval loss over all ranks, and the
@@ -161,33 +183,36 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             logs["data_wait_s"] = self._window_data_wait / steps
             logs["tokens_per_s"] = self._window_tokens / elapsed if elapsed > 0 else 0.0
             logs["tokens_per_s_per_device"] = logs["tokens_per_s"] / world
-            mfu = self._mfu(getattr(self, "_total_train_tokens", None), elapsed, steps)
+            mfu = self._mfu(self._window_seen[0], elapsed, steps)
             if mfu is not None:
                 logs["mfu"] = mfu
             logs["peak_mem_bytes"] = self._peak_memory()
             if self.state.max_steps > 0:
                 logs["eta_s"] = logs["step_time_s"] * (self.state.max_steps - self.state.global_step)
+            if self._window_seen[1]:
+                logs["padding_fraction"] = self.padding_fraction(self._window_seen)
+            if self._metrics["train"].get("num_tokens") and self._total_seen[0]:
+                # TRL counts a batch without attention_mask (packed rows) as one row of position_ids: give
+                # its `num_tokens` the real tokens, the same number it reports for padded batches.
+                self._metrics["train"]["num_tokens"] = [self._total_seen[0]]
             self._window_tokens = 0
             self._window_data_wait = 0.0
+            self._window_seen = [0, 0]
             self._window_start = now
             self._window_step = self.state.global_step
         super().log(logs, start_time)
 
-    def _mfu(self, num_tokens: float | None, elapsed: float, steps: int) -> float | None:
-        """Model FLOPs of the window's input tokens (TRL's cumulative non-padding count, all ranks) per
-        device-second, over the device peak."""
-        if num_tokens is None or elapsed <= 0:
-            return None
-        tokens = max(0.0, num_tokens - self._window_input_tokens)
-        self._window_input_tokens = num_tokens
-        if self.peak_tflops is None:
+    def _mfu(self, tokens: int, elapsed: float, steps: int) -> float | None:
+        """Model FLOPs of the window's real (non-padding) input tokens, all ranks, per device-second, over the
+        device peak."""
+        if self.peak_tflops is None or elapsed <= 0 or not tokens:
             return None
         if self._flops is None:
             from sft_dist.metrics.flops import model_flops
 
             self._flops = model_flops(self.model)
         rows = steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        seq = tokens / rows  # mean tokens per row: the attention span, approximately
+        seq = tokens / rows  # mean tokens per row: the attention span, approximately (a packed row: its documents')
         return self._flops.per_token(seq) * tokens / elapsed / self.args.world_size / (self.peak_tflops * 1e12)
 
     def _peak_memory(self) -> int:

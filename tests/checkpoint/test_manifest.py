@@ -183,7 +183,9 @@ def test_new_data_keys_at_their_defaults_keep_older_checkpoints_resumable():
 
     d = config_to_dict(load_config(QUICKSTART, []))
     older = json.loads(json.dumps(d))
-    del older["data"]["on_bad_row"], older["data"]["id_column"]  # written before these keys existed
+    del older["data"]["on_bad_row"], older["data"]["id_column"], older["data"]["truncation"]  # before these keys
     assert config_identity(older) == config_identity(d)
     with_ids = config_to_dict(load_config(QUICKSTART, ["data.id_column=id"]))
     assert config_identity(with_ids) != config_identity(d)
+    dropping = config_to_dict(load_config(QUICKSTART, ["data.truncation=drop"]))
+    assert config_identity(dropping) != config_identity(d)  # other rows: another data cursor

@@ -110,9 +110,11 @@ def test_training_knobs_from_developers_guide_are_accepted(tmp_path):
 
 
 def test_fields_owned_by_other_sections_point_there():
-    msgs = problems(QUICKSTART, ["training.max_seq_length=512", "training.deepspeed=x.json", "training.use_cpu=true"])
+    msgs = problems(QUICKSTART, ["training.max_seq_length=512", "training.deepspeed=x.json", "training.use_cpu=true",
+                                 "training.padding_free=true"])
     text = "\n".join(msgs)
     assert "training.max_seq_length: not set here; set `data.max_length`" in text
+    assert "training.padding_free: not set here; set `data.packing`" in text
     assert "training.deepspeed: not set here; set `backend.type: deepspeed`" in text
     assert "training.use_cpu: not set here; set `launcher.device: cpu`" in text
 

@@ -75,8 +75,8 @@ def test_metrics_file_and_loss_goes_down(local_run):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for r in train:
         assert {"step", "loss", "learning_rate", "tokens", "step_time_s", "tokens_per_s", "grad_norm", "mfu",
-                "peak_mem_bytes", "data_wait_s", "eta_s"} <= r.keys()
-        assert r["tokens"] > 0 and r["step_time_s"] > 0
+                "peak_mem_bytes", "data_wait_s", "eta_s", "padding_fraction"} <= r.keys()
+        assert r["tokens"] > 0 and r["step_time_s"] > 0 and 0 < r["padding_fraction"] < 1
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
         assert 0 <= r["data_wait_s"] < r["step_time_s"] and 0 < r["mfu"] < 1
         assert r["peak_mem_bytes"] > 100 * 2**20  # a worker process's peak RSS: torch alone is more

@@ -1,0 +1,80 @@
+"""End to end: the quickstart on variable-length data with and without `data.packing` (1 worker, to stay
+short; test_train_local's 2-worker run reports padding too): packing processes less padding, both runs
+report it, every document is trained on at most once."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from tests.conftest import QUICKSTART
+from tests.e2e.test_train_local import sft_dist
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+def variable_rows(path, n: int = 600):
+    rnd = random.Random(0)
+    words = ["casa", "rio", "sol", "dia", "mar", "luz", "pão", "céu", "flor", "vento"]
+    rows = [{"instruction": "Repita.", "output": " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 50)))}
+            for _ in range(n)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packing")
+    data = variable_rows(tmp / "train.jsonl")
+    out = {}
+    for packing in (False, True):
+        run = tmp / f"packing-{packing}"
+        r = sft_dist("train", QUICKSTART, f"output_dir={run}", f"data.train_files={data}",
+                     f"data.packing={str(packing).lower()}", "data.trace_samples=true", "launcher.num_workers=1",
+                     f"training.max_steps={STEPS}",
+                     f"training.eval_steps={STEPS}" if packing else "training.eval_strategy=no", timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[packing] = run, r.stderr
+    return out
+
+
+def summary(run):
+    return json.loads((run / "run_summary.json").read_text())
+
+
+def test_packing_processes_less_padding_and_both_runs_report_it(runs):
+    plain, packed = summary(runs[False][0]), summary(runs[True][0])
+    assert 0.2 < plain["padding_fraction"] < 0.8  # rows of 1 to 50 words, padded to the longest of 8
+    assert 0 <= packed["padding_fraction"] < 0.1 < plain["padding_fraction"] - packed["padding_fraction"]
+    for run, _ in runs.values():
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train = [s for s in steps if "loss" in s]
+        assert len(train) == STEPS and all(0 <= s["padding_fraction"] < 1 for s in train)
+        assert all(math.isfinite(s["loss"]) for s in train)
+    # eval rows stay unpacked, collated like the packed ones (position_ids, no attention_mask)
+    evals = [json.loads(line) for line in (runs[True][0] / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(next(s for s in evals if "eval_loss" in s)["eval_loss"])
+    # TRL's num_tokens: the real tokens trained on (8 rows a step, packed ones ~96% of 128 tokens)
+    last = [s for s in map(json.loads, (runs[True][0] / "metrics.jsonl").read_text().splitlines()) if "loss" in s][-1]
+    assert last["step"] == STEPS and last["num_tokens"] > STEPS * 8 * 128 * 0.9
+    # packed rows carry more loss-carrying tokens per optimizer step than single documents
+    assert packed["loss_tokens"] > 1.2 * plain["loss_tokens"]
+
+
+def test_packed_data_stats_and_log_line(runs):
+    run, stderr = runs[True]
+    st = summary(run)["data"]["train"]
+    assert st["rows"] == 600 and st["truncated"] == 0 and st["packed_rows"] < 600 and st["fill"] > 0.9
+    assert f"packed into {st['packed_rows']} rows of 128 ({100 * st['fill']:.1f}% filled)" in stderr
+
+
+def test_packed_documents_are_trained_on_at_most_once(runs):
+    run, _ = runs[True]
+    seen = [i for line in (run / "trace" / "samples.rank0.jsonl").read_text().splitlines()
+            for i in json.loads(line)["sample_ids"]]
+    assert len(seen) == len(set(seen)) > STEPS * 8 * 1.5  # 8 packed rows per step hold more than 8 documents
