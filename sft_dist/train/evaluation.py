@@ -40,8 +40,10 @@ def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
     totals = torch.zeros(3, dtype=torch.float64, device=args.device)  # summed loss, loss tokens, correct
     with torch.no_grad():
         for batch in loader:
-            batch = {k: v.to(args.device) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
-            out = model(**batch, use_cache=False)
+            batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                     if k not in NOT_MODEL_INPUTS}
+            batch["use_cache"] = False  # a KV cache would also join packed documents (data/packing.py)
+            out = model(**batch)
             labels = batch["labels"][..., 1:]
             mask = labels.ne(-100)
             n = int(mask.sum())
