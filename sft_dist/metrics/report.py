@@ -132,6 +132,12 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
         parts.append(f"<p>{e(note)}</p>")
     for name, png in charts.items():
         parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
+    samples = _samples(out)
+    if samples:
+        parts += ["<h2>Generation samples (greedy, at each evaluation)</h2>",
+                  "<table><tr><th>step</th><th>prompt</th><th>completion</th></tr>"
+                  + "".join(f"<tr><td>{s['step']}</td><td>{e(s['prompt'])}</td><td>{e(s['completion'])}</td></tr>"
+                            for s in samples) + "</table>"]
     if summary.get("data"):
         parts += ["<h2>Data</h2>", _table([(k, json.dumps(v)) for k, v in summary["data"].items()])]
     if summary.get("checkpoints"):
@@ -144,6 +150,13 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
         parts += ["<h2>Config</h2>", f"<pre>{e(config.read_text(encoding='utf-8'))}</pre>"]
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _samples(out: Path) -> list[dict]:
+    path = out / "samples.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _table(rows) -> str:

@@ -68,6 +68,8 @@ def run(tmp_path):
     (tmp_path / "run_summary.json").write_text(json.dumps({"world_size": 2, "global_step": 20, "train_seconds": 3.5,
                                                            "checkpoints": ["checkpoint-10", "checkpoint-20"]}))
     (tmp_path / "config.yaml").write_text("model:\n  name_or_path: x\n")
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"step": 20, "prompt": "Diga <oi>", "completion": "oi & tchau"})
+                                            + "\n")
     return tmp_path
 
 
@@ -77,7 +79,8 @@ def test_report_shows_the_curves_and_the_summary(run):
     assert set(charts) == {"loss", "throughput", "memory", "learning_rate"}  # no MFU logged: no MFU chart
     assert share_of(charts["loss"], BLUE) > 0.002 and share_of(charts["loss"], ORANGE) > 0.0005  # train + eval
     page = (run / "report.html").read_text()
-    for text in ("6.8000 → 3.0000", "4.0000 (perplexity 54.60)", "checkpoint-20", "3.5 s", "name_or_path: x"):
+    for text in ("6.8000 → 3.0000", "4.0000 (perplexity 54.60)", "checkpoint-20", "3.5 s", "name_or_path: x",
+                 "<td>Diga &lt;oi&gt;</td><td>oi &amp; tchau</td>"):
         assert text in page
 
 
