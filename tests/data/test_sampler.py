@@ -88,3 +88,20 @@ def test_starting_at_yields_the_rest_of_the_epoch_without_replaying(start):
     resumed = s.starting_at(start)
     assert list(resumed) == full[start:]
     assert list(resumed) == full  # the offset applies to the first pass only
+
+
+def test_dataloader_workers_do_not_change_what_a_rank_trains_on():
+    from datasets import Dataset
+
+    from sft_dist.data.sampler import CursorDataLoader
+
+    ds = Dataset.from_dict({"input_ids": [[i] for i in range(37)], "labels": [[i] for i in range(37)],
+                            "sample_id": list(range(37))})
+
+    def batches(workers):
+        s = GlobalBatchSampler(37, micro=4, accum=2, world=2, rank=1, seed=5)
+        loader = CursorDataLoader(WithPlaceholder(ds), s, num_workers=workers,
+                                  collate_fn=lambda rows: [r["sample_id"] for r in rows])
+        return list(loader)
+
+    assert batches(2) == batches(0) == list(GlobalBatchSampler(37, micro=4, accum=2, world=2, rank=1, seed=5))
