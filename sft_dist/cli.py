@@ -204,6 +204,11 @@ def _worker(cfg) -> int:
 
 def _report(e: BaseException, *, unexpected: bool = False) -> int:
     """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+    import gc
+
+    # Skip the interpreter's final GC pass over every object (seconds, with torch and transformers loaded): the
+    # launcher and the peers of a failed rank wait for this process to exit.
+    gc.freeze()
     rank = int(os.environ.get("RANK", 0))
     error_file = os.environ.get("SFT_DIST_ERROR_FILE")
     tb = "".join(traceback.format_exception(e)) if unexpected else None
