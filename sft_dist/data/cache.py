@@ -2,7 +2,7 @@
 
 Layout under the cache directory (`data.cache_dir`):
   <key>/                       a published entry: train/, eval/ (`Dataset.save_to_disk`) and meta.json
-  <key>.building-<token>/      one job's build: owner.json, part-r<R>/ + part-r<R>.json per rank,
+  <key>.building-<token>/      one job's build: owner.json, part-r<R>/ + part-r<R>.json per rank > 0,
                                error.json if a rank failed, final/ (renamed to <key>/ to publish)
 
 Protocol (every rank runs `load_or_build`):
@@ -10,7 +10,8 @@ Protocol (every rank runs `load_or_build`):
      {entry, build dir} with one broadcast (`share`), the only collective: every wait after it polls files,
      so a rank that fails cannot leave its peers stuck in a collective.
   2. Every rank reads the raw rows (cheap, and every rank then has the same sample ids), tokenizes its slice
-     [r*n/W, (r+1)*n/W) of each split and writes it as part-r<R>/, then part-r<R>.json as its done mark.
+     [r*n/W, (r+1)*n/W) of each split and writes it as part-r<R>/, then part-r<R>.json as its done mark
+     (rank 0 keeps its own slice in memory).
   3. Rank 0 polls for every part, concatenates them in rank order (the rows of a single-process build, in
      its order), finalizes (bad-row counts, filters, stats), writes final/ with meta.json, fsyncs, and
      publishes with one os.rename(final, <key>). The other ranks poll for <key>/meta.json.
@@ -109,11 +110,11 @@ def load_or_build(cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world
         _check_shared(build, rank)
     try:
         splits = read_splits(cfg, seed=seed)
-        tokenized = _write_part(cfg, tok, splits, build, rank=rank, world_size=world_size)
+        tokenized, mine = _write_part(cfg, tok, splits, build, rank=rank, world_size=world_size)
         if rank != 0:
             _wait_published(entry, build, timeout_s=timeout_s)
         else:
-            parts = _wait_parts(build, splits, world_size=world_size, timeout_s=timeout_s)
+            parts = _wait_parts(build, splits, mine, world_size=world_size, timeout_s=timeout_s)
             data = finalize(cfg, splits, parts)
             meta = _meta(entry.name, data, plan, splits, world_size=world_size, seconds=time.monotonic() - t0)
             _publish(data, meta, build, entry)
@@ -139,7 +140,9 @@ def _plan(cfg: DataConfig, tokenizer, *, seed: int, world_size: int, timeout_s: 
         return plan
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if entry.exists():  # not complete, so never trusted: a hand-made or damaged directory
+        # Not complete, so never trusted: a hand-made or damaged directory. (Checked again: another job may have
+        # published since, and a published entry is never touched.)
+        if entry.exists() and not _complete(entry):
             entry.rename(root / f"{key}{BUILDING}damaged-{uuid.uuid4().hex[:8]}")
         _sweep(root, key, timeout_s=timeout_s)
         build = root / f"{key}{BUILDING}{uuid.uuid4().hex[:12]}"
@@ -206,30 +209,37 @@ def _slice(n: int, rank: int, world_size: int) -> range:
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def _write_part(cfg: DataConfig, tok, splits, build: Path, *, rank: int, world_size: int) -> int:
-    """Tokenize this rank's slice of every split into part-r<rank>/<split>/; then its done mark. Returns rows."""
+def _write_part(cfg: DataConfig, tok, splits, build: Path, *, rank: int, world_size: int
+                ) -> tuple[int, dict[str, Dataset]]:
+    """Tokenize this rank's slice of every split. Rank 0 keeps its slices in memory (it finalizes); the others
+    write part-r<rank>/<split>/, then their done mark part-r<rank>.json. Returns (rows, rank 0's slices)."""
     t0 = time.monotonic()
     part = build / f"part-r{rank}"
-    rows = {}
+    rows, mine = {}, {}
     for s in splits:
         ds = tokenize_rows(cfg, tok, s, _slice(len(s.rows), rank, world_size))
         rows[s.name] = len(ds)
-        if len(ds):
-            # A slice of skipped rows only has no ids to infer the type from: give it the others'.
-            for col in ("input_ids", "labels"):
-                if ds.features[col] != List(Value("int64")):
-                    ds = ds.cast_column(col, List(Value("int64")))
+        if not len(ds):
+            continue
+        # A slice of skipped rows only has no ids to infer the type from: give it the others'.
+        for col in ("input_ids", "labels"):
+            if ds.features[col] != List(Value("int64")):
+                ds = ds.cast_column(col, List(Value("int64")))
+        if rank == 0:
+            mine[s.name] = ds
+        else:
+            # Scratch, not fsynced: a crash abandons the whole build, which only the rename publishes.
             ds.save_to_disk(str(part / s.name))
-    if part.exists():
-        _fsync_tree(part)
-    _write_json(build / f"part-r{rank}.json", {"rank": rank, "rows": rows, "seconds": time.monotonic() - t0})
-    return sum(rows.values())
+    if rank != 0:
+        _write_json(build / f"part-r{rank}.json", {"rank": rank, "rows": rows, "seconds": time.monotonic() - t0})
+    return sum(rows.values()), mine
 
 
-def _wait_parts(build: Path, splits, *, world_size: int, timeout_s: float) -> dict[str, Dataset]:
-    """Rank 0: every rank's part, concatenated in rank order, per split."""
+def _wait_parts(build: Path, splits, mine: dict[str, Dataset], *, world_size: int, timeout_s: float
+                ) -> dict[str, Dataset]:
+    """Rank 0: its own slices and every other rank's part, concatenated in rank order, per split."""
     deadline = time.monotonic() + timeout_s
-    missing = list(range(world_size))
+    missing = list(range(1, world_size))
     while True:
         _raise_if_failed(build)
         missing = [r for r in missing if not (build / f"part-r{r}.json").exists()]
@@ -244,8 +254,9 @@ def _wait_parts(build: Path, splits, *, world_size: int, timeout_s: float) -> di
         time.sleep(POLL_S)
     out = {}
     for s in splits:
-        parts = [load_from_disk(str(build / f"part-r{r}" / s.name)) for r in range(world_size)
-                 if (build / f"part-r{r}" / s.name).is_dir()]
+        parts = [mine[s.name]] if s.name in mine else []
+        parts += [load_from_disk(str(build / f"part-r{r}" / s.name)) for r in range(1, world_size)
+                  if (build / f"part-r{r}" / s.name).is_dir()]
         out[s.name] = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     return out
 

@@ -78,3 +78,20 @@ def test_key_follows_the_file(tok, data):
 
     data.write_text(data.read_text() + json.dumps(ROWS[0]) + "\n")  # a row more: size and mtime change
     assert key(tok, data) != base
+
+
+def test_key_follows_a_hub_datasets_fingerprint(tmp_path, tok, monkeypatch):
+    # A local dataset directory goes through `load_dataset` like a hub name, offline.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    f = d / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = DataConfig(dataset=str(d))
+    base, identity = cache_key(cfg, tok, seed=0)
+    assert list(identity["data"]["dataset_fingerprints"]) == ["train"]
+    assert cache_key(cfg, tok, seed=0)[0] == base
+    f.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    assert cache_key(cfg, tok, seed=0)[0] != base
+    assert cache_key(DataConfig(dataset=str(d), dataset_config=None, train_split="train[:2]"), tok, seed=0)[0] != base
