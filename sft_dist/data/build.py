@@ -187,7 +187,7 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
     """Tokenize `split`'s rows (all, or the `rows` slice: a rank's share of a parallel build). A bad row raises
     BadRow naming file:line, or with `data.on_bad_row: skip` stays as an empty row marked `_bad` with its kind;
     `finalize` counts and drops those."""
-    max_length, name, origins = cfg.max_length, split.name, split.origins
+    max_length, name, origins, skip = cfg.max_length, split.name, split.origins, split.bad.skip
     raw = split.rows if rows is None else split.rows.select(rows)
 
     def fn(row):
@@ -195,7 +195,7 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
         try:
             out = tok(row, where)
         except BadRow as e:
-            if not split.bad.skip:
+            if not skip:
                 raise BadRows.stop(e) from None
             # Counted in `finalize`: with num_proc the map runs in other processes.
             out, e_kind = {"input_ids": [], "labels": []}, e.kind

@@ -8,7 +8,8 @@ Layout under the cache directory (`data.cache_dir`):
 Protocol (every rank runs `load_or_build`):
   1. Rank 0 computes the key; on a miss it makes the build dir, named by a fresh random token. It shares
      {entry, build dir} with one broadcast (`share`), the only collective: every wait after it polls files,
-     so a rank that fails cannot leave its peers stuck in a collective.
+     so a rank that fails cannot leave its peers stuck in a collective. (A token derived from MASTER_ADDR/PORT
+     would need no broadcast, but a restarted job reuses both and would adopt its dead attempt's build dir.)
   2. Every rank reads the raw rows (cheap, and every rank then has the same sample ids), tokenizes its slice
      [r*n/W, (r+1)*n/W) of each split and writes it as part-r<R>/, then part-r<R>.json as its done mark
      (rank 0 keeps its own slice in memory).
