@@ -88,8 +88,9 @@ class DataConfig:
     # Where; it must be shared by all nodes of a multi-node job. None: $SFT_DIST_CACHE, else
     # ~/.cache/sft_dist/data.
     cache_dir: str | None = None
-    # How a data file enters the cache key: `stat` (path, size, mtime: instant) or `content` (sha256 of its
-    # bytes: a copy with a new mtime still hits, at the cost of reading every file once per run).
+    # How a data file enters the cache key: `stat` (path, size, mtime: instant) or `content` (path, size and
+    # sha256 of its bytes: a file touched or rewritten unchanged still hits, at the cost of reading every file
+    # once per run).
     cache_fingerprint: Literal["stat", "content"] = "stat"
 
 
