@@ -166,3 +166,18 @@ def test_killed_builder_leaves_nothing_a_later_run_trusts(tmp_path, tok, write_c
     assert not stale[0].exists()  # its builder is gone: swept
     clean = build_datasets(dataclasses.replace(cfg.data, cache=False), tok, seed=42)
     same_data(data, clean)
+
+
+def test_waits_poll_files_and_time_out_naming_what_is_missing(tmp_path):
+    from sft_dist.data.cache import _wait_parts, _wait_published
+    from sft_dist.errors import SftDistError
+
+    build = tmp_path / "k.building-x"
+    build.mkdir()
+    (build / "part-r1.json").write_text("{}")  # rank 1 is done, ranks 2 and 3 never come
+    t0 = time.monotonic()
+    with pytest.raises(SftDistError, match=r"rank\(s\) \[2, 3\] did not finish tokenizing .*timeout_s=0.3 s"):
+        _wait_parts(build, [], {}, world_size=4, timeout_s=0.3)
+    with pytest.raises(SftDistError, match=r"rank 0 did not publish the tokenized data at .* within"):
+        _wait_published(tmp_path / "k", build, timeout_s=0.3)
+    assert time.monotonic() - t0 < 3
