@@ -181,3 +181,14 @@ def test_waits_poll_files_and_time_out_naming_what_is_missing(tmp_path):
     with pytest.raises(SftDistError, match=r"rank 0 did not publish the tokenized data at .* within"):
         _wait_published(tmp_path / "k", build, timeout_s=0.3)
     assert time.monotonic() - t0 < 3
+
+
+def test_preprocess_stops_at_bad_data_with_one_line(tmp_path, write_config):
+    f = alpaca(tmp_path / "d.jsonl", 5, {4: {"instruction": "x", "output": ""}})
+    cfg_path = write_config({"data.train_files": str(f), "data.eval_files": None,
+                             "data.cache_dir": str(tmp_path / "cache")})
+    r = subprocess.run([sys.executable, "-m", "sft_dist", "preprocess", str(cfg_path)], capture_output=True,
+                       text=True, timeout=120, env=cli_env(), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"sft-dist: error: {f}:4 (train sample_id 3): empty response" in r.stderr
+    assert [p for p in (tmp_path / "cache").iterdir() if ".building-" not in p.name] == []
