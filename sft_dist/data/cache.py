@@ -87,11 +87,11 @@ def load_or_build(cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world
     t0 = time.monotonic()
     tok = row_tokenizer(cfg, tokenizer)  # applies data.chat_template, which the tokenizer's digest must see
     plan: dict = {}
-    failed: SftDistError | None = None
+    failed: Exception | None = None
     if rank == 0:
         try:
             plan = _plan(cfg, tokenizer, seed=seed, world_size=world_size, timeout_s=timeout_s)
-        except SftDistError as e:
+        except Exception as e:  # noqa: BLE001 - the peers wait in the broadcast: they must hear of any failure
             failed, plan = e, {"error": _error_record(e, rank)}
     if world_size > 1:
         assert share is not None, "a parallel build needs `share` (a broadcast from rank 0)"

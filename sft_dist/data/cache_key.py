@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.templates import resolve_template
+from sft_dist.errors import DataError
 
 CACHE_VERSION = 1
 # Options that change how (or where) the build runs, never its rows.
@@ -71,7 +72,10 @@ def _files(files: list[str] | str | None, how: str) -> list[dict] | None:
             continue
         entry = {"path": str(p), "size": st.st_size}
         if how == "content":
-            entry["sha256"] = _sha256(p)
+            try:
+                entry["sha256"] = _sha256(p)
+            except OSError as e:
+                raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it is readable") from None
         else:
             entry["mtime_ns"] = st.st_mtime_ns
         out.append(entry)
@@ -89,8 +93,6 @@ def _sha256(path: Path) -> str:
 def _hub_fingerprints(cfg: DataConfig) -> dict[str, str]:
     """datasets' own fingerprint of each split used: it changes with the dataset's files or revision."""
     from datasets import load_dataset
-
-    from sft_dist.errors import DataError
 
     out = {}
     for split in filter(None, (cfg.train_split, cfg.eval_split)):
