@@ -17,6 +17,7 @@ EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml
   sft-dist train configs/examples/quickstart.yaml launcher.num_workers=2 training.max_steps=20
   sft-dist plan configs/examples/quickstart.yaml quantization.bits=4 backend.type=fsdp [--json]
+  sft-dist preprocess configs/examples/quickstart.yaml data.num_proc=8
   torchrun --nproc-per-node 2 --no-python sft-dist train configs/examples/quickstart.yaml
   sft-dist train configs/examples/quickstart.yaml launcher.type=ray launcher.max_failures=2
   ray job submit --address http://HEAD:8265 -- sft-dist train CONFIG launcher.type=ray
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: launcher.device)")
     plan.add_argument("--world-size", type=int, help="plan for this many workers (default: launcher.num_workers)")
+    config_command(
+        "preprocess",
+        "tokenize a config's data into the cache (data.cache_dir), so that `train` starts without tokenizing",
+        "Read, tokenize and finalize the train/eval data exactly as `train` would (data.num_proc processes), and "
+        "store it in the content-addressed cache at data.cache_dir (default $SFT_DIST_CACHE, else "
+        "~/.cache/sft_dist/data). Prints the entry, rows and tokens per split; a later `train` with the same "
+        "data options and tokenizer loads it memory-mapped. Run again, it reports a hit.",
+    )
     config_command(
         "config",
         "validate a config and print it resolved (defaults filled, paths absolute, secrets redacted)",
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return _config(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "preprocess":
+            return _preprocess(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "compare":
@@ -206,6 +217,11 @@ def _worker(cfg) -> int:
 
 def _report(e: BaseException, *, unexpected: bool = False) -> int:
     """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+    import gc
+
+    # Skip the interpreter's final GC pass over every object (seconds, with torch and transformers loaded): the
+    # launcher and the peers of a failed rank wait for this process to exit.
+    gc.freeze()
     rank = int(os.environ.get("RANK", 0))
     error_file = os.environ.get("SFT_DIST_ERROR_FILE")
     tb = "".join(traceback.format_exception(e)) if unexpected else None
@@ -241,6 +257,32 @@ def _plan(args) -> int:
     plan = make_plan(cfg, device=args.device, world_size=args.world_size)
     print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else render(plan))
     return 1 if plan.errors else 0
+
+
+def _preprocess(args) -> int:
+    import logging
+
+    from sft_dist.config.load import load_config
+    from sft_dist.quiet import quiet_libraries
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.cache:
+        raise ConfigError("data.cache: false, so there is no cache to fill; drop the override (or set "
+                          "data.cache=true) to preprocess")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    quiet_libraries()
+    from sft_dist.data.cache import load_or_build
+    from sft_dist.model.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.model)
+    data, info = load_or_build(cfg.data, tokenizer, seed=int(cfg.training.get("seed", 42)),
+                               timeout_s=cfg.launcher.timeout_s)
+    print(f"{'cache hit' if info.hit else 'cached'}: {info.path}")
+    for name, stats in data.stats.items():
+        rows = len(data.train if name == "train" else data.eval)
+        print(f"  {name}: {rows} rows, {stats.tokens} tokens ({stats.loss_tokens} carry loss)")
+    print(f"  tokenized {info.tokenized_rows} rows here in {info.seconds:.2f} s")
+    return 0
 
 
 def _config(args) -> int:

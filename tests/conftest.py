@@ -63,3 +63,17 @@ def checkpointed_run(tmp_path_factory):
                         "training.eval_steps=10"], capture_output=True, text=True, timeout=600, env=cli_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Every test (and the `sft-dist` subprocesses it starts) caches tokenized data in a per-session directory,
+    never in ~/.cache."""
+    path = tmp_path_factory.mktemp("sft_dist_cache")
+    old = os.environ.get("SFT_DIST_CACHE")
+    os.environ["SFT_DIST_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SFT_DIST_CACHE", None)
+    else:
+        os.environ["SFT_DIST_CACHE"] = old

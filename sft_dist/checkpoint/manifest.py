@@ -101,12 +101,15 @@ ASSETS = "/sft_dist/assets/"
 # a checkpoint from before them still resumes (a run they would have stopped never wrote one).
 LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "truncate", "mixture": None,
                   "mixture_rows": None, "streaming": False, "shuffle_window": 10000}
+# Data keys that change where or how fast the data is prepared, never what it is: never in the identity (so a
+# run resumes with another cache directory, or with the cache off).
+NOT_IDENTITY = ("trace_samples", "num_proc", "cache", "cache_dir", "cache_fingerprint")
 
 
 def config_identity(d: dict) -> dict:
     """The parts of a config (as `config_to_dict` gives it) a checkpoint's weights and data cursor depend on."""
     data = {k: _builtin(v) for k, v in d["data"].items()
-            if k not in ("trace_samples", "num_proc") and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+            if k not in NOT_IDENTITY and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     return {
         "model": {k: _builtin(v) for k, v in d["model"].items()},
         "lora": d["lora"],

@@ -389,6 +389,8 @@ def _resolve_paths(cfg: Config) -> None:
         src["files"] = _expand(src["files"])[0]
     if d.eval_files is not None:
         d.eval_files = _expand(d.eval_files)[0]
+    if d.cache_dir:
+        d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.launcher.storage_path and "://" not in cfg.launcher.storage_path:
         cfg.launcher.storage_path = str(Path(cfg.launcher.storage_path).expanduser().resolve())

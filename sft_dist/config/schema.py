@@ -99,6 +99,16 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     # The column holding each row's id: ids must be unique (a duplicate names both rows' lines).
     id_column: str | None = None
+    # Keep the tokenized datasets in a content-addressed cache (data/cache.py), built once by all ranks in
+    # parallel and memory-mapped by later runs and by every rank of a node. false: tokenize in memory each run.
+    cache: bool = True
+    # Where; it must be shared by all nodes of a multi-node job. None: $SFT_DIST_CACHE, else
+    # ~/.cache/sft_dist/data.
+    cache_dir: str | None = None
+    # How a data file enters the cache key: `stat` (path, size, mtime: instant) or `content` (path, size and
+    # sha256 of its bytes: a file touched or rewritten unchanged still hits, at the cost of reading every file
+    # once per run).
+    cache_fingerprint: Literal["stat", "content"] = "stat"
 
 
 @dataclass

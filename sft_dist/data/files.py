@@ -16,13 +16,32 @@ from sft_dist.data.bad_rows import BadRows
 from sft_dist.errors import BadRow, DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-ORIGIN = "_origin"  # each row's "file:line" (jsonl) or "file row N" (others; N counts from 1), for messages
+ORIGIN = "_origin"  # each row's Origins code: where it came from, for messages
 
 
-def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
-    """Concatenate the rows of every file, in order, with an `_origin` column. Raises DataError naming the
-    file (and line); a bad line or row goes to `bad`, which raises or skips it."""
+class Origins:
+    """Where rows came from: "file:line" (jsonl) or "file row N" (others; N counts from 1).
+
+    A row holds one int64 code (source index << 32 | line or row), the source names are kept here once:
+    a path string per row would cost more memory than many rows' tokens."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, str]] = []  # (name, separator before the number)
+
+    def add(self, name: str, sep: str) -> int:
+        self.sources.append((name, sep))
+        return (len(self.sources) - 1) << 32
+
+    def where(self, code: int) -> str:
+        name, sep = self.sources[code >> 32]
+        return f"{name}{sep}{code & 0xFFFFFFFF}"
+
+
+def read_files(files: list[str], bad: BadRows | None = None, origins: Origins | None = None) -> Dataset:
+    """Concatenate the rows of every file, in order, with an `_origin` column (codes into `origins`). Raises
+    DataError naming the file (and line); a bad line or row goes to `bad`, which raises or skips it."""
     bad = bad or BadRows(skip=False)
+    origins = origins if origins is not None else Origins()
     if not files:
         raise DataError("no data files were given")
     parts = []
@@ -35,7 +54,7 @@ def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
             raise DataError(f"{f}: {what}; check data.train_files / data.eval_files")
         bad_before = bad.count
         try:
-            rows = _READERS[kind](f, bad)
+            rows = _READERS[kind](f, bad, origins)
         except OSError as e:  # permissions, a file removed or a disk error mid-read
             raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it is readable") from None
         if len(rows) == 0:
@@ -49,7 +68,8 @@ def read_files(files: list[str], bad: BadRows | None = None) -> Dataset:
         raise DataError(f"data files {files} have different columns or types and cannot be combined: {e}") from None
 
 
-def _read_jsonl(path: str, bad: BadRows) -> Dataset:
+def _read_jsonl(path: str, bad: BadRows, origins: Origins) -> Dataset:
+    base = origins.add(path, ":")
     rows = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -60,9 +80,9 @@ def _read_jsonl(path: str, bad: BadRows) -> Dataset:
                 bad.add(e, where)
                 continue
             if row is not None:
-                row[ORIGIN] = where
+                row[ORIGIN] = base | lineno
                 rows.append(row)
-    return _from_rows(path, rows, bad)
+    return _from_rows(path, rows, bad, origins)
 
 
 def _parse_line(raw: bytes, where: str) -> dict | None:
@@ -88,7 +108,7 @@ def _json_problem(e: json.JSONDecodeError) -> str:
     return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
-def _read_json(path: str, bad: BadRows) -> Dataset:
+def _read_json(path: str, bad: BadRows, origins: Origins) -> Dataset:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -97,7 +117,7 @@ def _read_json(path: str, bad: BadRows) -> Dataset:
     except json.JSONDecodeError as e:
         # A .json file may be JSON Lines; try that before giving up.
         if e.msg == "Extra data":
-            return _read_jsonl(path, bad)
+            return _read_jsonl(path, bad, origins)
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({_json_problem(e)})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -106,17 +126,18 @@ def _read_json(path: str, bad: BadRows) -> Dataset:
         data = lists[0]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of JSON objects")
+    base = origins.add(path, " row ")
     rows = []
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             bad.add(BadRow(f"{path} row {i}: expected a JSON object, got {type(row).__name__}", "not an object"),
                     f"{path} row {i}")
             continue
-        rows.append({**row, ORIGIN: f"{path} row {i}"})
-    return _from_rows(path, rows, bad)
+        rows.append({**row, ORIGIN: base | i})
+    return _from_rows(path, rows, bad, origins)
 
 
-def _from_rows(path: str, rows: list[dict], bad: BadRows) -> Dataset:
+def _from_rows(path: str, rows: list[dict], bad: BadRows, origins: Origins) -> Dataset:
     if not rows:
         return Dataset.from_dict({})
     try:
@@ -126,10 +147,10 @@ def _from_rows(path: str, rows: list[dict], bad: BadRows) -> Dataset:
         if not clashes:
             raise DataError(f"{path}: rows have inconsistent column types ({e}); fix the rows or the column") from None
     for i, col, got, want in clashes:
-        where = rows[i][ORIGIN]
+        where = origins.where(rows[i][ORIGIN])
         bad.add(BadRow(f"{where}: column {col!r} is {got}, other rows have {want}; fix the row", "wrong type"), where)
     dropped = {i for i, *_ in clashes}
-    return _from_rows(path, [r for i, r in enumerate(rows) if i not in dropped], bad)
+    return _from_rows(path, [r for i, r in enumerate(rows) if i not in dropped], bad, origins)
 
 
 def _type_clashes(rows: list[dict]) -> list[tuple[int, str, str, str]]:
@@ -151,36 +172,37 @@ def _type_clashes(rows: list[dict]) -> list[tuple[int, str, str, str]]:
     return out
 
 
-def _read_parquet(path: str, bad: BadRows) -> Dataset:
+def _read_parquet(path: str, bad: BadRows, origins: Origins) -> Dataset:
     import pyarrow.parquet as pq
 
     try:
-        return _numbered(Dataset(pq.read_table(path)), f"{path} row")
+        return _numbered(Dataset(pq.read_table(path)), origins.add(path, " row "))
     except Exception as e:
         raise DataError(f"{path}: cannot read parquet file ({e})") from None
 
 
-def _read_csv(path: str, bad: BadRows) -> Dataset:
+def _read_csv(path: str, bad: BadRows, origins: Origins) -> Dataset:
     import pyarrow.csv as pcsv
 
     try:
-        return _numbered(Dataset(pcsv.read_csv(path)), f"{path} row")
+        return _numbered(Dataset(pcsv.read_csv(path)), origins.add(path, " row "))
     except Exception as e:
         raise DataError(f"{path}: cannot read CSV file ({e})") from None
 
 
-def _numbered(ds: Dataset, prefix: str) -> Dataset:
-    return ds.add_column(ORIGIN, [f"{prefix} {i}" for i in range(1, len(ds) + 1)])
+def _numbered(ds: Dataset, base: int) -> Dataset:
+    return ds.add_column(ORIGIN, [base | i for i in range(1, len(ds) + 1)])
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv}
 
 
-def read_hub(name: str, config: str | None, split: str) -> Dataset:
+def read_hub(name: str, config: str | None, split: str, origins: Origins | None = None) -> Dataset:
     from datasets import load_dataset
 
     try:
         ds = load_dataset(name, config, split=split)
     except Exception as e:
         raise DataError(f"data.dataset {name!r} (split {split!r}): cannot load from the hub or cache: {e}") from None
-    return _numbered(ds, f"{name} split {split!r} row")
+    origins = origins if origins is not None else Origins()
+    return _numbered(ds, origins.add(f"{name} split {split!r}", " row "))

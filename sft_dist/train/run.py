@@ -93,7 +93,6 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
 def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: list) -> RunResult:
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
-    from sft_dist.data.build import build_datasets
     from sft_dist.distributed.heartbeat import Heartbeat
     from sft_dist.model.tokenizer import build_tokenizer
     from sft_dist.train.args import build_sft_config
@@ -119,7 +118,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
 
     _preflight(cfg, env=env, device=device, out=out)
     tokenizer = build_tokenizer(cfg.model)
-    data = build_datasets(cfg.data, tokenizer, seed=args.seed)
+    data = _datasets(cfg, env=env, tokenizer=tokenizer, seed=args.seed)
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
@@ -256,6 +255,21 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
         for line in render(plan, diff=False).splitlines()[1:]:
             log.info("plan: %s", line)
         (out / "plan.json").write_text(json.dumps(plan.as_dict(), indent=2, default=str), encoding="utf-8")
+
+
+def _datasets(cfg: Config, *, env: DistEnv, tokenizer, seed: int):
+    """The tokenized data: from the cache (built by all ranks, each tokenizing a slice), or built in memory on
+    every rank with `data.cache: false` (and for a stream: only its eval split is tokenized up front)."""
+    if not cfg.data.cache or cfg.data.streaming:
+        from sft_dist.data.build import build_datasets
+
+        return build_datasets(cfg.data, tokenizer, seed=seed)
+    from sft_dist.data.cache import load_or_build
+
+    # The one collective of the cache protocol: rank 0's key and build directory reach every rank.
+    data, _ = load_or_build(cfg.data, tokenizer, seed=seed, rank=env.rank, world_size=env.world_size,
+                            share=lambda plan: _broadcast(env, plan), timeout_s=cfg.launcher.timeout_s)
+    return data
 
 
 def _current_rss() -> int:

@@ -189,3 +189,16 @@ def test_new_data_keys_at_their_defaults_keep_older_checkpoints_resumable():
     assert config_identity(with_ids) != config_identity(d)
     dropping = config_to_dict(load_config(QUICKSTART, ["data.truncation=drop"]))
     assert config_identity(dropping) != config_identity(d)  # other rows: another data cursor
+
+
+def test_data_cache_keys_never_block_a_resume():
+    from sft_dist.checkpoint.manifest import config_identity
+    from sft_dist.config.load import config_to_dict
+
+    d = config_to_dict(load_config(QUICKSTART, []))
+    older = json.loads(json.dumps(d))
+    del older["data"]["cache"], older["data"]["cache_dir"], older["data"]["cache_fingerprint"]  # before the cache
+    assert config_identity(older) == config_identity(d)
+    moved = config_to_dict(load_config(QUICKSTART, ["data.cache=false", "data.cache_dir=/elsewhere",
+                                                    "data.cache_fingerprint=content"]))
+    assert config_identity(moved) == config_identity(d)
