@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -89,9 +88,3 @@ class Samples:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
         return out
-
-
-def timed(fn, *a, **k):
-    t0 = time.perf_counter()
-    result = fn(*a, **k)
-    return result, time.perf_counter() - t0
