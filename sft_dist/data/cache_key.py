@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from sft_dist.checkpoint.manifest import sha256_file
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import DataError
@@ -21,7 +22,6 @@ from sft_dist.errors import DataError
 CACHE_VERSION = 1
 # Options that change how (or where) the build runs, never its rows.
 NOT_IN_KEY = ("num_proc", "trace_samples", "cache", "cache_dir", "cache_fingerprint")
-CHUNK = 1 << 22
 
 
 def default_cache_dir() -> Path:
@@ -73,21 +73,13 @@ def _files(files: list[str] | str | None, how: str) -> list[dict] | None:
         entry = {"path": str(p), "size": st.st_size}
         if how == "content":
             try:
-                entry["sha256"] = _sha256(p)
+                entry["sha256"] = sha256_file(p)
             except OSError as e:
                 raise DataError(f"{f}: cannot read the file ({e.strerror or e}); check that it is readable") from None
         else:
             entry["mtime_ns"] = st.st_mtime_ns
         out.append(entry)
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hub_fingerprints(cfg: DataConfig) -> dict[str, str]:

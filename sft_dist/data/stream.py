@@ -176,14 +176,6 @@ class StreamingTrain(IterableDataset):
         return {"samples_total": step * self.global_batch, "streaming": True, "seed": self.source.seed,
                 "shuffle_window": self.source.window}
 
-    @property
-    def seed(self) -> int:
-        return self.source.seed
-
-    @property
-    def shuffle(self) -> bool:
-        return self.source.window > 1
-
 
 class StreamLoader(DataLoader):
     """DataLoader of a StreamingTrain: no length (training.max_steps decides); `starting_at` repositions it
