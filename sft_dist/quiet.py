@@ -22,6 +22,9 @@ def quiet_libraries(*, main: bool = True) -> None:
         handler.addFilter(_below_warning_from_ray)
     # peft reads a transformers attribute renamed in v5.x; the warning is theirs and says nothing to a user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    # DeepSpeed's ZeRO-3 calls the old collective names: two warnings per rank per step on gloo.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            "is deprecated", category=FutureWarning)
 
 
 def _below_warning_from_ray(record: logging.LogRecord) -> bool:

@@ -7,6 +7,8 @@ work is refused here with what to change, instead of failing an hour in or savin
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from sft_dist.config.schema import Config
@@ -16,6 +18,17 @@ BATCH_KEYS = {
     "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
     "gradient_accumulation_steps": "gradient_accumulation_steps",
 }
+
+
+def pin_jit_ninja() -> None:
+    """DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) with the first `ninja` on PATH, and a
+    ninja of another version rewrites the build log and rebuilds everything (~30 s a launch on 2 cores). A
+    shell, torchrun and Ray can each find a different one; the environment's own ninja (installed with
+    deepspeed) goes first so every launch reuses one build."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
 
 
 def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:

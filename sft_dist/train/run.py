@@ -69,6 +69,10 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
     if cfg.backend.type == "deepspeed":
         import deepspeed
 
+        from sft_dist.backends.deepspeed import pin_jit_ninja
+
+        pin_jit_ninja()
+
         if env.world_size == 1 and "MASTER_PORT" not in os.environ:
             # A single worker still needs a (one-rank) group, else DeepSpeed goes looking for MPI.
             from sft_dist.distributed.local import free_port
