@@ -98,3 +98,18 @@ def test_fsdp_cpu_offload_is_refused_on_cpu_workers(tmp_path):
     off.write_text("sharding: full_shard\ncpu_offload: true\n")
     assert "CPU workers have nothing to offload" in problems("backend.type=fsdp", f"backend.config={off}",
                                                             "launcher.device=cpu")
+
+
+def test_deepspeed_jit_builds_with_the_environments_own_ninja(monkeypatch):
+    """Two ninja versions on PATH rebuild DeepSpeed's ops at every switch; the venv's own goes first."""
+    import os
+    import sys
+
+    from sft_dist.backends.deepspeed import pin_jit_ninja
+
+    bindir = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(bindir, "ninja"))  # installed with deepspeed
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    pin_jit_ninja()
+    pin_jit_ninja()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, "/usr/bin", "/bin"]
