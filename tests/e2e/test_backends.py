@@ -14,14 +14,15 @@ from tests.conftest import ROOT, cli_env
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5
-SKIPPED = ("zero2_offload", "geometry_2x4x2", "resume_zero2")
+SKIPPED = ("zero2_offload", "geometry_2x4x2", "resume_zero2", "ddp_4workers")
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
-    # The bench's full matrix less three rows another row covers (ZeRO-2 offload: ZeRO-3 offload; the
-    # 2x4x2 geometry: 1x4x4; ZeRO-2 resume: ZeRO-3 resume), to keep the suite near 20 minutes.
+    # The bench's full matrix less four rows another row covers (ZeRO-2 offload: ZeRO-3 offload; the
+    # 2x4x2 geometry: 1x4x4; ZeRO-2 resume: ZeRO-3 resume; hybrid shard is compared with the 2-worker DDP run
+    # instead of DDP on 4 workers, within the same tolerance), to keep the suite short.
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "equivalence.py"), "--out", str(out), "--steps", "20",
                         "--tol", str(TOL), "--skip", ",".join(SKIPPED)],
                        capture_output=True, text=True, env=cli_env(), timeout=1500)
@@ -35,7 +36,7 @@ def test_script_reports_every_run_within_tolerance(matrix):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "max deviation over all runs" in r.stdout
     assert set(rows) == {"ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp_full_shard",
-                         "fsdp_ckpt_no_reshard", "ddp_4workers", "fsdp_hybrid_shard", "geometry_1x4x4",
+                         "fsdp_ckpt_no_reshard", "fsdp_hybrid_shard", "geometry_1x4x4",
                          "resume_ddp", "resume_zero3", "resume_fsdp", "resume_ddp_2to1",
                          "resume_geometry_1to2", "resume_fsdp_2to4"}
 
