@@ -1,4 +1,5 @@
-"""The installed SFTConfig's field types, cached as JSON so that checking a config needs no TRL import.
+"""The installed SFTConfig's field types (and transformers' model types), cached as JSON so that checking a
+config needs no TRL (or torch) import.
 
 Importing TRL (and with it transformers, peft, bitsandbytes) takes ~9 s on a small machine; a launcher
 that only checks field names and types before starting workers (which import TRL anyway) would pay it on
@@ -36,25 +37,27 @@ def cache_path() -> Path | None:
 
 
 def load() -> dict[str, Any] | None:
-    """{"fields": {name: hint}, "report_to": [...], "defaults": {name: value}} from the cache, or None (missing, unreadable)."""
+    """{"fields": {name: hint}, "report_to": [...], "defaults": {name: value}, "model_types": [...]} from the
+    cache, or None (missing, unreadable, or written before a key existed)."""
     path = cache_path()
     if path is None:
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return {"fields": {k: decode(v) for k, v in raw["fields"].items()}, "report_to": list(raw["report_to"]),
-                "defaults": dict(raw["defaults"])}
+                "defaults": dict(raw["defaults"]), "model_types": list(raw["model_types"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def store(fields: dict[str, Any], report_to: list[str], defaults: dict[str, Any]) -> None:
+def store(fields: dict[str, Any], report_to: list[str], defaults: dict[str, Any], model_types: list[str]) -> None:
     """Write the cache atomically; skipped quietly if a hint has no JSON form or the disk refuses."""
     path = cache_path()
     if path is None:
         return
     try:
-        data = {"fields": {k: encode(v) for k, v in fields.items()}, "report_to": report_to, "defaults": defaults}
+        data = {"fields": {k: encode(v) for k, v in fields.items()}, "report_to": report_to, "defaults": defaults,
+                "model_types": model_types}
     except TypeError:
         return
     try:

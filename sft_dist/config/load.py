@@ -274,13 +274,14 @@ def _check_checkpoint(cfg: Config) -> list[str]:
 
 
 def _check_init_config(init: dict[str, Any]) -> list[str]:
-    from transformers import CONFIG_MAPPING
+    from sft_dist.config.training_args import model_types
 
     model_type = init.get("model_type")
     if model_type is None:
         return ["model.init_config.model_type: required (e.g. `llama`, `gpt2`, `qwen2`)"]
-    if model_type not in CONFIG_MAPPING:
-        hint = closest(str(model_type), list(CONFIG_MAPPING.keys()))
+    known = model_types()
+    if model_type not in known:
+        hint = closest(str(model_type), known)
         extra = f"; did you mean {hint!r}?" if hint else ""
         return [f"model.init_config.model_type: unknown model type {model_type!r}{extra}"]
     return []

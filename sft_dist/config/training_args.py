@@ -92,9 +92,21 @@ def _schema() -> dict[str, Any]:
     if cached is not None:
         return cached
     schema = {"fields": _fields_from_trl(), "report_to": _report_to_from_transformers(),
-              "defaults": _defaults_from_trl()}
-    fields_cache.store(schema["fields"], schema["report_to"], schema["defaults"])
+              "defaults": _defaults_from_trl(), "model_types": _model_types_from_transformers()}
+    fields_cache.store(schema["fields"], schema["report_to"], schema["defaults"], schema["model_types"])
     return schema
+
+
+def model_types() -> list[str]:
+    """The `model_type`s the installed transformers can build from a config (CONFIG_MAPPING imports torch:
+    ~2.5 s in a launcher that only checks the config)."""
+    return _schema()["model_types"]
+
+
+def _model_types_from_transformers() -> list[str]:
+    from transformers import CONFIG_MAPPING
+
+    return sorted(CONFIG_MAPPING.keys())
 
 
 def sft_fields() -> dict[str, Any]:
