@@ -68,8 +68,13 @@ def sft_dist_run(work: Path, model: Path, data: Path, steps: int, packing: bool)
     r = subprocess.run([str(BIN / "sft-dist"), "train", str(path)], capture_output=True, text=True, check=False)
     if r.returncode:
         raise SystemExit(f"sft-dist failed:\n{r.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    steady = [x for x in rows if x["step"] > WARMUP]
+    return steady_tokens_per_s(out / "metrics.jsonl")
+
+
+def steady_tokens_per_s(metrics: Path, warmup: int = WARMUP) -> float:
+    """Loss-carrying tokens (all ranks) of the steps after `warmup` over those steps' wall time."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+    steady = [x for x in rows if x["step"] > warmup]
     return sum(x["tokens"] for x in steady) / sum(x["step_time_s"] for x in steady)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class CheckpointHooks:
     checkpointing: Checkpointing | None = None
     resume_manifest: dict | None = None
     train_sampler: GlobalBatchSampler | None = None
+    resume_s: float | None = None  # seconds this rank spent loading the checkpoint's weights and train state
 
     # --- data: the global sample order with a world-size-independent cursor ---
     def get_train_dataloader(self):
@@ -105,6 +107,7 @@ class CheckpointHooks:
     def _load_optimizer_and_scheduler(self, checkpoint):
         if self.checkpointing is None or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
+        t0 = time.perf_counter()
         m = self.resume_manifest
         load_shards(self, Path(checkpoint), m["step"])
         state = load_pt(Path(checkpoint) / "train_state.pt")
@@ -116,8 +119,9 @@ class CheckpointHooks:
         cursor = m["data_cursor"]
         where = ("stream position" if cursor.get("streaming") else
                  f"epoch {cursor['epoch']}, {cursor['samples_in_epoch']} samples into it,")
-        log.info("resumed from step %d: %s %d samples in all, %d loss tokens seen",
-                 m["step"], where, cursor["samples_total"], self.total_loss_tokens)
+        self.resume_s = time.perf_counter() - t0
+        log.info("resumed from step %d: %s %d samples in all, %d loss tokens seen; state loaded in %.2f s",
+                 m["step"], where, cursor["samples_total"], self.total_loss_tokens, self.resume_s)
 
     def _load_scaler(self, checkpoint):
         if self.checkpointing is None:

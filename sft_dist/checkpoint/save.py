@@ -52,6 +52,7 @@ class Checkpointing:
     storage_options: dict | None = None
     saved: list[str] = field(default_factory=list)
     last_bytes: int | None = None  # size of the newest checkpoint written
+    last_save_s: float | None = None  # its wall seconds on this rank: what training waited
 
     def local_dir_for(self, work: str) -> Path:
         if self.store.local:
@@ -126,6 +127,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
     if not store.local:
         shutil.rmtree(local_dir, ignore_errors=True)
     ck.saved.append(name)
+    ck.last_save_s = time.perf_counter() - t0
     return name
 
 

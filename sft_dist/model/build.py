@@ -110,7 +110,8 @@ def without_zero3_init():
 def _check_vocab(model, tokenizer) -> None:
     if tokenizer is None:
         return
-    n = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    n = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 loads partitioned: a 0-row placeholder here
     if n < len(tokenizer):
         raise SftDistError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only {n} rows; "

@@ -211,6 +211,8 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
             "resumed_step": resume.step if resume else None,
             "checkpoints": trainer.checkpointing.saved,
             "checkpoint_bytes": trainer.checkpointing.last_bytes,
+            "checkpoint_save_s": _round(trainer.checkpointing.last_save_s),
+            "resume_s": _round(trainer.resume_s),
             "adapter_bytes": _dir_bytes(final_dir),
             "first_loss": metrics.first.get("loss"),
             "last_loss": metrics.last.get("loss"),
@@ -457,6 +459,10 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 def _loss_change(metrics) -> str:
