@@ -250,26 +250,34 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
     max_length, name, origins, skip = cfg.max_length, split.name, split.origins, split.bad.skip
     raw = split.rows if rows is None else split.rows.select(rows)
 
-    def fn(row):
-        where = f"{origins.where(row[ORIGIN])} ({name} sample_id {row['sample_id']})"
-        try:
-            out = tok(row, where)
-        except BadRow as e:
-            if not skip:
-                raise BadRows.stop(e) from None
-            # Counted in `finalize`: with num_proc the map runs in other processes.
-            out, e_kind = {"input_ids": [], "labels": []}, e.kind
-        else:
-            e_kind = ""
-        full = len(out["input_ids"])
-        ids, labels = out["input_ids"][:max_length], out["labels"][:max_length]
-        # labels[0] never carries loss: the model predicts token t from tokens < t.
-        n_loss = sum(1 for t in labels[1:] if t != IGNORE)
-        return {"input_ids": ids, "labels": labels, "sample_id": row["sample_id"], ORIGIN: row[ORIGIN],
-                "_length": full, "_loss_tokens": n_loss, "_bad": e_kind}
+    def fn(batch):
+        n = len(batch["sample_id"])
+        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        wheres = [f"{origins.where(r[ORIGIN])} ({name} sample_id {r['sample_id']})" for r in rows]
+        cols = {k: [] for k in ("input_ids", "labels", "sample_id", ORIGIN, "_length", "_loss_tokens", "_bad")}
+        for row, out in zip(rows, tok.batch(rows, wheres)):
+            if isinstance(out, BadRow):
+                if not skip:
+                    raise BadRows.stop(out) from None
+                # Counted in `finalize`: with num_proc the map runs in other processes.
+                out, e_kind = {"input_ids": [], "labels": []}, out.kind
+            else:
+                e_kind = ""
+            labels = out["labels"][:max_length]
+            cols["input_ids"].append(out["input_ids"][:max_length])
+            cols["labels"].append(labels)
+            cols["sample_id"].append(row["sample_id"])
+            cols[ORIGIN].append(row[ORIGIN])
+            cols["_length"].append(len(out["input_ids"]))
+            # labels[0] never carries loss: the model predicts token t from tokens < t.
+            cols["_loss_tokens"].append(sum(1 for t in labels[1:] if t != IGNORE))
+            cols["_bad"].append(e_kind)
+        return cols
 
     return raw.map(
         fn,
+        batched=True,
+        batch_size=1000,
         remove_columns=raw.column_names,
         keep_in_memory=True,
         num_proc=cfg.num_proc,

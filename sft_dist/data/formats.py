@@ -84,6 +84,49 @@ class Tokenizer:
             ids, loss = self._messages(row, where)
         else:
             ids, loss = self._plain(self._segments(row, where))
+        return self._labels(ids, loss)
+
+    def batch(self, rows: list[dict[str, Any]], wheres: list[str]) -> list[dict[str, list[int]] | BadRow]:
+        """`self(row, where)` for many rows, the bad ones as their BadRow. Plain formats tokenize every row's
+        segments in two batched tokenizer calls (a fast tokenizer encodes a list in parallel, in Rust): the
+        same ids as one call per segment, ~3x faster on short rows."""
+        if self._segments is None:
+            return [self._one(row, where) for row, where in zip(rows, wheres)]
+        out: list[dict[str, list[int]] | BadRow] = []
+        segments: list[Segments] = []
+        for row, where in zip(rows, wheres):
+            try:
+                segments.append(self._segments(row, where))
+                out.append({})
+            except BadRow as e:
+                segments.append([])
+                out.append(e)
+        # add_special_tokens only for a row's first segment (BOS once), as in _plain
+        first = [s[0][0] for s in segments if s]
+        rest = [text for s in segments for text, _ in s[1:]]
+        first_ids = iter(self.tok(first, add_special_tokens=True)["input_ids"] if first else [])
+        rest_ids = iter(self.tok(rest, add_special_tokens=False)["input_ids"] if rest else [])
+        for i, segs in enumerate(segments):
+            if not segs:
+                continue
+            ids: list[int] = []
+            loss: list[bool] = []
+            for j, (_, carries) in enumerate(segs):
+                part = next(first_ids) if j == 0 else next(rest_ids)
+                ids += part
+                loss += [carries] * len(part)
+            ids.append(self.tok.eos_token_id)
+            loss.append(True)
+            out[i] = self._labels(ids, loss)
+        return out
+
+    def _one(self, row: dict[str, Any], where: str) -> dict[str, list[int]] | BadRow:
+        try:
+            return self(row, where)
+        except BadRow as e:
+            return e
+
+    def _labels(self, ids: list[int], loss: list[bool]) -> dict[str, list[int]]:
         if not self.completion_only_loss:
             loss = [True] * len(ids)
         return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, loss)]}

@@ -167,3 +167,34 @@ def test_data_dataset_goes_through_load_dataset(tmp_path, tok, monkeypatch):
     assert len(ds.train) == 6 and len(ds.eval) == 1
     with pytest.raises(DataError, match="data.dataset .* cannot load"):
         build_datasets(DataConfig(dataset=str(d), train_split="nope"), tok, seed=0)
+
+
+@pytest.mark.parametrize("fmt, completion_only", [("alpaca", True), ("alpaca", False), ("prompt_completion", True),
+                                                  ("text", True), ("messages", True)])
+def test_batched_tokenization_gives_the_ids_of_one_row_at_a_time(tok, fmt, completion_only):
+    """The build tokenizes 1000 rows per tokenizer call; every row's ids and labels, and which rows are bad, are
+    those of tokenizing each row alone (the demo data, every 7th row broken)."""
+    from sft_dist.errors import BadRow
+
+    rows = [json.loads(line) for line in (builtin_path("data") / "alpaca_demo_train.jsonl").read_text().splitlines()]
+    if fmt == "prompt_completion":
+        rows = [{"prompt": r["instruction"] + r["input"], "completion": r["output"]} for r in rows]
+    elif fmt == "text":
+        rows = [{"text": r["instruction"] + "\n" + r["output"]} for r in rows]
+    elif fmt == "messages":
+        rows = [{"messages": [{"role": "user", "content": r["instruction"]},
+                              {"role": "assistant", "content": r["output"]}]} for r in rows]
+    for i in range(3, len(rows), 7):
+        rows[i] = {k: None for k in rows[i]}
+    t = Tokenizer(tok, fmt=fmt, template=resolve_template("alpaca_pt"), completion_only_loss=completion_only)
+    wheres = [f"row {i}" for i in range(len(rows))]
+    batched = t.batch(rows, wheres)
+    assert len(batched) == len(rows) > 300
+    for row, where, got in zip(rows, wheres, batched):
+        try:
+            want = t(row, where)
+        except BadRow as e:
+            assert isinstance(got, BadRow) and str(got) == str(e)
+        else:
+            assert got == want
+    assert sum(isinstance(b, BadRow) for b in batched) == len(range(3, len(rows), 7))
