@@ -206,6 +206,7 @@ def _worker(cfg) -> int:
 
     try:
         run(cfg)
+        _skip_final_gc()
         return 0
     except SftDistError as e:
         return _report(e)
@@ -215,13 +216,17 @@ def _worker(cfg) -> int:
         return _report(e, unexpected=True)
 
 
-def _report(e: BaseException, *, unexpected: bool = False) -> int:
-    """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+def _skip_final_gc() -> None:
+    """Skip the interpreter's final GC pass over every object (seconds, with torch and transformers loaded): the
+    launcher, and the peers of a failed rank, wait for this process to exit."""
     import gc
 
-    # Skip the interpreter's final GC pass over every object (seconds, with torch and transformers loaded): the
-    # launcher and the peers of a failed rank wait for this process to exit.
     gc.freeze()
+
+
+def _report(e: BaseException, *, unexpected: bool = False) -> int:
+    """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+    _skip_final_gc()
     rank = int(os.environ.get("RANK", 0))
     error_file = os.environ.get("SFT_DIST_ERROR_FILE")
     tb = "".join(traceback.format_exception(e)) if unexpected else None
