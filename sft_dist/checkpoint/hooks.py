@@ -116,6 +116,10 @@ class CheckpointHooks:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self.total_loss_tokens = int(m.get("tokens_seen", 0))
+        # the run's padding fraction and TRL's num_tokens go on from the checkpoint, not from 0
+        self._total_seen = [int(x) for x in m.get("tokens_processed", [0, 0])]
+        if hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = int(m.get("trl_num_tokens", 0))
         cursor = m["data_cursor"]
         where = ("stream position" if cursor.get("streaming") else
                  f"epoch {cursor['epoch']}, {cursor['samples_in_epoch']} samples into it,")

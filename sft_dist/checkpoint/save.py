@@ -176,6 +176,8 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
         },
         "data_cursor": sampler.cursor(step),
         "tokens_seen": trainer.total_loss_tokens,
+        "tokens_processed": list(trainer._total_seen),  # [real, padded] over ranks: the run's padding fraction
+        "trl_num_tokens": int(getattr(trainer, "_total_train_tokens", 0)),
         "backend": ck.backend,
         "zero_stage": ck.zero_stage,
         "shard_format": shard_format(trainer),

@@ -44,6 +44,14 @@ def reference(checkpointed_run):
 def assert_same_training(reference: Path, run: Path) -> None:
     dev = compare(reference, run)
     assert dev.steps == 20 and dev.bitwise, dev
+    # run-level counters go on from the checkpoint: the same as the uninterrupted run's
+    for key in ("loss_tokens", "padding_fraction"):
+        assert json.loads((run / "run_summary.json").read_text())[key] == \
+            json.loads((reference / "run_summary.json").read_text())[key], key
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    ref_last = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line][-1]
+    assert last["num_tokens"] == ref_last["num_tokens"] and last["tokens_total"] == ref_last["tokens_total"]
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes_exactly(reference, tmp_path):
