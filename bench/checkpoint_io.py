@@ -25,14 +25,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import machine
+from common import machine, run_sft_dist, write_results
 from vs_trl import MODEL, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +61,7 @@ def train(work: Path, model: Path, data: Path, backend: str, *, steps: int, save
                         **({"save_strategy": "steps", "save_steps": steps} if save else {"save_strategy": "no"})},
            "backend": BACKENDS[backend],
            "launcher": {"type": "local", "num_workers": 2}}
-    path = work / f"{backend}.yaml"
-    path.write_text(json.dumps(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    r = subprocess.run([sys.executable, "-m", "sft_dist", "train", str(path)], capture_output=True, text=True,
-                       check=False, env=env)
-    if r.returncode:
-        raise SystemExit(f"{backend} ({'save' if save else 'resume'}) failed:\n{r.stderr[-3000:]}")
+    run_sft_dist(cfg, work / f"{backend}.yaml", f"{backend} ({'save' if save else 'resume'})")
     summary = json.loads((out / "run_summary.json").read_text())
     if save:
         ckpt = out / "checkpoints" / f"checkpoint-{steps}"
@@ -162,11 +154,8 @@ def main() -> int:
     print(table)
     meta = {"machine": machine(), "workers": 2, "steps": a.steps, "repeats": a.repeats, "model": MODEL,
             "adapter": f"LoRA r={a.rank} all-linear" + (" + lm_head" if a.head else ""), "plain_repeats": PLAIN_REPEATS}
-    res = ROOT / "bench" / "results"
-    res.mkdir(exist_ok=True)
-    (res / "checkpoint_io.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (res / "checkpoint_io.md").write_text(f"{meta['machine']}, 2 workers, {meta['adapter']}, median of "
-                                          f"{a.repeats}\n\n{table}\n")
+    write_results("checkpoint_io", {"meta": meta, "results": results},
+                  f"{meta['machine']}, 2 workers, {meta['adapter']}, median of {a.repeats}\n\n{table}\n")
     return 0
 
 

@@ -16,18 +16,16 @@ loss-carrying tokens of the steps after the first 5 / their wall time (metrics.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import machine
+from common import machine, run_sft_dist, write_results
 from vs_trl import MODEL, WARMUP, prepare, steady_tokens_per_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +43,8 @@ def train(work: Path, model: Path, data: Path, *, workers: int, steps: int, thre
                         "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO * workers), "learning_rate": 1e-4,
                         "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "seed": 42},
            "launcher": {"type": "local", "num_workers": workers, "threads_per_worker": threads}}
-    path = out.with_suffix(".yaml")
-    path.write_text(json.dumps(cfg))
-    # OMP_NUM_THREADS would override the launcher's per-worker default
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    r = subprocess.run([sys.executable, "-m", "sft_dist", "train", str(path)], capture_output=True, text=True,
-                       check=False, env=env)
-    if r.returncode:
-        raise SystemExit(f"{workers}-worker run failed:\n{r.stderr[-3000:]}")
-    m = re.search(r"(\d+) thread\(s\) each", r.stderr)
+    stderr = run_sft_dist(cfg, out.with_suffix(".yaml"), f"{workers}-worker run")
+    m = re.search(r"(\d+) thread\(s\) each", stderr)
     return steady_tokens_per_s(out / "metrics.jsonl"), int(m.group(1)) if m else -1
 
 
@@ -96,14 +86,11 @@ def main() -> int:
     print(table)
     meta = {"machine": machine(), "steps": a.steps, "warmup_steps": WARMUP, "repeats": a.repeats, "model": MODEL,
             "global_batch": GLOBAL_BATCH, "micro_batch": MICRO, "threads_per_worker": threads, "backend": "ddp"}
-    res = ROOT / "bench" / "results"
-    res.mkdir(exist_ok=True)
-    (res / "scaling.json").write_text(json.dumps({"meta": meta, "median_tokens_per_s": med, "runs_tokens_per_s": runs,
-                                                  "speedup": speedup, "efficiency": speedup / 2,
-                                                  "speedup_vs_one_thread": med["2 workers"] / one_core if one_core
-                                                  else None}, indent=2))
-    (res / "scaling.md").write_text(f"{meta['machine']}, global batch {GLOBAL_BATCH}, {a.steps} steps (first "
-                                    f"{WARMUP} not timed), median of {a.repeats}\n\n{table}\n")
+    write_results("scaling", {"meta": meta, "median_tokens_per_s": med, "runs_tokens_per_s": runs, "speedup": speedup,
+                              "efficiency": speedup / 2,
+                              "speedup_vs_one_thread": med["2 workers"] / one_core if one_core else None},
+                  f"{meta['machine']}, global batch {GLOBAL_BATCH}, {a.steps} steps (first {WARMUP} not timed), "
+                  f"median of {a.repeats}\n\n{table}\n")
     return 0
 
 

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from common import RESULTS, ROOT, machine
+
 # script -> arguments with --quick
 SCRIPTS = {
     "startup": ["--repeats", "1"],
@@ -29,16 +29,6 @@ SCRIPTS = {
     "checkpoint_io": ["--steps", "2", "--repeats", "1"],
     "tokenize_cache": ["--rows", "5000", "--repeats", "1"],
 }
-
-
-def machine() -> str:
-    """This machine in one line: cores, RAM, GPU (or none), torch version."""
-    import torch
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-           else "no GPU")
-    return f"{os.cpu_count()} CPU cores, {ram:.0f} GiB RAM, {gpu}, torch {torch.__version__.split('+')[0]}"
 
 
 def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import run_sft_dist, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WARMUP = 5
@@ -63,11 +65,7 @@ def sft_dist_run(work: Path, model: Path, data: Path, steps: int, packing: bool)
            "training": {"max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 1e-4,
                         "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "seed": 42},
            "launcher": {"type": "local", "num_workers": 2}}
-    path = work / "sft_dist.yaml"
-    path.write_text(json.dumps(cfg))
-    r = subprocess.run([str(BIN / "sft-dist"), "train", str(path)], capture_output=True, text=True, check=False)
-    if r.returncode:
-        raise SystemExit(f"sft-dist failed:\n{r.stderr[-3000:]}")
+    run_sft_dist(cfg, work / "sft_dist.yaml", "sft-dist")
     return steady_tokens_per_s(out / "metrics.jsonl")
 
 
@@ -123,11 +121,8 @@ def main() -> int:
         lines.append(f"| {label} | {r['sft_dist_tokens_per_s']:.0f} | {r['trl_tokens_per_s']:.0f} | {r['ratio']:.2f} |")
     table = "\n".join(lines)
     print(table)
-    res = ROOT / "bench" / "results"
-    res.mkdir(exist_ok=True)
-    (res / "vs_trl.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (res / "vs_trl.md").write_text(f"{meta['machine']}, {a.steps} steps (first {WARMUP} not timed), median of "
-                                   f"{a.repeats}\n\n{table}\n")
+    write_results("vs_trl", {"meta": meta, "results": results},
+                  f"{meta['machine']}, {a.steps} steps (first {WARMUP} not timed), median of {a.repeats}\n\n{table}\n")
     return 0
 
 
