@@ -81,10 +81,11 @@ class Tokenizer:
 
     def __call__(self, row: dict[str, Any], where: str) -> dict[str, list[int]]:
         if self.fmt == "messages":
-            ids, loss = self._messages(row, where)
-        else:
-            ids, loss = self._plain(self._segments(row, where))
-        return self._labels(ids, loss)
+            return self._labels(*self._messages(row, where))
+        out = self.batch([row], [where])[0]
+        if isinstance(out, BadRow):
+            raise out
+        return out
 
     def batch(self, rows: list[dict[str, Any]], wheres: list[str]) -> list[dict[str, list[int]] | BadRow]:
         """`self(row, where)` for many rows, the bad ones as their BadRow. Plain formats tokenize every row's
@@ -101,7 +102,7 @@ class Tokenizer:
             except BadRow as e:
                 segments.append([])
                 out.append(e)
-        # add_special_tokens only for a row's first segment (BOS once), as in _plain
+        # add_special_tokens only for a row's first segment: BOS once per row
         first = [s[0][0] for s in segments if s]
         rest = [text for s in segments for text, _ in s[1:]]
         first_ids = iter(self.tok(first, add_special_tokens=True)["input_ids"] if first else [])
@@ -130,17 +131,6 @@ class Tokenizer:
         if not self.completion_only_loss:
             loss = [True] * len(ids)
         return {"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, loss)]}
-
-    def _plain(self, segments: Segments) -> tuple[list[int], list[bool]]:
-        ids: list[int] = []
-        loss: list[bool] = []
-        for i, (text, carries) in enumerate(segments):
-            part = self.tok(text, add_special_tokens=(i == 0))["input_ids"]
-            ids += part
-            loss += [carries] * len(part)
-        ids.append(self.tok.eos_token_id)
-        loss.append(True)
-        return ids, loss
 
     def _messages(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
         messages = row.get("messages")

@@ -63,11 +63,12 @@ def model_flops(model) -> ModelFlops:
 
 def _matmul_shape(module) -> tuple[int, int] | None:
     # nn.Linear and its bitsandbytes subclasses keep the logical in/out features even when the weight is
-    # packed 4-bit or a ZeRO-3 placeholder; Conv1D (GPT-2) keeps nf and the weight's first dim.
+    # packed 4-bit or a ZeRO-3 placeholder; Conv1D (GPT-2) keeps nf and the weight's first dim (a ZeRO-3
+    # placeholder's full shape is in ds_shape).
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.shape[0], module.nf
+        return getattr(module.weight, "ds_shape", module.weight.shape)[0], module.nf
     return None
 
 

@@ -147,7 +147,12 @@ def for_backend(quant: QuantizationConfig, *, backend: str, dtype: torch.dtype) 
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts: full sizes, also of weights ZeRO-3 loaded partitioned (a 0-element
+    placeholder on each rank, the real size in `ds_numel`)."""
+
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total

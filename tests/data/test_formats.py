@@ -173,7 +173,7 @@ def test_data_dataset_goes_through_load_dataset(tmp_path, tok, monkeypatch):
                                                   ("text", True), ("messages", True)])
 def test_batched_tokenization_gives_the_ids_of_one_row_at_a_time(tok, fmt, completion_only):
     """The build tokenizes 1000 rows per tokenizer call; every row's ids and labels, and which rows are bad, are
-    those of tokenizing each row alone (the demo data, every 7th row broken)."""
+    those of tokenizing each segment of each row alone (the demo data, every 7th row broken)."""
     from sft_dist.errors import BadRow
 
     rows = [json.loads(line) for line in (builtin_path("data") / "alpaca_demo_train.jsonl").read_text().splitlines()]
@@ -187,14 +187,26 @@ def test_batched_tokenization_gives_the_ids_of_one_row_at_a_time(tok, fmt, compl
     for i in range(3, len(rows), 7):
         rows[i] = {k: None for k in rows[i]}
     t = Tokenizer(tok, fmt=fmt, template=resolve_template("alpaca_pt"), completion_only_loss=completion_only)
+
+    def alone(row, where):
+        """One tokenizer call per segment (BOS on the first), EOS appended: what batching must reproduce."""
+        if fmt == "messages":
+            return t(row, where)
+        ids, labels = [], []
+        for i, (text, carries) in enumerate(t._segments(row, where)):
+            part = tok(text, add_special_tokens=(i == 0))["input_ids"]
+            ids += part
+            labels += part if carries or not completion_only else [IGNORE] * len(part)
+        return {"input_ids": ids + [tok.eos_token_id], "labels": labels + [tok.eos_token_id]}
+
     wheres = [f"row {i}" for i in range(len(rows))]
     batched = t.batch(rows, wheres)
     assert len(batched) == len(rows) > 300
     for row, where, got in zip(rows, wheres, batched):
         try:
-            want = t(row, where)
+            want = alone(row, where)
         except BadRow as e:
             assert isinstance(got, BadRow) and str(got) == str(e)
         else:
-            assert got == want
+            assert got == want and t(row, where) == want
     assert sum(isinstance(b, BadRow) for b in batched) == len(range(3, len(rows), 7))

@@ -127,3 +127,21 @@ def test_fsdp_where_it_cannot_apply_exits_with_what_to_change(tmp_path):
                        capture_output=True, text=True, env=cli_env(), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "Set launcher.num_workers >= 2 (or use backend.type=ddp)" in r.stderr
+
+
+def test_zero3_trains_a_model_loaded_from_a_directory(checkpointed_run, tmp_path):
+    """The path users take with a real model: `model.name_or_path` under ZeRO-3 loads the weights partitioned
+    (zero.Init), so each rank holds half of them from the start (the init_config runs build them whole first)."""
+    from tests.conftest import backend
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "sft_dist", "train", str(ROOT / "configs/examples/quickstart.yaml"),
+                        f"output_dir={out}", f"model.name_or_path={checkpointed_run / 'base_model'}",
+                        "model.init_config=null", *backend("zero3"), "training.max_steps=4",
+                        "training.eval_strategy=no", "training.save_strategy=no"],
+                       capture_output=True, text=True, env=cli_env(), timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "run_summary.json").read_text())
+    assert s["backend_applied"]["zero_stage"] == 3 and s["global_step"] == 4
+    assert s["ranks"][0]["param_numel_local"] == pytest.approx(s["total_params"] / 2, rel=0.02)
+    assert s["last_loss"] < s["first_loss"]
