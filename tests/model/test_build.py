@@ -8,13 +8,8 @@ from transformers import AutoTokenizer
 
 from sft_dist.config.load import builtin_path
 from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
-from sft_dist.errors import ConfigError, SftDistError
-from sft_dist.model.build import (
-    _check_vocab,
-    build_model,
-    count_parameters,
-    resolve_dtype,
-)
+from sft_dist.errors import ConfigError
+from sft_dist.model.build import build_model, count_parameters, resolve_dtype
 from sft_dist.model.lora import apply_lora
 from sft_dist.model.tokenizer import build_tokenizer
 
@@ -44,17 +39,6 @@ def test_init_config_is_seeded_and_sized_to_the_tokenizer(tok):
 def test_vocab_smaller_than_tokenizer_is_an_error(tok):
     with pytest.raises(ConfigError, match="vocab_size: got 100, but the tokenizer has 1024 tokens"):
         make(tok, vocab_size=100)
-
-
-def test_vocab_check_reads_the_full_shape_of_a_zero3_partitioned_embedding(tok):
-    model = make(tok)
-    emb = model.get_input_embeddings()
-    emb.weight = torch.nn.Parameter(torch.empty(0))  # what from_pretrained under ZeRO-3 leaves on a rank
-    emb.weight.ds_shape = torch.Size([1024, 32])
-    _check_vocab(model, tok)
-    emb.weight.ds_shape = torch.Size([100, 32])
-    with pytest.raises(SftDistError, match="embedding has only 100 rows"):
-        _check_vocab(model, tok)
 
 
 def test_from_pretrained_local_dir_round_trip(tmp_path, tok):
