@@ -20,8 +20,15 @@ def safe_globals() -> list:
 
 
 def load_weights_only(path: str, map_location=None):
+    import pickle
+
+    from sft_dist.checkpoint.dcp_safe import UntrustedCheckpoint
+
     with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UntrustedCheckpoint(f"{path}: refused to unpickle ({str(e).splitlines()[0]})") from None
 
 
 def use_weights_only_loading(engine) -> None:

@@ -49,32 +49,28 @@ class DcpWeights(TrainedWeights):
     PREFIX = "model."  # the checkpoint is {"model": {...}, "optim": {...}}; optimizer state is not exported
 
     def __init__(self, shards: Path):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        class CachedReader(dcp.FileSystemReader):
-            # dcp.load re-reads (unpickles) .metadata on every call; it lists the optimizer state too, and
-            # reading it per tensor costs more than the tensors.
-            _metadata = None
+        from sft_dist.checkpoint.dcp_safe import SafeReader
 
-            def read_metadata(self, *args, **kwargs):
-                if self._metadata is None:
-                    self._metadata = super().read_metadata(*args, **kwargs)
-                return self._metadata
-
-        self._reader = CachedReader(str(shards))
+        self._reader = SafeReader(str(shards))  # reads .metadata once, without unpickling code
         meta = self._reader.read_metadata().state_dict_metadata
         self.specs = {k[len(self.PREFIX):]: (m.size, m.properties.dtype) for k, m in meta.items()
                       if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
 
     def load(self, name: str) -> torch.Tensor:
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from sft_dist.checkpoint.dcp_safe import first_untrusted, load_with
 
         shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
         with warnings.catch_warnings():  # "no process group: assuming a single process" is the point here
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": {name: out}}, storage_reader=self._reader, no_dist=True)
+            try:
+                load_with({"model": {name: out}}, self._reader)
+            except CheckpointException as e:
+                raise first_untrusted(e) or e from None
         return out
 
 

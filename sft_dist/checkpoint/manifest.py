@@ -85,7 +85,29 @@ def verify(store: Store, name: str, *, checksums: bool = True) -> Verdict:
                     h.update(chunk)
             if h.hexdigest() != meta["sha256"]:
                 return Verdict(name, False, f"{rel} does not match its sha256 in the manifest (corrupt)")
+        untrusted = _untrusted_metadata(store, name, manifest)
+        if untrusted:
+            return Verdict(name, False, f"untrusted, not loaded: {untrusted}")
     return Verdict(name, True, manifest=manifest)
+
+
+def _untrusted_metadata(store: Store, name: str, manifest: dict) -> str | None:
+    """Why the checkpoint's DCP metadata is not of the form sft_dist writes (None: it is). The sha256 above
+    proves only that the files match the manifest, which whoever wrote them could write as well."""
+    if manifest.get("shard_format") != "dcp":
+        return None  # DeepSpeed's files are read with weights_only=True (checkpoint/deepspeed_io.py)
+    from sft_dist.checkpoint.dcp_safe import METADATA, UntrustedCheckpoint, parse_metadata
+    from sft_dist.checkpoint.shards import DCP_DIR
+
+    rel = f"{DCP_DIR}/{METADATA}"
+    if rel not in manifest["files"]:
+        return f"the manifest lists no {rel}"
+    try:
+        with store.open(name, rel) as f:
+            parse_metadata(f.read(), where=rel)
+    except UntrustedCheckpoint as e:
+        return str(e)
+    return None
 
 
 def checkpoint_names(store: Store) -> list[str]:

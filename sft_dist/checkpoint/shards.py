@@ -50,15 +50,15 @@ def load_shards(trainer, local_dir: Path, step: int, *, model_only: bool = False
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {ds_tag(step)} in {local_dir}")
         return
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
+    from sft_dist.checkpoint import dcp_safe
+
     state = _dcp_state(trainer, optim=not model_only)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(local_dir / DCP_DIR)),
-             no_dist=trainer.args.world_size == 1)
+    dcp_safe.load(state, local_dir / DCP_DIR, no_dist=trainer.args.world_size == 1)
     if trainer.is_fsdp_enabled:
         # The frozen keys are absent on purpose; dcp.load above already failed on any missing trainable key.
         set_model_state_dict(trainer.model_wrapped, state["model"], options=_options(strict=False))
