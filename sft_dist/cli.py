@@ -170,6 +170,27 @@ def _train(args) -> int:
             "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
             f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
         )
+    return _launch_locked(cfg, args)
+
+
+def _launch_locked(cfg, args) -> int:
+    """Launch while holding output_dir's lock: a second run into the same directory is refused at once. The
+    token goes to every worker this process starts, so that they count as this run."""
+    from sft_dist.rundir.lock import TOKEN_ENV, RunLock
+
+    try:
+        lock = RunLock(cfg.output_dir, command=" ".join(["sft-dist", "train", args.config, *args.overrides]))
+        lock.acquire()
+    except SftDistError as e:
+        return _report(e)
+    os.environ[TOKEN_ENV] = lock.token
+    try:
+        return _launch(cfg, args)
+    finally:
+        lock.release()
+
+
+def _launch(cfg, args) -> int:
     if cfg.launcher.type == "ray":
         # Checked here, once: a bad training field must not cost a Ray cluster launch, or a retry each.
         # The driver may sit on a CPU-only head while the workers have GPUs: then the workers check.
@@ -202,10 +223,19 @@ def _validate_for_launch(cfg) -> None:
 
 
 def _worker(cfg) -> int:
-    from sft_dist.train.run import run
+    from sft_dist.distributed.lifecycle import StoppedDuringStartup, die_with_parent, stop_on_sigterm_during_startup
 
+    if os.environ.get("SFT_DIST_LAUNCHER") == "local" or "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()  # the local launcher or torchrun's agent: not a shell the user started us from
+    stop_on_sigterm_during_startup()
     try:
+        from sft_dist.train.run import run
+
         run(cfg)
+        _skip_final_gc()
+        return 0
+    except StoppedDuringStartup as e:
+        print(f"sft-dist: {e} before training started: stopped (nothing to checkpoint yet)", file=sys.stderr)
         _skip_final_gc()
         return 0
     except SftDistError as e:

@@ -412,7 +412,22 @@ def _redact(node: Any) -> Any:
         return {k: ("***" if _is_secret(k) and v not in (None, "") else _redact(v)) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]
+    if isinstance(node, str):
+        return redact_url(node)
     return node
+
+
+# scheme://user:password@host: the password part (a token in the user part alone, as GitHub's, too).
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with credentials inside any URL replaced by ***: `http://user:pass@host` -> `http://user:***@host`."""
+    def hide(m: re.Match) -> str:
+        user, sep, _ = m.group("userinfo").partition(":")
+        return f"{m.group('scheme')}{user}:***@" if sep else f"{m.group('scheme')}***@"
+
+    return URL_CREDENTIALS.sub(hide, text)
 
 
 def _is_secret(key: object) -> bool:

@@ -39,6 +39,10 @@ class WorkerFailure:
     error: dict | None
 
     def describe(self) -> str:
+        if self.rank < 0:  # the launcher itself was signalled: no worker failed
+            name = signal.Signals(self.returncode - 128).name
+            return f"interrupted by {name}: the workers were stopped" + (
+                "" if name == "SIGINT" else " (they had not checkpointed within the grace period)")
         if self.returncode < 0:
             how = f"was killed by {signal.Signals(-self.returncode).name}"
         else:

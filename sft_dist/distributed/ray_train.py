@@ -44,6 +44,10 @@ def launch_ray(cfg: Config) -> int:
     env_vars = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         env_vars["DS_ACCELERATOR"] = "cpu"
+    from sft_dist.rundir.lock import TOKEN_ENV
+
+    if os.environ.get(TOKEN_ENV):  # the output_dir lock this driver holds: its workers belong to this run
+        env_vars[TOKEN_ENV] = os.environ[TOKEN_ENV]
     trainer = TorchTrainer(
         _worker_main,
         # The resolved config, secrets included: it travels to the workers inside Ray, never to a file.

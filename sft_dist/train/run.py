@@ -25,6 +25,7 @@ from sft_dist.distributed.env import (
     shutdown_distributed,
 )
 from sft_dist.distributed.health import diagnose
+from sft_dist.distributed.lifecycle import default_sigterm
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
@@ -82,6 +83,7 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
 
         # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    lock = _lock_output_dir(cfg, env)
     try:
         return _run(cfg, env=env, device=device, threads=threads, callbacks=callbacks or [])
     except Exception as e:
@@ -91,7 +93,21 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
             raise SftDistError(msg) from e
         raise
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
+
+
+def _lock_output_dir(cfg: Config, env: DistEnv):
+    """Rank 0 holds output_dir's lock for the run (or finds it held by the launcher that started this run).
+    torchrun restarts of one job share its rendezvous id, so a restarted rank 0 takes its own lock back."""
+    if not env.is_main:
+        return None
+    from sft_dist.rundir.lock import TOKEN_ENV, RunLock
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    token = os.environ.get(TOKEN_ENV) or (f"torchrun:{run_id}" if run_id != "none" else None)
+    return RunLock(cfg.output_dir, token=token, command=f"sft-dist train (rank 0 of {env.world_size})").acquire()
 
 
 def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: list) -> RunResult:
@@ -105,8 +121,6 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     out = Path(cfg.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    _write_roster(out, env)
     resume = _resume_point(cfg, env=env)  # may adjust gradient accumulation (another world size)
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     set_local_dirs(cfg.training, out)
@@ -120,13 +134,19 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         log.info("launcher.num_workers=%d does not apply: %s started %d workers",
                  cfg.launcher.num_workers, env.launched_by, env.world_size)
 
-    _preflight(cfg, env=env, device=device, out=out)
+    plan = _preflight(cfg, env=env, device=device)
     tokenizer = build_tokenizer(cfg.model)
     data = _datasets(cfg, env=env, tokenizer=tokenizer, seed=args.seed)
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
     model, base_dir = _build_model(cfg, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
+    # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
+    # leave a finished run's config.yaml, plan.json and workers/ as they were).
+    if env.is_main:
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        (out / "plan.json").write_text(json.dumps(plan, indent=2, default=str), encoding="utf-8")
+    _write_roster(out, env)
     trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
     quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
                            for m in model.modules())
@@ -165,6 +185,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
         train_result = trainer.train(resume_from_checkpoint=local_resume)
     finally:
         stopper.restore()
+        default_sigterm()
         shutil.rmtree(trainer.checkpointing.staging, ignore_errors=True)
     train_s = time.perf_counter() - t0
     trainer.close_trace()
@@ -246,9 +267,9 @@ def _write_report(out: Path) -> None:
         log.warning("report: not written (%s: %s); rebuild it with `sft-dist report %s`", type(e).__name__, e, out)
 
 
-def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
+def _preflight(cfg: Config, *, env: DistEnv, device: str) -> dict:
     """`sft-dist plan` on this rank, before data or model: every rank refuses what the rules refuse (they all
-    see the same facts); rank 0 logs the plan and writes it to output_dir/plan.json."""
+    see the same facts); rank 0 logs the plan. Returns it (for output_dir/plan.json)."""
     from sft_dist.plan import make_plan
     from sft_dist.plan.report import render
     from sft_dist.train.trackers import check_installed
@@ -260,7 +281,7 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str, out: Path) -> None:
     if env.is_main:
         for line in render(plan, diff=False).splitlines()[1:]:
             log.info("plan: %s", line)
-        (out / "plan.json").write_text(json.dumps(plan.as_dict(), indent=2, default=str), encoding="utf-8")
+    return plan.as_dict()
 
 
 def _datasets(cfg: Config, *, env: DistEnv, tokenizer, seed: int):

@@ -1,0 +1,68 @@
+"""A worker process's life around training: it dies with its launcher, and SIGTERM before training is a clean stop.
+
+- A worker whose launcher is gone (the local launcher or torchrun's agent killed with -9) would keep training
+  and checkpointing into an output_dir nobody watches, and the user's next run would meet it there. Workers
+  get SIGKILL when their parent dies (Linux `PR_SET_PDEATHSIG`), and a watchdog thread checks the parent
+  anyway (other systems; a parent that died before the call).
+- SIGTERM during start-up (process group, data, model) has nothing to checkpoint: the worker stops there and
+  exits 0, as it does after the checkpoint SIGTERM asks for during training (checkpoint/stop.py). After
+  training it is the default again (the final save is not interrupted half-way by a handler of ours).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+
+log = logging.getLogger("sft_dist")
+
+PR_SET_PDEATHSIG = 1
+WATCH_S = 0.5
+
+
+class StoppedDuringStartup(BaseException):  # noqa: N818 - not an error: the worker was asked to stop
+    """SIGTERM arrived before training started."""
+
+
+def die_with_parent() -> None:
+    """End this process (SIGKILL) as soon as the process that started it is gone."""
+    parent = os.getppid()
+    if parent <= 1:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(137)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(WATCH_S)
+        os._exit(137)
+
+    threading.Thread(target=watch, name="sft-dist-parent-watch", daemon=True).start()
+
+
+def _stop_now(signum, _frame) -> None:
+    raise StoppedDuringStartup(signal.Signals(signum).name)
+
+
+def stop_on_sigterm_during_startup() -> bool:
+    """Until training starts, SIGTERM raises StoppedDuringStartup. False where signals cannot be handled (not
+    the main thread: Ray's training function)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, _stop_now)
+    return True
+
+
+def default_sigterm() -> None:
+    """SIGTERM back to the default, after training (the trainer's own handler is gone by then)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _stop_now:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
