@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sft_dist import __version__
 from sft_dist.errors import ConfigError, DataError, SftDistError
+from sft_dist.redact import redact_url
 
 EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml
@@ -268,7 +269,7 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
                                                  "timestamp": str(int(time.time()))}}}, f)
     if error_file:  # the local launcher prints it once, for the first rank that failed
         with open(error_file, "w", encoding="utf-8") as f:
-            json.dump({"rank": rank, "type": type(e).__name__, "message": str(e), "traceback": tb,
+            json.dump({"rank": rank, "type": type(e).__name__, "message": redact_url(str(e)), "traceback": tb,
                        "user_error": not unexpected}, f)
         return 1
     if isinstance(e, (ConfigError, DataError)) and rank != 0:
@@ -277,7 +278,7 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
         time.sleep(5)
         return 1
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and rank != 0 else ""
-    print(tb if tb else f"{prefix}sft-dist: error: {e}", file=sys.stderr)
+    print(redact_url(tb if tb else f"{prefix}sft-dist: error: {e}"), file=sys.stderr)
     return 1
 
 

@@ -88,6 +88,7 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
         raise ConfigError(
             f"{where} was written with a different model/data config ({'; '.join(diff)}). Resuming would mix "
             "two runs: use a new output_dir (or checkpoint.dir), or set training.resume_from_checkpoint: never.")
+    _check_schedule(ckpt_cfg.get("training") or {}, cfg, where, point.step)
     if m["shard_format"] != shard_format:
         raise ConfigError(f"{where} holds {m['shard_format']} shards ({m['backend']} backend); this run uses "
                           f"backend {cfg.backend.type}. Resume with backend.type={m['backend']}.")
@@ -121,6 +122,38 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
     log.info("resuming on %d workers (checkpoint: %d): gradient_accumulation_steps %d -> %d keeps the global "
              "batch of %d", world_size, m["world_size"], accum, new_accum, want)
     return new_accum
+
+
+# The fields the learning-rate schedule is computed from (HF rebuilds the schedule from the arguments on resume
+# and only restores its step count: a change bends the curve at the checkpoint's step).
+SCHEDULE = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio")
+LENGTH = ("max_steps", "num_train_epochs")
+FLAT = ("constant", "constant_with_warmup")  # schedules whose value after warmup does not depend on the length
+DEFAULTS = {"max_steps": -1, "num_train_epochs": 3.0, "learning_rate": 5e-5, "lr_scheduler_type": "linear",
+            "lr_scheduler_kwargs": None, "warmup_steps": 0, "warmup_ratio": 0.0}
+
+
+def _check_schedule(before: dict, cfg, where: str, step: int) -> None:
+    now = cfg.training
+
+    def value(d: dict, k: str):
+        v = d.get(k, DEFAULTS[k])
+        return {} if k == "lr_scheduler_kwargs" and not v else v
+
+    changed = [k for k in SCHEDULE if value(before, k) != value(now, k)]
+    if str(value(now, "lr_scheduler_type")) not in FLAT:
+        changed += [k for k in LENGTH if value(before, k) != value(now, k)]
+    if not changed:
+        return
+    what = ", ".join(f"training.{k} {value(before, k)!r} -> {value(now, k)!r}" for k in changed)
+    if cfg.checkpoint.allow_schedule_change:
+        log.warning("%s: resuming with a changed learning-rate schedule (%s): the new schedule applies from "
+                    "step %d on", where, what, step)
+        return
+    raise ConfigError(
+        f"{where} was trained with another learning-rate schedule ({what}). The schedule is recomputed from "
+        "these on resume, so the learning rate would jump at the checkpoint's step. Keep the checkpoint's values, "
+        "set checkpoint.allow_schedule_change=true to continue with the new schedule, or use a new output_dir.")
 
 
 def store_text(point: ResumePoint, rel: str) -> str:

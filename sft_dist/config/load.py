@@ -25,6 +25,7 @@ from sft_dist.config.schema import SECTIONS, Config
 from sft_dist.config.training_args import DEFAULTS, validate_training
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import ConfigError
+from sft_dist.redact import redact_url
 
 BUILTIN = "builtin:"
 # Names of secrets (hub_token, wandb_api_key, password...); not tokenizer fields such as eos_token.
@@ -415,19 +416,6 @@ def _redact(node: Any) -> Any:
     if isinstance(node, str):
         return redact_url(node)
     return node
-
-
-# scheme://user:password@host: the password part (a token in the user part alone, as GitHub's, too).
-URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-
-
-def redact_url(text: str) -> str:
-    """`text` with credentials inside any URL replaced by ***: `http://user:pass@host` -> `http://user:***@host`."""
-    def hide(m: re.Match) -> str:
-        user, sep, _ = m.group("userinfo").partition(":")
-        return f"{m.group('scheme')}{user}:***@" if sep else f"{m.group('scheme')}***@"
-
-    return URL_CREDENTIALS.sub(hide, text)
 
 
 def _is_secret(key: object) -> bool:

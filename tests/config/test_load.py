@@ -220,3 +220,21 @@ def test_storage_credentials_are_redacted_in_dumps():
     cfg = load_config(QUICKSTART, ["checkpoint.storage_options={key: AKIA1, secret: s3cr3t, endpoint_url: http://x}"])
     dumped = dump_config(cfg)
     assert "AKIA1" not in dumped and "s3cr3t" not in dumped and "http://x" in dumped
+
+
+def test_credentials_inside_urls_are_redacted_in_every_dump(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import QUICKSTART, cli_env
+
+    url = "checkpoint.storage_options={client_kwargs: {endpoint_url: 'http://minio:s3cr3t-pass@minio:9000'}}"
+    r = subprocess.run([sys.executable, "-m", "sft_dist", "config", str(QUICKSTART), url],
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "s3cr3t-pass" not in r.stdout and "http://minio:***@minio:9000" in r.stdout
+    # a value quoted by an error message is shown the same way
+    r = subprocess.run([sys.executable, "-m", "sft_dist", "config", str(QUICKSTART),
+                        "model.tokenizer=https://ghp_tok3n@github.com/x/tok"],
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 1 and "ghp_tok3n" not in r.stderr and "https://***@github.com/x/tok" in r.stderr

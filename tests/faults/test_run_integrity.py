@@ -168,3 +168,24 @@ def test_a_signal_during_start_up(tmp_path, sig, code, says):
     assert says in log and "rank -1" not in log
     assert not (out / "config.yaml").exists()  # it never got to describe itself
     assert not (out / LOCK).exists()
+
+
+def test_kill_9_of_torchrun_takes_its_workers_with_it(tmp_path):
+    out = tmp_path / "run"
+    env = {**cli_env(), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    p = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                          str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
+                          "training.max_steps=100000", "training.eval_strategy=no"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(), proc=p)
+        workers = [json.loads(f.read_text())["pid"] for f in sorted((out / "workers").glob("rank*.json"))]
+        assert len(workers) == 2 and all(alive(w) for w in workers)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers), "workers outlived torchrun's agent by 10 s"
+    finally:
+        p.kill()
