@@ -165,6 +165,10 @@ class CheckpointConfig:
     # Keep the best checkpoint (training.metric_for_best_model, eval loss by default) beyond
     # training.save_total_limit.
     keep_best: bool = True
+    # Resume although the learning-rate schedule changed (training.max_steps, num_train_epochs, learning_rate,
+    # lr_scheduler_type, warmup...): the new schedule applies from the checkpoint's step on. Off: such a resume
+    # is refused, naming what changed.
+    allow_schedule_change: bool = False
 
 
 @dataclass
