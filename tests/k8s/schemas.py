@@ -123,10 +123,119 @@ def core_errors(doc: dict[str, Any], version: str) -> list[str]:
 
 
 def is_custom(doc: dict[str, Any]) -> bool:
-    """Whether the document is a custom resource (its group is not a built-in Kubernetes API group)."""
+    """Whether the document is a custom resource (its group is not a built-in Kubernetes API group;
+    `*.x-k8s.io` groups, such as jobset.x-k8s.io, are Kubernetes SIG projects installed as CRDs)."""
     api = doc.get("apiVersion", "")
     group = api.split("/")[0] if "/" in api else ""
-    return "." in group and not group.endswith(".k8s.io")
+    return "." in group and (not group.endswith(".k8s.io") or group.endswith(".x-k8s.io"))
+
+
+# --- structural checks for custom resources whose CRD is not in the schema folder ------------------
+#
+# JobSet (jobset.x-k8s.io/v1alpha2) and Kubeflow Trainer's TrainingRuntime (trainer.kubeflow.org/v1alpha1)
+# are checked by hand-written JSON schemas of their own fields, transcribed from their Go API types
+# (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go @08dfbdf; kubeflow/trainer
+# pkg/apis/trainer/v1alpha1/trainingruntime_types.go @8c0f505): every object refuses unknown keys, enums,
+# required keys and minimums are those of the CRDs. Every replicatedJobs[].template, a batch/v1
+# JobTemplateSpec, is validated as a Job with kubernetes-validate (strict, both K8S_VERSIONS), so the
+# pod templates get the same checks as core pods.
+# Not validated: CEL rules (e.g. startupPolicy InOrder vs dependsOn), immutability, the webhooks' checks
+# (name lengths, ...; tests/k8s/test_manifests.py checks the generated pod hostnames itself), the contents
+# of volumeClaimPolicies and of the Trainer's mpi/flux/volcano policies, which these manifests do not use.
+# Where the folder does hold a CRD for these kinds, the tests validate against it as well.
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        out["required"] = list(required)
+    return out
+
+
+_STR, _BOOL, _OPEN = {"type": "string"}, {"type": "boolean"}, {"type": "object"}
+_INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+_NONNEG = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+_STRS = {"type": "array", "items": _STR}
+_STR_MAP = {"type": "object", "additionalProperties": _STR}
+_DNS1035 = {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+# The ObjectMeta a template may carry (JobTemplateSpec, JobSetTemplateSpec).
+_TEMPLATE_META = _obj({"name": _STR, "namespace": _STR, "labels": _STR_MAP, "annotations": _STR_MAP,
+                       "finalizers": _STRS})
+
+JOBSET_SPEC = _obj({
+    "replicatedJobs": {"type": "array", "items": _obj({
+        "name": _DNS1035,
+        "groupName": _STR,
+        "template": _obj({"metadata": _TEMPLATE_META, "spec": _OPEN}),  # spec: validated as a batch/v1 Job
+        "replicas": _NONNEG,
+        "dependsOn": {"type": "array", "maxItems": 5, "items": _obj(
+            {"name": _STR, "status": {"enum": ["Ready", "Complete"]}}, ("name", "status"))},
+    }, ("name", "template"))},
+    "network": _obj({"enableDNSHostnames": _BOOL, "subdomain": _STR, "publishNotReadyAddresses": _BOOL}),
+    "successPolicy": _obj({"operator": {"enum": ["All", "Any"]}, "targetReplicatedJobs": _STRS}, ("operator",)),
+    "failurePolicy": _obj({
+        "maxRestarts": _INT32,
+        "restartStrategy": {"enum": ["Recreate", "BlockingRecreate", "InPlaceRestart"]},
+        "rules": {"type": "array", "items": _obj({
+            "name": _STR,
+            "action": {"enum": ["FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts",
+                                "RestartJob", "RestartJobAndIgnoreMaxRestarts"]},
+            "onJobFailureReasons": _STRS, "onJobFailureMessagePatterns": _STRS, "targetReplicatedJobs": _STRS,
+        }, ("name", "action"))},
+    }),
+    "startupPolicy": _obj({"startupPolicyOrder": {"enum": ["AnyOrder", "InOrder"]}}, ("startupPolicyOrder",)),
+    "suspend": _BOOL,
+    "coordinator": _obj({"replicatedJob": _STR, "jobIndex": _INT32, "podIndex": _INT32}, ("replicatedJob",)),
+    "managedBy": _STR,
+    "ttlSecondsAfterFinished": _NONNEG,
+    "volumeClaimPolicies": {"type": "array", "maxItems": 50},
+})
+
+TRAINING_RUNTIME_SPEC = _obj({
+    "mlPolicy": _obj({
+        "numNodes": _INT32,
+        "torch": _obj({"envInjection": _obj({"targets": {"type": "array", "items": _obj(
+            {"jobName": _STR, "containerNames": _STRS})}})}),
+        "mpi": _OPEN, "flux": _OPEN, "jax": _obj({}), "xgboost": _obj({}),
+    }),
+    "podGroupPolicy": _obj({"coscheduling": _obj({"scheduleTimeoutSeconds": _INT32}), "volcano": _OPEN}),
+    "template": _obj({"metadata": _TEMPLATE_META, "spec": JOBSET_SPEC}),
+})
+
+
+def _resource(spec_schema: dict[str, Any]) -> dict[str, Any]:
+    return _obj({"apiVersion": _STR, "kind": _STR, "metadata": _OPEN, "spec": spec_schema}, ("spec",))
+
+
+STRUCTURAL = {
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): (_resource(JOBSET_SPEC), lambda doc: doc["spec"]),
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"):
+        (_resource(TRAINING_RUNTIME_SPEC), lambda doc: doc["spec"].get("template", {}).get("spec", {})),
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"):
+        (_resource(TRAINING_RUNTIME_SPEC), lambda doc: doc["spec"].get("template", {}).get("spec", {})),
+}
+
+
+def structural_errors(doc: dict[str, Any], versions: tuple[str, ...] = K8S_VERSIONS) -> list[str]:
+    """Every violation of a JobSet or TrainingRuntime against its structural schema, and of each of its
+    replicatedJobs' templates as a batch/v1 Job (kubernetes-validate, strict); [] when valid."""
+    key = (doc.get("apiVersion", ""), doc.get("kind", ""))
+    if key not in STRUCTURAL:
+        return [f"no structural schema for {key[0]} {key[1]} (known: {sorted(STRUCTURAL)})"]
+    schema, jobset_spec = STRUCTURAL[key]
+    errors = [f"{_path(e)}: {e.message}" for e in jsonschema.Draft4Validator(schema).iter_errors(doc)]
+    extra = set(doc.get("metadata") or {}) - _METADATA_KEYS
+    errors += [f"metadata: unknown field {k!r}" for k in sorted(extra)]
+    if errors:
+        return sorted(errors)
+    for rjob in jobset_spec(doc).get("replicatedJobs", []):
+        template = rjob["template"]
+        job = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {**template.get("metadata", {}), "name": f"{doc['metadata']['name']}-{rjob['name']}-0"},
+               "spec": template.get("spec", {})}
+        for version in versions:
+            errors += [f"replicatedJobs[{rjob['name']}] as a Job (k8s {version}): {e}"
+                       for e in core_errors(job, version)]
+    return errors
 
 
 def _path(e: jsonschema.ValidationError) -> str:
