@@ -3,31 +3,36 @@ truncate, and report what was truncated or dropped (never silently)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from datasets import Dataset
 
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.bad_rows import BadRows
-from sft_dist.data.files import ORIGIN, Origins, read_files, read_hub
-from sft_dist.data.formats import IGNORE, OPTIONAL, REQUIRED, Tokenizer
+from sft_dist.data.chat_templates import CHAT_TEMPLATES, missing_delimiters, resolve_chat_template
+from sft_dist.data.files import read_files, read_hub
+from sft_dist.data.formats import CHAT_FORMATS, IGNORE, OPTIONAL, REQUIRED, Tokenizer, chat_spec
 from sft_dist.data.mixture import SourceShare, mix
 from sft_dist.data.packing import pack_dataset
+from sft_dist.data.rows import ORIGIN, Origins, duplicate_ids, holdout, id_column_missing, map_columns
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import BadRow, DataError
 
 log = logging.getLogger(__name__)
 
-INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages")
+INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
+# More than this fraction of a split's rows losing their answer (cut on the right, dropped as too long, or left
+# without a loss-carrying token) is logged as a warning, with the counts and what to change.
+CUT_WARNING_FRACTION = 0.05
 
 
 @dataclass
 class SplitStats:
     rows: int = 0
-    truncated: int = 0
+    truncated: int = 0  # cut on the right: the end of the answer lost
+    prompt_cut: int = 0  # with data.truncation=left_prompt: prompt cut from the left, the answer whole
     dropped_long: int = 0  # with data.truncation=drop
     dropped_no_loss: int = 0
     loss_tokens: int = 0
@@ -41,12 +46,39 @@ class SplitStats:
         skipped = f"; {self.skipped_bad} skipped as bad" if self.skipped_bad else ""
         long = (f"{self.dropped_long} dropped as longer than data.max_length={max_length}" if self.dropped_long
                 else f"{self.truncated} truncated to data.max_length={max_length}")
+        if self.prompt_cut:
+            long += f" ({self.prompt_cut} more had their prompt cut from the left, the answer kept)"
         packed = (f"; packed into {self.packed_rows} rows of {max_length} ({100 * self.fill:.1f}% filled)"
                   if self.packed_rows else "")
         return (
             f"{name}: {self.rows} rows, {self.tokens} tokens ({self.loss_tokens} carry loss); {long}; "
             f"{self.dropped_no_loss} dropped (no loss-carrying token left){skipped}{packed}"
         )
+
+    def warning(self, name: str, max_length: int, truncation: str) -> str | None:
+        """A warning when more than CUT_WARNING_FRACTION of the rows lost their answer, else None."""
+        # A row left without a loss-carrying token was cut on the right (counted in both) or dropped as too long.
+        lost = self.dropped_long + max(self.truncated, self.dropped_no_loss)
+        if not self.rows or lost <= CUT_WARNING_FRACTION * self.rows:
+            return None
+        parts = [f"{n} {what}" for n, what in (
+            (self.dropped_long, "dropped as longer (data.truncation=drop)"),
+            (self.truncated - min(self.truncated, self.dropped_no_loss),
+             "cut on the right (the end of the answer lost)"),
+            (self.dropped_no_loss, "dropped with no loss-carrying token left (the prompt fills it)")) if n]
+        fix = "raise data.max_length"
+        if truncation != "left_prompt":
+            fix += ", or set data.truncation=left_prompt to cut prompts from the left and keep answers whole"
+        return (f"data {name}: {lost} of {self.rows} rows ({100 * lost / self.rows:.1f}%) lost their answer to "
+                f"data.max_length={max_length}: {', '.join(parts)}; {fix}")
+
+
+def warn_cut(stats: dict[str, SplitStats], cfg: DataConfig) -> list[str]:
+    """Log (and return) the split warnings of `SplitStats.warning`."""
+    out = [w for name, st in stats.items() if (w := st.warning(name, cfg.max_length, cfg.truncation))]
+    for w in out:
+        log.warning("%s", w)
+    return out
 
 
 @dataclass
@@ -63,19 +95,31 @@ def completion_only(cfg: DataConfig) -> bool:
 
 
 def apply_chat_template_override(cfg: DataConfig, tokenizer) -> None:
+    """Set `data.chat_template` (a preset, a .jinja file or a template) on the tokenizer; it is saved with it."""
     if cfg.chat_template is None:
         return
-    text = cfg.chat_template
-    if text.endswith(".jinja") and Path(text).is_file():
-        text = Path(text).read_text(encoding="utf-8")
-    tokenizer.chat_template = text
+    tokenizer.chat_template = resolve_chat_template(cfg.chat_template)
+    if cfg.chat_template in CHAT_TEMPLATES and _is_main():
+        split = missing_delimiters(cfg.chat_template, tokenizer)
+        if split:
+            log.warning("data.chat_template=%s: the tokenizer has no single token for %s, so each is several tokens "
+                        "(the model must learn them, and generation stops only at EOS); add them as special tokens "
+                        "to the tokenizer (and resize the embeddings) for a model that will use this template",
+                        cfg.chat_template, ", ".join(split))
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def row_tokenizer(cfg: DataConfig, tokenizer) -> Tokenizer:
     """The per-row tokenizer `data` asks for (after `data.chat_template` is applied to `tokenizer`)."""
     apply_chat_template_override(cfg, tokenizer)
     template = resolve_template(cfg.template) if cfg.format == "alpaca" else ""
-    return Tokenizer(tokenizer, fmt=cfg.format, template=template, completion_only_loss=completion_only(cfg))
+    chat = (chat_spec(cfg.format, role_key=cfg.role_key, content_key=cfg.content_key, roles=cfg.roles)
+            if cfg.format in CHAT_FORMATS else None)
+    return Tokenizer(tokenizer, fmt=cfg.format, template=template, completion_only_loss=completion_only(cfg),
+                     chat=chat, max_length=cfg.max_length, truncation=cfg.truncation)
 
 
 @dataclass
@@ -100,9 +144,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int) -> Datasets:
     `data.on_bad_row: skip` (one log line per split), a bad file never is."""
     tok = row_tokenizer(cfg, tokenizer)
     if cfg.streaming:
-        return _streaming(cfg, tok, seed)
-    splits = read_splits(cfg, seed=seed)
-    return finalize(cfg, splits, {s.name: tokenize_rows(cfg, tok, s) for s in splits})
+        out = _streaming(cfg, tok, seed)
+    else:
+        splits = read_splits(cfg, seed=seed)
+        out = finalize(cfg, splits, {s.name: tokenize_rows(cfg, tok, s) for s in splits})
+    if _is_main():  # every rank builds the same: one warning (the cache warns on its rank 0)
+        warn_cut(out.stats, cfg)
+    return out
 
 
 def _streaming(cfg: DataConfig, tok: Tokenizer, seed: int) -> Datasets:
@@ -131,9 +179,9 @@ def read_splits(cfg: DataConfig, *, seed: int) -> list[RawSplit]:
     if cfg.eval_split_ratio > 0:
         if len(train.rows) < 2:
             raise DataError("data.eval_split_ratio: need at least 2 training rows to hold some out")
-        parts = train.rows.train_test_split(test_size=cfg.eval_split_ratio, seed=seed, shuffle=True)
-        return [RawSplit("train", parts["train"], train.source, train.bad, train.origins),
-                RawSplit("eval", parts["test"], train.source, BadRows(skip=skip), train.origins)]
+        keep, held = holdout(len(train.rows), cfg.eval_split_ratio, seed=seed)
+        return [RawSplit("train", train.rows.select(keep), train.source, train.bad, train.origins),
+                RawSplit("eval", train.rows.select(held), train.source, BadRows(skip=skip), train.origins)]
     return [train]
 
 
@@ -181,22 +229,9 @@ def _read(cfg: DataConfig, files, split, key: str, name: str, bad: BadRows, *, c
 
 def _drop_duplicate_ids(ds: Dataset, col: str, source: str, bad: BadRows, origins: Origins) -> Dataset:
     if col not in ds.column_names:
-        raise DataError(f"data.id_column: {source} has no column {col!r}; its columns: "
-                        f"{[c for c in ds.column_names if c != ORIGIN]}; name the id column or unset data.id_column")
-    first: dict = {}
-    dropped = set()
-    for i, (value, code) in enumerate(zip(ds[col], ds[ORIGIN])):
-        where = origins.where(code)
-        key = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True, default=str)
-        if value is None:
-            bad.add(BadRow(f"{where}: id column {col!r} is null; give the row an id", "null value"), where)
-        elif key in first:
-            bad.add(BadRow(f"{where}: duplicate id {value!r} (column {col!r}), first at {first[key]}; ids must be "
-                           "unique", "duplicate id"), where)
-        else:
-            first[key] = where
-            continue
-        dropped.add(i)  # skip mode: the first row with an id is kept
+        raise id_column_missing(col, source, ds.column_names)
+    codes = ds[ORIGIN]
+    dropped = duplicate_ids(ds[col], lambda i: origins.where(codes[i]), col, bad)
     return ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
 
 
@@ -222,25 +257,11 @@ def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> RawSplit:
 
 
 def _map_columns(ds: Dataset, cfg: DataConfig, source: str, mapping: dict | None) -> Dataset:
-    mapping = mapping or {}
-    allowed = REQUIRED[cfg.format] + OPTIONAL.get(cfg.format, ())
-    for ours, theirs in mapping.items():
-        if ours not in allowed:
-            raise DataError(f"data.columns: {ours!r} is not a column of format {cfg.format!r}; allowed: {list(allowed)}")
-        if theirs not in ds.column_names:
-            raise DataError(f"data.columns.{ours}: {source} has no column {theirs!r}; its columns: {ds.column_names}")
-    renames = {theirs: ours for ours, theirs in mapping.items() if theirs != ours}
-    clashes = [c for c in renames.values() if c in ds.column_names]
+    renames = map_columns(cfg.format, ds.column_names, mapping, source)
+    clashes = [c for c in renames.values() if c in ds.column_names and c not in renames]
     if clashes:
         ds = ds.remove_columns(clashes)
-    ds = ds.rename_columns(renames)
-    missing = [c for c in REQUIRED[cfg.format] if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"{source}: data.format {cfg.format!r} needs column(s) {missing}, found {ds.column_names}; "
-            f"map yours with data.columns (e.g. data.columns.{missing[0]}=<your column>)"
-        )
-    return ds
+    return ds.rename_columns(renames)
 
 
 def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range | None = None) -> Dataset:
@@ -254,7 +275,8 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
         n = len(batch["sample_id"])
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
         wheres = [f"{origins.where(r[ORIGIN])} ({name} sample_id {r['sample_id']})" for r in rows]
-        cols = {k: [] for k in ("input_ids", "labels", "sample_id", ORIGIN, "_length", "_loss_tokens", "_bad")}
+        cols = {k: [] for k in ("input_ids", "labels", "sample_id", ORIGIN, "_length", "_cut", "_tokens",
+                                "_loss_tokens", "_bad")}
         for row, out in zip(rows, tok.batch(rows, wheres)):
             if isinstance(out, BadRow):
                 if not skip:
@@ -263,12 +285,15 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
                 out, e_kind = {"input_ids": [], "labels": []}, out.kind
             else:
                 e_kind = ""
+            # The Tokenizer fit the row to max_length (data.truncation); the slices only guard that.
             labels = out["labels"][:max_length]
             cols["input_ids"].append(out["input_ids"][:max_length])
             cols["labels"].append(labels)
+            cols["_tokens"].append(len(labels))
             cols["sample_id"].append(row["sample_id"])
             cols[ORIGIN].append(row[ORIGIN])
-            cols["_length"].append(len(out["input_ids"]))
+            cols["_length"].append(out.get("_length", len(out["input_ids"])))
+            cols["_cut"].append(out.get("_cut", "right" if len(out["input_ids"]) > max_length else ""))
             # labels[0] never carries loss: the model predicts token t from tokens < t.
             cols["_loss_tokens"].append(sum(1 for t in labels[1:] if t != IGNORE))
             cols["_bad"].append(e_kind)
@@ -288,8 +313,9 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
 def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Dataset, SplitStats]:
     max_length, name, bad, origins = cfg.max_length, split.name, split.bad, split.origins
     # Whole columns at once: iterating a Dataset column goes row by row through the formatter (seconds per 100k).
-    cols = mapped.select_columns(["_bad", "_length", "_loss_tokens", ORIGIN]).to_dict()
-    kinds, lengths, n_loss, codes = cols["_bad"], cols["_length"], cols["_loss_tokens"], cols[ORIGIN]
+    cols = mapped.select_columns(["_bad", "_length", "_cut", "_tokens", "_loss_tokens", ORIGIN]).to_dict()
+    kinds, lengths, cuts, n_tokens = cols["_bad"], cols["_length"], cols["_cut"], cols["_tokens"]
+    n_loss, codes = cols["_loss_tokens"], cols[ORIGIN]
     for kind, code in zip(kinds, codes):
         if kind:
             bad.add(BadRow("", kind), origins.where(code))
@@ -298,7 +324,8 @@ def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Da
     drop = cfg.truncation == "drop"
     stats = SplitStats(
         rows=sum(good),
-        truncated=0 if drop else len(truncated),
+        truncated=0 if drop else sum(1 for ok, c in zip(good, cuts) if ok and c == "right"),
+        prompt_cut=0 if drop else sum(1 for ok, c in zip(good, cuts) if ok and c == "prompt"),
         dropped_long=len(truncated) if drop else 0,
         dropped_no_loss=sum(1 for ok, n, full in zip(good, n_loss, lengths)
                             if ok and n == 0 and not (drop and full > max_length)),
@@ -307,6 +334,8 @@ def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Da
     keep = [i for i, (n, full) in enumerate(zip(n_loss, lengths)) if n > 0 and not (drop and full > max_length)]
     kept = mapped.select(keep) if len(keep) < len(mapped) else mapped
     if len(kept) == 0:
+        if not stats.rows:
+            raise DataError(f"{split.source}: every {name} row is bad: {bad.summary(name)}; fix the data")
         skipped = f", {bad.count} skipped as bad" if bad.count else ""
         longest = (f", the longest {max(lengths)} tokens, the first at {origins.where(truncated[0])}"
                    if truncated else "")
@@ -316,5 +345,5 @@ def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Da
             f"({stats.rows} rows, {cut}{longest}{skipped}); raise data.max_length"
         )
     stats.loss_tokens = sum(n_loss[i] for i in keep)
-    stats.tokens = sum(min(lengths[i], max_length) for i in keep)  # input_ids were cut to max_length
-    return kept.remove_columns([ORIGIN, "_length", "_loss_tokens", "_bad"]), stats
+    stats.tokens = sum(n_tokens[i] for i in keep)
+    return kept.remove_columns([ORIGIN, "_length", "_cut", "_tokens", "_loss_tokens", "_bad"]), stats

@@ -49,13 +49,13 @@ from sft_dist.data.build import (
     read_splits,
     row_tokenizer,
     tokenize_rows,
+    warn_cut,
 )
-from sft_dist.data.cache_key import cache_key, default_cache_dir
+from sft_dist.data.cache_key import FORMAT, cache_key, default_cache_dir
 from sft_dist.errors import BadRow, ConfigError, DataError, SftDistError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sft_dist-data-cache/1"
 META = "meta.json"
 BUILDING = ".building-"
 ERROR = "error.json"
@@ -105,6 +105,7 @@ def load_or_build(cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world
             log.info("data: cache hit %s (%d train rows, built %s)", entry, len(data.train), info.meta["created"])
             for line in info.meta["skipped"]:  # what the build logged
                 log.info("%s", line)
+            warn_cut(data.stats, cfg)
         return data, info
     build = Path(plan["build"])
     if rank != 0:
@@ -129,6 +130,7 @@ def load_or_build(cfg: DataConfig, tokenizer, *, seed: int, rank: int = 0, world
         rows = sum(len(s.rows) for s in splits)
         log.info("data: tokenized %d rows in %.1f s on %d rank(s); cached at %s", rows, info.meta["build_seconds"],
                  world_size, entry)
+        warn_cut(data.stats, cfg)
     return data, info
 
 

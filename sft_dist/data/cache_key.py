@@ -19,7 +19,8 @@ from sft_dist.config.schema import DataConfig
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import DataError
 
-CACHE_VERSION = 1
+FORMAT = "sft_dist-data-cache/1"  # an entry's meta.json "format"
+CACHE_VERSION = 2  # 2: data.truncation left_prompt, prompt_cut stats, union of jsonl keys as columns
 # Options that change how (or where) the build runs, never its rows.
 NOT_IN_KEY = ("num_proc", "trace_samples", "cache", "cache_dir", "cache_fingerprint")
 
@@ -30,16 +31,25 @@ def default_cache_dir() -> Path:
 
 def cache_key(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[str, dict]:
     """(hex key, the identity it hashes). Apply `data.chat_template` to `tokenizer` first (row_tokenizer does)."""
-    options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    options["train_files"] = _files(cfg.train_files, cfg.cache_fingerprint)
-    options["eval_files"] = _files(cfg.eval_files, cfg.cache_fingerprint)
+    options = data_options(cfg)
     if cfg.dataset is not None:
         options["dataset_fingerprints"] = _hub_fingerprints(cfg)
-    if cfg.format == "alpaca":
-        options["template_text"] = resolve_template(cfg.template)  # a preset's text may change with sft_dist
     identity = {"version": CACHE_VERSION, "seed": seed, "data": options, "tokenizer": tokenizer_digest(tokenizer)}
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32], identity
+
+
+def data_options(cfg: DataConfig) -> dict:
+    """The `data` part of the identity, for local files: the options and each file's identity (hub datasets add
+    their fingerprints in `cache_key`)."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    options["train_files"] = _files(cfg.train_files, cfg.cache_fingerprint)
+    options["eval_files"] = _files(cfg.eval_files, cfg.cache_fingerprint)
+    if cfg.mixture is not None:  # each source's files by identity too, not only by name
+        options["mixture"] = [{**src, "files": _files(src.get("files"), cfg.cache_fingerprint)} for src in cfg.mixture]
+    if cfg.format == "alpaca":
+        options["template_text"] = resolve_template(cfg.template)  # a preset's text may change with sft_dist
+    return options
 
 
 def tokenizer_digest(tokenizer) -> str:

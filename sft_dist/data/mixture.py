@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from datasets import Dataset, concatenate_datasets
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# torch and datasets are imported where used: the launcher's precheck (precheck.py) needs `shares` alone.
 
 
 @dataclass
@@ -39,6 +42,8 @@ def shares(sizes: list[int], weights: list[float], total: int) -> list[int]:
 
 def draw(rows: int, samples: int, *, seed: int, source: int) -> list[int]:
     """Row indices of one source: whole passes, then a seeded subset without replacement."""
+    import torch
+
     whole, rest = divmod(samples, rows)
     g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + 7_919 * (source + 1))
@@ -47,6 +52,8 @@ def draw(rows: int, samples: int, *, seed: int, source: int) -> list[int]:
 
 def mix(parts: list[Dataset], names: list[str], weights: list[float], *, total: int | None,
         seed: int) -> tuple[Dataset, list[SourceShare]]:
+    from datasets import concatenate_datasets
+
     sizes = [len(p) for p in parts]
     counts = shares(sizes, weights, total if total is not None else sum(sizes))
     picked = [p.select(draw(len(p), n, seed=seed, source=i)) for i, (p, n) in enumerate(zip(parts, counts))]

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sft_dist.data.bad_rows import BadRows
-from sft_dist.data.files import _parse_line
 from sft_dist.data.formats import IGNORE, Tokenizer
+from sft_dist.data.rows import parse_line
 from sft_dist.data.sampler import PLACEHOLDER
 from sft_dist.errors import BadRow, DataError
 
@@ -116,7 +116,7 @@ class StreamSource:
 
     def example(self, sample_id: int, where: str, payload) -> dict:
         try:
-            row = _parse_line(payload, where) if isinstance(payload, bytes) else payload
+            row = parse_line(payload, where) if isinstance(payload, bytes) else payload
             out = self.tok(row, f"{where} (train sample_id {sample_id})")
         except BadRow as e:
             if not self.skip_bad:

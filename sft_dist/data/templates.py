@@ -7,6 +7,7 @@ holds {input} is dropped when a row's input is empty (blocks are separated by a 
 
 from __future__ import annotations
 
+import functools
 import string
 
 from sft_dist.errors import ConfigError
@@ -48,18 +49,23 @@ def resolve_template(name_or_text: str, *, key: str = "data.template") -> str:
     return text
 
 
+@functools.lru_cache(maxsize=32)
 def split_template(template: str) -> tuple[str, str]:
     """Split a template into (prompt part, completion part) at {output}."""
     i = template.index("{output}")
     return template[:i], template[i:]
 
 
+@functools.lru_cache(maxsize=32)
+def _prompt_without_input(prompt_part: str) -> str:
+    return "\n\n".join(b for b in prompt_part.split("\n\n") if "{input}" not in b)
+
+
 def render_prompt(template: str, instruction: str, input: str = "") -> str:
     """The prompt text for one row: the template up to {output}, input block dropped when empty."""
     prompt_part, _ = split_template(template)
     if not (input or "").strip() and "{input}" in prompt_part:
-        blocks = prompt_part.split("\n\n")
-        prompt_part = "\n\n".join(b for b in blocks if "{input}" not in b)
+        prompt_part = _prompt_without_input(prompt_part)
     return prompt_part.format(instruction=instruction, input=input or "")
 
 

@@ -69,7 +69,9 @@ class Samples:
         self.prompts, self.tok, self.max_new_tokens, self.path, self.sync = prompts, tokenizer, max_new_tokens, path, sync
         fmt = data_cfg.get("format", "alpaca")
         self.texts = [format_prompt({"data": data_cfg}, tokenizer, p) for p in prompts]
-        self.add_special = fmt != "messages"  # chat templates render their own BOS
+        from sft_dist.data.formats import CHAT_FORMATS
+
+        self.add_special = fmt not in CHAT_FORMATS  # chat templates render their own BOS
 
     def __call__(self, model, *, step: int, device) -> list[dict]:
         was_training = model.training

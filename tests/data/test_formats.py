@@ -210,3 +210,100 @@ def test_batched_tokenization_gives_the_ids_of_one_row_at_a_time(tok, fmt, compl
         else:
             assert got == want and t(row, where) == want
     assert sum(isinstance(b, BadRow) for b in batched) == len(range(3, len(rows), 7))
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "Seja breve."}, {"from": "human", "value": "Oi"},
+                              {"from": "gpt", "value": "Olá!"}, {"from": "human", "value": "Tudo bem?"},
+                              {"from": "gpt", "value": "Sim."}]}
+AS_MESSAGES = {"messages": [{"role": "system", "content": "Seja breve."}, {"role": "user", "content": "Oi"},
+                            {"role": "assistant", "content": "Olá!"}, {"role": "user", "content": "Tudo bem?"},
+                            {"role": "assistant", "content": "Sim."}]}
+
+
+def chat_tokenizer(tok, **data):
+    from sft_dist.data.build import row_tokenizer
+
+    return row_tokenizer(DataConfig(**data), tok)
+
+
+def test_sharegpt_is_token_exact_with_messages(tok):
+    a = chat_tokenizer(tok, format="messages")(AS_MESSAGES, "r")
+    b = chat_tokenizer(tok, format="sharegpt")(SHAREGPT, "r")
+    assert a == b and loss_text(tok, b) == "Olá!<|im_end|>Sim.<|im_end|>"
+    assert sum(label != IGNORE for label in b["labels"]) == len(tok("Olá!<|im_end|>Sim.<|im_end|>",
+                                                                    add_special_tokens=False)["input_ids"])
+
+
+def test_sharegpt_tool_roles(tok):
+    row = {"conversations": [{"from": "human", "value": "Tempo?"}, {"from": "function_call", "value": '{"f": "t"}'},
+                             {"from": "observation", "value": "22 C"}, {"from": "gpt", "value": "22 graus."}]}
+    out = chat_tokenizer(tok, format="sharegpt")(row, "r")
+    # the tool call is the assistant's (loss), the observation the tool's (no loss)
+    assert loss_text(tok, out) == '{"f": "t"}<|im_end|>22 graus.<|im_end|>'
+    assert "<|im_start|>tool\n22 C<|im_end|>" in tok.decode(out["input_ids"])
+
+
+def test_role_and_content_keys_and_role_names_on_messages(tok):
+    row = {"dialog": [{"speaker": "system", "text": "Seja breve."}, {"speaker": "cliente", "text": "Oi"},
+                      {"speaker": "bot", "text": "Olá!"}, {"speaker": "cliente", "text": "Tudo bem?"},
+                      {"speaker": "bot", "text": "Sim."}]}
+    t = chat_tokenizer(tok, format="messages", role_key="speaker", content_key="text",
+                       roles={"cliente": "user", "bot": "assistant"})
+    assert t({"messages": row["dialog"]}, "r") == chat_tokenizer(tok, format="messages")(AS_MESSAGES, "r")
+
+
+def test_sharegpt_bad_rows_are_named_by_file_and_line(tmp_path, tok):
+    rows = [SHAREGPT,
+            {"conversations": [{"from": "human", "value": "Oi"}, {"from": "bot", "value": "Olá"}]},
+            {"conversations": []},
+            {"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+            {"conversations": [{"from": "human", "value": "Oi"}, {"from": "gpt", "value": "  "}]},
+            {"chat": []}]
+    want = [
+        "conversations[1] has unknown role 'bot'; allowed: system, human, user, gpt, assistant, model, function_call, "
+        "observation, tool (map others to system, user, assistant, tool with data.roles, e.g. data.roles.bot=assistant)",
+        "column 'conversations' must be a non-empty list of {from, value} objects",
+        "conversations[0] must be an object with text 'from' and 'value'",
+        "empty response (conversations[1], an assistant turn, is blank)",
+        "column 'conversations' is missing or null",
+    ]
+    for i, (row, msg) in enumerate(zip(rows[1:], want), start=2):
+        f = write_jsonl(tmp_path / f"s{i}.jsonl", [SHAREGPT, row])
+        with pytest.raises(DataError) as e:
+            build_datasets(DataConfig(train_files=[f], format="sharegpt", cache=False), tok, seed=0)
+        assert str(e.value).startswith(f"{f}:2 (train sample_id 1): {msg}"), str(e.value)
+    f = write_jsonl(tmp_path / "skip.jsonl", rows)
+    ds = build_datasets(DataConfig(train_files=[f], format="sharegpt", on_bad_row="skip"), tok, seed=0)
+    assert len(ds.train) == 1 and ds.stats["train"].skipped_bad == 5
+
+
+def test_chat_options_are_validated():
+    from sft_dist.config.load import load_config
+    from sft_dist.errors import ConfigError
+    from tests.conftest import QUICKSTART
+
+    cfg = load_config(QUICKSTART, ["data.format=sharegpt", "data.roles={bot: assistant}"])
+    assert cfg.data.roles == {"bot": "assistant"}
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, ["data.format=sharegpt", "data.roles={bot: robot}"])
+    assert "data.roles.bot: got 'robot'; map each role name to one of system, user, assistant, tool" in str(e.value)
+    with pytest.raises(ConfigError, match="data.role_key: only for data.format messages or sharegpt"):
+        load_config(QUICKSTART, ["data.role_key=speaker"])
+
+
+def test_keys_missing_from_the_first_row_are_columns_too(tmp_path, tok):
+    # `input` only in the second row: it must reach the prompt (Dataset.from_list keeps the first row's keys only)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"},
+                                          {"instruction": "Some.", "input": "2 e 3", "output": "5"}])
+    ds = build_datasets(DataConfig(train_files=[f], template="alpaca_pt", cache=False), tok, seed=0)
+    assert "### Entrada:\n2 e 3" in tok.decode(ds.train[1]["input_ids"])
+
+
+def test_eval_hold_out_is_the_datasets_split(tmp_path):
+    from datasets import Dataset
+
+    from sft_dist.data.rows import holdout
+
+    for n, ratio, seed in [(50, 0.2, 3), (7, 0.3, 0), (1000, 0.05, 42)]:
+        parts = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=ratio, seed=seed, shuffle=True)
+        assert holdout(n, ratio, seed=seed) == (parts["train"]["i"], parts["test"]["i"])

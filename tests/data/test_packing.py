@@ -1,5 +1,5 @@
 """Packing: best-fit decreasing bins, the packed rows, and that a packed document's logits and loss are those
-of the document alone (sdpa and eager, through the collators the trainer uses)."""
+of the document alone (sdpa, eager and flex_attention, through the collators the trainer uses)."""
 
 from __future__ import annotations
 
@@ -132,6 +132,55 @@ def test_packed_documents_see_only_themselves(tmp_path, tok, attn, layout):
             start += n
     # the batch's loss is the token-weighted loss of its documents alone: no label crosses a boundary
     assert float(out.loss) == pytest.approx(nll / n_loss, abs=1e-5)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex_attention without torch.compile: transformers compiles the kernel and the block mask, which costs
+    20-70 s of inductor C++ builds on this CPU. The mask, built from the position_ids, is what keeps documents
+    apart, and it is the same compiled or not; the compiled kernel (Triton on a GPU) is torch's, and
+    bench/gpu.py checks it there (its `isolation` step)."""
+    import transformers.integrations.flex_attention as flex
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setattr(flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+    monkeypatch.setattr(masking, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*:UserWarning")
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_every_cpu_attention_gives_a_packed_row_the_logits_of_its_documents_alone(tmp_path, tok, attn, request):
+    """The guard for the GPU paths: each attention implementation that runs on CPU, fed packed rows the way the
+    trainer feeds them (PackedCollator: position_ids restarting per document, no attention_mask), gives every
+    document the logits sdpa gives it alone, with grouped KV heads (8 query heads on 2 KV heads, as Llama 3)."""
+    if attn == "flex_attention":
+        request.getfixturevalue("eager_flex")
+    plain, packed = build(tmp_path, tok, packing=False), build(tmp_path, tok)
+    docs = dict(zip(plain.train["sample_id"], plain.train["input_ids"]))
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                                  vocab_size=len(tok))
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).eval()
+    model.load_state_dict(reference.state_dict())
+    rows = sorted(packed.train, key=lambda r: -len(r["seq_lengths"]))[:3]
+    batch = collator(tok, attn=attn)([dict(r) for r in rows])
+    batch.pop("sample_ids"), batch.pop("input_tokens"), batch.pop("labels")
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 3  # one packed row per batch row
+    with torch.no_grad():
+        logits = model(**batch).logits
+    compared = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for sid, n in zip(row["sample_ids"], row["seq_lengths"]):
+            with torch.no_grad():
+                alone = reference(torch.tensor([docs[sid]]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[r, start:start + n], alone, atol=1e-5, rtol=0)
+            start += n
+            compared += 1
+    assert compared > 6  # several documents per row
 
 
 def test_a_kv_cache_would_join_the_documents(tmp_path, tok):

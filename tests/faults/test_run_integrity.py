@@ -189,3 +189,41 @@ def test_kill_9_of_torchrun_takes_its_workers_with_it(tmp_path):
         assert not any(alive(w) for w in workers), "workers outlived torchrun's agent by 10 s"
     finally:
         p.kill()
+
+
+def _digest(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+BAD_DATA = {
+    "broken_json.jsonl": (b'{"instruction": "a", "output": "b"}\n' * 500 + b'{"instruction": "x", "output": \n'
+                          + b'{"instruction": "a", "output": "b"}\n' * 500, ":501: invalid JSON"),
+    "bad_utf8.jsonl": (b'{"instruction": "a", "output": "b"}\n' * 20 + b'{"instruction": "\xff\xfe", "output": "b"}\n',
+                       ":21:"),
+    "no_output.jsonl": (b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "answer": "b"}\n', "output"),
+    "wrong_type.jsonl": (b'{"instruction": "a", "output": "b"}\n{"instruction": ["a"], "output": "b"}\n', ":2"),
+    "empty.jsonl": (b"", "empty.jsonl"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_is_refused_in_seconds_and_changes_nothing(checkpointed_run, tmp_path, name):
+    import resource
+
+    content, says = BAD_DATA[name]
+    (tmp_path / name).write_bytes(content)
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    before = _digest(run)
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    r = sft_dist("train", str(QUICKSTART), f"output_dir={run}", f"data.train_files={tmp_path / name}", *STEPS)
+    wall = time.monotonic() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert name in r.stderr and says in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "rank" not in r.stderr  # refused by the launcher: no worker started
+    assert cpu < 5.0 and wall < 20.0, (cpu, wall)  # ~1.5 s on a quiet 2-core machine; workers would cost 10+
+    assert _digest(run) == before  # the finished run is bitwise as it was
