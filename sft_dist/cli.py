@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resolve a config the way `train` will, without loading any weight: print what it changes "
         "from the defaults, the batch geometry, every compatibility rule that fires (an error refuses the run, "
         "as `train` would) and a per-rank memory estimate from the model config (meta device). Exits 1 when "
-        "refused.", epilog=OVERRIDES)
+        "refused. Options may come before, between or after the overrides.", epilog=OVERRIDES)
+    plan.__class__ = _OptionsAnywhereParser  # `plan CONFIG --device cuda training.x=1`
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     plan.add_argument("--json", action="store_true", help="print JSON")
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the run's template")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model that needs code from its repository to run it (never taken from the run's "
+                        "config.yaml)")
     g.add_argument("--json", action="store_true", help="print JSON lines")
 
     from sft_dist.checkpoint.export import add_export_parser
@@ -156,6 +160,11 @@ def _train(args) -> int:
     except SftDistError as e:
         return _report(e)
     if env is not None:  # a launcher started this process as one rank (the rules run in `run`)
+        if env.rank == 0:  # torchrun & co: a bad data file stops rank 0 (and so the job) before torch starts
+            try:
+                _precheck_data(cfg)
+            except SftDistError as e:
+                return _report(e)
         return _worker(cfg)
     try:  # before any worker or cluster starts: a setup the rules refuse costs seconds, not a launch
         from sft_dist.plan import check
@@ -164,6 +173,7 @@ def _train(args) -> int:
         check_installed(cfg.training)
         for warning in check(cfg):
             print(f"sft-dist: warning: {warning.describe()}", file=sys.stderr)
+        _precheck_data(cfg)
     except SftDistError as e:
         return _report(e)
     if cfg.launcher.type == "torchrun":
@@ -172,6 +182,15 @@ def _train(args) -> int:
             f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
         )
     return _launch_locked(cfg, args)
+
+
+def _precheck_data(cfg) -> None:
+    """Every data check that needs no tokenizer (files, JSON/UTF-8, columns, row structure), in the launcher:
+    a bad file is refused in seconds, with its file and row, before any worker imports torch."""
+    from sft_dist.data.precheck import precheck
+
+    report = precheck(cfg.data, seed=int(cfg.training.get("seed", 42)))
+    print(f"sft-dist: {report.describe()}", file=sys.stderr)
 
 
 def _launch_locked(cfg, args) -> int:
@@ -282,6 +301,23 @@ def _report(e: BaseException, *, unexpected: bool = False) -> int:
     return 1
 
 
+class _OptionsAnywhereParser(argparse.ArgumentParser):
+    """A subcommand whose options may sit between or after its `key=value` overrides. Plain argparse ends a
+    nargs='*' positional at the first option and refuses whatever follows (`plan CONFIG --device cuda training.x=1`:
+    "unrecognized arguments"); intermixed parsing takes the options out first, then the positionals."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in for each of its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def _plan(args) -> int:
     from sft_dist.config.load import load_config
     from sft_dist.plan import make_plan
@@ -314,9 +350,10 @@ def _preprocess(args) -> int:
     data, info = load_or_build(cfg.data, tokenizer, seed=int(cfg.training.get("seed", 42)),
                                timeout_s=cfg.launcher.timeout_s)
     print(f"{'cache hit' if info.hit else 'cached'}: {info.path}")
+    # The summary `train` logs: rows, tokens, loss tokens, truncated / dropped, bad rows skipped, packing. (The
+    # skipped rows by kind, and a warning when many rows lost their answer, were logged by load_or_build.)
     for name, stats in data.stats.items():
-        rows = len(data.train if name == "train" else data.eval)
-        print(f"  {name}: {rows} rows, {stats.tokens} tokens ({stats.loss_tokens} carry loss)")
+        print(f"  {stats.describe(name, cfg.data.max_length)}")
     print(f"  tokenized {info.tokenized_rows} rows here in {info.seconds:.2f} s")
     return 0
 
@@ -356,6 +393,7 @@ def _generate(args) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         raw=args.raw,
+        trust_remote_code=args.trust_remote_code,
     )
     for prompt, text in zip(args.prompt, outputs):
         if args.json:

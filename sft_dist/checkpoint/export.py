@@ -1,4 +1,5 @@
-"""`sft-dist export`: a sharded training checkpoint -> a Hugging Face adapter or merged model, on CPU.
+"""`sft-dist export`: a sharded training checkpoint (or a finished run's final adapter/ or model/) -> a Hugging
+Face adapter or merged model, on CPU.
 
     sft-dist export RUN_OR_CHECKPOINT --output DIR [--merge [--dequantize]] [--dtype auto] [--max-shard-size 1GB]
 
@@ -12,6 +13,7 @@ nothing behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import shutil
@@ -38,16 +40,19 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
         "export",
         help="export a training checkpoint as a Hugging Face adapter or merged model (CPU, streaming)",
         description=(
-            "Export the newest complete checkpoint of a run (or the checkpoint given) as a PEFT adapter, or with "
+            "Export the newest weights of a run (its newest complete checkpoint, or its final adapter/ or model/ "
+            "when no checkpoint is as new) or the checkpoint given, as a PEFT adapter, or with "
             "--merge as a full model in safetensors. Runs on CPU and streams tensor by tensor: memory stays near "
             "one shard plus the largest tensor, whatever the model's size."),
         epilog=("examples:\n  sft-dist export outputs/quickstart --output exports/adapter\n"
-                "  sft-dist export outputs/quickstart/checkpoints/checkpoint-200 --output exports/merged --merge\n"
+                "  sft-dist export outputs/quickstart --output exports/merged --merge\n"
+                "  sft-dist export outputs/run/checkpoints/checkpoint-200 --output exports/step200 --merge\n"
                 "  sft-dist export outputs/qlora --output exports/merged --merge --dequantize --dtype bfloat16"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="a run's output_dir (its newest complete checkpoint is used) or a checkpoint-<step> dir/URL")
+                   help="a run's output_dir (its newest complete checkpoint, or its final adapter/ or model/ when "
+                        "newer) or a checkpoint-<step> dir/URL")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write (must be new or empty)")
     p.add_argument("--merge", action="store_true", help="write base + adapter as one model instead of the adapter")
     p.add_argument("--dequantize", action="store_true",
@@ -59,6 +64,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=DEFAULT_SHARD, metavar="SIZE",
                    help=f"largest safetensors file of a merged model, e.g. 500MB, 2GiB (default {DEFAULT_SHARD})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a base model that needs code from its repository to run it (never taken from the "
+                        "run's config.yaml)")
     return p
 
 
@@ -75,6 +83,9 @@ def run_export(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
         src = locate(args.source, staging=work / "staging")
+        # A run directory (or checkpoint) may come from anyone: only this command line turns remote code on.
+        src.settings.model = dataclasses.replace(src.settings.model,
+                                                 trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
         _check_not_inside(out, src)
         kind = _kind(src.settings, merge=args.merge, dequantize=args.dequantize)
         content = work / "export"
@@ -92,6 +103,7 @@ def run_export(args: argparse.Namespace) -> int:
 def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shard: int) -> dict:
     from sft_dist.checkpoint.export_model import build_view, check_trained
     from sft_dist.checkpoint.export_source import (
+        FinalWeights,
         base_model_path,
         local_model_dir,
         tokenizer_source,
@@ -102,14 +114,16 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
     quiet_libraries()
     base = base_model_path(src)
     base_dir = local_model_dir(base, revision=src.settings.model.revision) if kind != "adapter" else None
-    view = build_view(str(base_dir or base), src.settings, merging=kind != "adapter")
-    trained = open_trained(src.local_dir, src.manifest)
+    tok = tokenizer_source(src, base)
+    tokenizer = _load_tokenizer(tok, src.settings)
+    view = build_view(str(base_dir or base), src.settings, merging=kind != "adapter", vocab_size=len(tokenizer))
+    trained = FinalWeights(view, src.local_dir) if src.final else open_trained(src.local_dir, src.manifest)
     check_trained(view, trained, src.display)
     m = src.manifest
     record = {
         "format": FORMAT,
         "kind": kind,
-        "source": {"checkpoint": src.display, "step": src.step, "backend": m.get("backend"),
+        "source": {"checkpoint": src.display, "final": src.final, "step": src.step, "backend": m.get("backend"),
                    "shard_format": m.get("shard_format"), "zero_stage": m.get("zero_stage"),
                    "world_size": m.get("world_size")},
         "base_model": base,
@@ -121,9 +135,10 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
     else:
         record.update(_write_merged(src, view, trained, content, base_dir=base_dir, dtype=dtype,
                                     max_shard=max_shard, dequantize=kind == "merged-dequantized"))
-    tok = tokenizer_source(src, base)
-    _save_tokenizer(tok, content, src.settings)
+    tokenizer.save_pretrained(str(content))
     record["tokenizer"] = tok
+    if view.resized:
+        record["vocab_resized"] = list(view.resized)
     return record
 
 
@@ -158,7 +173,8 @@ def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: 
     plan = plan_merge(view, trained, round_trip=round_trip)
     result = merge(plan, trained, base_dir=base_dir, out_dir=content, dtype=out_dtype, max_shard_bytes=max_shard,
                    tied=view.tied, keep_ties=not view.lora)
-    write_config(base_dir, content, dtype=out_dtype, untie=bool(result.untied))
+    write_config(base_dir, content, dtype=out_dtype, untie=bool(result.untied),
+                 vocab_size=view.resized[1] if view.resized else None)
     base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     return {"files": result.files + ["config.json"], "tensors": result.tensors, "bytes": result.bytes,
             "dtype": str(out_dtype).removeprefix("torch."), "max_shard_size": max_shard,
@@ -217,14 +233,13 @@ def _auto_dtype(src: ExportSource, view, *, dequantize: bool) -> torch.dtype:
     return _dtype(d if d in DTYPES else "float32") if isinstance(d, str) else d
 
 
-def _save_tokenizer(source: str, content: Path, s: RunSettings) -> None:
+def _load_tokenizer(source: str, s: RunSettings):
     from sft_dist.config.schema import ModelConfig
     from sft_dist.model.tokenizer import build_tokenizer
 
     revision = None if Path(source).is_dir() else s.model.revision
-    tok = build_tokenizer(ModelConfig(name_or_path=source, trust_remote_code=s.model.trust_remote_code,
-                                      revision=revision))
-    tok.save_pretrained(str(content))
+    return build_tokenizer(ModelConfig(name_or_path=source, trust_remote_code=s.model.trust_remote_code,
+                                       revision=revision))
 
 
 def _check_output(out: Path, *, overwrite: bool) -> None:
@@ -272,8 +287,9 @@ def _summary(r: dict, out: Path) -> str:
     s = r["source"]
     what = {"adapter": "PEFT adapter", "merged": "merged model", "merged-dequantized": "merged model (dequantized "
             "base)", "full": "full model (full fine-tuning run: no adapter)"}[r["kind"]]
+    final = "the run's final weights, " if s.get("final") else ""
     lines = [f"exported {what} -> {out}",
-             f"  from {s['checkpoint']} (step {s['step']}, {s['backend']}, {s['world_size']} workers)",
+             f"  from {s['checkpoint']} ({final}step {s['step']}, {s['backend']}, {s['world_size']} workers)",
              f"  {r['tensors']} tensors, {_human(r['bytes'])} ({r['dtype']}) in {_files(r['files'])}"]
     q = r.get("dequantized")
     if q:

@@ -201,10 +201,14 @@ class ShardWriter:
         return files + [INDEX]
 
 
-def write_config(base_dir: Path, out_dir: Path, *, dtype: torch.dtype, untie: bool) -> None:
-    """The base's config.json for the merged weights (their dtype, no quantization, untied if needed) and
-    its generation_config.json."""
+def write_config(base_dir: Path, out_dir: Path, *, dtype: torch.dtype, untie: bool,
+                 vocab_size: int | None = None) -> None:
+    """The base's config.json for the merged weights (their dtype, no quantization, untied if needed, the
+    vocabulary training resized the embedding to) and its generation_config.json."""
     config = json.loads((base_dir / "config.json").read_text())
+    if vocab_size is not None:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        text["vocab_size"] = vocab_size
     name = str(dtype).removeprefix("torch.")
     config["dtype"] = name
     if "torch_dtype" in config:
@@ -215,3 +219,6 @@ def write_config(base_dir: Path, out_dir: Path, *, dtype: torch.dtype, untie: bo
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (base_dir / "generation_config.json").is_file():
         shutil.copy(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    if config.get("auto_map"):  # a model with its own code loads (with trust_remote_code) only next to that code
+        for code in base_dir.glob("*.py"):
+            shutil.copy(code, out_dir / code.name)

@@ -40,25 +40,38 @@ class ModelView:
     lora: bool
     quantized: set[str] = field(default_factory=set)  # modules the run loaded in 4/8 bit
     tied: dict[str, str] = field(default_factory=dict)  # tied weight -> the weight it shares
+    resized: tuple[int, int] | None = None  # (base rows, rows trained): the embedding grew for the tokenizer
 
 
-def build_view(base: str, settings: RunSettings, *, merging: bool = False) -> ModelView:
+def build_view(base: str, settings: RunSettings, *, merging: bool = False, vocab_size: int | None = None) -> ModelView:
+    """`vocab_size`: the run's tokenizer length; a base with fewer embedding rows was resized to it in training
+    (model/build.py `fit_vocab`), and so is the view."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = settings.model
     try:
         config = AutoConfig.from_pretrained(base, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e) and not m.trust_remote_code:
+            from sft_dist.generate import remote_code_refused
+
+            raise remote_code_refused(f"base model {base!r}") from None
         raise SftDistError(f"base model {base!r}: cannot read its config: {e}") from None
     if getattr(config, "quantization_config", None):
         if merging:
             raise SftDistError(f"base model {base!r} is stored quantized: a merge needs its full-precision weights "
                                "(export the adapter without --merge, or train on a full-precision base)")
         del config.quantization_config  # only the names matter for an adapter
+    resized = None
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab_size is not None and isinstance(rows, int) and vocab_size > rows:
+        config.get_text_config().vocab_size = vocab_size
+        resized = (rows, vocab_size)
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    view = ModelView(model, config, settings.lora.enabled, tied=dict(getattr(model, "all_tied_weights_keys", {})))
+    view = ModelView(model, config, settings.lora.enabled, tied=dict(getattr(model, "all_tied_weights_keys", {})),
+                     resized=resized)
     if settings.quant.bits is not None:
         from sft_dist.checkpoint.export_quant import quantized_modules
 
@@ -135,9 +148,18 @@ def adapter_tensors(view: ModelView, trained: TrainedWeights, *, dtype: torch.dt
     from peft import get_peft_model_state_dict
 
     state = {n: trained.load(n) for n in trained.specs}  # an adapter is small: only trainable tensors
+    # A run's final adapter/ with a resized vocabulary also holds the frozen embedding layers peft saved with it.
+    state.update({name: trained.load(name) for name in getattr(trained, "frozen", [])})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = get_peft_model_state_dict(view.model, state_dict=state)
+    # With a resized vocabulary peft names a modules_to_save copy twice; safetensors refuses aliases, so each
+    # further name gets its own copy (as PeftModel.save_pretrained does).
+    seen: set[int] = set()
+    for k, v in out.items():
+        if id(v) in seen:
+            out[k] = v.clone()
+        seen.add(id(v))
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out

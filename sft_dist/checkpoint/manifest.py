@@ -121,8 +121,12 @@ ASSETS = "/sft_dist/assets/"
 
 # Data keys added after checkpoints were first written: at their default they stay out of the identity, so
 # a checkpoint from before them still resumes (a run they would have stopped never wrote one).
-LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "truncate", "mixture": None,
-                  "mixture_rows": None, "streaming": False, "shuffle_window": 10000}
+LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "right", "mixture": None,
+                  "mixture_rows": None, "streaming": False, "shuffle_window": 10000, "role_key": None,
+                  "content_key": None, "roles": None}
+RENAMED = {("truncation", "truncate"): "right"}  # old spellings of the same value
+# Model keys that choose how the weights are computed or stored, never what they are.
+MODEL_NOT_IDENTITY = ("attn_implementation", "save_init_base")
 # Data keys that change where or how fast the data is prepared, never what it is: never in the identity (so a
 # run resumes with another cache directory, or with the cache off).
 NOT_IDENTITY = ("trace_samples", "num_proc", "cache", "cache_dir", "cache_fingerprint")
@@ -130,15 +134,19 @@ NOT_IDENTITY = ("trace_samples", "num_proc", "cache", "cache_dir", "cache_finger
 
 def config_identity(d: dict) -> dict:
     """The parts of a config (as `config_to_dict` gives it) a checkpoint's weights and data cursor depend on."""
-    data = {k: _builtin(v) for k, v in d["data"].items()
-            if k not in NOT_IDENTITY and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    data = {k: _builtin(_renamed(k, v)) for k, v in d["data"].items()
+            if k not in NOT_IDENTITY and not (k in LATER_DEFAULTS and _renamed(k, v) == LATER_DEFAULTS[k])}
     return {
-        "model": {k: _builtin(v) for k, v in d["model"].items()},
+        "model": {k: _builtin(v) for k, v in d["model"].items() if k not in MODEL_NOT_IDENTITY},
         "lora": d["lora"],
         "quantization": d["quantization"],
         "data": data,
         "seed": d["training"].get("seed", 42),
     }
+
+
+def _renamed(key: str, value):
+    return RENAMED.get((key, value), value) if isinstance(value, str) else value
 
 
 def _builtin(value):

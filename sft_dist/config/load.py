@@ -23,6 +23,8 @@ from sft_dist.backends import check_backend
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
 from sft_dist.config.training_args import DEFAULTS, validate_training
+from sft_dist.data.chat_templates import resolve_chat_template
+from sft_dist.data.formats import CHAT_FORMATS, ROLES
 from sft_dist.data.templates import resolve_template
 from sft_dist.errors import ConfigError
 from sft_dist.redact import redact_url
@@ -191,6 +193,10 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if value and _looks_local(value) and not _resolve(value).exists():
             p.append(f"{key}: {value!r} does not exist (a local path; for a hub id use `org/name`)")
+    if not any(x.startswith("model") for x in p):
+        from sft_dist.model.attention import check_config
+
+        p += check_config(m, device=la.device)  # a value the model class rejects, from its config alone
     if sum(x is not None for x in (d.train_files, d.dataset, d.mixture)) != 1:
         p.append("data: set exactly one of `data.train_files` (local files), `data.dataset` (hub dataset name) or "
                  "`data.mixture` (weighted sources)")
@@ -204,6 +210,7 @@ def _check_cross_fields(cfg: Config) -> list[str]:
             resolve_template(d.template)
         except ConfigError as e:
             p += e.problems
+    p += _check_chat(d)
     if d.max_length < 8:
         p.append(f"data.max_length: got {d.max_length}; must be >= 8")
     if not 0.0 <= d.eval_split_ratio < 1.0:
@@ -246,6 +253,22 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         b.config = str(_resolve(b.config))
     p += check_backend(cfg)
     p += _check_checkpoint(cfg)
+    return p
+
+
+def _check_chat(d) -> list[str]:
+    p: list[str] = []
+    if d.chat_template is not None:
+        try:
+            resolve_chat_template(d.chat_template)
+        except ConfigError as e:
+            p += e.problems
+    for key in ("role_key", "content_key", "roles"):
+        if getattr(d, key) is not None and d.format not in CHAT_FORMATS:
+            p.append(f"data.{key}: only for data.format {' or '.join(CHAT_FORMATS)} (got format {d.format!r})")
+    for name, ours in (d.roles or {}).items():
+        if ours not in ROLES:
+            p.append(f"data.roles.{name}: got {ours!r}; map each role name to one of {', '.join(ROLES)}")
     return p
 
 

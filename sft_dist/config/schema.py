@@ -19,7 +19,14 @@ class ModelConfig:
     # Tokenizer path or hub id; defaults to `name_or_path`. `builtin:tokenizer` is the shipped tiny one.
     tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = "sdpa"
+    # auto: flash attention (3, then 2) when installed, on CUDA with 16-bit weights and supported by the model;
+    # else sdpa where the model supports it; else eager (the log says which, and why). Or one of eager, sdpa,
+    # flex_attention, flash_attention_2/3/4: checked against the model class before any weight loads.
+    attn_implementation: str | None = "auto"
+    # With init_config: write the seeded random base to <output_dir>/base_model (the adapter's base: export,
+    # generate and PeftModel.from_pretrained read it). false skips the write (seconds to minutes for a large
+    # shape) for a run nothing will export, e.g. a benchmark; a quantized base is always written (it is reloaded).
+    save_init_base: bool = True
     trust_remote_code: bool = False
     revision: str | None = None
 
@@ -70,18 +77,31 @@ class DataConfig:
     shuffle_window: int = 10000
     dataset_config: str | None = None
     train_split: str = "train"
-    format: Literal["alpaca", "prompt_completion", "messages", "text"] = "alpaca"
+    # alpaca (instruction, input, output), prompt_completion, messages (a list of {role, content}), sharegpt
+    # (`conversations`: a list of {from, value}, roles human/gpt/system/...), text.
+    format: Literal["alpaca", "prompt_completion", "messages", "sharegpt", "text"] = "alpaca"
     # Alpaca prompt template: a preset name (alpaca, alpaca_pt, alpaca_full) or a literal template.
     template: str = "alpaca"
     # Map this format's column names to the dataset's, e.g. {instruction: question, output: answer}.
     columns: dict[str, str] | None = None
-    # For format messages: a Jinja chat template (or a .jinja file) overriding the tokenizer's.
+    # For formats messages / sharegpt: the chat template, overriding the tokenizer's: a preset (chatml, llama3,
+    # mistral, gemma, qwen, phi3: sft_dist/data/chat_templates.py), a Jinja template, or a .jinja file.
     chat_template: str | None = None
+    # For formats messages / sharegpt, when the data spells turns otherwise: each turn's role and content keys
+    # (default role/content for messages, from/value for sharegpt) and role names mapped to ours (system, user,
+    # assistant, tool), merged over the format's own; e.g. turns {speaker, text}: role_key: speaker,
+    # content_key: text, roles: {bot: assistant}.
+    role_key: str | None = None
+    content_key: str | None = None
+    roles: dict[str, str] | None = None
     max_length: int = 512
-    # A row longer than max_length: `truncate` keeps its first max_length tokens; `drop` leaves it out (for
-    # data where a cut response teaches the wrong thing). Either way the log line counts them.
-    truncation: Literal["truncate", "drop"] = "truncate"
-    # None: on for alpaca / prompt_completion / messages (loss on the response only), off for text.
+    # A row longer than max_length: `right` keeps its first max_length tokens (the end of the answer may go);
+    # `left_prompt` removes prompt tokens from the left (after BOS and the template's header; chat formats: the
+    # earliest whole exchanges, after the system turn) so the answer stays whole, and cuts on the right only a row
+    # whose answer alone does not fit; `drop` leaves such rows out. The log counts each, with a warning when
+    # many rows lose their answer (build.CUT_WARNING_FRACTION). `truncate`: the old name of `right`.
+    truncation: Literal["right", "left_prompt", "drop", "truncate"] = "right"
+    # None: on for alpaca / prompt_completion / messages / sharegpt (loss on the response only), off for text.
     completion_only_loss: bool | None = None
     eval_files: str | list[str] | None = None
     eval_split: str | None = None
@@ -109,6 +129,10 @@ class DataConfig:
     # sha256 of its bytes: a file touched or rewritten unchanged still hits, at the cost of reading every file
     # once per run).
     cache_fingerprint: Literal["stat", "content"] = "stat"
+
+    def __post_init__(self):
+        if self.truncation == "truncate":
+            self.truncation = "right"
 
 
 @dataclass

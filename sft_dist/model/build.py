@@ -35,17 +35,27 @@ def build_model(
     seed: int,
     device: str,
 ):
+    """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
+    implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`)."""
     from transformers import AutoModelForCausalLM
 
+    from sft_dist.model import attention
+
     if cfg.init_config is not None:
-        return _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed)
+        model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device)
+        fit_vocab(model, tokenizer, where="model.init_config")
+        return model
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    config = _pretrained_config(cfg)
+    cls = attention.causal_lm_class(config)
+    choice = attention.choose(cfg.attn_implementation, cls, model_type=getattr(config, "model_type", None),
+                              device=device, dtype=dtype)
+    if cls is not None or cfg.attn_implementation not in (None, "auto"):
+        kwargs["attn_implementation"] = choice.name
     if quant.bits is not None:
         kwargs["quantization_config"] = bnb_config(quant, dtype=dtype)
         if device == "cuda":
@@ -55,9 +65,24 @@ def build_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:
+        if "attn_implementation" in str(e):
+            raise ConfigError(f"{attention.KEY}: {cfg.attn_implementation!r}: {str(e).splitlines()[0]}") from None
         raise SftDistError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from None
-    _check_vocab(model, tokenizer)
+    if "attn_implementation" not in kwargs:
+        choice = attention.Choice(model.config._attn_implementation, "auto: remote-code model, transformers' default")
+    log.info(choice.describe())
+    fit_vocab(model, tokenizer, where="model.name_or_path")
     return model
+
+
+def _pretrained_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise SftDistError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from None
 
 
 def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype, device: str, attn: str | None):
@@ -66,8 +91,10 @@ def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype,
     return build_model(cfg, quant=quant, tokenizer=None, dtype=dtype, seed=0, device=device)
 
 
-def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str):
+    from transformers import AutoConfig
+
+    from sft_dist.model import attention
 
     init = dict(cfg.init_config)
     model_type = init.pop("model_type")
@@ -83,12 +110,40 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int):
         config = AutoConfig.for_model(model_type, **init)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.init_config: {e}") from None
-    if cfg.attn_implementation:
-        config._attn_implementation = cfg.attn_implementation
-    # Same seed on every rank: identical initial weights without a broadcast.
-    with torch.random.fork_rng(devices=[]), without_zero3_init():
+    choice = attention.choose(cfg.attn_implementation, attention.causal_lm_class(config), model_type=model_type,
+                              device=device, dtype=dtype)
+    log.info(choice.describe())
+    with without_zero3_init():
+        return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name)
+
+
+def target_device(device: str) -> torch.device:
+    """This rank's device: its own GPU (set by init_distributed) or the CPU."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, attn: str | None = None):
+    """Seeded random weights, built where they are used: allocated on `device` in `dtype` with torch's default
+    init switched off, then initialised once by the model's own `_init_weights` (normal(0, initializer_range)
+    weights, unit norms, RoPE buffers). The same seed on the same device type gives the same weights, on every
+    rank, without a broadcast; a CPU and a GPU draw different numbers from the same seed.
+
+    transformers' `from_config` builds on the CPU and initialises every linear layer twice (torch's kaiming
+    init, then `_init_weights`); seen on a GPU machine: 45 s for a 1.5B model, over 4 minutes for 8B (with the
+    base saved). The draws differ from that path's, so a seed gives other (equally distributed) weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    kwargs = {"attn_implementation": attn} if attn else {}
+    # The caller's RNG streams are left as they were; a model drawing in its constructor draws from `seed` too.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device(device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model.initialize_weights()
+    model.tie_weights()
     return model
 
 
@@ -107,16 +162,51 @@ def without_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def _check_vocab(model, tokenizer) -> None:
+SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def fit_vocab(model, tokenizer, *, where: str) -> None:
+    """Fit the model to the tokenizer before training: an embedding with fewer rows than the tokenizer has
+    tokens is resized (its new rows start at the mean of the old ones; `model.sft_dist_resized` records it
+    for `apply_lora`, which refuses new rows LoRA would leave frozen); a special token id or a config id
+    outside the embedding is an error naming the token and the id."""
     if tokenizer is None:
         return
     weight = model.get_input_embeddings().weight
-    n = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 loads partitioned: a 0-row placeholder here
-    if n < len(tokenizer):
-        raise SftDistError(
-            f"model.tokenizer has {len(tokenizer)} tokens but the model's embedding has only {n} rows; "
-            "use the model's own tokenizer"
-        )
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 loads partitioned: a 0-row placeholder here
+    n = len(tokenizer)
+    if n > rows:
+        if hasattr(weight, "ds_shape"):
+            raise SftDistError(
+                f"model.tokenizer has {n} tokens but the model's embedding has only {rows} rows, and under ZeRO-3 "
+                "the loaded embedding is partitioned: use the model's own tokenizer, or resize the embedding "
+                "(resize_token_embeddings) and save the model before training")
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is weight
+        model.resize_token_embeddings(n, mean_resizing=True)
+        model.sft_dist_resized = (rows, n)
+        log.info("model: the tokenizer has %d tokens and the embedding had %d rows: resized the embedding%s to %d "
+                 "rows; the %d new rows start at the mean of the old ones", n, rows,
+                 "" if head is None else " (tied to the output head)" if tied else " and the output head", n, n - rows)
+        rows = n
+    for attr in SPECIAL:
+        token = getattr(tokenizer, attr, None)
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id >= rows:
+            raise SftDistError(f"model.tokenizer: {attr} {token!r} has id {token_id}, outside the model's "
+                               f"embedding of {rows} rows (ids 0..{rows - 1}); use the model's own tokenizer")
+    for file, config in (("config.json", model.config), ("generation_config.json",
+                                                         getattr(model, "generation_config", None))):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(config, name, None) if config is not None else None
+            for token_id in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(token_id, int) and token_id >= rows:  # (some configs mark "none" with -1)
+                    origin = where if where == "model.init_config" else f"{where} ({file})"
+                    raise SftDistError(f"{origin}: {name}={token_id} is outside the model's embedding of {rows} "
+                                       f"rows (ids 0..{rows - 1}); set it to a token id below {rows} (the "
+                                       f"tokenizer's {name} is {getattr(tokenizer, name, None)})")
 
 
 def bnb_config(quant: QuantizationConfig, *, dtype: torch.dtype):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from sft_dist.config.schema import LoraConfig
 from sft_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def peft_config(cfg: LoraConfig):
@@ -23,13 +27,76 @@ def peft_config(cfg: LoraConfig):
     )
 
 
-def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_checkpointing: bool = False):
+def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_checkpointing: bool = False,
+               backend: str = "ddp"):
+    """The peft model. Refuses an embedding `fit_vocab` resized whose new rows LoRA would leave frozen; under
+    FSDP (`backend="fsdp"`) gives a frozen tied original inside a modules_to_save wrapper its own tensor."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    _check_new_rows_train(model, cfg)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, peft_config(cfg))
+        model = get_peft_model(model, peft_config(cfg))
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model: {names}") from None
+    if backend == "fsdp":
+        untied = untie_saved_originals(model)
+        if untied:
+            log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "
+                     "own frozen copy, so FSDP2 sees each weight in one group", ", ".join(untied))
+    return model
+
+
+def untie_saved_originals(model) -> list[str]:
+    """Give each frozen original inside a peft modules_to_save wrapper its own copy of a weight it shares.
+
+    With tied embeddings and `modules_to_save: [lm_head]`, peft's wrapper holds a trainable copy of the head and
+    the original head, whose weight is still the input embedding's. accelerate's FSDP2 wrapping asks
+    `get_output_embeddings().weight` (the wrapper's: the trainable copy) whether the head is tied, finds it is
+    not, and puts the embedding and the head in different groups: FSDP2 then refuses the original's weight
+    ("shared with a parameter already managed by another FSDP group"). The original is not used while the
+    adapter is active, so a frozen copy changes no number; it costs vocab x hidden more frozen elements,
+    sharded 1/N per rank like the rest. Returns the names of the originals' weights that were untied."""
+    from peft.utils.other import ModulesToSaveWrapper
+    from torch import nn
+
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    untied = []
+    for name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        original = wrapper.original_module
+        for module_name, module in original.named_modules():
+            for pname, p in list(module.named_parameters(recurse=False)):
+                if owners.get(id(p), 0) > 1:
+                    setattr(module, pname, nn.Parameter(p.detach().clone(), requires_grad=False))
+                    untied.append(".".join(x for x in (name, "original_module", module_name, pname) if x))
+    return untied
+
+
+def _check_new_rows_train(model, cfg: LoraConfig) -> None:
+    """After `fit_vocab` grew the embedding for a larger tokenizer: under LoRA the new rows train only when
+    both the embedding and the output head are in modules_to_save; else they would stay at their initial
+    values and the model could neither read nor write those tokens."""
+    resized = getattr(model, "sft_dist_resized", None)
+    if resized is None:
+        return
+    old, new = resized
+    names = dict(model.named_modules())
+    modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    paths = [next(n for n, m in names.items() if m is mod) for mod in modules]
+    saved = set(cfg.modules_to_save or [])
+    missing = [p for p in paths if not any(p == s or p.endswith("." + s) for s in saved)]
+    if missing:
+        leaves = [p.rsplit(".", 1)[-1] for p in paths]
+        raise ConfigError(
+            f"lora.modules_to_save: the tokenizer has {new} tokens and the model's embedding had {old} rows; the "
+            f"embedding was resized, but under LoRA its {new - old} new rows would stay frozen at their initial "
+            f"values ({', '.join(missing)} not trained). Set lora.modules_to_save: [{', '.join(leaves)}] to train "
+            "them, or use the model's own tokenizer")
+    log.info("model: the %d new embedding rows train with the modules_to_save copies (%s)", new - old,
+             ", ".join(paths))

@@ -420,7 +420,7 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
     quant = for_backend(cfg.quantization, backend=cfg.backend.type, dtype=dtype)
     model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device)
     base_dir = None
-    if cfg.model.init_config is not None:
+    if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
         base_dir = out / "base_model"
         if env.is_main:
@@ -432,7 +432,7 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
                                     attn=cfg.model.attn_implementation)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
-                           gradient_checkpointing=bool(args.activation_checkpointing))
+                           gradient_checkpointing=bool(args.activation_checkpointing), backend=cfg.backend.type)
         if base_dir is not None:
             model.peft_config["default"].base_model_name_or_path = str(base_dir)
     trainable, total = count_parameters(model)

@@ -25,11 +25,26 @@ from sft_dist.errors import ConfigError
 from tests.conftest import QUICKSTART
 
 
+def _dcp_metadata(tmp) -> bytes:
+    """A genuine DCP `.metadata` (verify parses it: a checkpoint's metadata must be of DCP's form)."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.zeros(4)}}, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+    return (tmp / ".metadata").read_bytes()
+
+
 def make_checkpoint(root, step, *, world=2, backend="ddp", fmt="dcp", stage=None, batch=(8, 1), config_yaml="x: 1\n"):
     d = root / f"checkpoint-{step}"
     (d / "shards").mkdir(parents=True)
     for rank in range(world):
         (d / "shards" / f"__{rank}_0.distcp").write_bytes(os.urandom(1000 + rank))
+    if fmt == "dcp":
+        (d / "shards" / ".metadata").write_bytes(_dcp_metadata(root / f".dcp-{step}"))
     (d / "config.yaml").write_text(config_yaml)
     files = hash_files(d, list_files(d))
     micro, accum = batch
@@ -202,3 +217,17 @@ def test_data_cache_keys_never_block_a_resume():
     moved = config_to_dict(load_config(QUICKSTART, ["data.cache=false", "data.cache_dir=/elsewhere",
                                                     "data.cache_fingerprint=content"]))
     assert config_identity(moved) == config_identity(d)
+
+
+def test_older_spellings_and_attention_choice_keep_checkpoints_resumable():
+    """Checkpoints written before `truncation: right` and `attn_implementation: auto` (both only renamed or
+    how the same weights are computed) still resume."""
+    from sft_dist.checkpoint.manifest import config_identity
+    from sft_dist.config.load import config_to_dict
+
+    d = config_to_dict(load_config(QUICKSTART, []))
+    older = json.loads(json.dumps(d))
+    older["data"]["truncation"] = "truncate"
+    older["model"]["attn_implementation"] = "sdpa"
+    del older["model"]["save_init_base"], older["data"]["role_key"], older["data"]["roles"]
+    assert config_identity(older) == config_identity(d)

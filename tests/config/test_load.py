@@ -71,7 +71,7 @@ def test_wrong_type_names_key_value_and_expected():
     (msg,) = problems(QUICKSTART, ["launcher.num_workers=two"])
     assert msg == "launcher.num_workers: got 'two'; expected an integer"
     (msg,) = problems(QUICKSTART, ["data.format=csv"])
-    assert "data.format: got 'csv'; expected one of 'alpaca', 'prompt_completion', 'messages', 'text'" == msg
+    assert "data.format: got 'csv'; expected one of 'alpaca', 'prompt_completion', 'messages', 'sharegpt', 'text'" == msg
 
 
 def test_training_enum_and_range_checks():

@@ -72,3 +72,28 @@ def test_lora_unknown_target_lists_module_names(tok):
 def test_dtype_auto():
     assert resolve_dtype("auto", device="cpu", lora=True) == torch.float32
     assert resolve_dtype("bfloat16", device="cpu", lora=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_random_builds_once_in_the_run_dtype_with_the_models_own_init(dtype):
+    """Allocated without torch's default init and initialised once by `_init_weights`: the weights are
+    normal(0, initializer_range), norms are ones, RoPE buffers are computed, ties hold, all in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft_dist.model.build import init_random
+
+    config = AutoConfig.for_model(**{**TINY, "hidden_size": 64, "vocab_size": 1024, "tie_word_embeddings": True})
+    a = init_random(config, dtype=dtype, seed=3, device=torch.device("cpu"))
+    b = init_random(config, dtype=dtype, seed=3, device=torch.device("cpu"))
+    assert all(p.dtype == dtype and p.device.type == "cpu" for p in a.parameters())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed, same device: the same weights
+    ref = AutoModelForCausalLM.from_config(config, dtype=dtype)  # transformers' own (slower) construction
+    torch.testing.assert_close(a.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert torch.equal(a.model.norm.weight, torch.ones(64, dtype=dtype))
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    w = torch.cat([p.float().flatten() for n, p in a.named_parameters() if n.endswith("proj.weight")])
+    assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - config.initializer_range) < 2e-4
+    x = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.isfinite(a(x).logits).all()
