@@ -90,11 +90,17 @@ def crafted_run(checkpointed_run, tmp_path):
 
 def test_crafted_metadata_is_not_run_by_export(crafted_run, tmp_path):
     run, marker = crafted_run
+    # named explicitly: refused in one line
+    r = sft_dist("export", str(run / "checkpoints" / "checkpoint-20"), "--output", str(tmp_path / "exported"))
+    assert not marker.exists(), "the checkpoint ran code"
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "checkpoint-20 is not a complete checkpoint: untrusted, not loaded" in r.stderr
+    # the run directory: the untrusted checkpoint is skipped with a line, the run's final adapter exported
     r = sft_dist("export", str(run), "--output", str(tmp_path / "exported"))
     assert not marker.exists(), "the checkpoint ran code"
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "checkpoint-20" in r.stderr and "untrusted" in r.stderr and "Traceback" not in r.stderr
-    assert "checkpoint-10" in r.stdout + r.stderr
+    skipped = [line for line in r.stderr.splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and "checkpoint-20: untrusted" in skipped[0] and "Traceback" not in r.stderr
 
 
 def test_crafted_metadata_is_not_run_by_auto_resume(crafted_run):
