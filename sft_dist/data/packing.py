@@ -5,8 +5,11 @@ A packed row holds its documents' tokens back to back, `position_ids` restarting
 `seq_lengths`, and the `sample_ids` it holds. Isolation then rests on two things, both tested:
 - the label of each document's first token is ignored: it would be predicted from the previous document;
 - the batch reaches the model with position_ids and no attention_mask (`PackedCollator`): transformers then
-  builds a block-diagonal causal mask from the position_ids (sdpa, eager), and flash attention, given the
+  builds a block-diagonal causal mask from the position_ids (sdpa, eager; a document block mask for
+  flex_attention, whose kernel then skips the blocks across documents), and flash attention, given the
   micro-batch flattened into one row, reads the same boundaries as cu_seq_lens.
+Tested on CPU for eager, sdpa and flex_attention (tests/data/test_packing.py); on a GPU, bench/gpu.py's
+`isolation` step checks every implementation installed there, flash attention included.
 """
 
 from __future__ import annotations
@@ -76,11 +79,16 @@ class PackedCollator:
     Anything else (flash attention): padding-free, the micro-batch flattened into one row with cu_seq_lens,
     since flash attention only reads the boundaries of a single row. On sdpa that would cost attention over
     the whole flattened micro-batch, which is why it is not used there.
+
+    `pad_to`: pad each batch to a multiple of this many tokens (data.max_length under training.torch_compile:
+    a batch narrower than the last would compile the whole model again for the new shape). Padding tokens
+    carry no label and position 0 each, so each is a document of its own that nothing else attends to.
     """
 
-    def __init__(self, inner, *, attn_implementation: str | None):
+    def __init__(self, inner, *, attn_implementation: str | None, pad_to: int | None = None):
         self.flatten = attn_implementation not in ROW_AWARE
-        self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten)
+        self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten,
+                                         pad_to_multiple_of=pad_to or inner.pad_to_multiple_of)
 
     def __call__(self, examples):
         batch = self.inner(examples)

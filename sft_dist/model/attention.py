@@ -85,6 +85,10 @@ def check_config(m, *, device: str = "auto") -> list[str]:
     if not problems and m.attn_implementation in FLASH and device == "cpu":
         problems.append(f"{KEY}: {m.attn_implementation} needs a CUDA device, and launcher.device is cpu; use auto "
                         "or sdpa")
+    if not problems and m.attn_implementation == "flex_attention" and device == "cpu":
+        # torch 2.13: "FlexAttention does not support backward on CPU", at the first backward pass
+        problems.append(f"{KEY}: flex_attention cannot train on a CPU (torch has no FlexAttention backward there); "
+                        "use auto or sdpa")
     if problems or m.attn_implementation in (None, "auto", "eager") or "/" in m.attn_implementation:
         return problems
     raw = m.init_config

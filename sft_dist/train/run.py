@@ -412,6 +412,7 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
         resolve_dtype,
     )
     from sft_dist.model.lora import apply_lora
+    from sft_dist.train.args import apply_liger, liger_choice
 
     # Seed before the model and the adapter are initialised (the Trainer seeds only later): the same
     # config gives the same initial weights on every rank, every launcher and every run.
@@ -430,6 +431,8 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
         if cfg.quantization.bits is not None:
             model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device,
                                     attn=cfg.model.attn_implementation)
+    # Liger's layer kernels, patched into the base before LoRA wraps it (train/args.py: auto on CUDA when installed)
+    log.info(apply_liger(model, liger_choice(cfg.training, device=device)))
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
                            gradient_checkpointing=bool(args.activation_checkpointing), backend=cfg.backend.type)
@@ -471,7 +474,9 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
     if cfg.data.packing:
         from sft_dist.data.packing import PackedCollator
 
-        collator = PackedCollator(collator, attn_implementation=model.config._attn_implementation)
+        # under torch.compile one batch shape: a narrower batch would compile the model again
+        collator = PackedCollator(collator, attn_implementation=model.config._attn_implementation,
+                                  pad_to=cfg.data.max_length if args.torch_compile else None)
     trainer.data_collator = SampleIdCollator(collator)
     if stream is not None:
         trainer.train_dataset = data.train = stream

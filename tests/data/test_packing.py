@@ -183,6 +183,29 @@ def test_every_cpu_attention_gives_a_packed_row_the_logits_of_its_documents_alon
     assert compared > 6  # several documents per row
 
 
+@pytest.mark.parametrize("layout", ["rows", "flattened"])
+def test_padding_to_a_fixed_width_changes_no_document_and_no_loss(tmp_path, tok, layout):
+    """`pad_to` (one batch shape for torch.compile): the padding is inert, in both layouts."""
+    packed = build(tmp_path, tok)
+    model = tiny_llama(tok, "sdpa")
+    attn = "sdpa" if layout == "rows" else "flash_attention_2"
+    rows = sorted(packed.train, key=lambda r: len(r["input_ids"]))[:3]  # the shortest rows: padding to come
+    width = max(len(r["input_ids"]) for r in rows)
+    assert width < MAX_LENGTH
+    outs = []
+    for pad_to in (None, MAX_LENGTH):
+        batch = SampleIdCollator(PackedCollator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
+                                                attn_implementation=attn, pad_to=pad_to))([dict(r) for r in rows])
+        batch.pop("sample_ids"), batch.pop("input_tokens")
+        with torch.no_grad():
+            outs.append((batch["input_ids"].shape, model(**batch)))
+    (plain_shape, plain), (padded_shape, padded) = outs
+    assert padded_shape[-1] % MAX_LENGTH == 0 and padded_shape[-1] > plain_shape[-1]
+    n = plain_shape[-1]
+    torch.testing.assert_close(padded.logits[:, :n], plain.logits, atol=1e-5, rtol=0)
+    assert float(padded.loss) == pytest.approx(float(plain.loss), abs=1e-6)
+
+
 def test_a_kv_cache_would_join_the_documents(tmp_path, tok):
     """Why PackedCollator sets use_cache=False: with a cache, transformers ignores the position_ids' boundaries."""
     packed = build(tmp_path, tok)

@@ -1,0 +1,111 @@
+"""Packed rows on this device: every attention implementation that runs here, fed packed rows the way sft_dist's
+PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention: the micro-
+batch flattened into one row), gives each document the logits sdpa gives it alone. bench/gpu.py's `isolation`
+step; the CPU suite checks eager, sdpa and flex_attention in fp32 (tests/data/test_packing.py).
+
+Each case also reports `leak`: the same rows with position_ids running on across documents (what a batch that
+lets documents see each other gives), the size a broken isolation would show.
+
+    python bench/gpu/isolation.py --out FILE [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import import_utils
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_dist.data.packing import PackedCollator, pack_dataset
+
+    cuda = a.device == "cuda"
+    if cuda:  # fp32 means fp32 here: TF32 matmuls would differ between the packed and the single-document shapes
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:  # transformers compiles flex attention; on a CPU that is minutes of C++ builds, and the mask is the same
+        import transformers.integrations.flex_attention as flex
+        import transformers.masking_utils as masking
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex.WrappedFlexAttention.__call__ = lambda self: flex_attention
+        masking.create_block_mask = lambda *x, **k: create_block_mask(*x, **{**k, "_compile": False})
+    row = 1024 if cuda else 128
+    config = AutoConfig.for_model("llama", hidden_size=256 if cuda else 64, intermediate_size=512 if cuda else 128,
+                                  num_hidden_layers=4 if cuda else 2, num_attention_heads=8, num_key_value_heads=2,
+                                  vocab_size=1024, max_position_embeddings=2 * row)
+    rng = random.Random(0)
+    docs = [[rng.randrange(3, 1024) for _ in range(rng.randint(8, row // 2))] for _ in range(24)]
+    packed = pack_dataset(Dataset.from_dict({"input_ids": docs, "labels": docs, "sample_id": list(range(len(docs)))}),
+                          row)
+    rows = sorted(packed, key=lambda r: -len(r["seq_lengths"]))[:4]
+
+    impls = ["eager", "sdpa", "flex_attention"]
+    if cuda:
+        impls += [fa for fa, ok in (("flash_attention_2", import_utils.is_flash_attn_2_available()),
+                                    ("flash_attention_3", import_utils.is_flash_attn_3_available())) if ok]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    state = base.state_dict()
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16) if cuda else (torch.float32,):
+        reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        reference.load_state_dict(state)
+        reference.to(a.device).eval()
+        for impl in impls:
+            if impl.startswith("flash") and dtype == torch.float32:
+                continue  # flash attention computes in 16 bit only
+            case = {"attn": impl, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+                model.load_state_dict(state)
+                model.to(a.device).eval()
+                collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=impl)
+                keys = ("input_ids", "labels", "position_ids", "seq_lengths")
+                batch = collate([{k: r[k] for k in keys} for r in rows])
+                case["layout"] = "flattened" if collate.flatten else "rows"
+                batch.pop("labels")
+                batch = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                # the control: position_ids running on and no boundaries given, so documents see each other
+                joined = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+                joined["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=a.device).expand_as(
+                    batch["input_ids"])
+                with torch.no_grad():
+                    logits = model(**batch).logits.float()
+                    joined = model(**joined).logits.float()
+                worst = leak = scale = 0.0
+                for r, packed_row in enumerate(rows):
+                    i, start = (0, sum(len(x["input_ids"]) for x in rows[:r])) if collate.flatten else (r, 0)
+                    for n, sid in zip(packed_row["seq_lengths"], packed_row["sample_ids"]):
+                        with torch.no_grad():
+                            alone = reference(torch.tensor([docs[sid]], device=a.device),
+                                              use_cache=False).logits[0].float()
+                        worst = max(worst, float((logits[i, start:start + n] - alone).abs().max()))
+                        leak = max(leak, float((joined[i, start:start + n] - alone).abs().max()))
+                        scale = max(scale, float(alone.abs().max()))
+                        start += n
+                tol = 1e-4 if dtype == torch.float32 else 3e-2 * max(scale, 1e-6)
+                case.update(max_abs_diff=worst, leak=leak, max_abs_logit=scale, tol=tol,
+                            ok=worst <= tol and worst < leak / 5)
+            except Exception as e:  # noqa: BLE001 - one implementation failing is a result, not the end
+                case.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+    Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows),
+                                       "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
+    return 0 if all(c["ok"] for c in cases) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
