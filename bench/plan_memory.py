@@ -44,7 +44,7 @@ RUNS = {
 # Returned-to-the-OS frees: glibc would otherwise keep freed blocks (and raise its mmap threshold up to 32 MB
 # after the first large free), so RSS would only ever grow and overstate what is live.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
-MB = 1024 * 1024
+MiB = 1024 * 1024
 
 
 def long_texts(out: Path) -> Path:
@@ -110,8 +110,8 @@ def ratio(pred: float, meas: float | None) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = ("| run | params MB pred / meas | grads MB pred / meas | optimizer states MB pred / meas | activations MB "
-            "| peak MB pred / RSS delta |")
+    head = ("| run | params MiB pred / meas | grads MiB pred / meas | optimizer states MiB pred / meas "
+            "| activations MiB | peak MiB pred / RSS delta |")
     lines = [head, "|" + "---|" * 6]
     for r in rows:
         p, m = r["predicted"], r["measured"]
@@ -119,9 +119,9 @@ def table(rows: list[dict]) -> list[str]:
         cells = [r["run"]]
         for key, pkey in (("params", "params"), ("gradients", "gradients"), ("optimizer", "optimizer_states")):
             got = m[key] or 0
-            cells.append(f"{p[pkey] / MB:.1f} / {got / MB:.1f} ({ratio(p[pkey], got).strip()})")
-        cells.append(f"{p['activations'] / MB:.0f}")
-        cells.append(f"{p['peak'] / MB:.0f} / {m['rss_delta'] / MB:.0f} ({ratio(p['peak'], m['rss_delta']).strip()})")
+            cells.append(f"{p[pkey] / MiB:.1f} / {got / MiB:.1f} ({ratio(p[pkey], got).strip()})")
+        cells.append(f"{p['activations'] / MiB:.0f}")
+        cells.append(f"{p['peak'] / MiB:.0f} / {m['rss_delta'] / MiB:.0f} ({ratio(p['peak'], m['rss_delta']).strip()})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -83,7 +83,7 @@ def make_plan(cfg: Config, *, device: str | None = None, world_size: int | None 
             # on a rank whose ZeRO-3 config is live, transformers would build even the meta model under
             # zero.Init, whose collectives the other ranks never join
             with without_zero3_init():
-                plan.memory = estimate_memory(cfg, world_size=facts.world_size, device=facts.device)
+                plan.memory = estimate_memory(cfg, world_size=facts.world_size, device=facts.device, facts=facts)
         except Exception as e:
             log.debug("memory estimate failed", exc_info=True)
             plan.memory_error = f"{type(e).__name__}: {e}"

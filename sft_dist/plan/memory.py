@@ -5,6 +5,15 @@ LoRA adapter applied. Activations are measured, not guessed: one forward and bac
 runs under a dispatch mode that follows every tensor storage alive at each op (meta tensors have sizes but
 no data, so this takes seconds). That covers TRL's chunked (fused) LM-head loss, the model's own loss,
 activation checkpointing and whatever transients the kernels make, as the installed libraries run them.
+
+The step runs the way the run's precision runs it on the device: under DDP with bf16/fp16, accelerate's
+`torch.autocast` (emulated here: torch has no autocast for meta tensors), so matmuls save 16-bit copies of fp32
+inputs (peft casts each LoRA input to the adapter's fp32); under DeepSpeed and FSDP2 every parameter computes in
+the 16-bit dtype (the engine casts the module; FSDP2's MixedPrecisionPolicy all-gathers 16-bit parameters).
+Attention saves what the implementation the run picks saves (a fused kernel: q, k, v, output, log-sum-exp; with
+a packed block mask, sdpa also keeps its additive bias per layer; eager: the attention matrices), and
+`training.use_liger_kernel` swaps in what Liger's RMSNorm and SwiGLU/GeGLU kernels save. Calibrated against a GPU
+run: tests/plan/test_memory.py (`H200_REFERENCE`).
 """
 
 from __future__ import annotations
@@ -16,17 +25,20 @@ from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from sft_dist.backends import backend_file
 from sft_dist.config.schema import Config
 from sft_dist.config.training_args import sft_defaults
-from sft_dist.plan.facts import activation_checkpointing
+from sft_dist.plan.facts import Facts, activation_checkpointing
 
 # bitsandbytes: 4-bit weights are quantized in blocks of 64 with one absmax per block; double quantization
 # stores that absmax in 8 bits plus one fp32 per 256 absmax values (and a 256-entry fp32 code book).
 BNB4_BLOCK, BNB4_NESTED_BLOCK = 64, 256
+# A hint is given when activations are more than this share of the estimated peak.
+ACTIVATION_SHARE_HINT = 0.5
 # bitsandbytes 8-bit optimizers: blockwise states (one fp32 absmax per 256 values, a 256-entry fp32 quantile
 # map per state), and 32-bit states for tensors under 4096 elements.
 BNB_OPT_BLOCK, BNB_OPT_MIN_8BIT = 256, 4096
@@ -42,6 +54,7 @@ class MemoryEstimate:
     total: int  # resident at the training peak: the parts above plus the step's transients
     detail: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # what would lower the peak, when activations dominate it
 
 
 @dataclass
@@ -59,19 +72,24 @@ class _Sharding:
     label: str = "ddp"
 
 
-def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstimate:
-    """Bytes each rank holds while training `cfg` with `world_size` workers on `device` (cpu or cuda)."""
-    from sft_dist.model.build import resolve_dtype
-    from sft_dist.train.args import resolve_precision
+def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts | None = None) -> MemoryEstimate:
+    """Bytes each rank holds while training `cfg` with `world_size` workers on `device` (cpu or cuda).
 
-    precision = resolve_precision(cfg.training, device=device)
-    dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
-    compute = torch.bfloat16 if precision["bf16"] else torch.float16 if precision["fp16"] else dtype
+    The weight and compute dtypes are the plan's facts (`facts`, gathered here when not given), so the estimate
+    counts what the setup line says, also when planning for GPUs on a host without one."""
+    from sft_dist.model.build import DTYPES
+    from sft_dist.plan.facts import gather_facts
+
+    facts = facts or gather_facts(cfg, device=device, world_size=world_size)
+    dtype = DTYPES[facts.model_dtype]
+    compute = torch.bfloat16 if facts.bf16 else torch.float16 if facts.fp16 else dtype
     shard = _sharding(cfg, world_size)
     notes: list[str] = []
 
-    model, skip = _meta_model(cfg, dtype=dtype)
-    counts = _count(model, cfg, dtype=dtype, skip=skip)
+    config = _model_config(cfg)
+    attention = _attention_kind(cfg, config, device=device, dtype=dtype)
+    model = _meta_model(cfg, config, dtype=dtype, attention=attention)
+    counts = _count(model, cfg, dtype=dtype)
     trainable_bytes = counts["trainable_bytes"]
     weights_full = counts["param_bytes"] + counts["buffer_bytes"] + counts["quant_state_bytes"]
     weights = _div(weights_full, shard.weights)
@@ -88,7 +106,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
     length = cfg.data.max_length
     checkpointing = activation_checkpointing(cfg)
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
-                         plain_loss=_plain_loss(cfg), skip=skip)
+                         plain_loss=_plain_loss(cfg), attention=attention,
+                         mixed=_mixed_precision(cfg, compute), quantized=set(counts["quantized_ids"]), device=device)
     activations = step["activations"]
     # Under sharded gradients a rank keeps only its shard; the full gradients of the step exist one bucket or
     # layer at a time. Under DDP / ZeRO-1 they pile up in backward, as the profile saw them.
@@ -122,9 +141,10 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
     total = (0 if shard.offload_param else weights) + gradients + (0 if shard.offload_optimizer else optimizer)
     total += activations + transient
 
-    load = _load_peak(cfg, counts, shard=shard, dtype=dtype, world_size=world_size)
+    load = _load_peak(cfg, counts, shard=shard, dtype=dtype, world_size=world_size, device=device)
     notes += _notes(cfg, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
-                    compute=compute, load=load, optimizer=optimizer, world_size=world_size)
+                    compute=compute, load=load, optimizer=optimizer, world_size=world_size, attention=attention,
+                    mixed=_mixed_precision(cfg, compute), liger=_liger(cfg, model, device=device) is not None)
     detail = {
         "world_size": world_size,
         "device": device,
@@ -145,15 +165,21 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str) -> MemoryEstim
         "sharded_by": {"weights": shard.weights, "gradients": shard.gradients, "optimizer": shard.optimizer},
         "offloaded": {"optimizer": shard.offload_optimizer, "params": shard.offload_param},
         "micro_batch": [batch, length],
+        "attention": attention,
+        "mixed_precision": _mixed_precision(cfg, compute),
+        "liger_kernel": _liger(cfg, model, device=device) is not None,
         "activation_checkpointing": checkpointing,
         "forward_peak": step["forward_peak"],
         "transient": transient,
         "backend_extra": extra,
         "load_peak": load,
         "peak": max(total, load),
+        "activation_share": round(activations / max(1, total), 3),
     }
+    hints = _hints(cfg, facts, activations=activations, total=total, checkpointing=checkpointing, batch=batch,
+                   model=model, compute=compute)
     return MemoryEstimate(weights=weights, lora=lora, gradients=gradients, optimizer=optimizer,
-                          activations=activations, total=total, detail=detail, notes=notes)
+                          activations=activations, total=total, detail=detail, notes=notes, hints=hints)
 
 
 # --- the model, on the meta device ---------------------------------------------------------------------------
@@ -172,13 +198,14 @@ def _model_config(cfg: Config):
     return model_config(m)
 
 
-def _meta_model(cfg: Config, *, dtype: torch.dtype):
-    """The model on the meta device as training sees it (LoRA applied, trainable params as peft makes them),
-    and the storages that are weights (not activations) for the step profile."""
+def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
+    """The model on the meta device as training sees it (LoRA applied, trainable params as peft makes them)."""
     from transformers import AutoModelForCausalLM
 
-    config = _model_config(cfg)
-    config._attn_implementation = _META_ATTENTION
+    # eager runs the model's own attention (the attention matrices are real tensors on meta too); the fused
+    # kernels are stood in for by what they save (_FusedAttention)
+    packed = bool(cfg.data.packing)
+    config._attn_implementation = "eager" if attention == "eager" else _META_ATTENTION[attention, packed]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.enabled:
@@ -194,8 +221,7 @@ def _meta_model(cfg: Config, *, dtype: torch.dtype):
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    return model, skip
+    return model
 
 
 def _quantized_linears(model, cfg: Config) -> dict[str, torch.nn.Module]:
@@ -218,7 +244,7 @@ def _quantized_linears(model, cfg: Config) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _count(model, cfg: Config, *, dtype: torch.dtype, skip: set) -> dict[str, int]:
+def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
     """Parameter counts and bytes as the run stores them (quantized base layers packed, LoRA in fp32)."""
     quantized = {id(m.weight) for m in _quantized_linears(model, cfg).values()}
     bits = cfg.quantization.bits
@@ -246,6 +272,7 @@ def _count(model, cfg: Config, *, dtype: torch.dtype, skip: set) -> dict[str, in
             c["trainable_bytes"] += n * size
     c["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
+    c["quantized_ids"] = sorted(quantized)
     head = model.get_output_embeddings()
     c["head_bytes"] = head.weight.numel() * 4 if bits is not None else head.weight.numel() * head.weight.element_size()
     return c
@@ -348,28 +375,223 @@ def _plain_loss(cfg: Config) -> bool:
 
 # --- activations: one step on the meta device -----------------------------------------------------------------
 
-_META_ATTENTION = "sft_dist_meta_sdpa"
+def _attention_kind(cfg: Config, config, *, device: str, dtype: torch.dtype) -> str:
+    """What the run's attention keeps for backward, by kind: `flash` (flash / flex attention: q, k, v with their
+    own heads, output, log-sum-exp; packed rows as one flattened row, no mask), `sdpa` (torch's fused kernels; a
+    packed block mask makes transformers repeat the k/v heads and torch keep an additive bias), or `eager`."""
+    from sft_dist.model import attention
+
+    requested = cfg.model.attn_implementation
+    if requested in (None, "auto"):
+        cls = attention.causal_lm_class(config)
+        try:  # what model/build.py will pick
+            requested = attention.choose(requested, cls, model_type=getattr(config, "model_type", None),
+                                         device=device, dtype=dtype).name
+        except Exception:  # noqa: BLE001 - e.g. planning for a GPU on a host without one: sdpa, else eager
+            requested = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    if requested == "eager":
+        return "eager"
+    if requested == "sdpa":
+        return "sdpa"
+    return "flash"
 
 
-def _meta_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """SDPA as a fused kernel runs it (saves q, k, v, out and the log-sum-exp; no L x L matrix). On meta
-    tensors torch would pick the math fallback, which materializes the attention weights."""
-    from transformers.integrations.sdpa_attention import repeat_kv
+class _FusedAttention(torch.autograd.Function):
+    """A fused attention kernel as memory sees it: the output, and for backward q, k, v (as given), the output,
+    the fp32 log-sum-exp per query and the additive mask bias when there is one."""
 
-    n_rep = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal=True,
-                                                                      scale=scaling)[0]
-    return out.transpose(1, 2).contiguous(), None
+    @staticmethod
+    def forward(ctx, query, key, value, bias):
+        out = torch.empty_like(query)
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), None
+
+
+def _fused_attention(kind: str, packed: bool):
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        bias = None
+        if kind == "sdpa" and packed:
+            # transformers' sdpa gets the packed rows' block-diagonal mask: it repeats the k/v heads for the kernel
+            # (torch's fused kernels take GQA only without a mask), and torch turns the boolean mask into an additive
+            # bias in the query dtype at each call, which the memory-efficient kernel keeps for backward
+            n_rep = query.shape[1] // key.shape[1]
+            key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+            b, _, t, _ = query.shape
+            bias = query.new_empty((b, 1, t, key.shape[2]))
+        out = _FusedAttention.apply(query, key, value, bias)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+_META_ATTENTION = {(kind, packed): f"sft_dist_meta_{kind}{'_packed' if packed else ''}"
+                   for kind in ("sdpa", "flash") for packed in (False, True)}
 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(_META_ATTENTION, _meta_sdpa)
+    for (kind, packed), name in _META_ATTENTION.items():
+        AttentionInterface.register(name, _fused_attention(kind, packed))
 
 
 _register_attention()
+
+
+def _mixed_precision(cfg: Config, compute: torch.dtype) -> str:
+    """How the run computes in 16 bit: `autocast` (accelerate's torch.autocast: DDP, one process), `cast` (every
+    parameter in the 16-bit dtype: DeepSpeed's engine, FSDP2's MixedPrecisionPolicy), or `none`."""
+    if compute not in (torch.bfloat16, torch.float16):
+        return "none"
+    return "cast" if cfg.backend.type in ("deepspeed", "fsdp") else "autocast"
+
+
+# torch.autocast's op lists (CUDA), as far as a decoder's forward uses them: matmul-like ops run in the 16-bit
+# dtype, these others in fp32.
+_AUTOCAST_16 = {torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm, torch.addbmm, torch.einsum,
+                torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.conv1d}
+_AUTOCAST_32 = {torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
+                torch.Tensor.softmax, torch.Tensor.log_softmax, torch.nn.functional.cross_entropy,
+                torch.nn.functional.nll_loss, torch.nn.functional.layer_norm, torch.nn.functional.group_norm,
+                torch.pow, torch.Tensor.pow, torch.rsqrt, torch.Tensor.rsqrt, torch.exp, torch.Tensor.exp,
+                torch.log, torch.Tensor.log, torch.logsumexp, torch.Tensor.logsumexp}
+
+
+class _DeviceOps(TorchFunctionMode):
+    """The step's ops as the run's device and precision run them, for meta tensors (which have neither autocast nor
+    CUDA's fused kernels).
+
+    `autocast`: torch.autocast: fp32 inputs of matmul-like ops are cast to that dtype, 16-bit inputs of the fp32 ops
+    to fp32; like autocast, the casts of leaf tensors that require grad (fp32 weights) are cached while the forward
+    runs, so each weight is cast once per forward. `fused_dropout` (CUDA): dropout keeps a 1-byte mask for backward
+    (`native_dropout`), where the unfused path the meta and CPU runs take keeps a noise tensor in the input's dtype
+    (peft's LoRA dropout runs on the fp32 copy of each adapted layer's input: 4 bytes per element)."""
+
+    def __init__(self, autocast: torch.dtype | None, fused_dropout: bool):
+        super().__init__()
+        self.dtype = autocast
+        self.fused_dropout = fused_dropout
+        self.cache: dict[int, torch.Tensor] | None = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.fused_dropout and func is torch.nn.functional.dropout:
+            return self._dropout(*args, **kwargs)
+        if self.dtype is not None:
+            if func in _AUTOCAST_16:
+                args, kwargs = tree_map(lambda t: self._cast(t, self.dtype), (args, kwargs))
+            elif func in _AUTOCAST_32 and kwargs.get("dtype") is None:
+                args, kwargs = tree_map(lambda t: self._cast(t, torch.float32), (args, kwargs))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0 or inplace:
+            return torch.nn.functional.dropout(input, p, training, inplace)
+        return torch.native_dropout(input, p, True)[0]
+
+    def _cast(self, t, dtype: torch.dtype):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        if dtype != torch.float32 and t.dtype != torch.float32:
+            return t  # autocast lowers fp32 only
+        cacheable = self.cache is not None and t.is_leaf and t.requires_grad
+        if cacheable and id(t) in self.cache:
+            return self.cache[id(t)]
+        out = t.to(dtype)
+        if cacheable:
+            self.cache[id(t)] = out
+        return out
+
+    def end_forward(self) -> None:
+        """Autocast drops its cast cache when the forward's autocast region exits."""
+        self.cache = None
+
+    def recompute(self) -> _DeviceOps:
+        """The same ops for an activation-checkpointed layer's recomputation (with a cast cache of its own)."""
+        return _DeviceOps(self.dtype, self.fused_dropout)
+
+
+# --- Liger kernels (`training.use_liger_kernel`): what they keep for backward ---------------------------------
+
+# model types whose RMSNorm and gated MLP Liger patches (liger_kernel.transformers.monkey_patch)
+_LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+                      "phi3", "granite", "olmo2", "glm4"}
+
+
+class _LigerRMSNorm(torch.autograd.Function):
+    """Liger's RMSNorm keeps its input (in its own dtype) and the fp32 inverse RMS per row, not an fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, _ = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+
+
+class _LigerGLU(torch.autograd.Function):
+    """Liger's SwiGLU / GeGLU keeps the two projections and recomputes the activation in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.empty_like(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _liger(cfg: Config, model, *, device: str):
+    """The base model when Liger's layer kernels apply to it, else None. `training.use_liger_kernel`: true on,
+    false off, unset on where they can run (train/args.py): CUDA with liger-kernel and triton installed, as far
+    as this host can tell (planning a GPU run elsewhere counts without them: the larger estimate)."""
+    import importlib.util
+
+    asked = cfg.training.get("use_liger_kernel")
+    if asked is False or (asked is None and not (
+            device == "cuda" and all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton")))):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in _LIGER_MODEL_TYPES:
+        return None
+    return base
+
+
+def _apply_liger(cfg: Config, model, *, device: str) -> None:
+    """Swap the RMSNorm and gated-MLP forwards for what Liger's kernels save (its fused cross-entropy stays off:
+    the loss is TRL's fused LM head)."""
+    base = _liger(cfg, model, device=device)
+    if base is None:
+        return
+    kernels = {"rms_norm": True, "swiglu": True, "geglu": True, **(cfg.training.get("liger_kernel_config") or {})}
+    for module in base.modules():
+        name = type(module).__name__
+        if kernels["rms_norm"] and name.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            module.forward = lambda x, m=module: _LigerRMSNorm.apply(x, m.weight)
+        elif (kernels["swiglu"] or kernels["geglu"]) and name.endswith("MLP") and hasattr(module, "down_proj"):
+            if hasattr(module, "gate_up_proj"):  # Phi-3: one fused projection, split in two
+                module.forward = lambda x, m=module: m.down_proj(_LigerGLU.apply(*m.gate_up_proj(x).chunk(2, dim=-1)))
+            elif hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+                module.forward = lambda x, m=module: m.down_proj(_LigerGLU.apply(m.gate_proj(x), m.up_proj(x)))
+
+
+_expired = torch.Storage._expired  # StorageWeakRef.expired without its Python frame
 
 
 class _LiveStorages(TorchDispatchMode):
@@ -379,40 +601,52 @@ class _LiveStorages(TorchDispatchMode):
     def __init__(self, skip: set):
         super().__init__()
         self.skip = skip
-        self.live: dict[int, tuple[StorageWeakRef, int, int, int]] = {}  # address -> (ref, bytes, born, serial)
+        # address -> (weak ref, its handle, bytes, born, serial); the handle is checked directly (thousands of ops
+        # times hundreds of live storages: the sweep is most of a large model's profile)
+        self.live: dict[int, tuple[StorageWeakRef, int, int, int, int]] = {}
         self.spans: list[tuple[int, int, int, int]] = []  # (serial, bytes, born, died)
         self.clock = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.sweep()
         out = func(*args, **(kwargs or {}))
-        self.clock += 1
-        self.sweep()  # before registering: an output may reuse the address of a storage the op freed
+        new = {}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
                 key = s._cdata
-                if key not in self.live and key not in self.skip:
-                    self.live[key] = (StorageWeakRef(s), s.nbytes(), self.clock, len(self.spans) + len(self.live))
+                if key not in self.skip and (key not in self.live or _expired(self.live[key][1])):
+                    new[key] = s
+        if new:
+            # Only an op that makes a storage can raise the total: what Python freed since the last such op is
+            # closed first (it died before these were born; a reused address included). Views and in-place ops
+            # need no sweep, which halves the profile's time.
+            self.sweep()
+            self.clock += 1
+            for key, s in new.items():
+                ref = StorageWeakRef(s)
+                self.live[key] = (ref, ref.cdata, s.nbytes(), self.clock, len(self.spans) + len(self.live))
         return out
 
+    def _close(self, key: int) -> None:
+        _, _, size, born, serial = self.live.pop(key)
+        self.spans.append((serial, size, born, self.clock))
+
     def sweep(self) -> None:
-        for key, (ref, size, born, serial) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.spans.append((serial, size, born, self.clock))
+        dead = [key for key, entry in self.live.items() if _expired(entry[1])]
+        for key in dead:
+            self._close(key)
 
     def live_bytes(self) -> int:
-        return sum(size for _, size, _, _ in self.live.values())
+        return sum(entry[2] for entry in self.live.values())
 
     def serials(self, storages: set) -> set:
         """Serials of the live storages at these addresses."""
-        return {self.live[k][3] for k in storages if k in self.live}
+        return {self.live[k][4] for k in storages if k in self.live}
 
     def peak(self, exclude: set) -> int:
         """Highest live bytes over the timeline, leaving out the spans whose serial is in `exclude`."""
         events: list[tuple[int, int]] = []
-        spans = self.spans + [(serial, size, born, self.clock + 1) for _, size, born, serial in self.live.values()]
+        spans = self.spans + [(serial, size, born, self.clock + 1) for _, _, size, born, serial in self.live.values()]
         for serial, size, born, died in spans:
             if serial not in exclude:
                 events += [(born, size), (died, -size)]
@@ -425,28 +659,80 @@ class _LiveStorages(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _meta_autocast_off():
-    """TRL's chunked log-prob kernel asks autocast about the tensors' device; torch knows no autocast for meta."""
-    original = torch.is_autocast_enabled
+    """What meta tensors cannot do. TRL's chunked log-prob kernel asks autocast about the tensors' device, and peft's
+    MoE parameter wrapper opens `torch.autocast(device_type=...)`: torch knows no autocast for meta; both see the
+    CPU's (off) instead."""
+    original, original_autocast = torch.is_autocast_enabled, torch.autocast
 
     def is_enabled(*args):
         return False if args and str(args[0]) == "meta" else original(*args)
 
-    torch.is_autocast_enabled = is_enabled
+    class autocast(original_autocast):  # noqa: N801 - stands in for torch.autocast
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if str(device_type) == "meta" else device_type, *args, **kwargs)
+
+    # transformers looks for packed rows in the position ids before it builds an eager mask: a data-dependent
+    # check (meta tensors have no values); the profile's rows are one document each
+    from transformers import masking_utils
+
+    original_find = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: (
+        None if position_ids.device.type == "meta" else original_find(position_ids))
+    torch.is_autocast_enabled, torch.autocast = is_enabled, autocast
     try:
         yield
     finally:
-        torch.is_autocast_enabled = original
+        torch.is_autocast_enabled, torch.autocast = original, original_autocast
+        masking_utils.find_packed_sequence_indices = original_find
+
+
+@contextlib.contextmanager
+def _device_loss_kernels(device: str):
+    """TRL's chunked LM-head loss as it runs on `device`. On a GPU, Triton kernels fold each logits tile in place and
+    the fp32 accumulations are cuBLAS matmuls with an fp32 output: nothing is allocated beyond the tile buffer and
+    the accumulators. The torch fallback the meta (and CPU) run takes materializes fp32 copies of every tile
+    (~3 GiB at the backward peak for 4096 x 32768 tiles), which a GPU never holds."""
+    if device != "cuda":
+        yield
+        return
+    from trl.kernels import chunked_logprob
+
+    def in_place(*args, **kwargs) -> None:
+        return None
+
+    saved = chunked_logprob._forward_tile, chunked_logprob._backward_tile, chunked_logprob._addmm_fp32
+    chunked_logprob._forward_tile = chunked_logprob._backward_tile = chunked_logprob._addmm_fp32 = in_place
+    try:
+        yield
+    finally:
+        chunked_logprob._forward_tile, chunked_logprob._backward_tile, chunked_logprob._addmm_fp32 = saved
 
 
 def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch.dtype, checkpointing: bool,
-                  plain_loss: bool, skip: set) -> dict[str, int]:
+                  plain_loss: bool, attention: str, mixed: str, quantized: set,
+                  device: str) -> dict[str, int]:
     """Run forward + backward of one micro-batch on the meta model; bytes of activations and step peaks."""
-    if compute != next(model.parameters()).dtype:
-        model.to(compute)  # mixed precision: the matmuls and what they save run in the autocast dtype
-        skip = skip | {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    if quantized:
+        # peft's kbit preparation: every weight bitsandbytes leaves unquantized (embeddings, norms, the head) is
+        # fp32 (the 4/8-bit layers themselves run as 16-bit matmuls after dequantizing: see backend extras)
+        for p in model.parameters():
+            if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if mixed == "cast":
+        model.to(compute)  # every parameter computes in the 16-bit dtype
+    elif mixed == "none" and compute != next(model.parameters()).dtype:
+        model.to(compute)
+    # the weights as they are now (a cast gives them new storages; an old one's address may come back for an
+    # activation, which must be counted)
+    skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    _apply_liger(cfg, model, device=device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ops = _DeviceOps(compute if mixed == "autocast" else None, fused_dropout=device == "cuda")
     if checkpointing:
-        base.activation_checkpointing_enable({"use_reentrant": False})
+        # The recomputation runs in backward, where the forward's mode is not in effect: it enters its own (as
+        # torch.utils.checkpoint re-enters the forward's autocast state)
+        base.activation_checkpointing_enable({"use_reentrant": False,
+                                              "context_fn": lambda: (contextlib.nullcontext(), ops.recompute())})
         if cfg.lora.enabled:
             base.enable_input_require_grads()
     model.train()
@@ -455,8 +741,9 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     if not plain_loss:
         inputs["fused_lm_head"] = True
     tracker = _LiveStorages(skip)
-    with _meta_autocast_off(), tracker:
+    with _meta_autocast_off(), _device_loss_kernels(device), tracker, ops:
         loss = model(**inputs).loss
+        ops.end_forward()
         tracker.sweep()
         activations = tracker.live_bytes()
         forward_peak = tracker.peak(set())
@@ -470,10 +757,22 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
 
 # --- loading and notes ----------------------------------------------------------------------------------------
 
-def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtype, world_size: int) -> int:
-    """Bytes a rank holds while the model loads, before any backend shards it."""
+def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtype, world_size: int,
+               device: str) -> int:
+    """Bytes a rank holds on its device while the model loads, before any backend shards it."""
     full = counts["total_numel"] * _bytes(dtype)
     quantized = counts["param_bytes"] + counts["quant_state_bytes"] + counts["buffer_bytes"]
+    if device == "cuda":
+        # from_pretrained reads the file into host memory; what reaches the GPU is the rank's part
+        if cfg.model.init_config is not None:
+            # built whole on the GPU; a quantized run reloads it quantized while the full one is still referenced
+            return full + (quantized if cfg.quantization.bits is not None else 0)
+        if cfg.quantization.bits is not None:
+            # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
+            return quantized + counts["largest_quantized_numel"] * _bytes(dtype)
+        if shard.weights > 1:
+            return _div(full, shard.weights)  # zero.Init / fully_shard move only the rank's shard to the GPU
+        return full
     # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
     mapped = full
     if cfg.model.init_config is not None:
@@ -487,10 +786,19 @@ def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtyp
     return mapped + full
 
 
+_MIXED = {"autocast": "torch.autocast (fp32 inputs of matmuls cast to {dtype})",
+          "cast": "every parameter computes in {dtype}", "none": "{dtype}"}
+_ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention (fused)", "eager": "eager (attention matrices kept)"}
+
+
 def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
-           compute: torch.dtype, load: int, optimizer: int, world_size: int) -> list[str]:
+           compute: torch.dtype, load: int, optimizer: int, world_size: int, attention: str, mixed: str,
+           liger: bool) -> list[str]:
+    dtype = str(compute).removeprefix("torch.")
     notes = [f"activations: one micro-batch of {batch} x {length} tokens (batches padded to data.max_length; "
-             f"shorter batches need less), {str(compute).removeprefix('torch.')}, fused attention"
+             f"shorter batches need less), {_MIXED[mixed].format(dtype=dtype)}, attention {_ATTENTION[attention]}"
+             + (" with the packed rows' block mask" if attention == "sdpa" and cfg.data.packing else "")
+             + (", Liger kernels" if liger else "")
              + (", activation checkpointing per decoder layer" if checkpointing else "")]
     if _plain_loss(cfg):
         notes.append("loss: the model's own (full logits), as sft_dist uses under FSDP2 with a trainable head")
@@ -514,6 +822,39 @@ def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: i
     if world_size > 1 and shard.weights == 1 and shard.gradients == 1 and shard.optimizer == 1:
         notes.append("nothing is sharded: every rank holds the whole model, gradients and optimizer state")
     return notes
+
+
+def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpointing: bool, batch: int, model,
+           compute: torch.dtype) -> list[str]:
+    """What would lower the peak when activations are most of it, among the switches not already on."""
+    share = activations / max(1, total)
+    if share <= ACTIVATION_SHARE_HINT:
+        return []
+    out = [f"activations are {share:.0%} of the estimated peak ({_gb(activations)} of {_gb(total)}); to lower them:"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    layers = int(getattr(text, "num_hidden_layers", 1) or 1)
+    if not checkpointing:
+        # what stays saved: each decoder layer's input; in backward one layer's activations exist at a time
+        kept = layers * batch * facts.max_length * int(getattr(text, "hidden_size", 0) or 0) * _bytes(compute)
+        out.append(f"training.activation_checkpointing: true keeps only each decoder layer's input for backward "
+                   f"(about {_gb(kept + activations // layers)} instead of {_gb(activations)}) and recomputes the "
+                   "rest, for about a third more compute per step")
+    if batch > 1:
+        smaller, accum = batch // 2, facts.grad_accum * 2
+        out.append(f"training.per_device_train_batch_size: {smaller} with gradient_accumulation_steps: {accum} keeps "
+                   f"the global batch of {facts.global_batch} sequences and about halves the activations"
+                   + ("" if batch % 2 == 0 else " (a slightly smaller global batch: the micro-batch is odd)"))
+    if not facts.packing:
+        out.append("data.packing: true fills every row with whole documents, so a smaller micro-batch carries as "
+                   "many tokens per step as padded rows do")
+    if facts.device == "cuda" and _liger(cfg, model, device=facts.device) is None and \
+            getattr(text, "model_type", None) in _LIGER_MODEL_TYPES:
+        out.append("Liger's kernels (pip install liger-kernel where the GPUs are; training.use_liger_kernel unset "
+                   "applies them where installed, true insists) keep 16-bit norm inputs and the two MLP projections "
+                   "instead of fp32 copies and the activation (measured on an H200: 35.2 -> 29.1 GiB for a 1.5B "
+                   "Llama shape)")
+    return out if len(out) > 1 else []
 
 
 def _div(x: int, n: int) -> int:

@@ -9,11 +9,12 @@ from sft_dist.plan import Plan, setup
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    """Bytes in binary units (KiB = 1024 B, ..., GiB = 2**30 B), the way torch.cuda and nvidia-smi's MiB count."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return f"{n:.2f} TB"
+    return f"{n:.2f} TiB"
 
 
 def render(plan: Plan, *, diff: bool = True) -> str:
@@ -53,6 +54,9 @@ def memory_lines(plan: Plan) -> list[str]:
     if load_peak > m.total:
         out.append(f"  load peak    {human_bytes(load_peak):>11}   (while the model is built, above the training peak)")
     out += [f"  - {n}" for n in m.notes]
+    for i, hint in enumerate(m.hints):
+        out += textwrap.wrap(hint, 110, initial_indent="  hint: " if i == 0 else "    - ",
+                             subsequent_indent="        " if i == 0 else "      ")
     return out
 
 
