@@ -276,6 +276,9 @@ def _skip_final_gc() -> None:
 
 def _report(e: BaseException, *, unexpected: bool = False) -> int:
     """Print one message (no traceback for user errors) and leave it for the local launcher to show."""
+    from sft_dist.distributed.lifecycle import default_sigterm
+
+    default_sigterm()  # the run is over: a launcher's SIGTERM now ends this process, not a "start-up stop"
     _skip_final_gc()
     rank = int(os.environ.get("RANK", 0))
     error_file = os.environ.get("SFT_DIST_ERROR_FILE")
