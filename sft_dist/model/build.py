@@ -72,7 +72,19 @@ def build_model(
         choice = attention.Choice(model.config._attn_implementation, "auto: remote-code model, transformers' default")
     log.info(choice.describe())
     fit_vocab(model, tokenizer, where="model.name_or_path")
+    if quant.bits == 4 and device == "cpu":
+        keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight into a CPU-specific layout at the first no-grad forward (an
+    evaluation, a generation) on CPUs with AVX512-BF16, and converts it back in `state_dict()`: the conversion
+    fails on ZeRO-3's partitioned weights ("packed_weight should be [N, K/2]") and makes results depend on the
+    CPU model. Keep the layout the weights were loaded in (the same numbers on every CPU)."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _pretrained_config(cfg: ModelConfig):
