@@ -23,6 +23,7 @@ from common import RESULTS, ROOT, machine
 # script -> arguments with --quick
 SCRIPTS = {
     "startup": ["--repeats", "1"],
+    "ray_speed": ["--steps", "20", "--repeats", "1"],
     "vs_trl": ["--steps", "10", "--repeats", "1", "--only", "matched"],
     "scaling": ["--steps", "10", "--repeats", "1"],
     "packing": ["--steps", "10", "--repeats", "1"],
@@ -39,6 +40,15 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
                  f"{d['ray_over_torchrun']:.2f}x"),
                 ("seconds to first step, local launcher", f"{m['local']:.1f} s", f"torchrun {m['torchrun']:.1f} s",
                  f"{m['local'] / m['torchrun']:.2f}x")]
+    if name == "ray_speed":
+        m, r = d["median"], d["ratios"]
+        return [(f"steady steps/s at logging_steps=1, embedded Ray (2 workers, {d['meta']['steps']} steps)",
+                 f"{m['ray']['steady_steps_per_s']:.1f}", f"local launcher {m['local']['steady_steps_per_s']:.1f}",
+                 f"{r['steady_steps_per_s_ray_over_local']:.2f}x"),
+                ("seconds to first step, embedded Ray (same runs)", f"{m['ray']['first_step_s']:.1f} s",
+                 f"torchrun {m['torchrun']['first_step_s']:.1f} s", f"{r['first_step_s_ray_over_torchrun']:.2f}x"),
+                ("CPU seconds to first step, embedded Ray (all its processes)", f"{m['ray']['first_step_cpu_s']:.1f}",
+                 f"torchrun {m['torchrun']['first_step_cpu_s']:.1f}", f"{r['first_step_cpu_s_ray_over_torchrun']:.2f}x")]
     if name == "vs_trl":
         labels = {"matched": "loss tokens/s, same settings", "defaults": "loss tokens/s, defaults",
                   "packing": "loss tokens/s, data.packing vs TRL defaults"}

@@ -33,8 +33,8 @@ def launch_ray(cfg: Config) -> int:
     if use_gpu:
         resources.setdefault("GPU", 1)
     threads = la.threads_per_worker or max(1, int(resources.get("CPU", 1)))
-    _init_ray(la.address or os.environ.get("RAY_ADDRESS"), cpus_needed=la.num_workers * resources.get("CPU", 1))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _init_ray(la.address or os.environ.get("RAY_ADDRESS"), cpus_needed=la.num_workers * resources.get("CPU", 1))
 
     out = Path(cfg.output_dir)
     name = la.run_name or out.name
@@ -68,8 +68,9 @@ def launch_ray(cfg: Config) -> int:
     except TrainingFailedError as e:
         print(f"sft-dist: {describe_failure(e)}", file=sys.stderr)
         return 1
-    log.info("Ray Train run %r finished; last checkpoint registered with Ray: %s", name,
-             result.checkpoint.path if result.checkpoint else "(none)")
+    m = result.metrics or {}
+    log.info("Ray Train run %r finished: Result.metrics at step %s (loss %s), Result.checkpoint %s", name,
+             m.get("step"), m.get("loss"), result.checkpoint.path if result.checkpoint else "(none)")
     return 0
 
 
@@ -87,17 +88,36 @@ def _init_ray(address: str | None, *, cpus_needed: float) -> None:
     # node's outward address even when given 127.0.0.1, and its GCS/raylet listen on every interface
     # (Ray 2.60 has no loopback-only option); token authentication, on by default, guards them.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
+    # Nothing on a private single-node cluster can be preempted: no watcher actor (one more process, ~1.5 CPU s,
+    # and an error-looking line in every log). The controller polls its local workers every 0.5 s instead of 2 s:
+    # it drains one report per poll and sees the end of training on a poll (a poll that takes longer is kept).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray's processes that look the cluster up by themselves (the state API, which Ray Train's placement-group
+    # cleaner asks whether the controller is alive) take RAY_ADDRESS, else /tmp/ray/ray_current_cluster: the
+    # last `ray start` on this machine, maybe another cluster or a dead one (then each lookup waits 40 s, and
+    # the run's end waits 12 s for the cleaner). The cluster's processes inherit the environment ray.init starts
+    # them with: pin it there, then give this process its own back.
+    gcs_port = free_port("127.0.0.1")
+    pinned = {"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+    os.environ.update(pinned)
+    log.info("sft_dist: starting an embedded Ray on 127.0.0.1 for this run "
+             "(launcher.address or RAY_ADDRESS joins a running one)")
     # Workers beyond the core count share cores, as local processes would, instead of waiting forever.
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-        # Ray Train's controller watchdog queries the state API, which lives in the dashboard.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port("127.0.0.1"),
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+            # Ray Train's controller watchdog queries the state API, which lives in the dashboard.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port("127.0.0.1"),
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    finally:
+        for key in pinned:
+            os.environ.pop(key, None)
 
 
 def describe_failure(e: Exception) -> str:
@@ -142,4 +162,5 @@ def _worker_main(loop_config: dict) -> None:
         SFT_DIST_LAUNCHER="ray",
     )
     cfg = build_config(loop_config["config"])
-    run(cfg, callbacks=[RayReport()])
+    report = RayReport()
+    report.finish(run(cfg, callbacks=[report]))
