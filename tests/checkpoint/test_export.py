@@ -51,7 +51,10 @@ def peft_logits(run: Path, quant=None) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from sft_dist.model.build import keep_4bit_layout
+
     base = AutoModelForCausalLM.from_pretrained(run / "base_model", quantization_config=quant)
+    keep_4bit_layout(base)  # the layout (and math) the run trained with, not bitsandbytes' AVX512-BF16 repacking
     return logits(PeftModel.from_pretrained(base, run / "adapter"))
 
 
