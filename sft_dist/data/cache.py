@@ -52,6 +52,7 @@ from sft_dist.data.build import (
     warn_cut,
 )
 from sft_dist.data.cache_key import FORMAT, cache_key, default_cache_dir
+from sft_dist.distributed.lifecycle import pid_alive
 from sft_dist.errors import BadRow, ConfigError, DataError, SftDistError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def _sweep(root: Path, key: str, *, timeout_s: float) -> None:
             owner = {}
         dead = (d / ERROR).exists() or "damaged-" in d.name
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-            dead = dead or not _alive(owner["pid"])
+            dead = dead or not pid_alive(owner["pid"])
         try:
             newest = max((p.stat().st_mtime for p in d.rglob("*")), default=d.stat().st_mtime)
         except OSError:
@@ -185,16 +186,6 @@ def _sweep(root: Path, key: str, *, timeout_s: float) -> None:
         if dead or time.time() - newest > timeout_s:
             log.info("data: removing an unfinished cache build %s (its builder is gone)", d)
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_shared(build: Path, rank: int) -> None:

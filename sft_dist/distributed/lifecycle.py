@@ -66,3 +66,20 @@ def default_sigterm() -> None:
     """SIGTERM back to the default, after training (the trainer's own handler is gone by then)."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _stop_now:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, exited but not yet reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from sft_dist.distributed.lifecycle import pid_alive
 from sft_dist.errors import SftDistError
 
 log = logging.getLogger("sft_dist")
@@ -80,7 +81,7 @@ class RunLock:
                 time.sleep(0.2)
                 continue
             if other.token == self.token:  # this same run: its launcher, or an earlier attempt
-                if other.host == me.host and _alive(other.pid):
+                if other.host == me.host and pid_alive(other.pid):
                     return self  # the launcher that started this process holds it (and keeps it fresh)
                 self._write(me)  # an earlier attempt that is gone (Ray / torchrun restarts): ours now
                 break
@@ -154,7 +155,7 @@ class RunLock:
         if other.token == "unreadable":
             return "unreadable lock file"
         if other.host == socket.gethostname():
-            if not _alive(other.pid):
+            if not pid_alive(other.pid):
                 return f"pid {other.pid} is not running"
             return None
         age = self._age()
@@ -178,20 +179,3 @@ class RunLock:
                 os.utime(self.path)
             except OSError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

@@ -65,6 +65,19 @@ def alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def kill_9_and_expect_no_worker_left(launcher: subprocess.Popen, out: Path) -> None:
+    """Once training logs, SIGKILL the launcher: none of the workers its roster names may live 10 s later."""
+    wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(), proc=launcher)
+    workers = [json.loads(f.read_text())["pid"] for f in sorted((out / "workers").glob("rank*.json"))]
+    assert len(workers) == 2 and all(alive(w) for w in workers)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(w) for w in workers), "workers outlived their launcher by 10 s"
+
+
 def craft_metadata(ckpt: Path, marker: Path) -> None:
     """Replace a checkpoint's DCP metadata with one that runs code, and make its manifest agree."""
     meta = ckpt / "shards" / ".metadata"
@@ -141,15 +154,7 @@ def test_kill_9_of_the_launcher_takes_its_workers_with_it(tmp_path):
     out = tmp_path / "run"
     p = start(out, "training.max_steps=100000", "training.eval_strategy=no")
     try:
-        wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(), proc=p)
-        workers = [json.loads(f.read_text())["pid"] for f in sorted((out / "workers").glob("rank*.json"))]
-        assert len(workers) == 2 and all(alive(w) for w in workers)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        deadline = time.monotonic() + 10
-        while any(alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(w) for w in workers), "workers outlived their launcher by 10 s"
+        kill_9_and_expect_no_worker_left(p, out)
     finally:
         p.kill()
     # the dead run's lock is stale: the next run takes it over and says so
@@ -184,15 +189,7 @@ def test_kill_9_of_torchrun_takes_its_workers_with_it(tmp_path):
                           "training.max_steps=100000", "training.eval_strategy=no"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(), proc=p)
-        workers = [json.loads(f.read_text())["pid"] for f in sorted((out / "workers").glob("rank*.json"))]
-        assert len(workers) == 2 and all(alive(w) for w in workers)
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        deadline = time.monotonic() + 10
-        while any(alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(w) for w in workers), "workers outlived torchrun's agent by 10 s"
+        kill_9_and_expect_no_worker_left(p, out)
     finally:
         p.kill()
 
