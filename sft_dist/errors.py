@@ -14,6 +14,9 @@ class ConfigError(SftDistError):
         head = "invalid config" if n == 1 else f"invalid config ({n} problems)"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
+    def __reduce__(self):  # pickled (Ray sends a worker's error to the driver): the problems, not the message
+        return type(self), (self.problems,)
+
 
 class DataError(SftDistError):
     """The data cannot be used as configured (file, row or column named in the message)."""

@@ -3,14 +3,18 @@
 Ray owns placement, the process group (gloo/nccl, `launcher.timeout_s`) and restarts
 (`launcher.max_failures`); sft_dist owns everything else. A restarted worker group resumes from the newest
 complete checkpoint in `checkpoint.dir` (the same auto-resume every launcher gets), so the data cursor,
-RNG and optimizer continue exactly. Ray only records pointers to those checkpoints: nothing is copied.
+RNG and optimizer continue exactly. Ray only records pointers to those checkpoints: nothing is copied. A
+ConfigError or DataError on a worker ends the run at once (`ray_trainer`): every retry would raise it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from sft_dist.config.load import build_config, config_to_dict
@@ -21,9 +25,11 @@ log = logging.getLogger("sft_dist")
 
 def launch_ray(cfg: Config) -> int:
     """Train `cfg` on `launcher.num_workers` Ray workers; the exit status for the CLI."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray  # noqa: F401 - imported once, here, not by the thread below and ray.init at the same time
 
+    # Ray Train's modules (~1 CPU s) load while ray.init waits for the cluster's processes to come up.
+    loading = threading.Thread(target=_import_train_modules, daemon=True)
+    loading.start()
     from sft_dist.distributed.env import pick_backend
 
     la = cfg.launcher
@@ -34,7 +40,11 @@ def launch_ray(cfg: Config) -> int:
         resources.setdefault("GPU", 1)
     threads = la.threads_per_worker or max(1, int(resources.get("CPU", 1)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _init_ray(la.address or os.environ.get("RAY_ADDRESS"), cpus_needed=la.num_workers * resources.get("CPU", 1))
+    private = _init_ray(la.address or os.environ.get("RAY_ADDRESS"),
+                        cpus_needed=la.num_workers * resources.get("CPU", 1))
+    loading.join()
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     out = Path(cfg.output_dir)
     name = la.run_name or out.name
@@ -48,7 +58,7 @@ def launch_ray(cfg: Config) -> int:
 
     if os.environ.get(TOKEN_ENV):  # the output_dir lock this driver holds: its workers belong to this run
         env_vars[TOKEN_ENV] = os.environ[TOKEN_ENV]
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer, private=private)(
         _worker_main,
         # The resolved config, secrets included: it travels to the workers inside Ray, never to a file.
         train_loop_config={"config": config_to_dict(cfg, redact=False)},
@@ -74,73 +84,132 @@ def launch_ray(cfg: Config) -> int:
     return 0
 
 
-def _init_ray(address: str | None, *, cpus_needed: float) -> None:
+def _import_train_modules() -> None:
+    try:
+        import ray.train.torch  # noqa: F401
+        import sft_dist.distributed.ray_trainer  # noqa: F401
+    except Exception:  # noqa: BLE001 - imported again where they are used, which reports what failed
+        pass
+
+
+def _init_ray(address: str | None, *, cpus_needed: float) -> bool:
+    """Join the cluster at `address`, else start a private one; True when this process started it."""
     import ray
 
     from sft_dist.distributed.local import free_port
 
     if ray.is_initialized():
-        return
+        return False
+    # This run's controller (the setting goes with it, not to the cluster) polls its workers every 0.5 s
+    # instead of 2 s: it drains one report per poll and sees the end of training on a poll, which made the end
+    # of every run wait up to 4 s (a poll that takes longer is kept).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return False
     # A laptop user gets a private single-node Ray that lives as long as this process. Ray advertises the
     # node's outward address even when given 127.0.0.1, and its GCS/raylet listen on every interface
     # (Ray 2.60 has no loopback-only option); token authentication, on by default, guards them.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
     # Nothing on a private single-node cluster can be preempted: no watcher actor (one more process, ~1.5 CPU s,
-    # and an error-looking line in every log). The controller polls its local workers every 0.5 s instead of 2 s:
-    # it drains one report per poll and sees the end of training on a poll (a poll that takes longer is kept).
+    # and an error-looking line in every log).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Ray's processes that look the cluster up by themselves (the state API, which Ray Train's placement-group
-    # cleaner asks whether the controller is alive) take RAY_ADDRESS, else /tmp/ray/ray_current_cluster: the
-    # last `ray start` on this machine, maybe another cluster or a dead one (then each lookup waits 40 s, and
-    # the run's end waits 12 s for the cleaner). The cluster's processes inherit the environment ray.init starts
-    # them with: pin it there, then give this process its own back.
+    # Ray's processes that look the cluster up by themselves (the state API) take RAY_ADDRESS, else
+    # /tmp/ray/ray_current_cluster: the last `ray start` on this machine, maybe another cluster or a dead one
+    # (then each lookup waits 40 s). The cluster's processes inherit the environment ray.init starts them with:
+    # pin it there, then give this process its own back. No idle workers prestarted for this driver: Ray Train
+    # starts only actors with a runtime env of their own, which never take them (~0.4 CPU s each, for nothing).
     gcs_port = free_port("127.0.0.1")
-    pinned = {"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+    pinned = {"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+              "RAY_prestart_worker_first_driver": "0"}
+    # Ray Train's metrics go to Prometheus through a dashboard; nothing reads them here.
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     os.environ.update(pinned)
     log.info("sft_dist: starting an embedded Ray on 127.0.0.1 for this run "
              "(launcher.address or RAY_ADDRESS joins a running one)")
     # Workers beyond the core count share cores, as local processes would, instead of waiting forever.
     try:
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-            # Ray Train's controller watchdog queries the state API, which lives in the dashboard.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_port("127.0.0.1"),
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
+        with _agent_on_any_port():
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+                # The dashboard's modules (~2 CPU s to start) serve the state API, which only Ray Train's
+                # placement-group cleaner asks, and sft_dist's trainer starts none (`ray_trainer`). Ray still
+                # starts its API server, bare: on loopback, on a free port.
+                include_dashboard=False,
+                dashboard_host="127.0.0.1",
+                dashboard_port=free_port("127.0.0.1"),
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+            )
     finally:
         for key in pinned:
             os.environ.pop(key, None)
+    return True
+
+
+@contextlib.contextmanager
+def _agent_on_any_port():
+    """Let the embedded node's dashboard agent take any free HTTP port. Ray 2.60's ray.init has no option for
+    it and uses 52365: with another Ray node on this machine (a `ray start` head, another embedded run) the
+    agent retries that port for ~3.5 s, holding up ray.init, then runs without it. Port 0 is Ray's own "any
+    port" value for it. Scoped: Ray's class is put back once ray.init has built its parameters."""
+    import ray._private.parameter as parameter
+
+    stock = parameter.RayParams
+    if "dashboard_agent_listen_port" not in inspect.signature(stock).parameters:
+        yield
+        return
+
+    class RayParams(stock):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = stock
+
+
+def _trainer_class(stock: type, *, private: bool) -> type:
+    """Ray's TorchTrainer without the helper actors sft_dist has no use for (see `ray_trainer`), or `stock`
+    where this Ray's internals are not the ones read."""
+    try:
+        from sft_dist.distributed.ray_trainer import trainer_class
+    except ImportError as e:
+        log.info("sft_dist: Ray Train's stock trainer (its internals moved: %s)", e)
+        return stock
+    return trainer_class(private=private)
 
 
 def describe_failure(e: Exception) -> str:
-    """One line per failed worker: the user error's message, or the exception's last line."""
+    """What failed, for `sft-dist: ...`: a user error every rank raised alike once, as `error: <message>` (what
+    the other launchers print); else one line per failed worker, its user error or the exception."""
     from ray.train import WorkerGroupError
 
     if isinstance(e, WorkerGroupError) and e.worker_failures:
-        lines = []
-        for rank, err in sorted(e.worker_failures.items()):
-            cause = _user_error(err)
-            lines.append(f"worker rank {rank}: {cause}" if cause else f"worker rank {rank} failed:\n{err}")
-        return "\n".join(lines)
+        failures = sorted(e.worker_failures.items())
+        causes = [user_error(err) for _, err in failures]
+        messages = {str(c) for c in causes if c is not None}
+        if len(messages) == 1 and None not in causes:
+            return f"error: {messages.pop()}"
+        return "\n".join(f"worker rank {rank}: {cause}" if cause else f"worker rank {rank} failed:\n{err}"
+                         for (rank, err), cause in zip(failures, causes))
     return str(e)
 
 
-def _user_error(err: BaseException) -> str | None:
-    from sft_dist.errors import SftDistError
+def user_error(err: BaseException, *, final_only: bool = False):
+    """The SftDistError behind a worker's failure (Ray wraps it), or None. `final_only`: only a ConfigError or
+    DataError, which every retry would raise again."""
+    from sft_dist.errors import ConfigError, DataError, SftDistError
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, SftDistError):
-            return str(err)
+            return err if not final_only or isinstance(err, (ConfigError, DataError)) else None
         err = getattr(err, "cause", None) or err.__cause__
     return None
 
