@@ -40,6 +40,8 @@ class LoraConfig:
     # "all-linear" (every linear layer but the LM head) or a list of module names.
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
+    # Module names (or suffixes) never to adapt, e.g. [vision_tower] with "all-linear".
+    exclude_modules: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"

@@ -20,6 +20,7 @@ def peft_config(cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        exclude_modules=cfg.exclude_modules,
         modules_to_save=cfg.modules_to_save,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
@@ -36,6 +37,12 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_chec
     _check_new_rows_train(model, cfg)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    routers = moe_routers(model) if cfg.target_modules == "all-linear" else []
+    if routers:
+        # peft maps "all-linear" on transformers 5 MoE models to what it matched on v4, the router's Linear included
+        log.info("lora: all-linear also adapts the %d MoE router(s) (%s, ...); to keep routing frozen, list the "
+                 "projections instead, e.g. lora.target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                 "down_proj] (the experts' pre-fusion names)", len(routers), routers[0])
     try:
         model = get_peft_model(model, peft_config(cfg))
     except ValueError as e:
@@ -47,6 +54,19 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_chec
             log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "
                      "own frozen copy, so FSDP2 sees each weight in one group", ", ".join(untied))
     return model
+
+
+def moe_routers(model) -> list[str]:
+    """The names of the MoE routers: the modules that score experts per token (transformers' *TopKRouter classes,
+    or a `gate`/`router`/`shared_expert_gate` inside a sparse-MoE block)."""
+    names = []
+    for name, module in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        kind = type(module).__name__
+        in_moe = any(k in type(model.get_submodule(parent)).__name__.lower() for k in ("moe", "sparse")) if parent else False
+        if "router" in kind.lower() or (in_moe and leaf in ("gate", "router", "shared_expert_gate")):
+            names.append(name)
+    return names
 
 
 def untie_saved_originals(model) -> list[str]:

@@ -122,3 +122,37 @@ def chat_rows(out: Path, *, limit: int = 200) -> Path:
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["output"]}]})
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return out
+
+
+STEPS = 6
+
+
+def tiny_overrides(p, model_dir, rows, out) -> list[str]:
+    """What changes from the preset: the tiny model, the bundled tokenizer (its ChatML template renders the chat
+    rows) and the demo data as chat rows, a few steps, CPU (no bf16, no Liger:
+    its kernels are Triton), no eval or checkpoints; everything else (backend, LoRA, quantization, packing,
+    optimizer, checkpointing, attention) is the preset's."""
+    workers = 1 if p.world_size == 1 else 2
+    over = [f"output_dir={out}", f"model.name_or_path={model_dir}", "model.tokenizer=builtin:tokenizer",
+            "data.dataset=null", f"data.train_files={rows}",
+            "data.eval_split_ratio=0", "data.max_length=128", f"training.max_steps={STEPS}",
+            "training.gradient_accumulation_steps=1", "training.eval_strategy=no", "training.save_strategy=no",
+            "training.logging_steps=1", "training.learning_rate=5e-3", "training.warmup_steps=0", "training.bf16=false",
+            "training.use_liger_kernel=false", "launcher.device=cpu"]
+    if p.raw["launcher"]["type"] != "torchrun":
+        over.append(f"launcher.num_workers={workers}")
+    if p.raw["launcher"]["type"] == "ray":
+        over.append("launcher.resources_per_worker={CPU: 1}")
+    return over
+
+
+def family_presets() -> dict[str, Preset]:
+    """model_type -> the family's first LoRA preset without quantization (its base config here)."""
+    out = {}
+    for path in PRESETS:
+        p = read_preset(path)
+        lora = p.raw.get("lora", {}).get("enabled", True)
+        if lora and not p.raw.get("quantization", {}).get("bits"):
+            kind = json.loads((p.fixture / "config.json").read_text())["model_type"]
+            out.setdefault(kind, p)
+    return out

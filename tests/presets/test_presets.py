@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from sft_dist.cli import main
-from sft_dist.config.load import load_config
+from sft_dist.validate import load_config
 from tests.conftest import BIN, ROOT, cli_env
-from tests.presets.presets import PRESETS, build_tiny_model, chat_rows, read_preset, tiny_config
+from tests.presets.conftest import STEPS as MATRIX_STEPS, SUITE_FAMILIES
+from tests.presets.presets import (PRESETS, STEPS, build_tiny_model, chat_rows, family_presets, read_preset,
+                                  tiny_config, tiny_overrides)
 
 IDS = [p.stem for p in PRESETS]
 GiB = 2**30
@@ -124,28 +127,6 @@ def test_tiny_model_keeps_the_family_architecture(fixture):
 
 # --- the presets train: a tiny model of each family, a few steps on CPU under the preset's backend ------------
 
-STEPS = 6
-
-
-def tiny_overrides(p, model_dir, rows, out) -> list[str]:
-    """What changes from the preset: the tiny model, the bundled tokenizer (its ChatML template renders the chat
-    rows) and the demo data as chat rows, a few steps, CPU (no bf16, no Liger:
-    its kernels are Triton), no eval or checkpoints; everything else (backend, LoRA, quantization, packing,
-    optimizer, checkpointing, attention) is the preset's."""
-    workers = 1 if p.world_size == 1 else 2
-    over = [f"output_dir={out}", f"model.name_or_path={model_dir}", "model.tokenizer=builtin:tokenizer",
-            "data.dataset=null", f"data.train_files={rows}",
-            "data.eval_split_ratio=0", "data.max_length=128", f"training.max_steps={STEPS}",
-            "training.gradient_accumulation_steps=1", "training.eval_strategy=no", "training.save_strategy=no",
-            "training.logging_steps=1", "training.learning_rate=5e-3", "training.warmup_steps=0", "training.bf16=false",
-            "training.use_liger_kernel=false", "launcher.device=cpu"]
-    if p.raw["launcher"]["type"] != "torchrun":
-        over.append(f"launcher.num_workers={workers}")
-    if p.raw["launcher"]["type"] == "ray":
-        over.append("launcher.resources_per_worker={CPU: 1}")
-    return over
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """One tiny model per family (built once) and the demo data as chat rows."""
@@ -162,8 +143,16 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PRESETS, ids=IDS)
-def test_tiny_model_trains_under_the_preset(path, tiny, tmp_path):
+def test_tiny_model_trains_under_the_preset(path, tiny, tmp_path, request):
     p = read_preset(path)
+    base = {q.name: kind for kind, q in family_presets().items() if kind in SUITE_FAMILIES}
+    if p.name in base:  # a family's base preset: its run is the architecture matrix's cell of its own backend
+        own = {"ddp": "ddp", "fsdp": "fsdp"}.get(p.raw["backend"]["type"]) or Path(p.raw["backend"]["config"]).stem
+        row = request.getfixturevalue("arch_matrix")[0][(base[p.name], own)]
+        assert "error" not in row, row["error"]
+        assert row["preset"] == p.name and row["steps"] == MATRIX_STEPS and row["last_loss"] < row["first_loss"]
+        print(f"{p.name}: loss {row['first_loss']:.4f} -> {row['last_loss']:.4f} ({row['wrapper']}, the matrix's run)")
+        return
     model_for, rows = tiny
     out = tmp_path / "run"
     over = tiny_overrides(p, model_for(p), rows, out)
