@@ -42,13 +42,21 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
                  f"{m['local'] / m['torchrun']:.2f}x")]
     if name == "ray_speed":
         m, r = d["median"], d["ratios"]
-        return [(f"steady steps/s at logging_steps=1, embedded Ray (2 workers, {d['meta']['steps']} steps)",
+        rows = [(f"steady steps/s at logging_steps=1, embedded Ray (2 workers, {d['meta']['steps']} steps)",
                  f"{m['ray']['steady_steps_per_s']:.1f}", f"local launcher {m['local']['steady_steps_per_s']:.1f}",
                  f"{r['steady_steps_per_s_ray_over_local']:.2f}x"),
                 ("seconds to first step, embedded Ray (same runs)", f"{m['ray']['first_step_s']:.1f} s",
                  f"torchrun {m['torchrun']['first_step_s']:.1f} s", f"{r['first_step_s_ray_over_torchrun']:.2f}x"),
                 ("CPU seconds to first step, embedded Ray (all its processes)", f"{m['ray']['first_step_cpu_s']:.1f}",
                  f"torchrun {m['torchrun']['first_step_cpu_s']:.1f}", f"{r['first_step_cpu_s_ray_over_torchrun']:.2f}x")]
+        if "ray_job" in m:
+            rows += [("seconds to first step, `ray job submit` to a running head (same runs)",
+                      f"{m['ray_job']['first_step_s']:.1f} s", f"torchrun {m['torchrun']['first_step_s']:.1f} s",
+                      f"{r['first_step_s_ray_job_over_torchrun']:.2f}x"),
+                     ("seconds to exit, `ray job submit` to a running head (same runs)",
+                      f"{m['ray_job']['wall_s']:.1f} s", f"torchrun {m['torchrun']['wall_s']:.1f} s",
+                      f"{r['wall_s_ray_job_over_torchrun']:.2f}x")]
+        return rows
     if name == "vs_trl":
         labels = {"matched": "loss tokens/s, same settings", "defaults": "loss tokens/s, defaults",
                   "packing": "loss tokens/s, data.packing vs TRL defaults"}

@@ -9,24 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sft_dist.config.backend_file import backend_file
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def backend_file(cfg: Config) -> dict[str, Any]:
-    """The backend config file's contents (DeepSpeed JSON / FSDP YAML) with `backend.options` merged over."""
-    from sft_dist.config.load import read_mapping
-
-    shipped = "configs/deepspeed/zero{1,2,3}.json" if cfg.backend.type == "deepspeed" else "configs/fsdp/*.yaml"
-    raw = read_mapping(cfg.backend.config, what="backend.config:", hint=f" (shipped: {shipped})")
-    return merge(raw, cfg.backend.options or {})
 
 
 def check_backend(cfg: Config) -> list[str]:

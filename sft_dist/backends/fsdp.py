@@ -8,44 +8,11 @@ GPU-style distributed types and silently trains plain DDP; sft_dist turns the pl
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from typing import Any, Literal
+from typing import Any
 
-from sft_dist.config.coerce import TypeProblem, closest, coerce
+from sft_dist.config.backend_file import fsdp_settings
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
-
-
-@dataclasses.dataclass
-class FsdpConfig:
-    sharding: Literal["full_shard", "hybrid_shard"] = "full_shard"
-    shard_size: int | None = None
-    reshard_after_forward: bool = True
-    activation_checkpointing: bool = False
-    cpu_offload: bool = False
-
-
-def fsdp_settings(cfg: Config) -> FsdpConfig:
-    """The FSDP settings: the backend file with `backend.options` merged over it, type-checked."""
-    from sft_dist.backends import backend_file
-
-    raw, path = backend_file(cfg), cfg.backend.config
-    names = [f.name for f in dataclasses.fields(FsdpConfig)]
-    hints = typing.get_type_hints(FsdpConfig)
-    problems, kwargs = [], {}
-    for key, value in raw.items():
-        if key not in names:
-            hint = closest(key, names)
-            problems.append(f"backend.config ({path}): unknown key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
-            continue
-        try:
-            kwargs[key] = coerce(value, hints[key])
-        except TypeProblem as e:
-            problems.append(f"backend.config ({path}): {key}: got {value!r}; {e}")
-    if problems:
-        raise ConfigError(problems)
-    return FsdpConfig(**kwargs)
 
 
 def decoder_layer_classes(cfg: Config) -> list[str]:

@@ -14,23 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft_dist.checkpoint.store import Store
+from sft_dist.digest import sha256_file, sha256_stream
 
 FORMAT = "sft_dist-checkpoint/1"
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")
-CHUNK = 1 << 22
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_files(local_dir: Path, rel_files: list[str]) -> dict[str, dict]:
@@ -79,11 +71,9 @@ def verify(store: Store, name: str, *, checksums: bool = True) -> Verdict:
             return Verdict(name, False, f"{rel} has {present[rel]} bytes, the manifest says {meta['size']}")
     if checksums:
         for rel, meta in manifest["files"].items():
-            h = hashlib.sha256()
             with store.open(name, rel) as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-            if h.hexdigest() != meta["sha256"]:
+                digest = sha256_stream(f)
+            if digest != meta["sha256"]:
                 return Verdict(name, False, f"{rel} does not match its sha256 in the manifest (corrupt)")
         untrusted = _untrusted_metadata(store, name, manifest)
         if untrusted:

@@ -21,6 +21,7 @@ from sft_dist.checkpoint.manifest import (
     verify,
 )
 from sft_dist.checkpoint.store import Store
+from sft_dist.config.batch import accumulation, global_batch, micro_batch
 from sft_dist.errors import ConfigError
 
 log = logging.getLogger("sft_dist")
@@ -101,16 +102,15 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
                 f"{where} was written by {m['world_size']} workers and DeepSpeed ZeRO partitions its optimizer "
                 f"state per worker: it cannot be loaded by {world_size}. Resume with "
                 f"launcher.num_workers={m['world_size']}, or use backend ddp/fsdp (their checkpoints re-shard).")
-    micro = int(cfg.training.get("per_device_train_batch_size", 8))
-    accum = int(cfg.training.get("gradient_accumulation_steps", 1))
-    want = m["batch"]["global"]
-    if micro * accum * world_size == want:
+    micro, accum = micro_batch(cfg.training), accumulation(cfg.training)
+    want, have = m["batch"]["global"], global_batch(micro, accum, world_size)
+    if have == want:
         return None
     if m["world_size"] == world_size:
         raise ConfigError(
             f"{where} trained with a global batch of {want} ({m['batch']['per_device']} per device x "
             f"{m['batch']['accumulation']} accumulation x {world_size} workers); this run has "
-            f"{micro * accum * world_size}. The data position is counted in global batches: keep the batch "
+            f"{have}. The data position is counted in global batches: keep the batch "
             "settings, or start a new run.")
     if want % (micro * world_size):
         raise ConfigError(

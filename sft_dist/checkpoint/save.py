@@ -30,6 +30,7 @@ from sft_dist.checkpoint.manifest import (
 from sft_dist.checkpoint.shards import save_shards, shard_format
 from sft_dist.checkpoint.state import rng_file, rng_state, save_pt
 from sft_dist.checkpoint.store import Store
+from sft_dist.sizes import format_bytes
 
 log = logging.getLogger("sft_dist")
 LATEST = "latest"
@@ -120,7 +121,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
         total = sum(f["size"] for f in files.values())
         trainable = manifest["trainable_param_bytes"]
         log.info("checkpoint %s: %d files, %s (%.1fx the trainable weights), %.1f s%s", store.display(name),
-                 len(files), _human(total), total / max(1, trainable), time.perf_counter() - t0,
+                 len(files), format_bytes(total), total / max(1, trainable), time.perf_counter() - t0,
                  f"; removed {', '.join(removed)}" if removed else "")
     _barrier(ck.world_size)
     _set_best(trainer, ck)  # on every rank: loading the best model at the end is collective
@@ -217,10 +218,3 @@ def _retain(trainer, ck: Checkpointing, *, current: str) -> list[str]:
         ck.store.remove(name)
     return removed
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -2,6 +2,10 @@
 
 Every problem found is collected into one `ConfigError` (key, bad value, what is allowed, closest
 valid key for typos), raised before anything heavy is imported or any model is loaded.
+
+This is the bottom layer: it parses, coerces and checks what the config alone can tell. The checks that need
+the data formats, the model classes or the backends come in through `checks` (`sft_dist.validate`, whose
+`load_config` is the one the CLI uses) and land in the same `ConfigError`.
 """
 
 from __future__ import annotations
@@ -13,19 +17,16 @@ import math
 import os
 import re
 import typing
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sft_dist.backends import check_backend
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
 from sft_dist.config.training_args import DEFAULTS, validate_training
-from sft_dist.data.chat_templates import resolve_chat_template
-from sft_dist.data.formats import CHAT_FORMATS, ROLES
-from sft_dist.data.templates import resolve_template
 from sft_dist.errors import ConfigError
 from sft_dist.redact import redact_url
 
@@ -34,6 +35,8 @@ BUILTIN = "builtin:"
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|access_?key|key|credentials?)$", re.IGNORECASE)
 NOT_SECRET = {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"}
 TOP_LEVEL = ["output_dir", "training", *SECTIONS]
+# More cross-field checks, from layers above: (config, the problems found so far) -> further problems.
+Checks = Callable[[Config, list[str]], list[str]]
 
 
 def builtin_path(name: str) -> Path:
@@ -41,17 +44,18 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("sft_dist") / "assets" / name))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read, override, validate and resolve a config. Raises ConfigError with every problem."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *,
+                checks: Checks | None = None) -> Config:
+    """Read, override, validate and resolve a config. Raises ConfigError with every problem, `checks`' too."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_mapping(path, what="config file")
     for item in overrides or []:
         _apply_override(raw, item)
-    return build_config(raw)
+    return build_config(raw, checks=checks)
 
 
-def build_config(raw: dict[str, Any]) -> Config:
+def build_config(raw: dict[str, Any], *, checks: Checks | None = None) -> Config:
     problems: list[str] = []
     cfg = Config()
     for key, value in raw.items():
@@ -76,6 +80,8 @@ def build_config(raw: dict[str, Any]) -> Config:
                 setattr(cfg, key, section)
     if not problems:
         problems += _check_cross_fields(cfg)
+        if checks is not None:
+            problems += checks(cfg, list(problems))
     if problems:
         raise ConfigError(problems)
     _resolve_paths(cfg)
@@ -193,10 +199,6 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     for key, value in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if value and _looks_local(value) and not _resolve(value).exists():
             p.append(f"{key}: {value!r} does not exist (a local path; for a hub id use `org/name`)")
-    if not any(x.startswith("model") for x in p):
-        from sft_dist.model.attention import check_config
-
-        p += check_config(m, device=la.device)  # a value the model class rejects, from its config alone
     if sum(x is not None for x in (d.train_files, d.dataset, d.mixture)) != 1:
         p.append("data: set exactly one of `data.train_files` (local files), `data.dataset` (hub dataset name) or "
                  "`data.mixture` (weighted sources)")
@@ -205,12 +207,6 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     for key, spec in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
         if spec is not None:
             p += _check_files(key, spec)
-    if d.format == "alpaca":
-        try:
-            resolve_template(d.template)
-        except ConfigError as e:
-            p += e.problems
-    p += _check_chat(d)
     if d.max_length < 8:
         p.append(f"data.max_length: got {d.max_length}; must be >= 8")
     if not 0.0 <= d.eval_split_ratio < 1.0:
@@ -251,24 +247,7 @@ def _check_cross_fields(cfg: Config) -> list[str]:
             p.append(f"launcher.resources_per_worker.{name}: got {amount!r}; must be a number >= 0")
     if b.config is not None:
         b.config = str(_resolve(b.config))
-    p += check_backend(cfg)
     p += _check_checkpoint(cfg)
-    return p
-
-
-def _check_chat(d) -> list[str]:
-    p: list[str] = []
-    if d.chat_template is not None:
-        try:
-            resolve_chat_template(d.chat_template)
-        except ConfigError as e:
-            p += e.problems
-    for key in ("role_key", "content_key", "roles"):
-        if getattr(d, key) is not None and d.format not in CHAT_FORMATS:
-            p.append(f"data.{key}: only for data.format {' or '.join(CHAT_FORMATS)} (got format {d.format!r})")
-    for name, ours in (d.roles or {}).items():
-        if ours not in ROLES:
-            p.append(f"data.roles.{name}: got {ours!r}; map each role name to one of {', '.join(ROLES)}")
     return p
 
 

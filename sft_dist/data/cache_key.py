@@ -14,9 +14,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from sft_dist.checkpoint.manifest import sha256_file
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.templates import resolve_template
+from sft_dist.digest import sha256_file
 from sft_dist.errors import DataError
 
 FORMAT = "sft_dist-data-cache/1"  # an entry's meta.json "format"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from sft_dist.config.batch import global_batch
+
 PLACEHOLDER = -1
 
 
@@ -26,7 +28,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
                  shuffle: bool = True, start: int = 0):
         self.num_samples = num_samples
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
-        self.global_batch = micro * accum * world
+        self.global_batch = global_batch(micro, accum, world)
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from sft_dist.config.batch import global_batch
 from sft_dist.data.bad_rows import BadRows
 from sft_dist.data.formats import IGNORE, Tokenizer
 from sft_dist.data.rows import parse_line
@@ -146,7 +147,7 @@ class StreamingTrain(IterableDataset):
     def __init__(self, source: StreamSource, *, micro: int, accum: int, world: int, rank: int, start: int = 0):
         self.source = source
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
-        self.global_batch = micro * accum * world
+        self.global_batch = global_batch(micro, accum, world)
         self.start = start
 
     def _mine(self, pos: int) -> int | None:

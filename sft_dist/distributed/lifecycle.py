@@ -5,7 +5,7 @@
   get SIGKILL when their parent dies (Linux `PR_SET_PDEATHSIG`), and a watchdog thread checks the parent
   anyway (other systems; a parent that died before the call).
 - SIGTERM during start-up (process group, data, model) has nothing to checkpoint: the worker stops there and
-  exits 0, as it does after the checkpoint SIGTERM asks for during training (checkpoint/stop.py). After
+  exits 0, as it does after the checkpoint SIGTERM asks for during training (train/stop.py). After
   training it is the default again (the final save is not interrupted half-way by a handler of ours).
 """
 

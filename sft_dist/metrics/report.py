@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from sft_dist.sizes import GIB
+
 log = logging.getLogger("sft_dist")
 
 # (file, title, y label, [(metrics key, legend, style)])
@@ -24,7 +26,7 @@ CHARTS = [
     ("mfu", "Model FLOPs utilisation", "MFU", [("mfu", "MFU", "-")]),
     ("learning_rate", "Learning rate", "lr", [("learning_rate", "learning rate", "-")]),
 ]
-SCALE = {"peak_mem_bytes": 1 / 2**30}
+SCALE = {"peak_mem_bytes": 1 / GIB}
 STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:64em}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
          "pre{background:#f6f6f6;padding:1em;overflow:auto}img{max-width:100%}")

@@ -26,6 +26,15 @@ def resolve_dtype(name: str, *, device: str, lora: bool) -> torch.dtype:
     return torch.float32
 
 
+def resolve_precision(training: dict, *, device: str) -> dict:
+    """bf16/fp16 only when asked, or bf16 on GPUs that support it. TRL's SFTConfig defaults bf16=True,
+    which on CPU would silently train under bf16 autocast; never let that default through."""
+    if "bf16" in training or "fp16" in training:
+        return {"bf16": bool(training.get("bf16", False)), "fp16": bool(training.get("fp16", False))}
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": False}
+
+
 def build_model(
     cfg: ModelConfig,
     *,

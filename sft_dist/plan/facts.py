@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_dist.config import batch
+from sft_dist.config.backend_file import backend_file, fsdp_settings
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -31,7 +33,7 @@ class Facts:
     fsdp_sharding: str | None = None
     fsdp_shard_size: int | None = None
     world_size: int = 1
-    micro_batch: int = 8
+    micro_batch: int = batch.HF_MICRO_BATCH
     grad_accum: int = 1
     max_length: int = 512
     packing: bool = False
@@ -55,7 +57,7 @@ class Facts:
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return batch.global_batch(self.micro_batch, self.grad_accum, self.world_size)
 
     @property
     def bnb_optimizer(self) -> bool:
@@ -69,16 +71,14 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     """The facts of `cfg` as this process sees them. `device`/`world_size` default to what the workers
     would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size."""
     from sft_dist.config.training_args import sft_defaults
-    from sft_dist.model.build import resolve_dtype
+    from sft_dist.model.build import resolve_dtype, resolve_precision
     from sft_dist.model.config import max_positions
-    from sft_dist.train.args import resolve_precision
 
     device, here = _device(cfg, device)
     t = {**sft_defaults(), **cfg.training}
     f = Facts(device=device, device_here=here, backend=cfg.backend.type, world_size=world_size or _world_size(cfg))
     f.bf16_hardware = _bf16_hardware() if device == "cuda" and here else None
-    f.micro_batch = int(t.get("per_device_train_batch_size") or 8)
-    f.grad_accum = int(t.get("gradient_accumulation_steps") or 1)
+    f.micro_batch, f.grad_accum = batch.micro_batch(t), batch.accumulation(t)
     f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
     try:
         f.max_positions = max_positions(cfg.model)
@@ -109,16 +109,12 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
     if cfg.backend.type == "deepspeed":
-        from sft_dist.backends import backend_file
-
         ds = backend_file(cfg)
         zero = ds.get("zero_optimization", {})
         f.zero_stage = zero.get("stage")
         f.zero_gather_on_save = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
         f.ds_train_batch_size = ds.get("train_batch_size", "auto")
     elif cfg.backend.type == "fsdp":
-        from sft_dist.backends.fsdp import fsdp_settings
-
         fc = fsdp_settings(cfg)
         f.fsdp_sharding, f.fsdp_shard_size = fc.sharding, fc.shard_size
     return f
@@ -129,8 +125,6 @@ def activation_checkpointing(cfg: Config) -> bool:
     if cfg.training.get("activation_checkpointing"):
         return True
     if cfg.backend.type == "fsdp":
-        from sft_dist.backends.fsdp import fsdp_settings
-
         return fsdp_settings(cfg).activation_checkpointing
     return False
 

@@ -29,10 +29,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from sft_dist.backends import backend_file
+from sft_dist.config.backend_file import backend_file, fsdp_settings
+from sft_dist.config.batch import micro_batch
 from sft_dist.config.schema import Config
 from sft_dist.config.training_args import sft_defaults
 from sft_dist.plan.facts import Facts, activation_checkpointing
+from sft_dist.sizes import format_bytes
 
 # bitsandbytes: 4-bit weights are quantized in blocks of 64 with one absmax per block; double quantization
 # stores that absmax in 8 bits plus one fp32 per 256 absmax values (and a 256-entry fp32 code book).
@@ -102,7 +104,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     if opt_note:
         notes.append(opt_note)
 
-    batch = int(cfg.training.get("per_device_train_batch_size", 8))
+    batch = micro_batch(cfg.training)
     length = cfg.data.max_length
     checkpointing = activation_checkpointing(cfg)
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
@@ -116,7 +118,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     if shard.ddp_buckets and world_size > 1:
         extra += trainable_bytes
         notes.append(f"DDP: the reducer's gradient buckets hold another copy of the gradients "
-                     f"({_gb(trainable_bytes)})")
+                     f"({format_bytes(trainable_bytes)})")
     if shard.gathers_layers:
         gathered = counts["largest_layer_bytes"] * 2  # the layer in use and the one prefetched
         if cfg.backend.type == "deepspeed":
@@ -126,15 +128,16 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
             gathered = max(gathered, int(weights_full * min(1.0, live / max(1, counts["total_numel"]))))
         extra += gathered
         notes.append(f"{shard.label}: full weights of a decoder layer are gathered while it runs "
-                     f"(~{_gb(gathered)} with prefetch)")
+                     f"(~{format_bytes(gathered)} with prefetch)")
     if cfg.backend.type == "fsdp" and shard.weights > 1 and not _plain_loss(cfg):
         head = counts["head_bytes"]  # TRL's fused head gathers the sharded output head whole (full_tensor)
         extra += head
-        notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({_gb(head)})")
+        notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({format_bytes(head)})")
     if counts["largest_quantized_numel"]:
         dequant = counts["largest_quantized_numel"] * _bytes(compute)
         extra += dequant
-        notes.append(f"quantized layers dequantize their weight for each matmul (up to {_gb(dequant)} at a time)")
+        notes.append(f"quantized layers dequantize their weight for each matmul (up to {format_bytes(dequant)} at "
+                     "a time)")
     peak_phase = max(backward_peak, gradients)  # backward, or the optimizer step (all gradients + states)
     transient = max(0, peak_phase - activations - gradients) + extra
     # Offloaded parts live in host memory: not on the device (the same memory on a CPU device; see notes).
@@ -200,12 +203,18 @@ def _model_config(cfg: Config):
 
 def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
     """The model on the meta device as training sees it (LoRA applied, trainable params as peft makes them)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     # eager runs the model's own attention (the attention matrices are real tensors on meta too); the fused
-    # kernels are stood in for by what they save (_FusedAttention)
+    # kernels are stood in for by what they save (_FusedAttention), registered with transformers' public
+    # AttentionInterface when an estimate needs one, not at import
     packed = bool(cfg.data.packing)
-    config._attn_implementation = "eager" if attention == "eager" else _META_ATTENTION[attention, packed]
+    if attention == "eager":
+        config._attn_implementation = "eager"
+    else:
+        name = _META_ATTENTION[attention, packed]
+        AttentionInterface.register(name, _fused_attention(attention, packed))
+        config._attn_implementation = name
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.lora.enabled:
@@ -344,8 +353,6 @@ def _sharding(cfg: Config, world_size: int) -> _Sharding:
     if cfg.backend.type == "ddp":
         return _Sharding(ddp_buckets=True)
     if cfg.backend.type == "fsdp":
-        from sft_dist.backends.fsdp import fsdp_settings
-
         fc = fsdp_settings(cfg)
         size = (fc.shard_size or n) if fc.sharding == "hybrid_shard" else n
         size = min(size, n)
@@ -434,16 +441,6 @@ def _fused_attention(kind: str, packed: bool):
 
 _META_ATTENTION = {(kind, packed): f"sft_dist_meta_{kind}{'_packed' if packed else ''}"
                    for kind in ("sdpa", "flash") for packed in (False, True)}
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-
-    for (kind, packed), name in _META_ATTENTION.items():
-        AttentionInterface.register(name, _fused_attention(kind, packed))
-
-
-_register_attention()
 
 
 def _mixed_precision(cfg: Config, compute: torch.dtype) -> str:
@@ -807,15 +804,16 @@ def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: i
                      "x 32768 vocab columns whatever the vocabulary: on CPU the columns a smaller vocabulary never "
                      "touches stay out of RSS, on a GPU they are allocated)")
     if shard.offload_optimizer:
-        notes.append(f"optimizer state offloaded to host memory: {_gb(optimizer)} per rank there, not on the device")
+        notes.append(f"optimizer state offloaded to host memory: {format_bytes(optimizer)} per rank there, not on "
+                     "the device")
     if shard.offload_param:
         notes.append("parameters offloaded to host memory between uses")
     if cfg.quantization.bits is not None and shard.weights > 1:
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
-                     f"base on every rank before it is sharded: {_gb(load)} per rank at load")
+                     f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")
     elif cfg.model.init_config is not None and cfg.quantization.bits is not None:
         notes.append(f"init_config with quantization: the random base is built in full precision, saved, and "
-                     f"reloaded quantized: {_gb(load)} per rank at load")
+                     f"reloaded quantized: {format_bytes(load)} per rank at load")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      "(lm_head and other skipped modules stay in full precision)")
@@ -830,7 +828,8 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
     share = activations / max(1, total)
     if share <= ACTIVATION_SHARE_HINT:
         return []
-    out = [f"activations are {share:.0%} of the estimated peak ({_gb(activations)} of {_gb(total)}); to lower them:"]
+    out = [f"activations are {share:.0%} of the estimated peak ({format_bytes(activations)} of "
+           f"{format_bytes(total)}); to lower them:"]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = base.config.get_text_config()
     layers = int(getattr(text, "num_hidden_layers", 1) or 1)
@@ -838,8 +837,8 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
         # what stays saved: each decoder layer's input; in backward one layer's activations exist at a time
         kept = layers * batch * facts.max_length * int(getattr(text, "hidden_size", 0) or 0) * _bytes(compute)
         out.append(f"training.activation_checkpointing: true keeps only each decoder layer's input for backward "
-                   f"(about {_gb(kept + activations // layers)} instead of {_gb(activations)}) and recomputes the "
-                   "rest, for about a third more compute per step")
+                   f"(about {format_bytes(kept + activations // layers)} instead of {format_bytes(activations)}) and "
+                   "recomputes the rest, for about a third more compute per step")
     if batch > 1:
         smaller, accum = batch // 2, facts.grad_accum * 2
         out.append(f"training.per_device_train_batch_size: {smaller} with gradient_accumulation_steps: {accum} keeps "
@@ -863,9 +862,3 @@ def _div(x: int, n: int) -> int:
 
 def _bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _gb(x: int) -> str:
-    from sft_dist.plan.report import human_bytes
-
-    return human_bytes(x)

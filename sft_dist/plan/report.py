@@ -6,15 +6,7 @@ import json
 import textwrap
 
 from sft_dist.plan import Plan, setup
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in binary units (KiB = 1024 B, ..., GiB = 2**30 B), the way torch.cuda and nvidia-smi's MiB count."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+from sft_dist.sizes import format_bytes
 
 
 def render(plan: Plan, *, diff: bool = True) -> str:
@@ -45,14 +37,15 @@ def memory_lines(plan: Plan) -> list[str]:
     if m is None:
         return [f"memory per rank: not estimated ({plan.memory_error or 'skipped'})"]
     out = [f"memory per rank (estimate, {plan.facts.world_size} worker(s), {plan.facts.device}):",
-           f"  weights      {human_bytes(m.weights):>11}   (trainable {human_bytes(m.lora)})",
-           f"  gradients    {human_bytes(m.gradients):>11}",
-           f"  optimizer    {human_bytes(m.optimizer):>11}",
-           f"  activations  {human_bytes(m.activations):>11}   (one micro-batch)",
-           f"  total        {human_bytes(m.total):>11}   (training peak)"]
+           f"  weights      {format_bytes(m.weights):>11}   (trainable {format_bytes(m.lora)})",
+           f"  gradients    {format_bytes(m.gradients):>11}",
+           f"  optimizer    {format_bytes(m.optimizer):>11}",
+           f"  activations  {format_bytes(m.activations):>11}   (one micro-batch)",
+           f"  total        {format_bytes(m.total):>11}   (training peak)"]
     load_peak = m.detail.get("load_peak") or 0
     if load_peak > m.total:
-        out.append(f"  load peak    {human_bytes(load_peak):>11}   (while the model is built, above the training peak)")
+        out.append(f"  load peak    {format_bytes(load_peak):>11}   (while the model is built, above the training "
+                   "peak)")
     out += [f"  - {n}" for n in m.notes]
     for i, hint in enumerate(m.hints):
         out += textwrap.wrap(hint, 110, initial_indent="  hint: " if i == 0 else "    - ",

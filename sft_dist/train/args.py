@@ -107,20 +107,11 @@ def apply_liger(model, choice: Liger) -> str:
     return Liger(applied, f"{model_type}, {choice.reason}").describe()
 
 
-def resolve_precision(training: dict, *, device: str) -> dict:
-    """bf16/fp16 only when asked, or bf16 on GPUs that support it. TRL's SFTConfig defaults bf16=True,
-    which on CPU would silently train under bf16 autocast; never let that default through."""
-    import torch
-
-    if "bf16" in training or "fp16" in training:
-        return {"bf16": bool(training.get("bf16", False)), "fp16": bool(training.get("fp16", False))}
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return {"bf16": bf16, "fp16": False}
-
-
 def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     """The SFTConfig every worker trains with. Raises ConfigError for cross-field problems."""
     from trl import SFTConfig
+
+    from sft_dist.model.build import resolve_precision
 
     training = dict(cfg.training)
     training.update(resolve_precision(training, device=device))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_dist.checkpoint.stop import StopOnSignal
+from sft_dist.config.batch import global_batch
 from sft_dist.config.load import config_to_dict, dump_config
 from sft_dist.config.schema import Config
 from sft_dist.distributed.env import (
@@ -30,6 +30,7 @@ from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
 from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
+from sft_dist.train.stop import StopOnSignal
 
 log = logging.getLogger("sft_dist")
 
@@ -150,7 +151,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
     quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
                            for m in model.modules())
-    world_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * env.world_size
+    world_batch = global_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
     trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
     trainer.peak_tflops = _mfu_peak(cfg, device=device, args=args)
@@ -331,7 +332,7 @@ def _checkpoint_store(cfg: Config):
 def _zero_stage(cfg: Config) -> int | None:
     if cfg.backend.type != "deepspeed":
         return None
-    from sft_dist.backends import backend_file
+    from sft_dist.config.backend_file import backend_file
 
     return backend_file(cfg).get("zero_optimization", {}).get("stage")
 

@@ -14,7 +14,8 @@ from trl import SFTTrainer
 
 from sft_dist.backends.fsdp import enable_fsdp
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
-from sft_dist.checkpoint.hooks import CheckpointHooks
+from sft_dist.config.batch import global_batch
+from sft_dist.train.hooks import CheckpointHooks
 
 
 log = logging.getLogger("sft_dist")
@@ -211,7 +212,8 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             from sft_dist.metrics.flops import model_flops
 
             self._flops = model_flops(self.model)
-        rows = steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        rows = steps * global_batch(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+                                    self.args.world_size)
         seq = tokens / rows  # mean tokens per row: the attention span, approximately (a packed row: its documents')
         return self._flops.per_token(seq) * tokens / elapsed / self.args.world_size / (self.peak_tflops * 1e12)
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sft_dist.backends.fsdp import decoder_layer_classes, fsdp_training_args
-from sft_dist.config.load import load_config
 from sft_dist.errors import ConfigError
+from sft_dist.validate import load_config
 from tests.conftest import QUICKSTART, ROOT
 
 DS = ROOT / "configs" / "deepspeed"
@@ -81,7 +81,7 @@ def test_fsdp_wraps_the_models_own_decoder_layer(init, expected):
 
 
 def test_backend_options_merge_over_the_file():
-    from sft_dist.backends import backend_file
+    from sft_dist.config.backend_file import backend_file
 
     cfg = load_config(QUICKSTART, ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}",
                                    "backend.options={zero_optimization: {reduce_bucket_size: 1000}}"])

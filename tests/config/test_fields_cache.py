@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from sft_dist.config import fields_cache
 from sft_dist.config.coerce import TypeProblem, coerce, describe
 from sft_dist.config.training_args import (
@@ -43,12 +45,13 @@ def test_cached_hints_validate_exactly_like_the_installed_sftconfig(tmp_path, mo
             assert outcome(value, cached["fields"][name]) == outcome(value, hint), (name, value)
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_is_ignored_and_a_config_is_checked_without_importing_trl(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fields_cache.store(_fields_from_trl(), _report_to_from_transformers(), _defaults_from_trl(),
                        _model_types_from_transformers())
     # the quickstart builds its model from an init_config: its model_type is checked from the cache too
-    code = ("import sys; from sft_dist.config.load import load_config; "
+    code = ("import sys; from sft_dist.validate import load_config; "
             "load_config(sys.argv[1], ['training.lr_scheduler_type=cosine']); print('trl' in sys.modules, "
             "'torch' in sys.modules)")
     from tests.conftest import QUICKSTART

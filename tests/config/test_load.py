@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sft_dist.config.load import builtin_path, dump_config, load_config
+from sft_dist.config.load import builtin_path, dump_config
 from sft_dist.errors import ConfigError
+from sft_dist.validate import load_config
 from tests.conftest import QUICKSTART
 
 
@@ -177,7 +178,8 @@ def test_cross_field_training_errors_caught_before_launch():
 
 
 def test_precision_never_defaults_to_bf16_on_cpu():
-    from sft_dist.train.args import build_sft_config, resolve_precision
+    from sft_dist.model.build import resolve_precision
+    from sft_dist.train.args import build_sft_config
 
     assert resolve_precision({}, device="cpu") == {"bf16": False, "fp16": False}
     assert resolve_precision({"bf16": True}, device="cpu") == {"bf16": True, "fp16": False}

@@ -72,6 +72,7 @@ def run_world(cfg: dict, tmp_path: Path, *, world: int = 2, limit_s: float = 60)
     return out
 
 
+@pytest.mark.slow
 def test_parallel_build_equals_single_process_build(tmp_path, tok, caplog):
     # Bad rows in both ranks' halves, skipped and counted; eval rows held out by seed.
     bad = {5: {"instruction": "x", "output": ""}, 90: {"instruction": None, "output": "y"}}
@@ -95,6 +96,7 @@ def test_parallel_build_equals_single_process_build(tmp_path, tok, caplog):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [info.path.name]  # no build dir left
 
 
+@pytest.mark.slow
 def test_bad_row_on_rank_1_stops_both_ranks_with_its_line(tmp_path):
     f = alpaca(tmp_path / "d.jsonl", 40, {31: {"instruction": "x", "output": " "}})
     t0 = time.monotonic()
@@ -109,6 +111,7 @@ def test_bad_row_on_rank_1_stops_both_ranks_with_its_line(tmp_path):
     assert entries == []  # nothing published
 
 
+@pytest.mark.slow
 def test_hit_in_another_process_tokenizes_nothing(tmp_path, tok, write_config, caplog):
     f = alpaca(tmp_path / "d.jsonl", 50)
     cfg_path = write_config({"data.train_files": str(f), "data.eval_files": None,
@@ -145,6 +148,7 @@ def test_an_incomplete_entry_is_never_trusted(tmp_path, tok):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [info.path.name]
 
 
+@pytest.mark.slow
 def test_killed_builder_leaves_nothing_a_later_run_trusts(tmp_path, tok, write_config):
     f = alpaca(tmp_path / "big.jsonl", 6000)
     cache = tmp_path / "cache"
@@ -183,6 +187,7 @@ def test_waits_poll_files_and_time_out_naming_what_is_missing(tmp_path):
     assert time.monotonic() - t0 < 3
 
 
+@pytest.mark.slow
 def test_preprocess_stops_at_bad_data_with_one_line(tmp_path, write_config):
     f = alpaca(tmp_path / "d.jsonl", 5, {4: {"instruction": "x", "output": ""}})
     cfg_path = write_config({"data.train_files": str(f), "data.eval_files": None,

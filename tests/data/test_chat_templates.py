@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from sft_dist.config.load import builtin_path, load_config
+from sft_dist.config.load import builtin_path
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.build import row_tokenizer
 from sft_dist.data.chat_templates import (
@@ -19,6 +19,7 @@ from sft_dist.data.chat_templates import (
 )
 from sft_dist.data.formats import IGNORE
 from sft_dist.errors import ConfigError
+from sft_dist.validate import load_config
 from tests.conftest import QUICKSTART
 
 CONVERSATION = [

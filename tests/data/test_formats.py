@@ -278,8 +278,8 @@ def test_sharegpt_bad_rows_are_named_by_file_and_line(tmp_path, tok):
 
 
 def test_chat_options_are_validated():
-    from sft_dist.config.load import load_config
     from sft_dist.errors import ConfigError
+    from sft_dist.validate import load_config
     from tests.conftest import QUICKSTART
 
     cfg = load_config(QUICKSTART, ["data.format=sharegpt", "data.roles={bot: assistant}"])

@@ -60,6 +60,7 @@ def run_world(mode: str, bad: int, timeout_s: float, *, world: int = 2, limit_s:
     return out
 
 
+@pytest.mark.slow
 def test_healthy_world_trains_and_exits_cleanly():
     out = run_world("ok", 1, 10)
     for r in (0, 1):
@@ -68,6 +69,7 @@ def test_healthy_world_trains_and_exits_cleanly():
         assert "Broken pipe" not in out[r]["err"]  # no heartbeat written to a store that is gone
 
 
+@pytest.mark.slow
 def test_group_setup_failure_names_the_rank_that_failed():
     """Both ranks join the store, then rank 1 cannot set up gloo (an interface that does not exist): rank 0's
     message says so instead of gloo's "wait timeout ... keys: /sft_dist/pg//0//cpu//0/1"."""
@@ -79,6 +81,7 @@ def test_group_setup_failure_names_the_rank_that_failed():
     assert "GLOO_SOCKET_IFNAME" in err
 
 
+@pytest.mark.slow
 def test_hung_rank_is_named_after_the_timeout():
     """Rank 1 is alive (its heartbeat goes on) but sleeps instead of all-reducing: rank 0 gives up after
     timeout_s and says rank 1 is elsewhere, with its host and pid."""
@@ -97,6 +100,7 @@ def test_hung_rank_is_named_after_the_timeout():
     assert "py-spy dump --pid" in err and "launcher.timeout_s (now 3 s)" in err
 
 
+@pytest.mark.slow
 def test_dead_rank_is_named():
     """Rank 1 exits: rank 0 sees the connection close at once and says rank 1 stopped beating. (A frozen rank
     reads the same after the timeout: test_frozen_rank_is_named_by_sft_dist_train.)"""
@@ -111,6 +115,7 @@ def test_dead_rank_is_named():
     assert "no heartbeat for" in r0["err"] and "it exited, was killed" in r0["err"]
 
 
+@pytest.mark.slow
 def test_frozen_store_host_is_named():
     """Rank 0 serves the store and freezes: rank 1's collective times out and the store does not answer;
     the diagnosis is bounded (a TCPStore op on a frozen server would wait forever) and names rank 0."""

@@ -794,6 +794,7 @@ WORLDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(WORLDS))
 def test_torchrun_world(case, tmp_path):
     """Each pod's command runs (bash, the pod's environment as the controllers and the kubelet make it);

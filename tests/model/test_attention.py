@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sft_dist.config.load import builtin_path, load_config
+from sft_dist.config.load import builtin_path
 from sft_dist.config.schema import ModelConfig, QuantizationConfig
 from sft_dist.errors import ConfigError
 from sft_dist.model.attention import causal_lm_class, choose, supported
 from sft_dist.model.build import build_model
 from sft_dist.model.tokenizer import build_tokenizer
+from sft_dist.validate import load_config
 from tests.conftest import QUICKSTART
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -137,6 +137,7 @@ def test_a_run_directory_cannot_turn_remote_code_on(tmp_path, monkeypatch):
     assert c.new_tokens == [40, 40]
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_remote_code_in_one_line(tmp_path):
     env = {**cli_env(), "SFT_DIST_REMOTE_CODE_MARKER": str(tmp_path / "ran.txt")}
     run = remote_code_run(tmp_path)
@@ -152,6 +153,7 @@ def test_the_cli_refuses_remote_code_in_one_line(tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["prompt"] == "hi" and (tmp_path / "ran.txt").exists()
 
 
+@pytest.mark.slow
 def test_export_takes_remote_code_from_its_command_line_only(tmp_path):
     """The same for `sft-dist export`: the run's config.yaml asks for remote code; export refuses without the flag."""
     env = {**cli_env(), "SFT_DIST_REMOTE_CODE_MARKER": str(tmp_path / "ran.txt")}

@@ -203,10 +203,8 @@ def test_plan_takes_overrides_before_and_after_options(capsys):
 
 def test_plan_labels_binary_units():
     from sft_dist.plan import make_plan
-    from sft_dist.plan.report import human_bytes, render
+    from sft_dist.plan.report import render
 
-    assert (human_bytes(2**30), human_bytes(1536 * 2**20), human_bytes(2048), human_bytes(100)) == \
-        ("1.00 GiB", "1.50 GiB", "2.00 KiB", "100 B")
     text = render(make_plan(config()))
     assert "MiB" in text or "GiB" in text
     assert not any(f" {unit}" in text for unit in ("KB", "MB", "GB", "TB"))

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sft_dist.checkpoint.export_source import RunSettings
-from sft_dist.checkpoint.export_weights import TrainedWeights
 from sft_dist.errors import ConfigError, SftDistError
+from sft_dist.export.source import RunSettings
+from sft_dist.export.weights import TrainedWeights
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -73,7 +73,7 @@ def build_view(base: str, settings: RunSettings, *, merging: bool = False, vocab
     view = ModelView(model, config, settings.lora.enabled, tied=dict(getattr(model, "all_tied_weights_keys", {})),
                      resized=resized)
     if settings.quant.bits is not None:
-        from sft_dist.checkpoint.export_quant import quantized_modules
+        from sft_dist.export.quant import quantized_modules
 
         view.quantized = quantized_modules(model)  # before peft wraps the layers
     if settings.lora.enabled:
@@ -107,6 +107,15 @@ def check_trained(view: ModelView, trained: TrainedWeights, where: str) -> None:
     if problems:
         raise SftDistError(f"{where}: the trained tensors do not match the model its config.yaml describes "
                            f"({'; '.join(problems)}). Was the base model changed since training?")
+
+
+def fused_parameter_layers(view: ModelView) -> list[str]:
+    """LoRA layers on a parameter rather than a Linear (peft's ParamWrapper: the stacked experts of a
+    transformers 5 MoE, stored per expert in the base's safetensors): the streamed merge cannot map them."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name.removeprefix(PEFT_PREFIX) for name, mod in view.model.named_modules()
+            if isinstance(mod, LoraLayer) and ADAPTER in mod.scaling and type(mod).__name__ == "ParamWrapper"]
 
 
 def lora_deltas(view: ModelView) -> list[LoraDelta]:

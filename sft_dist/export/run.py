@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sft_dist.errors import SftDistError
+from sft_dist.sizes import format_bytes
 
 if TYPE_CHECKING:  # building the parser (`sft-dist --help`) imports no torch; the export imports it when run
     import torch
 
-    from sft_dist.checkpoint.export_source import ExportSource, RunSettings
+    from sft_dist.export.source import ExportSource, RunSettings
 
 FORMAT = "sft_dist-export/1"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,8 +73,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export as `args` asks; print a summary. Raises SftDistError for anything the user can fix."""
-    from sft_dist.checkpoint.export_merge import parse_size
-    from sft_dist.checkpoint.export_source import locate
+    from sft_dist.export.merge import parse_size
+    from sft_dist.export.source import locate
 
     t0 = time.perf_counter()
     out = Path(args.output).expanduser().resolve()
@@ -101,14 +102,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shard: int) -> dict:
-    from sft_dist.checkpoint.export_model import build_view, check_trained
-    from sft_dist.checkpoint.export_source import (
+    from sft_dist.export.model import build_view, check_trained
+    from sft_dist.export.source import (
         FinalWeights,
         base_model_path,
         local_model_dir,
         tokenizer_source,
     )
-    from sft_dist.checkpoint.export_weights import open_trained
+    from sft_dist.export.weights import open_trained
     from sft_dist.quiet import quiet_libraries
 
     quiet_libraries()
@@ -145,7 +146,7 @@ def _export(src: ExportSource, kind: str, content: Path, *, dtype: str, max_shar
 def _write_adapter(view, trained, content: Path, *, base: str, dtype: str) -> dict:
     from safetensors.torch import save_file
 
-    from sft_dist.checkpoint.export_model import adapter_tensors, save_adapter_config
+    from sft_dist.export.model import adapter_tensors, save_adapter_config
 
     tensors = adapter_tensors(view, trained, dtype=_dtype(dtype) if dtype != "auto" else None)
     save_file(tensors, str(content / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -157,11 +158,12 @@ def _write_adapter(view, trained, content: Path, *, base: str, dtype: str) -> di
 
 def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: Path, dtype: str,
                   max_shard: int, dequantize: bool) -> dict:
-    from sft_dist.checkpoint.export_merge import merge, plan_merge, write_config
+    from sft_dist.export.merge import merge, plan_merge, write_config
+    from sft_dist.export.model import fused_parameter_layers
 
     round_trip, quant_note = None, None
     if dequantize:
-        from sft_dist.checkpoint.export_quant import round_trip as make_round_trip
+        from sft_dist.export.quant import round_trip as make_round_trip
 
         q, load_dtype, assumed = src.settings.quant, *_load_dtype(src)
         round_trip = make_round_trip(q, load_dtype=load_dtype)
@@ -170,6 +172,11 @@ def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: 
                       "load_dtype": str(load_dtype).removeprefix("torch."), "load_dtype_assumed": assumed,
                       "layers": len(view.quantized)}
     out_dtype = _dtype(dtype) if dtype != "auto" else _auto_dtype(src, view, dequantize=dequantize)
+    fused = fused_parameter_layers(view) if view.lora else []
+    if fused:
+        return _write_merged_in_memory(src, view, trained, content, base_dir=base_dir, dtype=out_dtype,
+                                       max_shard=max_shard, fused=fused, round_trip=round_trip) | (
+            {"dequantized": quant_note} if quant_note else {})
     plan = plan_merge(view, trained, round_trip=round_trip)
     result = merge(plan, trained, base_dir=base_dir, out_dir=content, dtype=out_dtype, max_shard_bytes=max_shard,
                    tied=view.tied, keep_ties=not view.lora)
@@ -180,6 +187,23 @@ def _write_merged(src: ExportSource, view, trained, content: Path, *, base_dir: 
             "dtype": str(out_dtype).removeprefix("torch."), "max_shard_size": max_shard,
             "lora_layers_merged": len(plan.deltas), "tensors_replaced": len(plan.replace),
             "untied": result.untied, "dequantized": quant_note, "base_weights_bytes": base_bytes}
+
+
+def _write_merged_in_memory(src: ExportSource, view, trained, content: Path, *, base_dir: Path, dtype: torch.dtype,
+                            max_shard: int, fused: list[str], round_trip) -> dict:
+    from sft_dist.export.merge import merge_in_memory
+
+    print(f"sft-dist export: LoRA on {len(fused)} fused parameter layer(s) ({fused[0]}, ...): merging in memory "
+          "with peft (the streamed merge maps Linear layers only); this holds the base in float32", flush=True)
+    result = merge_in_memory(view, trained, base_dir=base_dir, out_dir=content, dtype=dtype, max_shard_bytes=max_shard,
+                             trust_remote_code=src.settings.model.trust_remote_code, round_trip=round_trip)
+    from peft.tuners.lora import LoraLayer
+
+    layers = sum(1 for m in view.model.modules() if isinstance(m, LoraLayer))
+    return {"files": result.files + ["config.json"], "tensors": result.tensors, "bytes": result.bytes,
+            "dtype": str(dtype).removeprefix("torch."), "max_shard_size": max_shard, "lora_layers_merged": layers,
+            "merge": "in memory (peft merge_and_unload): LoRA on fused parameters", "fused_parameter_layers": fused,
+            "base_weights_bytes": sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))}
 
 
 def _kind(s: RunSettings, *, merge: bool, dequantize: bool) -> str:
@@ -268,14 +292,6 @@ def peak_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _files(files: list[str]) -> str:
     shards = [f for f in files if f.startswith("model-")]
     if len(shards) > 1:
@@ -290,12 +306,12 @@ def _summary(r: dict, out: Path) -> str:
     final = "the run's final weights, " if s.get("final") else ""
     lines = [f"exported {what} -> {out}",
              f"  from {s['checkpoint']} ({final}step {s['step']}, {s['backend']}, {s['world_size']} workers)",
-             f"  {r['tensors']} tensors, {_human(r['bytes'])} ({r['dtype']}) in {_files(r['files'])}"]
+             f"  {r['tensors']} tensors, {format_bytes(r['bytes'])} ({r['dtype']}) in {_files(r['files'])}"]
     q = r.get("dequantized")
     if q:
         lines.append(f"  {q['layers']} {q['bits']}-bit layers dequantized as training saw them ({q['quant_type']})")
     if r.get("untied"):
         lines.append(f"  untied {', '.join(r['untied'])} (a trained copy no longer shares the base tensor)")
-    base = f" (base weights {_human(r['base_weights_bytes'])})" if "base_weights_bytes" in r else ""
-    lines.append(f"  {r['seconds']:.1f} s, peak RSS {_human(r['peak_rss_bytes'])}{base}")
+    base = f" (base weights {format_bytes(r['base_weights_bytes'])})" if "base_weights_bytes" in r else ""
+    lines.append(f"  {r['seconds']:.1f} s, peak RSS {format_bytes(r['peak_rss_bytes'])}{base}")
     return "\n".join(lines)

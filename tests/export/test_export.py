@@ -277,10 +277,10 @@ def perturb_trainable(model) -> MemoryWeights:
     return MemoryWeights({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
-def merge_in_memory(base_dir: Path, trained: MemoryWeights, lora, out: Path):
-    from sft_dist.checkpoint.export_merge import merge, plan_merge, write_config
-    from sft_dist.checkpoint.export_model import build_view, check_trained
-    from sft_dist.checkpoint.export_source import RunSettings
+def streamed_merge(base_dir: Path, trained: MemoryWeights, lora, out: Path):
+    from sft_dist.export.merge import merge, plan_merge, write_config
+    from sft_dist.export.model import build_view, check_trained
+    from sft_dist.export.source import RunSettings
     from sft_dist.config.schema import ModelConfig, QuantizationConfig
 
     view = build_view(str(base_dir), RunSettings(ModelConfig(), lora, QuantizationConfig(), ""))
@@ -304,7 +304,7 @@ def test_streamed_merge_equals_peft_with_rslora_dora_and_tied_embeddings(tmp_pat
     base_dir = tied_base(tmp_path)
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, use_rslora=True, use_dora=dora, modules_to_save=["lm_head"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft_config(lora))
-    result = merge_in_memory(base_dir, perturb_trainable(model), lora, tmp_path / "merged")
+    result = streamed_merge(base_dir, perturb_trainable(model), lora, tmp_path / "merged")
     # the trained lm_head copy no longer shares the (frozen) embedding
     assert result.untied == ["lm_head.weight", "model.embed_tokens.weight"]
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
@@ -319,10 +319,46 @@ def test_full_finetuning_keeps_tied_embeddings_tied(tmp_path):
 
     base_dir = tied_base(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    result = merge_in_memory(base_dir, perturb_trainable(model), LoraConfig(enabled=False), tmp_path / "full")
+    result = streamed_merge(base_dir, perturb_trainable(model), LoraConfig(enabled=False), tmp_path / "full")
     assert result.untied == [] and load_file(tmp_path / "full" / "model.safetensors").keys() == \
         load_file(base_dir / "model.safetensors").keys()
     assert (merged_logits(tmp_path / "full") - logits(model)).abs().max().item() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # peft: its rank pattern for the fused gate_up
+def test_lora_on_moe_experts_merges_in_memory_as_peft_and_keeps_the_per_expert_layout(tmp_path):
+    """Mixtral's experts are one stacked parameter in transformers 5 (per-expert w1/w2/w3 in its safetensors):
+    the streamed merge cannot map them and says so; the in-memory merge gives peft's logits in the base's layout."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft_dist.export.merge import merge_in_memory, plan_merge
+    from sft_dist.export.model import build_view, check_trained, fused_parameter_layers
+    from sft_dist.export.source import RunSettings
+    from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
+    from sft_dist.model.lora import peft_config
+
+    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, vocab_size=1024)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), peft_config(lora))
+    trained = perturb_trainable(model)
+    view = build_view(str(tmp_path / "base"), RunSettings(ModelConfig(), lora, QuantizationConfig(), ""))
+    check_trained(view, trained, "test")
+    assert len(fused_parameter_layers(view)) == 4  # gate_up and down, nested, in each of 2 layers
+    with pytest.raises(SftDistError, match="cannot merge LoRA on MixtralExperts"):
+        plan_merge(view, trained)
+    (tmp_path / "merged").mkdir()
+    result = merge_in_memory(view, trained, base_dir=tmp_path / "base", out_dir=tmp_path / "merged",
+                             dtype=torch.float32, max_shard_bytes=10**9, trust_remote_code=False)
+    assert result.files == ["model.safetensors"]
+    assert load_file(tmp_path / "merged" / "model.safetensors").keys() == \
+        load_file(tmp_path / "base" / "model.safetensors").keys()  # experts.0.w1.weight, ...
+    diff = (merged_logits(tmp_path / "merged") - logits(model)).abs().max().item()
+    assert diff <= 1e-5, diff
 
 
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
@@ -330,8 +366,8 @@ def test_checkpoint_must_hold_exactly_the_trainable_tensors(tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sft_dist.checkpoint.export_model import build_view, check_trained
-    from sft_dist.checkpoint.export_source import RunSettings
+    from sft_dist.export.model import build_view, check_trained
+    from sft_dist.export.source import RunSettings
     from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
     from sft_dist.model.lora import peft_config
 
@@ -360,7 +396,7 @@ def test_quantization_round_trip_gives_the_weights_the_bitsandbytes_layer_uses(t
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from sft_dist.checkpoint.export_quant import round_trip
+    from sft_dist.export.quant import round_trip
     from sft_dist.config.schema import QuantizationConfig
     from sft_dist.model.build import bnb_config
 
@@ -382,7 +418,7 @@ def test_quantization_round_trip_gives_the_weights_the_bitsandbytes_layer_uses(t
 
 
 def test_max_shard_size_parsing():
-    from sft_dist.checkpoint.export_merge import parse_size
+    from sft_dist.export.merge import parse_size
 
     assert parse_size("1GB") == 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1234") == 1234
     with pytest.raises(SftDistError, match="--max-shard-size"):
@@ -390,8 +426,8 @@ def test_max_shard_size_parsing():
 
 
 def test_dequantize_without_a_quantized_run_is_refused():
-    from sft_dist.checkpoint.export import _kind
-    from sft_dist.checkpoint.export_source import RunSettings
+    from sft_dist.export.run import _kind
+    from sft_dist.export.source import RunSettings
     from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
 
     plain = RunSettings(ModelConfig(), LoraConfig(), QuantizationConfig(), "")

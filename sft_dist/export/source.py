@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from sft_dist.checkpoint.export_weights import TrainedWeights
 from sft_dist.checkpoint.manifest import (
     MANIFEST,
     NAME,
@@ -30,6 +29,7 @@ from sft_dist.checkpoint.resume import ResumePoint, fetch
 from sft_dist.checkpoint.store import Store
 from sft_dist.config.schema import LoraConfig, ModelConfig, QuantizationConfig
 from sft_dist.errors import ConfigError, SftDistError
+from sft_dist.export.weights import TrainedWeights
 
 log = logging.getLogger("sft_dist")
 REDACTED = "***"

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from sft_dist.checkpoint.export_model import (
+from sft_dist.errors import SftDistError
+from sft_dist.export.model import (
     LoraDelta,
     ModelView,
     base_name,
     lora_deltas,
 )
-from sft_dist.checkpoint.export_quant import RoundTrip
-from sft_dist.checkpoint.export_weights import TrainedWeights
-from sft_dist.errors import SftDistError
+from sft_dist.export.quant import RoundTrip
+from sft_dist.export.weights import TrainedWeights
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -93,6 +93,49 @@ def merge(plan: MergePlan, trained: TrainedWeights, *, base_dir: Path, out_dir: 
         writer.add(name, t.to(dtype) if t.is_floating_point() else t)  # integer buffers keep their dtype
     files = writer.finish()
     return MergeResult(files, writer.count, writer.total, untied)
+
+
+def merge_in_memory(view: ModelView, trained: TrainedWeights, *, base_dir: Path, out_dir: Path, dtype: torch.dtype,
+                    max_shard_bytes: int, trust_remote_code: bool, round_trip: RoundTrip | None = None) -> MergeResult:
+    """The whole model in memory, merged by peft and written by transformers: for LoRA on fused parameters (MoE
+    experts), whose base tensors are stored per expert under other names, in a layout transformers converts on
+    load and back on save. Holds the base in float32: about 4 bytes per parameter of RAM. `round_trip`
+    (--dequantize): the quantized layers' weights become those the 4/8-bit layers computed with first."""
+    import copy
+    import warnings
+
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from sft_dist.export.model import ADAPTER, adapter_tensors
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        if view.resized:
+            model.resize_token_embeddings(view.resized[1], mean_resizing=False)
+        if round_trip is not None:
+            with torch.no_grad():
+                for name in view.quantized:
+                    weight = model.get_submodule(name).weight
+                    weight.copy_(round_trip(weight.detach()))
+        peft_model = get_peft_model(model, copy.deepcopy(view.model.peft_config[ADAPTER]))
+        result = set_peft_model_state_dict(peft_model, adapter_tensors(view, trained, dtype=torch.float32))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise SftDistError(f"{base_dir}: the adapter's {', '.join(unexpected[:3])} ... have no place in the model "
+                           "transformers loads from it; export the adapter instead (without --merge)")
+    merged = peft_model.merge_and_unload().to(dtype)
+    merged.save_pretrained(str(out_dir), max_shard_size=max_shard_bytes)
+    shards = sorted(out_dir.glob("*.safetensors"))
+    files = [f.name for f in shards] + ([INDEX] if (out_dir / INDEX).is_file() else [])
+    from safetensors import safe_open
+
+    tensors = 0
+    for f in shards:  # as written: transformers stores fused experts back per expert
+        with safe_open(str(f), framework="pt") as sf:
+            tensors += len(list(sf.keys()))
+    return MergeResult(files, tensors, sum(f.stat().st_size for f in shards))
 
 
 def _resolve_ties(plan: MergePlan, index: dict, tied: dict[str, str], partner: dict[str, str], *,
