@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from sft_dist.backends import check_backend
+from sft_dist.backends import get_backend
 from sft_dist.config import load
 from sft_dist.config.schema import Config, DataConfig
 from sft_dist.data.chat_templates import resolve_chat_template
@@ -38,7 +38,7 @@ def check(cfg: Config, found: list[str]) -> list[str]:
         except ConfigError as e:
             p += e.problems
     p += _check_chat(d)
-    p += check_backend(cfg)
+    p += get_backend(cfg).check()
     return p
 
 

@@ -2,6 +2,7 @@
 
 - Layers: every import (module-level or inside a function) goes to the importer's own layer or one below it.
 - No import circles between subpackages.
+- Nothing outside `backends/` branches on the backend's name: it asks the `Backend` object.
 - No third-party module is patched at import time, and every patch of one at run time (always scoped: a context
   manager puts the original back) is listed, with its reason, in `SEAMS`.
 """
@@ -21,10 +22,11 @@ PACKAGE = ROOT / "sft_dist"
 LAYERS: dict[str, int] = {
     # parse and check the config; leaf utilities
     "": 0, "config": 0, "errors": 0, "redact": 0, "quiet": 0, "sizes": 0, "digest": 0,
-    # the pieces of a run
+    # the pieces of a run; the strategies (Backend objects), which plan asks for their memory model
     "distributed": 1, "data": 1, "model": 1, "metrics": 1, "plan": 1, "rundir": 1, "generate": 1, "compare": 1,
-    # the strategies, the checkpoints, and the config checks that need the layers above config
-    "backends": 2, "checkpoint": 2, "validate": 2,
+    "backends": 1,
+    # the checkpoints, and the config checks that need the layers above config
+    "checkpoint": 2, "validate": 2,
     # the training run (and its Trainer glue); the offline exporter, which reads checkpoints
     "train": 3, "export": 3,
     "cli": 4, "__main__": 4,
@@ -140,6 +142,58 @@ def test_no_import_circles_between_subpackages():
     for area in sorted(graph):
         visit(area, [])
     assert circles == []
+
+
+# --- the backend is an object ----------------------------------------------------------------------------------
+
+# Where the backend's name may still be compared with a string: the package that defines the strategies, and the
+# plan's rules and setup line, which read `Facts` (plain values a test sets freely; `plan/facts.py` fills them
+# from the Backend object).
+NAME_TESTS_ALLOWED = ("sft_dist.backends", "sft_dist.plan.rules", "sft_dist.plan")
+PROCESS_GROUP_BACKENDS = {"gloo", "nccl", "mpi"}
+
+
+def _names_the_backend(node: ast.expr) -> bool:
+    """`cfg.backend.type`, `backend.type`, a variable `backend`/`backend_type`, or an attribute `.backend`."""
+    if isinstance(node, ast.Attribute) and node.attr == "type":
+        node = node.value
+        return isinstance(node, ast.Attribute) and node.attr == "backend" or isinstance(node, ast.Name) and node.id in (
+            "backend", "b")
+    if isinstance(node, ast.Name):
+        return node.id in ("backend", "backend_type")
+    return isinstance(node, ast.Attribute) and node.attr == "backend"
+
+
+def _backend_name_tests(tree: ast.Module) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        strings = [s for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str)
+                   or isinstance(s, (ast.Tuple, ast.List, ast.Set)) and any(
+                       isinstance(e, ast.Constant) and isinstance(e.value, str) for e in s.elts)]
+        values = {e.value for s in strings for e in ([s] if isinstance(s, ast.Constant) else s.elts)
+                  if isinstance(e, ast.Constant)}
+        if values <= PROCESS_GROUP_BACKENDS:
+            continue  # torch.distributed's backend (gloo / nccl), not the sharding strategy
+        if strings and any(_names_the_backend(s) for s in sides):
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_nothing_outside_backends_branches_on_the_backend_name():
+    found = [f"{module}:{line}: {text}" for module, tree in MODULES.items()
+             if module not in NAME_TESTS_ALLOWED and not module.startswith("sft_dist.backends.")
+             for line, text in _backend_name_tests(tree)]
+    assert found == []
+
+
+def test_the_name_test_finds_what_it_looks_for():
+    """The check above is not vacuous: the patterns it exists for are found."""
+    tree = ast.parse("if cfg.backend.type == 'fsdp': pass\nx = backend in ('ddp', 'fsdp')\n"
+                     "y = self.backend != 'deepspeed'\nz = b.type == 'ddp'\nok = backend.shard_format == 'dcp'\n")
+    assert [line for line, _ in _backend_name_tests(tree)] == [1, 2, 3, 4]
 
 
 # --- patches of third-party modules ---------------------------------------------------------------------------

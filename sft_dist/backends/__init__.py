@@ -1,47 +1,28 @@
-"""Sharding backends: DDP, DeepSpeed ZeRO, FSDP2.
+"""Sharding backends: DDP, DeepSpeed ZeRO, FSDP2, each a `Backend` (`backends/base.py`).
 
-Each backend contributes (1) checks run with the config, before any model loads, (2) the
-`TrainingArguments` fields that select it, and (3) a check after the model is wrapped that the
-requested strategy really applied — a backend that silently falls back is an error here.
+A backend contributes (1) checks run with the config, before any model loads, (2) the `TrainingArguments`
+fields that select it, (3) its memory model for `plan`, (4) its initialisation and what it does once the
+Trainer built its Accelerator, and (5) a check after the model is wrapped that the requested strategy really
+applied: a backend that silently falls back is an error here. Nothing outside this package tests
+`backend.type`; it asks the object `get_backend` builds.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from sft_dist.config.backend_file import backend_file
+from sft_dist.backends.base import Backend, Sharding
 from sft_dist.config.schema import Config
-from sft_dist.errors import ConfigError
+
+__all__ = ["Backend", "Sharding", "get_backend"]
 
 
-def check_backend(cfg: Config) -> list[str]:
-    """Problems with the backend section (file, stage, options vs the rest of the config)."""
-    b = cfg.backend
-    if b.type == "ddp":
-        if b.config or b.options:
-            return ["backend.config/options: DDP takes no config file or options; remove them or set `backend.type`"]
-        return []
-    if b.config is None:
-        shipped = "configs/deepspeed/zero2.json" if b.type == "deepspeed" else "configs/fsdp/full_shard.yaml"
-        return [f"backend.config: required with backend.type={b.type} (e.g. {shipped})"]
-    if b.type == "deepspeed":
-        from sft_dist.backends.deepspeed import check_deepspeed
-
-        try:
-            return check_deepspeed(cfg, backend_file(cfg), b.config)
-        except ConfigError as e:
-            return e.problems
-    from sft_dist.backends.fsdp import check_fsdp
-
-    return check_fsdp(cfg)
-
-
-def backend_training_args(cfg: Config) -> dict[str, Any]:
-    """The SFTConfig fields that select the backend."""
+def get_backend(cfg: Config) -> Backend:
+    """The backend `cfg` names. Cheap: its settings file is read on first use, once per object."""
     if cfg.backend.type == "deepspeed":
-        return {"deepspeed": backend_file(cfg)}
-    if cfg.backend.type == "fsdp":
-        from sft_dist.backends.fsdp import fsdp_training_args
+        from sft_dist.backends.deepspeed import DeepSpeed
 
-        return fsdp_training_args(cfg)
-    return {}
+        return DeepSpeed(cfg)
+    if cfg.backend.type == "fsdp":
+        from sft_dist.backends.fsdp import FSDP2
+
+        return FSDP2(cfg)
+    return Backend(cfg)

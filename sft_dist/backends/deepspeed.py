@@ -11,8 +11,11 @@ import os
 import sys
 from typing import Any
 
+from sft_dist.backends.base import Backend, Sharding
+from sft_dist.config.backend_file import backend_file
 from sft_dist.config.batch import accumulation, micro_batch
 from sft_dist.config.schema import Config
+from sft_dist.errors import ConfigError
 
 # DeepSpeed keys that must agree with training.* (and how sft_dist reads that); "auto" lets transformers fill them.
 BATCH_KEYS = {
@@ -55,3 +58,95 @@ def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
     if len(enabled) == 2:
         p.append(f"{where}: fp16 and bf16 are both enabled; enable one, or set both to \"auto\"")
     return p
+
+
+class DeepSpeed(Backend):
+    """DeepSpeed ZeRO stage 0-3 (with offload) through transformers' integration; its JSON read once."""
+
+    name = "deepspeed"
+    shard_format = "deepspeed"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._file: dict[str, Any] | None = None
+
+    @property
+    def file(self) -> dict[str, Any]:
+        """The DeepSpeed JSON with `backend.options` merged over it (read on first use: `check` reports a bad one)."""
+        if self._file is None:
+            self._file = backend_file(self.cfg, shipped="configs/deepspeed/zero{1,2,3}.json")
+        return self._file
+
+    @property
+    def zero(self) -> dict[str, Any]:
+        return self.file.get("zero_optimization", {})
+
+    def check(self) -> list[str]:
+        if self.cfg.backend.config is None:
+            return ["backend.config: required with backend.type=deepspeed (e.g. configs/deepspeed/zero2.json)"]
+        try:
+            return check_deepspeed(self.cfg, self.file, self.cfg.backend.config)
+        except ConfigError as e:
+            return e.problems
+
+    def training_args(self) -> dict[str, Any]:
+        import copy
+
+        return {"deepspeed": copy.deepcopy(self.file)}  # transformers fills its "auto" values in what it is given
+
+    @property
+    def zero_stage(self) -> int | None:
+        return self.zero.get("stage")
+
+    @property
+    def label(self) -> str:
+        return f"deepspeed zero{self.zero_stage}"
+
+    def plan_facts(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero.get("stage"),
+                "zero_gather_on_save": bool(self.zero.get("stage3_gather_16bit_weights_on_model_save", False)),
+                "ds_train_batch_size": self.file.get("train_batch_size", "auto")}
+
+    def sharding(self, world_size: int) -> Sharding:
+        n, stage = world_size, int(self.zero.get("stage", 0))
+        return Sharding(
+            weights=n if stage >= 3 else 1,
+            gradients=n if stage >= 2 else 1,
+            optimizer=n if stage >= 1 else 1,
+            master_copy=stage >= 1,
+            offload_optimizer=bool(self.zero.get("offload_optimizer")),
+            offload_param=bool(self.zero.get("offload_param")),
+            gathers_layers=stage >= 3 and n > 1,
+            label=f"zero{stage}",
+        )
+
+    def casts_parameters(self) -> bool:
+        return True
+
+    def gathered_bytes(self, layer_bytes: int, *, weights_bytes: int, numel: int) -> int:
+        # ZeRO-3 keeps gathered parameters until stage3_max_live_parameters (default 1e9) are live or
+        # stage3_max_reuse_distance passes: measured, with the defaults it holds the whole model in the step.
+        live = float(self.zero.get("stage3_max_live_parameters", 1e9))
+        return max(layer_bytes * 2, int(weights_bytes * min(1.0, live / max(1, numel))))
+
+    def optimizer_section(self) -> dict[str, Any] | None:
+        return self.file.get("optimizer") or None
+
+    def loads_partitioned(self) -> bool:
+        return True  # transformers loads under deepspeed.zero.Init (with stage 3)
+
+    def join_process_group(self, env, *, device: str) -> None:
+        import deepspeed
+
+        pin_jit_ninja()
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A single worker still needs a (one-rank) group, else DeepSpeed goes looking for MPI.
+            from sft_dist.distributed.local import free_port
+
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port("127.0.0.1")))
+        # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+
+    def shards_weights(self, trainer) -> bool:
+        return bool(trainer.is_deepspeed_enabled)

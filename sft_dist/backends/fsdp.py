@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sft_dist.config.backend_file import fsdp_settings
+from sft_dist.backends.base import Backend, Sharding
+from sft_dist.config.backend_file import FsdpConfig, fsdp_settings
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -26,14 +27,10 @@ def decoder_layer_classes(cfg: Config) -> list[str]:
     return list(getattr(model_cls, "_no_split_modules", None) or [])
 
 
-def check_fsdp(cfg: Config) -> list[str]:
+def check_fsdp(cfg: Config, fc: FsdpConfig) -> list[str]:
     if cfg.launcher.num_workers < 2 and cfg.launcher.type == "local":
         return ["backend.type: fsdp shards across workers; with launcher.num_workers=1 nothing would be sharded. "
                 "Set launcher.num_workers >= 2 (or use backend.type=ddp)"]
-    try:
-        fc = fsdp_settings(cfg)
-    except ConfigError as e:
-        return e.problems
     where = f"backend.config ({cfg.backend.config})"
     p = []
     if fc.shard_size is not None and fc.sharding != "hybrid_shard":
@@ -63,8 +60,8 @@ def _device(cfg: Config) -> str:
         return cfg.launcher.device
 
 
-def fsdp_training_args(cfg: Config) -> dict[str, Any]:
-    fc = fsdp_settings(cfg)
+def fsdp_training_args(cfg: Config, fc: FsdpConfig | None = None) -> dict[str, Any]:
+    fc = fc or fsdp_settings(cfg)
     out: dict[str, Any] = {
         "fsdp": True,
         "fsdp_config": {
@@ -82,11 +79,8 @@ def fsdp_training_args(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def hybrid_mesh(cfg: Config, *, world_size: int, local_world_size: int) -> tuple[int, int] | None:
+def hybrid_mesh(fc: FsdpConfig, *, world_size: int, local_world_size: int) -> tuple[int, int] | None:
     """(replicate, shard) sizes of the 2-D mesh for hybrid sharding, or None for full sharding."""
-    if cfg.backend.type != "fsdp":
-        return None
-    fc = fsdp_settings(cfg)
     if fc.sharding != "hybrid_shard" or world_size == 1:
         return None
     shard = fc.shard_size or local_world_size
@@ -114,3 +108,74 @@ def enable_fsdp(trainer, *, mesh: tuple[int, int] | None) -> None:
         pc = ParallelismConfig(dp_replicate_size=mesh[0], dp_shard_size=mesh[1])
         state.parallelism_config = pc
         state.device_mesh = pc.get_device_mesh(trainer.accelerator.device.type)
+
+
+class FSDP2(Backend):
+    """FSDP2 (`fully_shard`) per decoder layer through accelerate's plugin; its YAML read and checked once."""
+
+    name = "fsdp"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._settings: FsdpConfig | None = None
+
+    @property
+    def settings(self) -> FsdpConfig:
+        """The FSDP file with `backend.options` merged over it, type-checked (raises ConfigError)."""
+        if self._settings is None:
+            self._settings = fsdp_settings(self.cfg)
+        return self._settings
+
+    def check(self) -> list[str]:
+        if self.cfg.backend.config is None:
+            return ["backend.config: required with backend.type=fsdp (e.g. configs/fsdp/full_shard.yaml)"]
+        try:
+            return check_fsdp(self.cfg, self.settings)
+        except ConfigError as e:
+            return e.problems
+
+    def training_args(self) -> dict[str, Any]:
+        return fsdp_training_args(self.cfg, self.settings)
+
+    @property
+    def own_activation_checkpointing(self) -> bool:
+        return self.settings.activation_checkpointing
+
+    @property
+    def label(self) -> str:
+        return f"fsdp2 {self.settings.sharding}"
+
+    def plan_facts(self) -> dict[str, Any]:
+        return {"fsdp_sharding": self.settings.sharding, "fsdp_shard_size": self.settings.shard_size}
+
+    def quant_storage(self, model_dtype: str) -> str:
+        # FSDP2 shards floating tensors only: 4-bit weights packed in uint8 would stay whole on every rank
+        return model_dtype
+
+    def sharding(self, world_size: int) -> Sharding:
+        fc = self.settings
+        size = (fc.shard_size or world_size) if fc.sharding == "hybrid_shard" else world_size
+        size = min(size, world_size)
+        return Sharding(weights=size, gradients=size, optimizer=size, offload_optimizer=fc.cpu_offload,
+                        offload_param=fc.cpu_offload, gathers_layers=size > 1, label=f"fsdp2 {fc.sharding}")
+
+    def casts_parameters(self) -> bool:
+        return True
+
+    def plain_loss(self) -> bool:
+        # a trainable output head is its own FSDP2 unit, whose hooks TRL's fused head would skip (train/trainer.py)
+        lora = self.cfg.lora
+        return not lora.enabled or any(m in ("lm_head", "embed_out", "output") for m in lora.modules_to_save or [])
+
+    def gathers_head_for_loss(self) -> bool:
+        return not self.plain_loss()
+
+    @property
+    def separates_tied_weights(self) -> bool:
+        return True
+
+    def after_accelerator(self, trainer, *, world_size: int, local_world_size: int) -> None:
+        enable_fsdp(trainer, mesh=hybrid_mesh(self.settings, world_size=world_size, local_world_size=local_world_size))
+
+    def shards_weights(self, trainer) -> bool:
+        return True

@@ -78,7 +78,9 @@ def _all_gather(world_size: int, value) -> list:
     return out
 
 
-def save_checkpoint(trainer, ck: Checkpointing) -> str:
+def save_checkpoint(trainer, ck: Checkpointing, *, train_state: dict) -> str:
+    """Save the trainer's shards, RNG and scheduler, with `train_state` (`train/state.py` TrainState.state_dict():
+    data cursor, batch geometry, token counters) in the manifest. Collective: every rank calls it."""
     t0 = time.perf_counter()
     step = trainer.state.global_step
     name = checkpoint_name(step)
@@ -111,7 +113,7 @@ def save_checkpoint(trainer, ck: Checkpointing) -> str:
 
     ck.last_bytes = sum(f["size"] for f in files.values())
     if ck.rank == 0:
-        manifest = _manifest(trainer, ck, step, files)
+        manifest = _manifest(trainer, ck, step, files, train_state)
         store.write_text(json.dumps(manifest, indent=1), work, MANIFEST)  # the commit point
         if store.local:
             store.remove(name)
@@ -157,9 +159,7 @@ def _save_rank0_state(trainer, local_dir: Path, ck: Checkpointing) -> None:
     (local_dir / "config.yaml").write_text(ck.config_yaml, encoding="utf-8")
 
 
-def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
-    args = trainer.args
-    sampler = trainer.train_sampler
+def _manifest(trainer, ck: Checkpointing, step: int, files: dict, train_state: dict) -> dict:
     # ds_numel: a ZeRO-3 parameter is an empty placeholder outside forward; FSDP2 DTensors report the full size.
     trainable = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                     for p in trainer.model.parameters() if p.requires_grad)
@@ -169,16 +169,7 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict) -> dict:
         "epoch": trainer.state.epoch,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "world_size": ck.world_size,
-        "batch": {
-            "per_device": args.per_device_train_batch_size,
-            "accumulation": args.gradient_accumulation_steps,
-            "world_size": ck.world_size,
-            "global": sampler.global_batch,
-        },
-        "data_cursor": sampler.cursor(step),
-        "tokens_seen": trainer.total_loss_tokens,
-        "tokens_processed": list(trainer._total_seen),  # [real, padded] over ranks: the run's padding fraction
-        "trl_num_tokens": int(getattr(trainer, "_total_train_tokens", 0)),
+        **train_state,
         "backend": ck.backend,
         "zero_stage": ck.zero_stage,
         "shard_format": shard_format(trainer),

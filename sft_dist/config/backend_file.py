@@ -23,9 +23,9 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def backend_file(cfg: Config) -> dict[str, Any]:
-    """The backend config file's contents (DeepSpeed JSON / FSDP YAML) with `backend.options` merged over."""
-    shipped = "configs/deepspeed/zero{1,2,3}.json" if cfg.backend.type == "deepspeed" else "configs/fsdp/*.yaml"
+def backend_file(cfg: Config, *, shipped: str) -> dict[str, Any]:
+    """The backend config file's contents (DeepSpeed JSON / FSDP YAML) with `backend.options` merged over.
+    `shipped`: the files sft_dist ships for this backend (named when the file cannot be read)."""
     raw = read_mapping(cfg.backend.config, what="backend.config:", hint=f" (shipped: {shipped})")
     return merge(raw, cfg.backend.options or {})
 
@@ -41,7 +41,7 @@ class FsdpConfig:
 
 def fsdp_settings(cfg: Config) -> FsdpConfig:
     """The FSDP settings: the backend file with `backend.options` merged over it, type-checked."""
-    raw, path = backend_file(cfg), cfg.backend.config
+    raw, path = backend_file(cfg, shipped="configs/fsdp/*.yaml"), cfg.backend.config
     names = [f.name for f in dataclasses.fields(FsdpConfig)]
     hints = typing.get_type_hints(FsdpConfig)
     problems, kwargs = [], {}

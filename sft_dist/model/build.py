@@ -246,17 +246,6 @@ def bnb_config(quant: QuantizationConfig, *, dtype: torch.dtype):
     )
 
 
-def for_backend(quant: QuantizationConfig, *, backend: str, dtype: torch.dtype) -> QuantizationConfig:
-    """`quant_storage: auto` resolved: FSDP2 shards floating tensors only (4-bit weights packed in uint8 would
-    stay whole on every rank), so under FSDP the 4-bit weights are packed in the model's own dtype."""
-    import dataclasses
-
-    if quant.quant_storage != "auto":
-        return quant
-    storage = str(dtype).removeprefix("torch.") if backend == "fsdp" else "uint8"
-    return dataclasses.replace(quant, quant_storage=storage)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts: full sizes, also of weights ZeRO-3 loaded partitioned (a 0-element
     placeholder on each rank, the real size in `ds_numel`)."""

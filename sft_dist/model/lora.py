@@ -29,9 +29,9 @@ def peft_config(cfg: LoraConfig):
 
 
 def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_checkpointing: bool = False,
-               backend: str = "ddp"):
-    """The peft model. Refuses an embedding `fit_vocab` resized whose new rows LoRA would leave frozen; under
-    FSDP (`backend="fsdp"`) gives a frozen tied original inside a modules_to_save wrapper its own tensor."""
+               separate_tied: bool = False):
+    """The peft model. Refuses an embedding `fit_vocab` resized whose new rows LoRA would leave frozen; with
+    `separate_tied` (FSDP2) gives a frozen tied original inside a modules_to_save wrapper its own tensor."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     _check_new_rows_train(model, cfg)
@@ -48,7 +48,7 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_chec
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model: {names}") from None
-    if backend == "fsdp":
+    if separate_tied:
         untied = untie_saved_originals(model)
         if untied:
             log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft_dist.config import batch
-from sft_dist.config.backend_file import backend_file, fsdp_settings
+from sft_dist.backends import Backend, get_backend
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -76,7 +76,8 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
 
     device, here = _device(cfg, device)
     t = {**sft_defaults(), **cfg.training}
-    f = Facts(device=device, device_here=here, backend=cfg.backend.type, world_size=world_size or _world_size(cfg))
+    backend = get_backend(cfg)
+    f = Facts(device=device, device_here=here, backend=backend.name, world_size=world_size or _world_size(cfg))
     f.bf16_hardware = _bf16_hardware() if device == "cuda" and here else None
     f.micro_batch, f.grad_accum = batch.micro_batch(t), batch.accumulation(t)
     f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
@@ -93,14 +94,13 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
                                                            else "float32"))
     q = cfg.quantization
     f.bits = q.bits
-    f.quant_storage = q.quant_storage if q.quant_storage != "auto" else (
-        f.model_dtype if cfg.backend.type == "fsdp" else "uint8")  # as model/build.py for_backend resolves it
+    f.quant_storage = q.quant_storage if q.quant_storage != "auto" else backend.quant_storage(f.model_dtype)
     f.compute_dtype = f.model_dtype if q.compute_dtype == "auto" else q.compute_dtype
     f.lora, f.dora = cfg.lora.enabled, cfg.lora.enabled and cfg.lora.use_dora
     f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
     f.optim = str(t.get("optim") or "adamw_torch")
     f.bnb_optimizer_kernels = _bnb_optimizer_kernels(device) if f.bnb_optimizer and here else None
-    f.activation_checkpointing = activation_checkpointing(cfg)
+    f.activation_checkpointing = activation_checkpointing(cfg, backend)
     reentrant = (t.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
     f.use_reentrant = None if reentrant is None else bool(reentrant)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
@@ -108,25 +108,16 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.load_best = bool(t.get("load_best_model_at_end", False))
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
-    if cfg.backend.type == "deepspeed":
-        ds = backend_file(cfg)
-        zero = ds.get("zero_optimization", {})
-        f.zero_stage = zero.get("stage")
-        f.zero_gather_on_save = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
-        f.ds_train_batch_size = ds.get("train_batch_size", "auto")
-    elif cfg.backend.type == "fsdp":
-        fc = fsdp_settings(cfg)
-        f.fsdp_sharding, f.fsdp_shard_size = fc.sharding, fc.shard_size
+    for name, value in backend.plan_facts().items():
+        setattr(f, name, value)
     return f
 
 
-def activation_checkpointing(cfg: Config) -> bool:
-    """On through `training.activation_checkpointing` or the FSDP file's own switch."""
+def activation_checkpointing(cfg: Config, backend: Backend | None = None) -> bool:
+    """On through `training.activation_checkpointing` or the backend's own switch (the FSDP file's)."""
     if cfg.training.get("activation_checkpointing"):
         return True
-    if cfg.backend.type == "fsdp":
-        return fsdp_settings(cfg).activation_checkpointing
-    return False
+    return (backend or get_backend(cfg)).own_activation_checkpointing
 
 
 def _device(cfg: Config, device: str | None) -> tuple[str, bool]:

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from sft_dist.config.backend_file import backend_file, fsdp_settings
+from sft_dist.backends import Backend, Sharding, get_backend
 from sft_dist.config.batch import micro_batch
 from sft_dist.config.schema import Config
 from sft_dist.config.training_args import sft_defaults
@@ -59,21 +59,6 @@ class MemoryEstimate:
     hints: list[str] = field(default_factory=list)  # what would lower the peak, when activations dominate it
 
 
-@dataclass
-class _Sharding:
-    """Divisors of each part per rank, and what the backend keeps besides."""
-
-    weights: int = 1
-    gradients: int = 1
-    optimizer: int = 1
-    master_copy: bool = False  # DeepSpeed keeps an fp32 copy of its trainable partition
-    ddp_buckets: bool = False  # DDP's reducer holds a flat copy of all gradients
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    gathers_layers: bool = False  # ZeRO-3 / FSDP2 gather one decoder layer's full weights at a time
-    label: str = "ddp"
-
-
 def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts | None = None) -> MemoryEstimate:
     """Bytes each rank holds while training `cfg` with `world_size` workers on `device` (cpu or cuda).
 
@@ -85,7 +70,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     facts = facts or gather_facts(cfg, device=device, world_size=world_size)
     dtype = DTYPES[facts.model_dtype]
     compute = torch.bfloat16 if facts.bf16 else torch.float16 if facts.fp16 else dtype
-    shard = _sharding(cfg, world_size)
+    backend = get_backend(cfg)
+    shard = backend.sharding(world_size)
     notes: list[str] = []
 
     config = _model_config(cfg)
@@ -97,7 +83,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     weights = _div(weights_full, shard.weights)
     lora = _div(trainable_bytes, shard.weights)
     gradients = _div(trainable_bytes, shard.gradients)
-    optimizer_full, opt_note = _optimizer_bytes(cfg, model)
+    optimizer_full, opt_note = _optimizer_bytes(cfg, model, backend)
     optimizer = _div(optimizer_full, shard.optimizer)
     master = _div(counts["trainable_numel"] * 4, shard.optimizer) if shard.master_copy else 0
     optimizer += master
@@ -106,10 +92,10 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
 
     batch = micro_batch(cfg.training)
     length = cfg.data.max_length
-    checkpointing = activation_checkpointing(cfg)
+    checkpointing = activation_checkpointing(cfg, backend)
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
-                         plain_loss=_plain_loss(cfg), attention=attention,
-                         mixed=_mixed_precision(cfg, compute), quantized=set(counts["quantized_ids"]), device=device)
+                         plain_loss=backend.plain_loss(), attention=attention,
+                         mixed=_mixed_precision(backend, compute), quantized=set(counts["quantized_ids"]), device=device)
     activations = step["activations"]
     # Under sharded gradients a rank keeps only its shard; the full gradients of the step exist one bucket or
     # layer at a time. Under DDP / ZeRO-1 they pile up in backward, as the profile saw them.
@@ -120,16 +106,12 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         notes.append(f"DDP: the reducer's gradient buckets hold another copy of the gradients "
                      f"({format_bytes(trainable_bytes)})")
     if shard.gathers_layers:
-        gathered = counts["largest_layer_bytes"] * 2  # the layer in use and the one prefetched
-        if cfg.backend.type == "deepspeed":
-            # ZeRO-3 keeps gathered parameters until stage3_max_live_parameters (default 1e9) are live or
-            # stage3_max_reuse_distance passes: measured, with the defaults it holds the whole model in the step.
-            live = float(backend_file(cfg).get("zero_optimization", {}).get("stage3_max_live_parameters", 1e9))
-            gathered = max(gathered, int(weights_full * min(1.0, live / max(1, counts["total_numel"]))))
+        gathered = backend.gathered_bytes(counts["largest_layer_bytes"], weights_bytes=weights_full,
+                                          numel=counts["total_numel"])
         extra += gathered
         notes.append(f"{shard.label}: full weights of a decoder layer are gathered while it runs "
                      f"(~{format_bytes(gathered)} with prefetch)")
-    if cfg.backend.type == "fsdp" and shard.weights > 1 and not _plain_loss(cfg):
+    if backend.gathers_head_for_loss() and shard.weights > 1:
         head = counts["head_bytes"]  # TRL's fused head gathers the sharded output head whole (full_tensor)
         extra += head
         notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({format_bytes(head)})")
@@ -144,10 +126,10 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     total = (0 if shard.offload_param else weights) + gradients + (0 if shard.offload_optimizer else optimizer)
     total += activations + transient
 
-    load = _load_peak(cfg, counts, shard=shard, dtype=dtype, world_size=world_size, device=device)
-    notes += _notes(cfg, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
+    load = _load_peak(cfg, counts, backend=backend, shard=shard, dtype=dtype, world_size=world_size, device=device)
+    notes += _notes(cfg, backend=backend, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
                     compute=compute, load=load, optimizer=optimizer, world_size=world_size, attention=attention,
-                    mixed=_mixed_precision(cfg, compute), liger=_liger(cfg, model, device=device) is not None)
+                    mixed=_mixed_precision(backend, compute), liger=_liger(cfg, model, device=device) is not None)
     detail = {
         "world_size": world_size,
         "device": device,
@@ -169,7 +151,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "offloaded": {"optimizer": shard.offload_optimizer, "params": shard.offload_param},
         "micro_batch": [batch, length],
         "attention": attention,
-        "mixed_precision": _mixed_precision(cfg, compute),
+        "mixed_precision": _mixed_precision(backend, compute),
         "liger_kernel": _liger(cfg, model, device=device) is not None,
         "activation_checkpointing": checkpointing,
         "forward_peak": step["forward_peak"],
@@ -310,10 +292,10 @@ def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
 
 # --- optimizer ------------------------------------------------------------------------------------------------
 
-def _optimizer_bytes(cfg: Config, model) -> tuple[int, str | None]:
+def _optimizer_bytes(cfg: Config, model, backend: Backend) -> tuple[int, str | None]:
     """Optimizer-state bytes of all trainable parameters (unsharded) by `training.optim`, and a note if unknown."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ds_optimizer = cfg.backend.type == "deepspeed" and backend_file(cfg).get("optimizer")
+    ds_optimizer = backend.optimizer_section()
     if ds_optimizer:
         kind = str(ds_optimizer.get("type", "adamw")).lower()
         per = 4 if kind in ("sgd", "lion") else 8
@@ -347,38 +329,6 @@ def _optimizer_bytes(cfg: Config, model) -> tuple[int, str | None]:
 
 
 # --- backend --------------------------------------------------------------------------------------------------
-
-def _sharding(cfg: Config, world_size: int) -> _Sharding:
-    n = world_size
-    if cfg.backend.type == "ddp":
-        return _Sharding(ddp_buckets=True)
-    if cfg.backend.type == "fsdp":
-        fc = fsdp_settings(cfg)
-        size = (fc.shard_size or n) if fc.sharding == "hybrid_shard" else n
-        size = min(size, n)
-        return _Sharding(weights=size, gradients=size, optimizer=size, offload_optimizer=fc.cpu_offload,
-                         offload_param=fc.cpu_offload, gathers_layers=size > 1, label=f"fsdp2 {fc.sharding}")
-    zero = backend_file(cfg).get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    return _Sharding(
-        weights=n if stage >= 3 else 1,
-        gradients=n if stage >= 2 else 1,
-        optimizer=n if stage >= 1 else 1,
-        master_copy=stage >= 1,
-        offload_optimizer=bool(zero.get("offload_optimizer")),
-        offload_param=bool(zero.get("offload_param")),
-        gathers_layers=stage >= 3 and n > 1,
-        label=f"zero{stage}",
-    )
-
-
-def _plain_loss(cfg: Config) -> bool:
-    """Whether the step uses the model's own loss (full logits) instead of TRL's fused LM head: under FSDP2
-    with a trainable output head (train/trainer.py `_plain_lm_head_loss`)."""
-    if cfg.backend.type != "fsdp":
-        return False
-    return not cfg.lora.enabled or any(m in ("lm_head", "embed_out", "output") for m in cfg.lora.modules_to_save or [])
-
 
 # --- activations: one step on the meta device -----------------------------------------------------------------
 
@@ -443,12 +393,12 @@ _META_ATTENTION = {(kind, packed): f"sft_dist_meta_{kind}{'_packed' if packed el
                    for kind in ("sdpa", "flash") for packed in (False, True)}
 
 
-def _mixed_precision(cfg: Config, compute: torch.dtype) -> str:
+def _mixed_precision(backend: Backend, compute: torch.dtype) -> str:
     """How the run computes in 16 bit: `autocast` (accelerate's torch.autocast: DDP, one process), `cast` (every
     parameter in the 16-bit dtype: DeepSpeed's engine, FSDP2's MixedPrecisionPolicy), or `none`."""
     if compute not in (torch.bfloat16, torch.float16):
         return "none"
-    return "cast" if cfg.backend.type in ("deepspeed", "fsdp") else "autocast"
+    return "cast" if backend.casts_parameters() else "autocast"
 
 
 # torch.autocast's op lists (CUDA), as far as a decoder's forward uses them: matmul-like ops run in the 16-bit
@@ -754,7 +704,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
 
 # --- loading and notes ----------------------------------------------------------------------------------------
 
-def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtype, world_size: int,
+def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, dtype: torch.dtype, world_size: int,
                device: str) -> int:
     """Bytes a rank holds on its device while the model loads, before any backend shards it."""
     full = counts["total_numel"] * _bytes(dtype)
@@ -778,7 +728,7 @@ def _load_peak(cfg: Config, counts: dict, *, shard: _Sharding, dtype: torch.dtyp
         return full + (mapped + quantized if cfg.quantization.bits is not None else 0)
     if cfg.quantization.bits is not None:
         return mapped + quantized  # every rank loads the whole quantized base, whatever the backend
-    if shard.weights > 1 and cfg.backend.type == "deepspeed":
+    if shard.weights > 1 and backend.loads_partitioned():
         return _div(full, shard.weights)  # transformers loads under deepspeed.zero.Init
     return mapped + full
 
@@ -788,7 +738,7 @@ _MIXED = {"autocast": "torch.autocast (fp32 inputs of matmuls cast to {dtype})",
 _ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention (fused)", "eager": "eager (attention matrices kept)"}
 
 
-def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
+def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
            compute: torch.dtype, load: int, optimizer: int, world_size: int, attention: str, mixed: str,
            liger: bool) -> list[str]:
     dtype = str(compute).removeprefix("torch.")
@@ -797,7 +747,7 @@ def _notes(cfg: Config, *, shard: _Sharding, counts: dict, batch: int, length: i
              + (" with the packed rows' block mask" if attention == "sdpa" and cfg.data.packing else "")
              + (", Liger kernels" if liger else "")
              + (", activation checkpointing per decoder layer" if checkpointing else "")]
-    if _plain_loss(cfg):
+    if backend.plain_loss():
         notes.append("loss: the model's own (full logits), as sft_dist uses under FSDP2 with a trainable head")
     else:
         notes.append("loss: TRL's chunked LM head (no full logits; it allocates a tile buffer of up to 4096 tokens "

@@ -15,7 +15,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
-from sft_dist.backends import backend_training_args
+from sft_dist.backends import get_backend
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
@@ -145,7 +145,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
             # Keep `sample_id` for the data trace; the datasets sft_dist builds hold only model inputs.
             remove_unused_columns=False,
             disable_tqdm=True,
-            **backend_training_args(cfg),
+            **get_backend(cfg).training_args(),
             dataloader_pin_memory=not cpu,
             **training,
         )

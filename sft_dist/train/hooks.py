@@ -22,6 +22,7 @@ from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
 from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler, WithPlaceholder
 from sft_dist.data.stream import StreamingTrain, StreamLoader, StreamSource
 from sft_dist.errors import SftDistError
+from sft_dist.train.state import TrainState
 
 log = logging.getLogger("sft_dist")
 
@@ -96,7 +97,7 @@ class CheckpointHooks:
         if self.checkpointing is None:
             return super()._save_checkpoint(model, trial)
         self.store_flos()
-        save_checkpoint(self, self.checkpointing)
+        save_checkpoint(self, self.checkpointing, train_state=TrainState.of(self).state_dict())
 
     # --- resume (HF calls these with the local checkpoint directory) ---
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -115,17 +116,11 @@ class CheckpointHooks:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        self.total_loss_tokens = int(m.get("tokens_seen", 0))
-        # the run's padding fraction and TRL's num_tokens go on from the checkpoint, not from 0
-        self._total_seen = [int(x) for x in m.get("tokens_processed", [0, 0])]
-        if hasattr(self, "_total_train_tokens"):
-            self._total_train_tokens = int(m.get("trl_num_tokens", 0))
-        cursor = m["data_cursor"]
-        where = ("stream position" if cursor.get("streaming") else
-                 f"epoch {cursor['epoch']}, {cursor['samples_in_epoch']} samples into it,")
+        train_state = TrainState()
+        train_state.load_state_dict(m)
+        train_state.apply(self)
         self.resume_s = time.perf_counter() - t0
-        log.info("resumed from step %d: %s %d samples in all, %d loss tokens seen; state loaded in %.2f s",
-                 m["step"], where, cursor["samples_total"], self.total_loss_tokens, self.resume_s)
+        log.info("resumed from step %d: %s; state loaded in %.2f s", m["step"], train_state.describe(), self.resume_s)
 
     def _load_scaler(self, checkpoint):
         if self.checkpointing is None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sft_dist.backends import Backend, get_backend
 from sft_dist.config.batch import global_batch
 from sft_dist.config.load import config_to_dict, dump_config
 from sft_dist.config.schema import Config
@@ -68,25 +69,11 @@ def run(cfg: Config, *, callbacks: list | None = None) -> RunResult:
 
     torch.set_num_threads(threads)
     init_distributed(env, device=device, timeout_s=cfg.launcher.timeout_s)
-    if cfg.backend.type == "deepspeed":
-        import deepspeed
-
-        from sft_dist.backends.deepspeed import pin_jit_ninja
-
-        pin_jit_ninja()
-
-        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-            # A single worker still needs a (one-rank) group, else DeepSpeed goes looking for MPI.
-            from sft_dist.distributed.local import free_port
-
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port("127.0.0.1")))
-
-        # DeepSpeed keeps its own view of the world (zero.Init, batch checks); join the group we made.
-        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    backend = get_backend(cfg)  # asked from here on; its settings file read once
+    backend.join_process_group(env, device=device)
     lock = _lock_output_dir(cfg, env)
     try:
-        return _run(cfg, env=env, device=device, threads=threads, callbacks=callbacks or [])
+        return _run(cfg, backend, env=env, device=device, threads=threads, callbacks=callbacks or [])
     except Exception as e:
         # A collective that timed out or lost a peer names no rank: the heartbeats say which one it was.
         msg = None if isinstance(e, SftDistError) else diagnose(e)
@@ -111,7 +98,7 @@ def _lock_output_dir(cfg: Config, env: DistEnv):
     return RunLock(cfg.output_dir, token=token, command=f"sft-dist train (rank 0 of {env.world_size})").acquire()
 
 
-def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: list) -> RunResult:
+def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: int, callbacks: list) -> RunResult:
     from sft_dist.backends.save import save_final
     from sft_dist.backends.verify import shard_report, trainable_digest
     from sft_dist.distributed.heartbeat import Heartbeat
@@ -122,14 +109,14 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     out = Path(cfg.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    resume = _resume_point(cfg, env=env)  # may adjust gradient accumulation (another world size)
+    resume, cfg = _resume_point(cfg, backend, env=env)  # on another world size: the accumulation that keeps the batch
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     set_local_dirs(cfg.training, out)
     if cfg.training.get("logging_dir"):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
         "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
-        env.world_size, env.launched_by, device, cfg.backend.type, threads, out,
+        env.world_size, env.launched_by, device, backend.label, threads, out,
     )
     if env.launched_by not in ("local", "none") and cfg.launcher.num_workers not in (1, env.world_size):
         log.info("launcher.num_workers=%d does not apply: %s started %d workers",
@@ -141,7 +128,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
-    model, base_dir = _build_model(cfg, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
+    model, base_dir = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
     if env.is_main:
@@ -153,19 +140,19 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
                            for m in model.modules())
     world_batch = global_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
-    trainer = _build_trainer(cfg, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
+    trainer = _build_trainer(cfg, backend, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
     trainer.peak_tflops = _mfu_peak(cfg, device=device, args=args)
     if cfg.metrics.generate_prompts:
         from sft_dist.train.evaluation import Samples
 
-        sharded = cfg.backend.type == "fsdp" or (cfg.backend.type == "deepspeed" and trainer.is_deepspeed_enabled)
+        sharded = backend.shards_weights(trainer)
         trainer.samples = Samples(cfg.metrics.generate_prompts, data_cfg=config_to_dict(cfg)["data"],
                                   tokenizer=tokenizer, max_new_tokens=cfg.metrics.generate_max_new_tokens,
                                   path=out / "samples.jsonl" if env.is_main else None,
                                   sync=sharded and env.world_size > 1)
         if env.is_main and resume is None:
             (out / "samples.jsonl").unlink(missing_ok=True)
-    trainer.checkpointing = _checkpointing(cfg, env=env)
+    trainer.checkpointing = _checkpointing(cfg, backend, env=env)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
     trainer.add_callback(Heartbeat())
@@ -213,7 +200,7 @@ def _run(cfg: Config, *, env: DistEnv, device: str, threads: int, callbacks: lis
             "world_size": env.world_size,
             "launched_by": env.launched_by,
             "device": device,
-            "backend": cfg.backend.type,
+            "backend": backend.name,
             "global_step": trainer.state.global_step,
             "global_batch": world_batch,
             "train_seconds": round(train_s, 3),
@@ -329,21 +316,15 @@ def _checkpoint_store(cfg: Config):
     return Store(cfg.checkpoint.dir or str(Path(cfg.output_dir) / "checkpoints"), cfg.checkpoint.storage_options)
 
 
-def _zero_stage(cfg: Config) -> int | None:
-    if cfg.backend.type != "deepspeed":
-        return None
-    from sft_dist.config.backend_file import backend_file
-
-    return backend_file(cfg).get("zero_optimization", {}).get("stage")
-
-
-def _resume_point(cfg: Config, *, env: DistEnv):
-    """The checkpoint this run continues (rank 0 picks, every rank checks it fits), or None."""
+def _resume_point(cfg: Config, backend: Backend, *, env: DistEnv):
+    """The checkpoint this run continues (rank 0 picks, every rank checks it fits), or None; and the config to
+    train with: `cfg` itself, or on another world size a copy whose gradient accumulation keeps the checkpoint's
+    global batch (the caller's config is never edited)."""
     from sft_dist.checkpoint.resume import check_fit, resume_request, select
 
     request = resume_request(cfg.training)
     if request is None:
-        return None
+        return None, cfg
     choice: dict = {"point": None, "error": None}
     if env.is_main:
         try:
@@ -357,20 +338,21 @@ def _resume_point(cfg: Config, *, env: DistEnv):
     if point is None:
         if request != "auto":
             raise SftDistError(f"training.resume_from_checkpoint: {request} not found")
-        return None
-    accum = check_fit(point, cfg, world_size=env.world_size,
-                      shard_format="deepspeed" if cfg.backend.type == "deepspeed" else "dcp",
-                      zero_stage=_zero_stage(cfg))
+        return None, cfg
+    accum = check_fit(point, cfg, world_size=env.world_size, shard_format=backend.shard_format,
+                      zero_stage=backend.zero_stage)
     if accum is not None:
-        cfg.training["gradient_accumulation_steps"] = accum
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, training={**cfg.training, "gradient_accumulation_steps": accum})
     max_steps = int(cfg.training.get("max_steps", -1) or -1)
     if 0 < max_steps <= point.step:
         log.info("%s is already at training.max_steps=%d: nothing left to train (raise max_steps to train on, or "
                  "set training.resume_from_checkpoint=never to start over)", point.display, max_steps)
-    return point
+    return point, cfg
 
 
-def _checkpointing(cfg: Config, *, env: DistEnv):
+def _checkpointing(cfg: Config, backend: Backend, *, env: DistEnv):
     import tempfile
 
     from sft_dist.checkpoint.manifest import config_hash
@@ -384,8 +366,8 @@ def _checkpointing(cfg: Config, *, env: DistEnv):
         staging=Path(tempfile.gettempdir()) / "sft_dist-staging" / f"{config_hash(cfg)}-{os.getpid()}",
         config_yaml=dump_config(cfg),
         config_hash=config_hash(cfg),
-        backend=cfg.backend.type,
-        zero_stage=_zero_stage(cfg),
+        backend=backend.name,
+        zero_stage=backend.zero_stage,
         keep_last=cfg.training.get("save_total_limit"),
         keep_best=cfg.checkpoint.keep_best,
         storage_options=cfg.checkpoint.storage_options,
@@ -402,16 +384,11 @@ def _broadcast(env: DistEnv, value):
     return box[0]
 
 
-def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out: Path):
+def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, tokenizer, args, out: Path):
     """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs)."""
     from transformers import set_seed
 
-    from sft_dist.model.build import (
-        build_model,
-        for_backend,
-        load_pretrained,
-        resolve_dtype,
-    )
+    from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
     from sft_dist.model.lora import apply_lora
     from sft_dist.train.args import apply_liger, liger_choice
 
@@ -419,7 +396,7 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
     # config gives the same initial weights on every rank, every launcher and every run.
     set_seed(args.seed)
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
-    quant = for_backend(cfg.quantization, backend=cfg.backend.type, dtype=dtype)
+    quant = backend.model_quantization(cfg.quantization, dtype=dtype)
     model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device)
     base_dir = None
     if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
@@ -436,7 +413,8 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
     log.info(apply_liger(model, liger_choice(cfg.training, device=device)))
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
-                           gradient_checkpointing=bool(args.activation_checkpointing), backend=cfg.backend.type)
+                           gradient_checkpointing=bool(args.activation_checkpointing),
+                           separate_tied=backend.separates_tied_weights)
         if base_dir is not None:
             model.peft_config["default"].base_model_name_or_path = str(base_dir)
     trainable, total = count_parameters(model)
@@ -445,10 +423,9 @@ def _build_model(cfg: Config, *, env: DistEnv, device: str, tokenizer, args, out
     return model, base_dir
 
 
-def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, metrics):
+def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from sft_dist.backends.fsdp import hybrid_mesh
     from sft_dist.train.trainer import SFTDistTrainer
 
     trace_path = Path(cfg.output_dir) / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
@@ -459,8 +436,8 @@ def _build_trainer(cfg: Config, *, env: DistEnv, model, args, data, tokenizer, m
         data.train = Dataset.from_dict({"input_ids": [[tokenizer.eos_token_id]], "labels": [[-100]], "sample_id": [-1]})
     trainer = SFTDistTrainer(
         trace_path=trace_path,
-        backend=cfg.backend.type,
-        fsdp_mesh=hybrid_mesh(cfg, world_size=env.world_size, local_world_size=env.local_world_size),
+        backend=backend,
+        local_world_size=env.local_world_size,
         model=model,
         args=args,
         train_dataset=data.train,

@@ -12,8 +12,8 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from sft_dist.backends.fsdp import enable_fsdp
-from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads, wrapper_info
+from sft_dist.backends import Backend
+from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads
 from sft_dist.config.batch import global_batch
 from sft_dist.train.hooks import CheckpointHooks
 
@@ -24,11 +24,11 @@ log = logging.getLogger("sft_dist")
 class SFTDistTrainer(CheckpointHooks, SFTTrainer):
     """SFTTrainer that counts the tokens carrying loss (summed over ranks and micro-batches) per log window."""
 
-    def __init__(self, *args, trace_path: Path | None = None, backend: str = "ddp",
-                 fsdp_mesh: tuple[int, int] | None = None, **kwargs):
+    def __init__(self, *args, backend: Backend, local_world_size: int = 1, trace_path: Path | None = None,
+                 **kwargs):
         # read by create_accelerator_and_postprocess, which super().__init__ calls
         self.backend = backend
-        self.fsdp_mesh = fsdp_mesh
+        self.local_world_size = local_world_size
         self.backend_info: dict = {}
         self.grad_bytes_seen: int | None = None  # max gradient bytes held before an optimizer step
         model = kwargs.get("model")
@@ -54,8 +54,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        if self.backend == "fsdp":
-            enable_fsdp(self, mesh=self.fsdp_mesh)
+        self.backend.after_accelerator(self, world_size=self.args.world_size, local_world_size=self.local_world_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._plain_lm_head_loss:
@@ -81,7 +80,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
     def _prepare_for_training(self, *args, **kwargs):
         model, dataloader = super()._prepare_for_training(*args, **kwargs)
         # The model is wrapped now: fail here if the requested backend did not apply.
-        self.backend_info = wrapper_info(self, requested=self.backend, world_size=self.args.world_size)
+        self.backend_info = self.backend.verify(self, world_size=self.args.world_size)
         if self.is_deepspeed_enabled:
             watch_deepspeed_grads(self)
         return model, dataloader

@@ -85,7 +85,7 @@ def test_backend_options_merge_over_the_file():
 
     cfg = load_config(QUICKSTART, ["backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}",
                                    "backend.options={zero_optimization: {reduce_bucket_size: 1000}}"])
-    ds = backend_file(cfg)
+    ds = backend_file(cfg, shipped="configs/deepspeed/zero{1,2,3}.json")
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
     assert ds["zero_optimization"]["stage"] == 3  # the rest of the nested mapping is kept
     text = problems("backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}",
