@@ -16,6 +16,7 @@ from sft_dist.backends import Backend
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads
 from sft_dist.config.batch import global_batch
 from sft_dist.train.hooks import CheckpointHooks
+from sft_dist.train.seams import check_private_seams
 
 
 log = logging.getLogger("sft_dist")
@@ -26,6 +27,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
     def __init__(self, *args, backend: Backend, local_world_size: int = 1, trace_path: Path | None = None,
                  **kwargs):
+        check_private_seams()  # an upgrade that moved an overridden private method fails here, not silently
         # read by create_accelerator_and_postprocess, which super().__init__ calls
         self.backend = backend
         self.local_world_size = local_world_size
