@@ -19,9 +19,9 @@ from transformers.trainer_utils import seed_worker
 from sft_dist.checkpoint.save import Checkpointing, save_checkpoint
 from sft_dist.checkpoint.shards import load_shards
 from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
-from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler, WithPlaceholder
-from sft_dist.data.stream import StreamingTrain, StreamLoader, StreamSource
-from sft_dist.errors import SftDistError
+from sft_dist.data.loader import Geometry, LoaderOptions, train_loader
+from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler
+from sft_dist.data.stream import StreamingTrain, StreamLoader
 from sft_dist.train.state import TrainState
 
 log = logging.getLogger("sft_dist")
@@ -42,41 +42,24 @@ def _patched(module, **names):
 class CheckpointHooks:
     checkpointing: Checkpointing | None = None
     resume_manifest: dict | None = None
-    train_sampler: GlobalBatchSampler | None = None
+    train_sampler: GlobalBatchSampler | StreamingTrain | None = None  # the loader's position (data/loader.py)
     resume_s: float | None = None  # seconds this rank spent loading the checkpoint's weights and train state
 
     # --- data: the global sample order with a world-size-independent cursor ---
     def get_train_dataloader(self):
         args = self.args
-        if isinstance(self.train_dataset, StreamSource):
-            return self._stream_loader()
         strategy = str(getattr(args, "train_sampling_strategy", "random"))
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        self.train_sampler = sampler = GlobalBatchSampler(
-            len(self.train_dataset), micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
-            world=args.world_size, rank=args.process_index, seed=seed, shuffle=strategy == "random",
+        loader, self.train_sampler = train_loader(
+            self.train_dataset, collate=self.data_collator,
+            geometry=Geometry(micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
+                              world=args.world_size, rank=args.process_index),
+            seed=args.data_seed if args.data_seed is not None else args.seed, shuffle=strategy == "random",
+            options=LoaderOptions(
+                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
+                worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)),
         )
-        if sampler.num_samples == 0:
-            raise SftDistError("the training set has no samples")
-        log.info("%s", sampler.describe())
-        return CursorDataLoader(
-            WithPlaceholder(self.train_dataset), sampler,
-            collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-            persistent_workers=args.dataloader_persistent_workers if args.dataloader_num_workers else False,
-            prefetch_factor=args.dataloader_prefetch_factor,
-            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
-        )
-
-    def _stream_loader(self) -> StreamLoader:
-        args = self.args
-        data = StreamingTrain(self.train_dataset, micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
-                              world=args.world_size, rank=args.process_index)
-        self.train_sampler = data  # what checkpoints take the cursor from
-        log.info("%s", self.train_dataset.describe())
-        return StreamLoader(data, collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
-                            pin_memory=args.dataloader_pin_memory)
+        return loader
 
     def _skip_batches(self, dataloader, num_batches: int):
         if isinstance(dataloader, (CursorDataLoader, StreamLoader)):
