@@ -24,6 +24,7 @@ EPILOG = """examples:
   ray job submit --address http://HEAD:8265 -- sft-dist train CONFIG launcher.type=ray
   sft-dist generate outputs/quickstart --prompt "Qual é a capital de Portugal?"
   sft-dist export outputs/quickstart --output outputs/quickstart-merged --merge
+  sft-dist warm &   # then: export SFT_DIST_WARM=<the socket it prints>; local workers start pre-imported
 """
 
 
@@ -118,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.yaml)")
     g.add_argument("--json", action="store_true", help="print JSON lines")
 
+    w = sub.add_parser(
+        "warm",
+        help="keep a pre-imported template that local launches fork their workers from (start-up in ~1 s)",
+        description="Import torch, transformers, peft, TRL and DeepSpeed once and wait on a Unix socket (only this "
+        "user may connect). A `sft-dist train` with launcher.type=local and SFT_DIST_WARM=SOCKET in its "
+        "environment forks its workers from it instead of starting Python processes that import all of it again. "
+        "Runs in the foreground until SIGTERM/Ctrl-C, or until code it imported changes on disk. A launch whose "
+        "environment differs (a variable a library may read at import) starts its workers cold and says why.",
+    )
+    w.add_argument("--socket", type=Path, help="socket path (default: $XDG_RUNTIME_DIR/sft-dist-warm.sock, else "
+                   "/tmp/sft-dist-UID/sft-dist-warm.sock)")
+
     from sft_dist.export.run import add_export_parser
 
     add_export_parser(sub)
@@ -141,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "report":
             return _run_report(args)
+        if args.command == "warm":
+            from sft_dist.distributed.warm import default_socket, serve
+
+            return serve(args.socket or default_socket())
         if args.command == "export":
             from sft_dist.export.run import run_export
 

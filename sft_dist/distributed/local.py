@@ -1,7 +1,8 @@
 """The local launcher: N worker processes on this machine, a real rendezvous, failures propagated.
 
 Each worker runs the same `sft-dist train` command line with the torch.distributed environment set,
-exactly as torchrun would start it, so the two launchers run identical code.
+exactly as torchrun would start it, so the two launchers run identical code. With SFT_DIST_WARM naming a
+`sft-dist warm` socket, the workers are forked from that pre-imported template instead (distributed/warm.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from sft_dist.config.schema import LauncherConfig
 from sft_dist.distributed.env import default_threads
+from sft_dist.distributed.warm import ENV_VAR as WARM_ENV
+from sft_dist.distributed.warm import WarmUnavailable, WarmWorker
 
 GRACE_S = 10.0
 # After a worker failed: the others cannot finish a step or a checkpoint without it (every collective
@@ -69,7 +72,8 @@ def launch_local(launcher: LauncherConfig, worker_argv: list[str], *, stop_grace
     port = launcher.master_port or free_port(launcher.master_addr)
     threads = launcher.threads_per_worker or default_threads(n)
     errdir = Path(tempfile.mkdtemp(prefix="sft-dist-errors-"))
-    procs: list[subprocess.Popen] = []
+    procs: list = []  # subprocess.Popen, or WarmWorker with the same interface
+    warm = os.environ.get(WARM_ENV)
     for rank in range(n):
         env = dict(os.environ)
         env.update(
@@ -84,6 +88,13 @@ def launch_local(launcher: LauncherConfig, worker_argv: list[str], *, stop_grace
             SFT_DIST_ERROR_FILE=str(errdir / f"rank{rank}.json"),
             PYTHONUNBUFFERED="1",
         )
+        if warm:
+            try:
+                procs.append(WarmWorker(warm, worker_argv, env))
+                continue
+            except WarmUnavailable as e:
+                print(f"sft-dist: warm start unavailable ({e}): starting the workers cold", file=sys.stderr)
+                warm = None
         procs.append(subprocess.Popen([sys.executable, "-m", "sft_dist", *worker_argv], env=env))
 
     stop = {"signal": None}
@@ -130,7 +141,7 @@ def _read_error(path: Path) -> dict | None:
         return None
 
 
-def _stop_all(procs: list[subprocess.Popen], *, grace_s: float = GRACE_S) -> None:
+def _stop_all(procs: list, *, grace_s: float = GRACE_S) -> None:
     """SIGTERM the workers still running (peers of a failed rank would hang in a collective), then SIGKILL."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:

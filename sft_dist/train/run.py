@@ -116,7 +116,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
     log.info(
         "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
-        env.world_size, env.launched_by, device, backend.label, threads, out,
+        env.world_size, env.launched_by + (", forked warm" if os.environ.get("SFT_DIST_WARM_TEMPLATE") else ""),
+        device, backend.label, threads, out,
     )
     if env.launched_by not in ("local", "none") and cfg.launcher.num_workers not in (1, env.world_size):
         log.info("launcher.num_workers=%d does not apply: %s started %d workers",

@@ -23,7 +23,7 @@ from sft_dist.distributed.health import (
 )
 from sft_dist.distributed.local import free_port
 from sft_dist.distributed.rendezvous import Member
-from tests.conftest import BIN, QUICKSTART, cli_env
+from tests.conftest import BIN, QUICKSTART, cli_env, cold_env
 
 WORKER = Path(__file__).with_name("health_worker.py")
 RUN_PY = Path(__file__).resolve().parents[2] / "sft_dist" / "train" / "run.py"
@@ -148,7 +148,7 @@ def start_training(out: Path, *overrides: str):
     the launcher process and its workers by rank."""
     proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
                              "training.max_steps=100000", "training.eval_strategy=no", "launcher.timeout_s=10",
-                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cold_env())
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.stat().st_size > 0):

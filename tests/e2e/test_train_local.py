@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, QUICKSTART, cli_env
+from tests.conftest import BIN, QUICKSTART, cli_env, cold_env
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +217,7 @@ def test_killed_worker_stops_the_job_without_a_hang(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}",
                              "training.max_steps=100000", "training.eval_strategy=no"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cold_env())
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0):

@@ -17,7 +17,7 @@ import pytest
 
 from sft_dist.compare import compare
 from sft_dist.rundir.lock import LOCK
-from tests.conftest import BIN, QUICKSTART, cli_env
+from tests.conftest import BIN, QUICKSTART, cli_env, cold_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def sft_dist(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={out}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cold_env())
 
 
 def wait_for(cond, *, timeout: float = 240, proc: subprocess.Popen | None = None) -> None:

@@ -1,0 +1,437 @@
+"""Warm worker start for the local launcher: a template process that has already imported torch, transformers,
+peft, TRL and DeepSpeed forks each worker, so a worker starts in a fraction of a second instead of paying ~8 s of
+imports (2-core CPU) on every `sft-dist train`. For the edit-run loop on a laptop and for test suites.
+
+    sft-dist warm &                          # prints the socket; stays in the foreground
+    export SFT_DIST_WARM=/run/user/1000/sft-dist-warm.sock
+    sft-dist train CONFIG                    # launcher.type=local: workers forked warm
+
+What a forked worker shares with the template is imports only: the template never runs a tensor op (no OpenMP
+pool), never initialises CUDA, has one Python thread, and its environment equals the worker's except for the
+per-worker keys the launcher sets. Anything else and the launcher starts its workers cold (`python -m sft_dist`)
+and says why: an environment variable a library read at import time may differ (HF_HOME, a token, ...), or code
+changed on disk since the template imported it (then the template exits: start it again). The worker then runs
+the same `sft_dist.cli.main` as a cold one; its loss curve and weights are bitwise those of a cold start.
+
+The socket is a Unix socket in a directory only its owner can enter, and a connection from another user is
+refused (SO_PEERCRED): it runs `sft-dist` commands as the user who started it, nothing else.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import logging
+import os
+import runpy
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("sft_dist")
+
+ENV_VAR = "SFT_DIST_WARM"
+TEMPLATE_ENV = "SFT_DIST_WARM_TEMPLATE"  # in a forked worker: the template's pid
+# What a worker imports on its way to the first step (a cold worker's `python -X importtime` of train/run, the
+# trainer, the export and the report); deepspeed only where installed.
+PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed",
+           "sft_dist.cli", "sft_dist.train.run", "sft_dist.train.trainer", "sft_dist.export.run",
+           "sft_dist.metrics.report")
+# Set by the local launcher for each worker, or read by sft_dist at run time (never at import): may differ from the
+# template's environment. PATH only steers subprocess lookups.
+PER_WORKER = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "PATH"})
+PER_WORKER_PREFIX = "SFT_DIST_"
+# What the shell the command came from sets for itself: differs between two terminals, read by no library here.
+SHELL_NOISE = frozenset({"SHLVL", "PWD", "OLDPWD", "_", "COLUMNS", "LINES", "PS1", "PS2", "PROMPT_COMMAND",
+                         "LS_COLORS", "HISTFILE", "HISTSIZE", "HISTFILESIZE", "WINDOWID", "STY", "TERM_SESSION_ID"})
+SHELL_NOISE_PREFIXES = ("SSH_", "TMUX", "TERM", "XDG_SESSION", "GPG_TTY")
+# Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+_HEADER = struct.Struct("!I")
+
+
+class WarmUnavailable(Exception):
+    """The template cannot start this worker; the launcher starts it cold. The message says why."""
+
+
+def default_socket() -> Path:
+    """$XDG_RUNTIME_DIR/sft-dist-warm.sock, else a per-user directory under the temp dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and Path(runtime).is_dir() else Path("/tmp") / f"sft-dist-{os.getuid()}"
+    return base / "sft-dist-warm.sock"
+
+
+def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[str, str]) -> list[str]:
+    """The keys (names only: values may be secrets) on which a worker's environment differs from the template's,
+    other than the per-worker ones. `before`/`after`: the template's environment before and after its imports (which
+    set keys of their own, as they do in the launcher and in a cold worker): a worker may have either value."""
+    keys = set(before) | set(after) | set(worker)
+    return sorted(k for k in keys if k not in PER_WORKER and k not in SHELL_NOISE
+                  and not k.startswith((PER_WORKER_PREFIX, *SHELL_NOISE_PREFIXES))
+                  and worker.get(k) not in {before.get(k), after.get(k)})
+
+
+def worker_environ(before: dict[str, str], after: dict[str, str], worker: dict[str, str]) -> dict[str, str]:
+    """The worker's environment, plus what the template's imports set that it lacks: what a cold worker's own
+    imports would have set."""
+    added = {k: v for k, v in after.items() if k not in before and k not in worker}
+    return {**worker, **added}
+
+
+# ---- the launcher's side -------------------------------------------------------------------------------------
+
+
+class WarmWorker:
+    """A worker forked by the template, driven like `subprocess.Popen` (poll, wait, send_signal, kill, returncode).
+    Its exit status comes over the connection; the template kills it if this process goes away."""
+
+    def __init__(self, path: str | os.PathLike, argv: list[str], env: dict[str, str], *, cwd: str | None = None):
+        self.returncode: int | None = None
+        self.args = argv
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(), "python": sys.executable,
+                              "launcher_pid": os.getpid()}).encode()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(30)
+            self._sock.connect(os.fspath(path))
+            socket.send_fds(self._sock, [_HEADER.pack(len(request))], [0, 1, 2])
+            self._sock.sendall(request)
+            reply = self._read_line()
+        except OSError as e:
+            self._sock.close()
+            raise WarmUnavailable(f"no warm template at {path} ({e.strerror or e})") from e
+        if "refused" in reply:
+            self._sock.close()
+            raise WarmUnavailable(reply["refused"])
+        self.pid = int(reply["pid"])
+        self._sock.setblocking(False)
+
+    def _read_line(self) -> dict:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the warm template closed the connection")
+            buf += chunk
+        return json.loads(buf)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                data = self._sock.recv(4096)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            # The template gone before it could report: the worker is gone with it (killed, see _serve_child)
+            self.returncode = json.loads(data)["exit"] if data else -signal.SIGKILL
+            self._sock.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+# ---- the template ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Template:
+    listener: socket.socket
+    env: dict[str, str]  # before the imports
+    env_after: dict[str, str]
+    mtimes: dict[str, float]
+    children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its launcher's connection
+    stale: str | None = None
+
+
+def preload() -> list[str]:
+    """Import what a worker needs, without running anything: returns the modules not installed."""
+    missing = []
+    if not _has_cuda_driver():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what run() sets on CPU; else DeepSpeed warns at import
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 - the report's charts
+
+    return missing
+
+
+def _has_cuda_driver() -> bool:
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia"))
+
+
+def _loaded_files() -> dict[str, float]:
+    files = {}
+    for mod in list(sys.modules.values()):
+        path = getattr(mod, "__file__", None)
+        if path and os.path.isfile(path):
+            files[path] = os.stat(path).st_mtime
+    return files
+
+
+def _changed(mtimes: dict[str, float]) -> str | None:
+    for path, mtime in mtimes.items():
+        try:
+            if os.stat(path).st_mtime != mtime:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _native_threads() -> list[str]:
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for t in tasks:
+        try:
+            names.append(Path(f"/proc/self/task/{t}/comm").read_text().strip())
+        except OSError:
+            pass
+    return [n for n in names if n not in FORK_SAFE_THREADS][1:]  # the first is the main thread
+
+
+def _fork_unsafe() -> str | None:
+    import threading
+
+    import torch
+
+    if threading.active_count() > 1:
+        return f"the template runs {threading.active_count()} Python threads"
+    extra = _native_threads()
+    if extra:
+        return f"the template runs native threads ({', '.join(extra)})"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "CUDA is initialised in the template"
+    return None
+
+
+def serve(path: Path, *, ready=None) -> int:
+    """Run the template until SIGTERM/SIGINT or until code it imported changes on disk. Returns the exit code."""
+    env = dict(os.environ)  # as the user set it: imports add their own keys, as they will in a cold worker
+    # A CPU op during an import (DeepSpeed's CPU accelerator) would start OpenMP's pool, whose threads a fork does
+    # not copy; each worker sets its own thread count (run() -> torch.set_num_threads)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    missing = preload()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.fspath(path))
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    gc.collect()
+    gc.freeze()  # the imports' objects: never scanned again, in the template or in a worker (and not copied)
+    t = _Template(listener, env, dict(os.environ), _loaded_files())
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    print(f"sft-dist warm: ready (pid {os.getpid()}, {len(sys.modules)} modules imported"
+          + (f"; not installed: {', '.join(missing)}" if missing else "") + f")\nexport {ENV_VAR}={path}",
+          flush=True)
+    if ready is not None:
+        ready()
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    try:
+        while stop["signal"] is None and not (t.stale and not t.children):
+            for key, _ in sel.select(timeout=0.1):
+                if key.fileobj is listener:
+                    conn, _ = listener.accept()
+                    _accept(t, conn, sel)
+                else:  # a launcher's connection: it sends nothing after the request, so this is its end
+                    _launcher_gone(t, key.fileobj, sel)
+            if t.stale and listener.fileno() != -1:  # no new workers from old code; those running finish
+                sel.unregister(listener)
+                listener.close()
+                path.unlink(missing_ok=True)
+            _reap(t, sel)
+    finally:  # stopped: the workers it forked stop with it (their launchers see them killed)
+        for pid in list(t.children):
+            _kill(pid)
+        _reap(t, sel, wait=True)
+        listener.close()
+        path.unlink(missing_ok=True)
+    if t.stale:
+        print(f"sft-dist warm: {t.stale} changed on disk since the template imported it: exiting (start "
+              f"`sft-dist warm` again to use the new code)", file=sys.stderr, flush=True)
+    return 0
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[2]
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    conn.settimeout(10)
+    head, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+    (size,) = _HEADER.unpack(head)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ConnectionError("request cut short")
+        body += chunk
+    return json.loads(body), fds
+
+
+def _refusal(t: _Template, req: dict) -> str | None:
+    if req.get("python") != sys.executable:
+        return f"the template runs {sys.executable}, this launcher {req.get('python')}"
+    diff = env_difference(t.env, t.env_after, req["env"])
+    if diff:
+        return (f"the environment differs from the template's in {', '.join(diff[:8])}"
+                + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "") + " (libraries read it at import)")
+    changed = _changed(t.mtimes)
+    if changed:
+        t.stale = changed
+        return f"{changed} changed on disk since the template imported it"
+    return _fork_unsafe()
+
+
+def _accept(t: _Template, conn: socket.socket, sel: selectors.BaseSelector) -> None:
+    fds: list[int] = []
+    try:
+        if hasattr(socket, "SO_PEERCRED") and _peer_uid(conn) != os.getuid():
+            conn.close()
+            return
+        req, fds = _recv_request(conn)
+        why = _refusal(t, req) if len(fds) == 3 else "the launcher sent no stdin/stdout/stderr"
+        if why:
+            conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
+            conn.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _serve_child(t, sel, conn, req, fds)  # never returns
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        t.children[pid] = conn
+        sel.register(conn, selectors.EVENT_READ, pid)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"sft-dist warm: a request failed: {e}", file=sys.stderr, flush=True)
+        conn.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _launcher_gone(t: _Template, conn, sel: selectors.BaseSelector) -> None:
+    """The launcher closed its end (exited, or was killed): its worker must not train on alone."""
+    pid = sel.get_key(conn).data
+    sel.unregister(conn)
+    if pid in t.children:
+        _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(t: _Template, sel: selectors.BaseSelector, *, wait: bool = False) -> None:
+    while t.children:
+        try:
+            pid, status = os.waitpid(-1, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = t.children.pop(pid, None)
+        if conn is None:
+            continue
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        try:
+            conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+        except OSError:
+            pass
+        conn.close()
+
+
+def _serve_child(t: _Template, sel: selectors.BaseSelector, conn: socket.socket, req: dict, fds: list[int]) -> None:
+    """In the forked worker: become what `python -m sft_dist ARGV` started by the launcher would be, run it, exit."""
+    rc = 1
+    try:
+        sel.close()
+        t.listener.close()
+        conn.close()
+        for other in t.children.values():
+            other.close()
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for s in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(s, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(worker_environ(t.env, t.env_after, req["env"]))
+        os.environ[TEMPLATE_ENV] = str(os.getppid())  # this worker was forked warm (its start-up line says so)
+        # sys.stdout/err (and handlers libraries bound to them at import) now write to the launcher's fds
+        if req["env"].get("PYTHONUNBUFFERED"):
+            sys.stdout.reconfigure(line_buffering=True, write_through=True)
+            sys.stderr.reconfigure(line_buffering=True, write_through=True)
+        sys.argv = ["-m", *req["argv"]]  # run_module puts the module's path first, as `python -m` does
+        sys.path[0] = req["cwd"]  # what `python -m` puts first
+        runpy.run_module("sft_dist", run_name="__main__", alter_sys=True)  # sft_dist/__main__.py: SystemExit(rc)
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a worker's crash is its exit code, as in a cold process
+        traceback.print_exc()
+        rc = 1
+    finally:
+        try:
+            atexit._run_exitfuncs()  # what interpreter shutdown would run (flushes, trackers)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(rc if isinstance(rc, int) else 1)
