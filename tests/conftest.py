@@ -92,7 +92,7 @@ def data_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def warm_template(data_cache, tmp_path_factory):
+def warm_template(data_cache, tmp_path_factory, request):
     """One `sft-dist warm` template for the session: the local launches of every test fork their workers from it
     (~1 s to the first step instead of ~10 s of imports per launch on 2 cores). A launch whose environment differs
     from the session's starts cold, as a user's would. tests/distributed/test_warm.py checks that a warm and a cold
@@ -100,7 +100,8 @@ def warm_template(data_cache, tmp_path_factory):
     runs the whole suite cold. Stopped by PID at the end of the session."""
     import subprocess
 
-    if os.environ.get("SFT_DIST_TEST_COLD") == "1":
+    launches = any(item.get_closest_marker("slow") for item in request.session.items)
+    if os.environ.get("SFT_DIST_TEST_COLD") == "1" or not launches:  # make test-fast starts no process
         yield None
         return
     import time
@@ -127,3 +128,16 @@ def warm_template(data_cache, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    # In the terminal summary: how many workers started warm, and why any launch could not
+    lines = log.read_text().splitlines()
+    WARM_SUMMARY.extend(sorted({x for x in lines if "refused a worker" in x}) + [x for x in lines if "stopped;" in x])
+
+
+WARM_SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if WARM_SUMMARY:
+        terminalreporter.write_sep("-", "sft-dist warm template")
+        for line in WARM_SUMMARY:
+            terminalreporter.write_line(line[:300])

@@ -13,9 +13,9 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sft_dist.checkpoint.manifest import (
     FORMAT,
@@ -27,38 +27,15 @@ from sft_dist.checkpoint.manifest import (
     list_files,
     verify,
 )
-from sft_dist.checkpoint.shards import save_shards, shard_format
+from sft_dist.checkpoint.shards import shard_io
 from sft_dist.checkpoint.state import rng_file, rng_state, save_pt
-from sft_dist.checkpoint.store import Store
 from sft_dist.sizes import format_bytes
+
+if TYPE_CHECKING:
+    from sft_dist.checkpoint.manager import CheckpointManager
 
 log = logging.getLogger("sft_dist")
 LATEST = "latest"
-
-
-@dataclass
-class Checkpointing:
-    """What the trainer needs to save and resume: where, who it is, and what to record."""
-
-    store: Store
-    rank: int
-    world_size: int
-    staging: Path  # local scratch for remote stores (per-rank subdirectories)
-    config_yaml: str  # the run's resolved config, secrets redacted
-    config_hash: str
-    backend: str
-    zero_stage: int | None = None
-    keep_last: int | None = None
-    keep_best: bool = True
-    storage_options: dict | None = None
-    saved: list[str] = field(default_factory=list)
-    last_bytes: int | None = None  # size of the newest checkpoint written
-    last_save_s: float | None = None  # its wall seconds on this rank: what training waited
-
-    def local_dir_for(self, work: str) -> Path:
-        if self.store.local:
-            return Path(self.store.path(work))
-        return self.staging / f"{work}-rank{self.rank}"
 
 
 def _barrier(world_size: int) -> None:
@@ -78,7 +55,7 @@ def _all_gather(world_size: int, value) -> list:
     return out
 
 
-def save_checkpoint(trainer, ck: Checkpointing, *, train_state: dict) -> str:
+def save_checkpoint(trainer, ck: CheckpointManager, *, train_state: dict) -> str:
     """Save the trainer's shards, RNG and scheduler, with `train_state` (`train/state.py` TrainState.state_dict():
     data cursor, batch geometry, token counters) in the manifest. Collective: every rank calls it."""
     t0 = time.perf_counter()
@@ -94,7 +71,7 @@ def save_checkpoint(trainer, ck: Checkpointing, *, train_state: dict) -> str:
         shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True, exist_ok=True)
 
-    save_shards(trainer, local_dir, step)
+    shard_io(ck.shard_format).save(trainer, local_dir, step)
     _fault_point(step, ck.rank)
     save_pt(rng_state(), local_dir / rng_file(ck.rank))
     if ck.rank == 0:
@@ -142,7 +119,7 @@ def _fault_point(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _save_rank0_state(trainer, local_dir: Path, ck: Checkpointing) -> None:
+def _save_rank0_state(trainer, local_dir: Path, ck: CheckpointManager) -> None:
     from transformers.trainer_callback import ExportableState
 
     scaler = getattr(trainer.accelerator, "scaler", None)
@@ -159,7 +136,7 @@ def _save_rank0_state(trainer, local_dir: Path, ck: Checkpointing) -> None:
     (local_dir / "config.yaml").write_text(ck.config_yaml, encoding="utf-8")
 
 
-def _manifest(trainer, ck: Checkpointing, step: int, files: dict, train_state: dict) -> dict:
+def _manifest(trainer, ck: CheckpointManager, step: int, files: dict, train_state: dict) -> dict:
     # ds_numel: a ZeRO-3 parameter is an empty placeholder outside forward; FSDP2 DTensors report the full size.
     trainable = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                     for p in trainer.model.parameters() if p.requires_grad)
@@ -172,7 +149,7 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict, train_state: d
         **train_state,
         "backend": ck.backend,
         "zero_stage": ck.zero_stage,
-        "shard_format": shard_format(trainer),
+        "shard_format": ck.shard_format,
         "config_hash": ck.config_hash,
         "best_global_step": trainer.state.best_global_step,
         "best_metric": trainer.state.best_metric,
@@ -181,7 +158,7 @@ def _manifest(trainer, ck: Checkpointing, step: int, files: dict, train_state: d
     }
 
 
-def _set_best(trainer, ck: Checkpointing) -> None:
+def _set_best(trainer, ck: CheckpointManager) -> None:
     best = trainer.state.best_global_step
     if best:
         name = checkpoint_name(best)
@@ -189,7 +166,7 @@ def _set_best(trainer, ck: Checkpointing) -> None:
             trainer.state.best_model_checkpoint = ck.store.display(name)
 
 
-def _retain(trainer, ck: Checkpointing, *, current: str) -> list[str]:
+def _retain(trainer, ck: CheckpointManager, *, current: str) -> list[str]:
     """Keep the newest `keep_last` complete checkpoints and the best one; delete the rest (older only)."""
     if ck.keep_last is None:
         return []

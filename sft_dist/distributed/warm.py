@@ -54,6 +54,10 @@ PER_WORKER_PREFIX = "SFT_DIST_"
 SHELL_NOISE = frozenset({"SHLVL", "PWD", "OLDPWD", "_", "COLUMNS", "LINES", "PS1", "PS2", "PROMPT_COMMAND",
                          "LS_COLORS", "HISTFILE", "HISTSIZE", "HISTFILESIZE", "WINDOWID", "STY", "TERM_SESSION_ID"})
 SHELL_NOISE_PREFIXES = ("SSH_", "TMUX", "TERM", "XDG_SESSION", "GPG_TTY")
+# What libraries set for themselves when imported (in the launcher, and in a cold worker alike) where the template
+# did not import them: a launcher that imported tensorboardX (report_to tensorboard) passes its key on.
+SET_BY_IMPORTS = frozenset({"CRC32C_SW_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR",
+                            "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
 # Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 _HEADER = struct.Struct("!I")
@@ -77,7 +81,8 @@ def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[s
     keys = set(before) | set(after) | set(worker)
     return sorted(k for k in keys if k not in PER_WORKER and k not in SHELL_NOISE
                   and not k.startswith((PER_WORKER_PREFIX, *SHELL_NOISE_PREFIXES))
-                  and worker.get(k) not in {before.get(k), after.get(k)})
+                  and worker.get(k) not in {before.get(k), after.get(k)}
+                  and not (k in SET_BY_IMPORTS and k not in before and k not in after))
 
 
 def worker_environ(before: dict[str, str], after: dict[str, str], worker: dict[str, str]) -> dict[str, str]:
@@ -170,6 +175,8 @@ class _Template:
     mtimes: dict[str, float]
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its launcher's connection
     stale: str | None = None
+    served: int = 0
+    refused: int = 0
 
 
 def preload() -> list[str]:
@@ -293,6 +300,7 @@ def serve(path: Path, *, ready=None) -> int:
         _reap(t, sel, wait=True)
         listener.close()
         path.unlink(missing_ok=True)
+    print(f"sft-dist warm: stopped; forked {t.served} worker(s), refused {t.refused}", flush=True)
     if t.stale:
         print(f"sft-dist warm: {t.stale} changed on disk since the template imported it: exiting (start "
               f"`sft-dist warm` again to use the new code)", file=sys.stderr, flush=True)
@@ -340,6 +348,8 @@ def _accept(t: _Template, conn: socket.socket, sel: selectors.BaseSelector) -> N
         req, fds = _recv_request(conn)
         why = _refusal(t, req) if len(fds) == 3 else "the launcher sent no stdin/stdout/stderr"
         if why:
+            print(f"sft-dist warm: refused a worker: {why}", file=sys.stderr, flush=True)
+            t.refused += 1
             conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
             conn.close()
             return
@@ -350,6 +360,7 @@ def _accept(t: _Template, conn: socket.socket, sel: selectors.BaseSelector) -> N
             _serve_child(t, sel, conn, req, fds)  # never returns
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         t.children[pid] = conn
+        t.served += 1
         sel.register(conn, selectors.EVENT_READ, pid)
     except (OSError, ValueError, KeyError) as e:
         print(f"sft-dist warm: a request failed: {e}", file=sys.stderr, flush=True)

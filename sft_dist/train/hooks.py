@@ -16,9 +16,7 @@ from pathlib import Path
 import transformers.trainer as hf_trainer
 from transformers.trainer_utils import seed_worker
 
-from sft_dist.checkpoint.save import Checkpointing, save_checkpoint
-from sft_dist.checkpoint.shards import load_shards
-from sft_dist.checkpoint.state import load_pt, rng_file, set_rng_state
+from sft_dist.checkpoint.manager import CheckpointManager
 from sft_dist.data.loader import Geometry, LoaderOptions, train_loader
 from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler
 from sft_dist.data.stream import StreamingTrain, StreamLoader
@@ -40,7 +38,7 @@ def _patched(module, **names):
 
 
 class CheckpointHooks:
-    checkpointing: Checkpointing | None = None
+    checkpointing: CheckpointManager | None = None
     resume_manifest: dict | None = None
     train_sampler: GlobalBatchSampler | StreamingTrain | None = None  # the loader's position (data/loader.py)
     resume_s: float | None = None  # seconds this rank spent loading the checkpoint's weights and train state
@@ -80,7 +78,7 @@ class CheckpointHooks:
         if self.checkpointing is None:
             return super()._save_checkpoint(model, trial)
         self.store_flos()
-        save_checkpoint(self, self.checkpointing, train_state=TrainState.of(self).state_dict())
+        self.checkpointing.save(self, train_state=TrainState.of(self).state_dict())
 
     # --- resume (HF calls these with the local checkpoint directory) ---
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -93,12 +91,7 @@ class CheckpointHooks:
             return super()._load_optimizer_and_scheduler(checkpoint)
         t0 = time.perf_counter()
         m = self.resume_manifest
-        load_shards(self, Path(checkpoint), m["step"])
-        state = load_pt(Path(checkpoint) / "train_state.pt")
-        self.lr_scheduler.load_state_dict(state["scheduler"])
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        self.checkpointing.restore(self, Path(checkpoint), m)
         train_state = TrainState()
         train_state.load_state_dict(m)
         train_state.apply(self)
@@ -112,22 +105,13 @@ class CheckpointHooks:
     def _load_rng_state(self, checkpoint):
         if self.checkpointing is None or checkpoint is None:
             return super()._load_rng_state(checkpoint)
-        path = Path(checkpoint) / rng_file(self.args.process_index)
-        if not path.exists():
+        if not self.checkpointing.restore_rng(Path(checkpoint)):
             log.warning("no RNG state for rank %d in the checkpoint (it had %d workers): this rank's random "
                         "streams (dropout) start fresh", self.args.process_index, self.resume_manifest["world_size"])
-            return
-        set_rng_state(load_pt(path))
 
     def _load_best_model(self):
         if self.checkpointing is None:
             return super()._load_best_model()
-        from sft_dist.checkpoint.resume import fetch, select
-
-        ck = self.checkpointing
-        point = select(ck.store, str(self.state.best_model_checkpoint), ck.storage_options)
-        local = fetch(point, rank=ck.rank, staging=ck.staging)
-        log.info("loading the best checkpoint %s (%s %s)", point.display, self.args.metric_for_best_model,
-                 self.state.best_metric)
-        load_shards(self, local, point.step, model_only=not self.is_deepspeed_enabled)
+        self.checkpointing.load_best(self, str(self.state.best_model_checkpoint),
+                                     metric=self.args.metric_for_best_model, value=self.state.best_metric)
 

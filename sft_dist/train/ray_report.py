@@ -42,7 +42,7 @@ class RayReport(TrainerCallback):
     """
 
     def __init__(self, *, send: Callable[[dict, str | None], None] | None = None):
-        self.checkpointing = None  # set by attach(): the run's Checkpointing (store + saved names)
+        self.checkpointing = None  # set by attach(): the run's CheckpointManager (store + saved names)
         self.latest: dict = {}  # every numeric key ever logged, at its latest value (loss, eval_loss, ...)
         self.step = 0
         self.is_main = False  # rank 0 attaches the pointer; the other ranks report the metrics without one

@@ -357,9 +357,9 @@ def _checkpointing(cfg: Config, backend: Backend, *, env: DistEnv):
     import tempfile
 
     from sft_dist.checkpoint.manifest import config_hash
-    from sft_dist.checkpoint.save import Checkpointing
+    from sft_dist.checkpoint.manager import CheckpointManager
 
-    return Checkpointing(
+    return CheckpointManager(
         store=_checkpoint_store(cfg),
         rank=env.rank,
         world_size=env.world_size,
@@ -368,6 +368,7 @@ def _checkpointing(cfg: Config, backend: Backend, *, env: DistEnv):
         config_yaml=dump_config(cfg),
         config_hash=config_hash(cfg),
         backend=backend.name,
+        shard_format=backend.shard_format,
         zero_stage=backend.zero_stage,
         keep_last=cfg.training.get("save_total_limit"),
         keep_best=cfg.checkpoint.keep_best,

@@ -18,7 +18,8 @@ from sft_dist.checkpoint.manifest import (
     verify,
 )
 from sft_dist.checkpoint.resume import ResumePoint, check_fit, resume_request, select
-from sft_dist.checkpoint.save import Checkpointing, _retain
+from sft_dist.checkpoint.manager import CheckpointManager
+from sft_dist.checkpoint.save import _retain
 from sft_dist.checkpoint.store import Store
 from sft_dist.config.load import dump_config, load_config
 from sft_dist.errors import ConfigError
@@ -115,7 +116,7 @@ def test_retention_keeps_the_last_k_and_the_best_and_deletes_only_older_ones(tmp
     for step in (5, 10, 15, 20, 25):
         make_checkpoint(tmp_path, step)
     (tmp_path / "checkpoint-30").mkdir()  # newer than the current save (an older checkpoint was resumed)
-    ck = Checkpointing(store=Store(str(tmp_path)), rank=0, world_size=1, staging=tmp_path / "s", config_yaml="",
+    ck = CheckpointManager(store=Store(str(tmp_path)), rank=0, world_size=1, staging=tmp_path / "s", config_yaml="",
                        config_hash="", backend="ddp", keep_last=2, keep_best=True)
     trainer = SimpleNamespace(state=SimpleNamespace(best_global_step=5))
     removed = _retain(trainer, ck, current="checkpoint-25")

@@ -17,7 +17,7 @@ class FakeCheckpointing:
     def __init__(self):
         self.saved: list[str] = []
 
-    class store:  # noqa: N801 - stands in for the Checkpointing's store
+    class store:  # noqa: N801 - stands in for the CheckpointManager's store
         @staticmethod
         def display(name: str) -> str:
             return f"/ckpt/{name}"
