@@ -39,7 +39,9 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
         return [("seconds to first step, embedded Ray (2 workers)", f"{m['ray']:.1f} s", f"torchrun {m['torchrun']:.1f} s",
                  f"{d['ray_over_torchrun']:.2f}x"),
                 ("seconds to first step, local launcher", f"{m['local']:.1f} s", f"torchrun {m['torchrun']:.1f} s",
-                 f"{m['local'] / m['torchrun']:.2f}x")]
+                 f"{m['local'] / m['torchrun']:.2f}x")] + (
+               [("seconds to first step, local launcher forked warm (`sft-dist warm`)", f"{m['local_warm']:.1f} s",
+                 f"local, cold {m['local']:.1f} s", f"{m['local_warm'] / m['local']:.2f}x")] if "local_warm" in m else [])
     if name == "ray_speed":
         m, r = d["median"], d["ratios"]
         rows = [(f"steady steps/s at logging_steps=1, embedded Ray (2 workers, {d['meta']['steps']} steps)",

@@ -91,6 +91,18 @@ def data_cache(tmp_path_factory):
         os.environ["SFT_DIST_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test gets the session's environment back afterwards: what one sets (a config's secrets exported for
+    the libraries, an import's own keys) reaches neither the next test's subprocesses nor the warm template's
+    comparison."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def warm_template(data_cache, tmp_path_factory, request):
     """One `sft-dist warm` template for the session: the local launches of every test fork their workers from it

@@ -257,6 +257,11 @@ def serve(path: Path, *, ready=None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"
     missing = preload()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.parent.stat().st_uid != os.getuid():  # someone else's directory: they could swap the socket
+        from sft_dist.errors import ConfigError
+
+        raise ConfigError(f"{path.parent} belongs to another user: give `sft-dist warm --socket` a path in a "
+                          "directory of your own")
     os.chmod(path.parent, 0o700)
     if path.exists() or path.is_symlink():
         path.unlink()
