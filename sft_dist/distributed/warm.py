@@ -56,8 +56,9 @@ SHELL_NOISE = frozenset({"SHLVL", "PWD", "OLDPWD", "_", "COLUMNS", "LINES", "PS1
 SHELL_NOISE_PREFIXES = ("SSH_", "TMUX", "TERM", "XDG_SESSION", "GPG_TTY")
 # What libraries set for themselves when imported (in the launcher, and in a cold worker alike) where the template
 # did not import them: a launcher that imported tensorboardX (report_to tensorboard) passes its key on.
+# mlflow names its telemetry session per process.
 SET_BY_IMPORTS = frozenset({"CRC32C_SW_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR",
-                            "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"})
+                            "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "_MLFLOW_TELEMETRY_SESSION_ID"})
 # Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 _HEADER = struct.Struct("!I")
