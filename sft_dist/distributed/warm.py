@@ -54,9 +54,9 @@ PER_WORKER_PREFIX = "SFT_DIST_"
 SHELL_NOISE = frozenset({"SHLVL", "PWD", "OLDPWD", "_", "COLUMNS", "LINES", "PS1", "PS2", "PROMPT_COMMAND",
                          "LS_COLORS", "HISTFILE", "HISTSIZE", "HISTFILESIZE", "WINDOWID", "STY", "TERM_SESSION_ID"})
 SHELL_NOISE_PREFIXES = ("SSH_", "TMUX", "TERM", "XDG_SESSION", "GPG_TTY")
-# What libraries set for themselves when imported (in the launcher, and in a cold worker alike) where the template
-# did not import them: a launcher that imported tensorboardX (report_to tensorboard) passes its key on.
-# mlflow names its telemetry session per process.
+# What libraries set for themselves when imported, in each process its own (in the launcher, the template, a cold
+# worker): a launcher that imported tensorboardX (report_to tensorboard) passes its key on; mlflow names its
+# telemetry session per process. Any value is accepted.
 SET_BY_IMPORTS = frozenset({"CRC32C_SW_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR",
                             "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "_MLFLOW_TELEMETRY_SESSION_ID"})
 # Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
@@ -82,8 +82,7 @@ def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[s
     keys = set(before) | set(after) | set(worker)
     return sorted(k for k in keys if k not in PER_WORKER and k not in SHELL_NOISE
                   and not k.startswith((PER_WORKER_PREFIX, *SHELL_NOISE_PREFIXES))
-                  and worker.get(k) not in {before.get(k), after.get(k)}
-                  and not (k in SET_BY_IMPORTS and k not in before and k not in after))
+                  and k not in SET_BY_IMPORTS and worker.get(k) not in {before.get(k), after.get(k)})
 
 
 def worker_environ(before: dict[str, str], after: dict[str, str], worker: dict[str, str]) -> dict[str, str]:
@@ -160,9 +159,6 @@ class WarmWorker:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
 
 # ---- the template ------------------------------------------------------------------------------------------
