@@ -137,8 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The commands that import torch and transformers in this process: with a warm template they run forked from it.
+WARM_COMMANDS = frozenset({"train", "plan", "preprocess", "generate", "export"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in WARM_COMMANDS and _may_run_warm():
+        from sft_dist.distributed.warm import run_command
+
+        code = run_command(sys.argv[1:])
+        if code is not None:
+            return code
     try:
         if args.command == "train":
             return _train(args)
@@ -165,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except SftDistError as e:
         return _report(e)
     return 2
+
+
+def _may_run_warm() -> bool:
+    """A command typed by the user (or a script) with SFT_DIST_WARM set, not a rank a launcher started (the local
+    launcher forks its own workers; torchrun's and Ray's stay theirs)."""
+    env = os.environ
+    return bool(env.get("SFT_DIST_WARM")) and not any(
+        k in env for k in ("SFT_DIST_WARM_TEMPLATE", "RANK", "TORCHELASTIC_RUN_ID", "SFT_DIST_LAUNCHER"))
 
 
 def _train(args) -> int:

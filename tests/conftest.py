@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
 BIN = Path(sys.executable).parent
 DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
+# DeepSpeed's compiled CPU ops live with the venv (the Makefile builds them there with the venv): a build embeds the
+# venv's paths, and checkouts sharing ~/.cache/torch_extensions would rebuild each other's (~100 s).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def backend(name: str) -> list[str]:

@@ -161,6 +161,34 @@ class WarmWorker:
         self.send_signal(signal.SIGKILL)
 
 
+# Signals a user or a scheduler sends the command: passed on to the forked process, which handles them as a cold
+# one would (SIGTERM: checkpoint and stop; SIGINT: interrupted).
+RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def run_command(argv: list[str]) -> int | None:
+    """A whole `sft-dist` command (export, generate, plan, the launcher of a train), forked from the template at
+    $SFT_DIST_WARM: this process only passes signals on and returns the command's exit status. None when there is
+    no template to use, or it refused (the reason on stderr): the caller then runs the command itself, cold."""
+    path = os.environ.get(ENV_VAR)
+    if not path or TEMPLATE_ENV in os.environ:
+        return None
+    try:
+        child = WarmWorker(path, argv, dict(os.environ))
+    except WarmUnavailable as e:
+        print(f"sft-dist: warm start unavailable ({e}): running cold", file=sys.stderr, flush=True)
+        return None
+    for s in RELAYED:
+        signal.signal(s, lambda signum, _frame: child.send_signal(signum))
+    code = child.wait()
+    if code < 0:  # killed by a signal: end the same way, so a shell or scheduler sees what a cold run shows
+        for s in RELAYED:
+            signal.signal(s, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
 # ---- the template ------------------------------------------------------------------------------------------
 
 

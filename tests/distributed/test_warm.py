@@ -1,6 +1,7 @@
 """Warm worker start (distributed/warm.py): which environments a template may serve, and, with the session's template
 (tests/conftest.py), that a worker forked warm trains bitwise like a cold one, that a launch it cannot serve starts
-cold and names the variable (never its value), and that a killed launcher takes its warm workers with it."""
+cold and names the variable (never its value), that a killed launcher takes its warm workers with it, and that a
+one-process command (a one-worker train, export) runs whole in a forked child, ending as a cold one would."""
 
 from __future__ import annotations
 
@@ -106,15 +107,46 @@ def test_kill_9_of_a_warm_launcher_takes_its_workers_and_the_template_serves_on(
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0):
             assert p.poll() is None and time.monotonic() < deadline, "training never started"
             time.sleep(0.1)
-        workers = template.children()
-        assert len(workers) == 2  # forked by the template, not started by the launcher
-        assert not [c for c in psutil.Process(p.pid).children() if "python" in c.name()]
+        forked = template.children()
+        assert len(forked) == 3  # the launcher and its 2 workers, all forked by the template
+        assert not psutil.Process(p.pid).children()  # the command itself only relays
         p.send_signal(signal.SIGKILL)
         p.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=10)
+        gone, alive = psutil.wait_procs(forked, timeout=10)
         assert not alive, [w.pid for w in alive]
     finally:
         p.kill()
     assert template.is_running() and template.status() != psutil.STATUS_ZOMBIE
     r = train(tmp_path / "again", cli_env(), "training.max_steps=2")
     assert r.returncode == 0 and "(local, forked warm)" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_one_process_command_runs_forked_and_ends_as_a_cold_one_would(tmp_path, warm_template):
+    if warm_template is None:
+        pytest.skip("the suite runs cold (SFT_DIST_TEST_COLD=1)")
+    one = ("launcher.num_workers=1", "training.max_steps=2")
+    warm, cold = train(tmp_path / "warm", cli_env(), *one), train(tmp_path / "cold", cold_env(), *one)
+    assert warm.returncode == 0 and cold.returncode == 0, warm.stderr[-3000:] + cold.stderr[-3000:]
+    assert "1 worker(s) (none, forked warm)" in warm.stderr and "1 worker(s) (none)," in cold.stderr
+    name = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "warm" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes()
+    # a command that fails: its message reaches the caller's stderr, its exit status the caller
+    r = subprocess.run([str(BIN / "sft-dist"), "export", str(tmp_path / "warm"), "--output", str(tmp_path / "cold")],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert r.returncode == 1 and "is not empty" in r.stderr, r.stderr[-2000:]
+    # the forked process killed: the command ends by the same signal
+    template = psutil.Process(int(warm_template.pid))
+    before = {c.pid for c in template.children()}
+    p = subprocess.Popen([str(BIN / "sft-dist"), "train", str(QUICKSTART), f"output_dir={tmp_path / 'long'}",
+                          "launcher.num_workers=1", "training.max_steps=100000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not (forked := [c for c in template.children() if c.pid not in before]):
+            assert p.poll() is None and time.monotonic() < deadline, "the command was not forked"
+            time.sleep(0.1)
+        forked[0].kill()
+        assert p.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        p.kill()
