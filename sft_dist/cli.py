@@ -224,7 +224,7 @@ def _precheck_data(cfg) -> None:
     a bad file is refused in seconds, with its file and row, before any worker imports torch."""
     from sft_dist.data.precheck import precheck
 
-    report = precheck(cfg.data, seed=int(cfg.training.get("seed", 42)))
+    report = precheck(cfg.data, seed=cfg.training.seed)
     print(f"sft-dist: {report.describe()}", file=sys.stderr)
 
 
@@ -376,7 +376,7 @@ def _preprocess(args) -> int:
     from sft_dist.model.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.model)
-    data, info = load_or_build(cfg.data, tokenizer, seed=int(cfg.training.get("seed", 42)),
+    data, info = load_or_build(cfg.data, tokenizer, seed=cfg.training.seed,
                                timeout_s=cfg.launcher.timeout_s)
     print(f"{'cache hit' if info.hit else 'cached'}: {info.path}")
     # The summary `train` logs: rows, tokens, loss tokens, truncated / dropped, bad rows skipped, packing. (The

@@ -13,14 +13,14 @@ from typing import Any
 
 from sft_dist.backends.base import Backend, Sharding
 from sft_dist.config.backend_file import backend_file
-from sft_dist.config.batch import accumulation, micro_batch
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 
-# DeepSpeed keys that must agree with training.* (and how sft_dist reads that); "auto" lets transformers fill them.
+# DeepSpeed keys that must agree with training.* (and the Training attribute that reads it); "auto" lets
+# transformers fill them.
 BATCH_KEYS = {
-    "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", micro_batch),
-    "gradient_accumulation_steps": ("gradient_accumulation_steps", accumulation),
+    "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", "micro_batch"),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps", "accumulation"),
 }
 
 
@@ -48,9 +48,9 @@ def check_deepspeed(cfg: Config, ds: dict[str, Any], path: str) -> list[str]:
                  "or remove offload_param")
     if zero.get("offload_optimizer") and stage == 0:
         p.append(f"{where}: offload_optimizer needs ZeRO stage 1-3 (got stage 0)")
-    for ds_key, (hf_key, read) in BATCH_KEYS.items():
+    for ds_key, (hf_key, attribute) in BATCH_KEYS.items():
         value = ds.get(ds_key, "auto")
-        want = read(cfg.training)
+        want = getattr(cfg.training, attribute)
         if value != "auto" and value != want:
             p.append(f"{where}: {ds_key}={value} disagrees with training.{hf_key}={want}; set it to \"auto\"")
     # a fixed train_batch_size and ZeRO-3 + LoRA saving are compatibility rules (sft_dist/plan/rules.py)

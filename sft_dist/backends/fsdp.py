@@ -37,7 +37,7 @@ def check_fsdp(cfg: Config, fc: FsdpConfig) -> list[str]:
         p.append(f"{where}: shard_size applies to sharding: hybrid_shard only")
     if fc.shard_size is not None and fc.shard_size < 2:
         p.append(f"{where}: shard_size must be >= 2 (with 1 nothing is sharded: use backend.type=ddp)")
-    if fc.activation_checkpointing and cfg.training.get("activation_checkpointing"):
+    if fc.activation_checkpointing and cfg.training.activation_checkpointing:
         p.append(f"{where}: activation_checkpointing is on here and in training.*; keep FSDP's (this file) only")
     if fc.cpu_offload and _device(cfg) == "cpu":
         p.append(f"{where}: cpu_offload moves shards from GPU to CPU memory; CPU workers have nothing to offload "

@@ -8,8 +8,10 @@ checkpoint root and says which (incomplete or corrupt ones are reported and skip
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,7 +23,8 @@ from sft_dist.checkpoint.manifest import (
     verify,
 )
 from sft_dist.checkpoint.store import Store
-from sft_dist.config.batch import accumulation, global_batch, micro_batch
+from sft_dist.config.batch import global_batch
+from sft_dist.config.training import SFT_DEFAULTS
 from sft_dist.errors import ConfigError
 
 log = logging.getLogger("sft_dist")
@@ -44,7 +47,7 @@ class ResumePoint:
         return int(self.manifest["step"])
 
 
-def resume_request(training: dict) -> str | None:
+def resume_request(training: Mapping[str, Any]) -> str | None:
     value = training.get("resume_from_checkpoint", "auto")
     if value is None or value is False or str(value).strip().lower() in OFF:
         return None
@@ -102,7 +105,7 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
                 f"{where} was written by {m['world_size']} workers and DeepSpeed ZeRO partitions its optimizer "
                 f"state per worker: it cannot be loaded by {world_size}. Resume with "
                 f"launcher.num_workers={m['world_size']}, or use backend ddp/fsdp (their checkpoints re-shard).")
-    micro, accum = micro_batch(cfg.training), accumulation(cfg.training)
+    micro, accum = cfg.training.micro_batch, cfg.training.accumulation
     want, have = m["batch"]["global"], global_batch(micro, accum, world_size)
     if have == want:
         return None
@@ -129,8 +132,9 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
 SCHEDULE = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio")
 LENGTH = ("max_steps", "num_train_epochs")
 FLAT = ("constant", "constant_with_warmup")  # schedules whose value after warmup does not depend on the length
-DEFAULTS = {"max_steps": -1, "num_train_epochs": 3.0, "learning_rate": 5e-5, "lr_scheduler_type": "linear",
-            "lr_scheduler_kwargs": None, "warmup_steps": 0, "warmup_ratio": 0.0}
+# Unset: SFTConfig's default (a checkpoint's manifest lists only the fields its config set); warmup_ratio only in
+# manifests written before transformers 5 folded it into warmup_steps.
+DEFAULTS = {**{k: SFT_DEFAULTS[k] for k in SCHEDULE + LENGTH if k in SFT_DEFAULTS}, "warmup_ratio": 0.0}
 
 
 def _check_schedule(before: dict, cfg, where: str, step: int) -> None:

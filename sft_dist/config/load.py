@@ -10,6 +10,7 @@ the data formats, the model classes or the backends come in through `checks` (`s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import json
@@ -26,6 +27,7 @@ import yaml
 
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
+from sft_dist.config.training import Training
 from sft_dist.config.training_args import DEFAULTS, validate_training
 from sft_dist.errors import ConfigError
 from sft_dist.redact import redact_url
@@ -57,7 +59,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def build_config(raw: dict[str, Any], *, checks: Checks | None = None) -> Config:
     problems: list[str] = []
-    cfg = Config()
+    parts: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in TOP_LEVEL:
             problems.append(_unknown(key, TOP_LEVEL))
@@ -65,28 +67,30 @@ def build_config(raw: dict[str, Any], *, checks: Checks | None = None) -> Config
             if not isinstance(value, str) or not value.strip():
                 problems.append(f"output_dir: got {value!r}; expected a directory path")
             else:
-                cfg.output_dir = value
+                parts["output_dir"] = value
         elif key == "training":
             if value is None:
                 continue
             if not isinstance(value, dict):
                 problems.append(f"training: got {value!r}; expected a mapping of TrainingArguments fields")
                 continue
-            cfg.training, errs = validate_training(value)
+            parts["training"], errs = validate_training(value)
             problems += errs
         else:
             section = _build_section(key, SECTIONS[key], value, problems)
             if section is not None:
-                setattr(cfg, key, section)
+                parts[key] = section
+    cfg = Config(**parts)
+    if cfg.backend.config is not None:  # the backend's checks read it (`builtin:` paths too)
+        cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, config=str(_resolve(cfg.backend.config))))
     if not problems:
         problems += _check_cross_fields(cfg)
         if checks is not None:
             problems += checks(cfg, list(problems))
     if problems:
         raise ConfigError(problems)
-    _resolve_paths(cfg)
-    cfg.training = {**DEFAULTS, **cfg.training}
-    return cfg
+    cfg = _resolve_paths(cfg)
+    return dataclasses.replace(cfg, training=Training({**DEFAULTS, **cfg.training}))
 
 
 def read_mapping(path: str | Path, *, what: str, hint: str = "") -> dict[str, Any]:
@@ -245,8 +249,6 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     for name, amount in (la.resources_per_worker or {}).items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             p.append(f"launcher.resources_per_worker.{name}: got {amount!r}; must be a number >= 0")
-    if b.config is not None:
-        b.config = str(_resolve(b.config))
     p += _check_checkpoint(cfg)
     return p
 
@@ -256,7 +258,7 @@ def _check_checkpoint(cfg: Config) -> list[str]:
     c = cfg.checkpoint
     if c.stop_grace_s <= 0:
         p.append(f"checkpoint.stop_grace_s: got {c.stop_grace_s}; must be > 0 seconds")
-    resume = cfg.training.get("resume_from_checkpoint", "auto")
+    resume = cfg.training.get("resume_from_checkpoint", "auto")  # sft_dist's default: not yet merged in
     for key, value in (("checkpoint.dir", c.dir), ("training.resume_from_checkpoint", resume)):
         if isinstance(value, str) and "://" in value:
             protocol = value.split("://", 1)[0]
@@ -266,7 +268,7 @@ def _check_checkpoint(cfg: Config) -> list[str]:
                 fsspec.get_filesystem_class(protocol)
             except (ImportError, ValueError) as e:
                 p.append(f"{key}: {value!r} needs an fsspec filesystem for {protocol}:// ({e})")
-    strategy = cfg.training.get("train_sampling_strategy", "random")
+    strategy = cfg.training.train_sampling_strategy
     if strategy not in ("random", "sequential"):
         p.append(f"training.train_sampling_strategy: {strategy!r} is not supported: sft_dist's sample order is a "
                  "seeded permutation with a resumable cursor that does not depend on the number of workers; use "
@@ -361,8 +363,7 @@ def _check_streaming(cfg: Config) -> list[str]:
     if not d.streaming:
         return []
     p = []
-    steps = cfg.training.get("max_steps", -1)
-    if not isinstance(steps, int) or steps <= 0:
+    if cfg.training.max_steps <= 0:
         p.append("data.streaming: needs `training.max_steps` (> 0): a stream has no length to count epochs by")
     for key, why in (("packing", "pack ahead of time"), ("mixture", "mix the files ahead of time"),
                      ("id_column", "unset it"), ("eval_split_ratio", "give data.eval_files")):
@@ -380,33 +381,32 @@ def _check_files(key: str, spec: str | list[str]) -> list[str]:
     return [f"{key}: {m!r} matches no file (relative paths are taken from the current directory)" for m in missing]
 
 
-def _resolve_paths(cfg: Config) -> None:
+def _resolve_paths(cfg: Config) -> Config:
     """Make every local path absolute, so workers started elsewhere (cwd, node) see the same files."""
-    m, d = cfg.model, cfg.data
-    if m.name_or_path and _looks_local(m.name_or_path):
-        m.name_or_path = str(_resolve(m.name_or_path))
-    if m.tokenizer and _looks_local(m.tokenizer):
-        m.tokenizer = str(_resolve(m.tokenizer))
-    if d.train_files is not None:
-        d.train_files = _expand(d.train_files)[0]
-    for src in d.mixture or []:
-        src["files"] = _expand(src["files"])[0]
-    if d.eval_files is not None:
-        d.eval_files = _expand(d.eval_files)[0]
-    if d.cache_dir:
-        d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
-    if cfg.launcher.storage_path and "://" not in cfg.launcher.storage_path:
-        cfg.launcher.storage_path = str(Path(cfg.launcher.storage_path).expanduser().resolve())
-    if cfg.checkpoint.dir and "://" not in cfg.checkpoint.dir:
-        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).expanduser().resolve())
-    resume = cfg.training.get("resume_from_checkpoint")
+    m, d, la, c = cfg.model, cfg.data, cfg.launcher, cfg.checkpoint
+    local = lambda value: bool(value) and _looks_local(value)  # noqa: E731
+    model = dataclasses.replace(
+        m, name_or_path=str(_resolve(m.name_or_path)) if local(m.name_or_path) else m.name_or_path,
+        tokenizer=str(_resolve(m.tokenizer)) if local(m.tokenizer) else m.tokenizer)
+    data = dataclasses.replace(
+        d, train_files=_expand(d.train_files)[0] if d.train_files is not None else None,
+        mixture=[{**src, "files": _expand(src["files"])[0]} for src in d.mixture] if d.mixture is not None else None,
+        eval_files=_expand(d.eval_files)[0] if d.eval_files is not None else None,
+        cache_dir=str(Path(d.cache_dir).expanduser().resolve()) if d.cache_dir else d.cache_dir)
+    absolute = lambda value: str(Path(value).expanduser().resolve()) if value and "://" not in value else value  # noqa: E731
+    training = cfg.training
+    resume = training.get("resume_from_checkpoint")
     if isinstance(resume, str) and "://" not in resume and resume.lower() not in ("auto", "never", "no", "none", ""):
-        cfg.training["resume_from_checkpoint"] = str(Path(resume).expanduser().resolve())
+        training = training.replace(resume_from_checkpoint=str(Path(resume).expanduser().resolve()))
+    return dataclasses.replace(
+        cfg, output_dir=str(Path(cfg.output_dir).expanduser().resolve()), model=model, data=data, training=training,
+        launcher=dataclasses.replace(la, storage_path=absolute(la.storage_path)),
+        checkpoint=dataclasses.replace(c, dir=absolute(c.dir)))
 
 
 def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg)
+    data = dataclasses.asdict(dataclasses.replace(cfg, training=Training()))
+    data["training"] = copy.deepcopy(cfg.training.as_dict())
     return _redact(data) if redact else data
 
 

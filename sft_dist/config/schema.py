@@ -1,7 +1,9 @@
-"""The typed config: one dataclass per section. Defaults here are the defaults users get.
+"""The typed config: one frozen dataclass per section. Defaults here are the defaults users get.
 
 `training` is not a dataclass of ours: it takes TRL `SFTConfig` / HF `TrainingArguments` fields by their
-own names and is validated against the installed `SFTConfig` (see `training_args.py`).
+own names, is validated against the installed `SFTConfig` (`training_args.py`) and held read-only, with typed
+attributes for the fields sft_dist reads itself (`training.py`). The whole config is read-only after
+`load_config`: a changed copy is `dataclasses.replace(cfg, ...)`.
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sft_dist.config.training import Training
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelConfig:
     # Hub id or local directory, loaded with `from_pretrained`. Exclusive with `init_config`.
     name_or_path: str | None = None
@@ -31,7 +35,7 @@ class ModelConfig:
     revision: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     enabled: bool = True
     r: int = 8
@@ -47,7 +51,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizationConfig:
     # None: no quantization. 4 or 8: bitsandbytes (QLoRA when LoRA is on).
     bits: Literal[4, 8] | None = None
@@ -59,7 +63,7 @@ class QuantizationConfig:
     quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # Local file(s): a path, a glob, or a list of them (jsonl, json, parquet, csv). Exclusive with `dataset`.
     train_files: str | list[str] | None = None
@@ -134,10 +138,10 @@ class DataConfig:
 
     def __post_init__(self):
         if self.truncation == "truncate":
-            self.truncation = "right"
+            object.__setattr__(self, "truncation", "right")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackendConfig:
     type: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     # Path to the backend's config file (DeepSpeed JSON, FSDP YAML).
@@ -147,7 +151,7 @@ class BackendConfig:
     options: dict[str, Any] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LauncherConfig:
     # local: spawn num_workers processes here. torchrun: expect to be started by torchrun (env checked).
     # ray: a Ray Train TorchTrainer with num_workers workers (an embedded local Ray, or the cluster at
@@ -177,7 +181,7 @@ class LauncherConfig:
     storage_path: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     # Where checkpoints go: a local path or an fsspec URL (s3://bucket/run, gs://...) for multi-node runs
     # without a shared filesystem. None: <output_dir>/checkpoints.
@@ -197,7 +201,7 @@ class CheckpointConfig:
     allow_schedule_change: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
     # Peak dense TFLOP/s of one device for MFU (model FLOPs utilisation). None: looked up for known GPUs
     # (bf16/fp16 tensor peak); on a CPU, MFU is n/a unless this is given.
@@ -208,18 +212,22 @@ class MetricsConfig:
     generate_max_new_tokens: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "outputs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    training: dict[str, Any] = field(default_factory=dict)
+    training: Training = field(default_factory=Training)
     backend: BackendConfig = field(default_factory=BackendConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.training, Training):  # a plain mapping (tests, dataclasses.replace)
+            object.__setattr__(self, "training", Training(self.training))
 
 
 SECTIONS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ def resolve_dtype(name: str, *, device: str, lora: bool) -> torch.dtype:
     return torch.float32
 
 
-def resolve_precision(training: dict, *, device: str) -> dict:
+def resolve_precision(training: Mapping[str, Any], *, device: str) -> dict:
     """bf16/fp16 only when asked, or bf16 on GPUs that support it. TRL's SFTConfig defaults bf16=True,
     which on CPU would silently train under bf16 autocast; never let that default through."""
     if "bf16" in training or "fp16" in training:

@@ -14,6 +14,7 @@ from typing import Any
 from sft_dist.config import batch
 from sft_dist.backends import Backend, get_backend
 from sft_dist.config.schema import Config
+from sft_dist.config.training import SFT_DEFAULTS
 from sft_dist.errors import ConfigError
 
 # Optimizers whose state lives in bitsandbytes kernels (TrainingArguments.optim values).
@@ -33,7 +34,7 @@ class Facts:
     fsdp_sharding: str | None = None
     fsdp_shard_size: int | None = None
     world_size: int = 1
-    micro_batch: int = batch.HF_MICRO_BATCH
+    micro_batch: int = SFT_DEFAULTS["per_device_train_batch_size"]
     grad_accum: int = 1
     max_length: int = 512
     packing: bool = False
@@ -70,16 +71,15 @@ class Facts:
 def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | None = None) -> Facts:
     """The facts of `cfg` as this process sees them. `device`/`world_size` default to what the workers
     would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size."""
-    from sft_dist.config.training_args import sft_defaults
     from sft_dist.model.build import resolve_dtype, resolve_precision
     from sft_dist.model.config import max_positions
 
     device, here = _device(cfg, device)
-    t = {**sft_defaults(), **cfg.training}
+    t = cfg.training
     backend = get_backend(cfg)
     f = Facts(device=device, device_here=here, backend=backend.name, world_size=world_size or _world_size(cfg))
     f.bf16_hardware = _bf16_hardware() if device == "cuda" and here else None
-    f.micro_batch, f.grad_accum = batch.micro_batch(t), batch.accumulation(t)
+    f.micro_batch, f.grad_accum = t.micro_batch, t.accumulation
     f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
     try:
         f.max_positions = max_positions(cfg.model)
@@ -98,14 +98,14 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.compute_dtype = f.model_dtype if q.compute_dtype == "auto" else q.compute_dtype
     f.lora, f.dora = cfg.lora.enabled, cfg.lora.enabled and cfg.lora.use_dora
     f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
-    f.optim = str(t.get("optim") or "adamw_torch")
+    f.optim = t.optim
     f.bnb_optimizer_kernels = _bnb_optimizer_kernels(device) if f.bnb_optimizer and here else None
     f.activation_checkpointing = activation_checkpointing(cfg, backend)
     reentrant = (t.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
     f.use_reentrant = None if reentrant is None else bool(reentrant)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
-    f.eval_strategy = str(t.get("eval_strategy", "no"))
-    f.load_best = bool(t.get("load_best_model_at_end", False))
+    f.eval_strategy = t.eval_strategy
+    f.load_best = bool(t.value("load_best_model_at_end"))
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
     for name, value in backend.plan_facts().items():
@@ -115,7 +115,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
 
 def activation_checkpointing(cfg: Config, backend: Backend | None = None) -> bool:
     """On through `training.activation_checkpointing` or the backend's own switch (the FSDP file's)."""
-    if cfg.training.get("activation_checkpointing"):
+    if cfg.training.activation_checkpointing:
         return True
     return (backend or get_backend(cfg)).own_activation_checkpointing
 

@@ -30,9 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from sft_dist.backends import Backend, Sharding, get_backend
-from sft_dist.config.batch import micro_batch
 from sft_dist.config.schema import Config
-from sft_dist.config.training_args import sft_defaults
 from sft_dist.plan.facts import Facts, activation_checkpointing
 from sft_dist.sizes import format_bytes
 
@@ -90,7 +88,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     if opt_note:
         notes.append(opt_note)
 
-    batch = micro_batch(cfg.training)
+    batch = cfg.training.micro_batch
     length = cfg.data.max_length
     checkpointing = activation_checkpointing(cfg, backend)
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
@@ -300,9 +298,7 @@ def _optimizer_bytes(cfg: Config, model, backend: Backend) -> tuple[int, str | N
         kind = str(ds_optimizer.get("type", "adamw")).lower()
         per = 4 if kind in ("sgd", "lion") else 8
         return sum(p.numel() for p in trainable) * per, f"optimizer: DeepSpeed {kind}, fp32 states"
-    optim = str(cfg.training.get("optim", sft_defaults()["optim"]))
-    optim = getattr(optim, "value", optim)
-    args = str(cfg.training.get("optim_args") or "")
+    optim, args = cfg.training.optim, cfg.training.optim_args
     note = None
     total = 0
     for p in trainable:
@@ -510,7 +506,7 @@ def _liger(cfg: Config, model, *, device: str):
     as this host can tell (planning a GPU run elsewhere counts without them: the larger estimate)."""
     import importlib.util
 
-    asked = cfg.training.get("use_liger_kernel")
+    asked = cfg.training.use_liger_kernel
     if asked is False or (asked is None and not (
             device == "cuda" and all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton")))):
         return None
@@ -526,7 +522,7 @@ def _apply_liger(cfg: Config, model, *, device: str) -> None:
     base = _liger(cfg, model, device=device)
     if base is None:
         return
-    kernels = {"rms_norm": True, "swiglu": True, "geglu": True, **(cfg.training.get("liger_kernel_config") or {})}
+    kernels = {"rms_norm": True, "swiglu": True, "geglu": True, **cfg.training.liger_kernel_config}
     for module in base.modules():
         name = type(module).__name__
         if kernels["rms_norm"] and name.endswith("RMSNorm") and getattr(module, "weight", None) is not None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sft_dist.backends import get_backend
 from sft_dist.config.schema import Config
@@ -47,7 +49,7 @@ class Liger:
         return f"kernels: Liger {on} ({self.reason}); loss: TRL's fused chunked LM head"
 
 
-def liger_choice(training: dict, *, device: str) -> Liger:
+def liger_choice(training: Mapping[str, Any], *, device: str) -> Liger:
     """Read `training.use_liger_kernel` / `liger_kernel_config` (unset: auto). Raises ConfigError when Liger was
     asked for and cannot run here, or for a kernel key that is unknown or refused."""
     asked = training.get("use_liger_kernel")
@@ -128,7 +130,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     token = training.pop("hub_token", None)
     if token:
         os.environ["HF_TOKEN"] = token
-    if cfg.checkpoint.keep_best and str(training.get("eval_strategy", "no")) != "no":
+    if cfg.checkpoint.keep_best and cfg.training.eval_strategy != "no":
         # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it.
         training.setdefault("metric_for_best_model", "loss")
     cpu = device == "cpu"

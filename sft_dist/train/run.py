@@ -112,8 +112,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     resume, cfg = _resume_point(cfg, backend, env=env)  # on another world size: the accumulation that keeps the batch
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     set_local_dirs(cfg.training, out)
-    if cfg.training.get("logging_dir"):
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training["logging_dir"]).expanduser().resolve())
+    if cfg.training.logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training.logging_dir).expanduser().resolve())
     log.info(
         "sft_dist: %d worker(s) (%s), device %s, backend %s, %d thread(s) each, output %s",
         env.world_size, env.launched_by + (", forked warm" if os.environ.get("SFT_DIST_WARM_TEMPLATE") else ""),
@@ -345,8 +345,8 @@ def _resume_point(cfg: Config, backend: Backend, *, env: DistEnv):
     if accum is not None:
         import dataclasses
 
-        cfg = dataclasses.replace(cfg, training={**cfg.training, "gradient_accumulation_steps": accum})
-    max_steps = int(cfg.training.get("max_steps", -1) or -1)
+        cfg = dataclasses.replace(cfg, training=cfg.training.replace(gradient_accumulation_steps=accum))
+    max_steps = cfg.training.max_steps
     if 0 < max_steps <= point.step:
         log.info("%s is already at training.max_steps=%d: nothing left to train (raise max_steps to train on, or "
                  "set training.resume_from_checkpoint=never to start over)", point.display, max_steps)
@@ -370,7 +370,7 @@ def _checkpointing(cfg: Config, backend: Backend, *, env: DistEnv):
         backend=backend.name,
         shard_format=backend.shard_format,
         zero_stage=backend.zero_stage,
-        keep_last=cfg.training.get("save_total_limit"),
+        keep_last=cfg.training.save_total_limit,
         keep_best=cfg.checkpoint.keep_best,
         storage_options=cfg.checkpoint.storage_options,
     )
@@ -445,7 +445,7 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
         train_dataset=data.train,
         eval_dataset=data.eval.remove_columns(["sample_id"]) if data.eval is not None else None,
         processing_class=tokenizer,
-        callbacks=[metrics, Progress(enabled=not cfg.training.get("disable_tqdm", False))],
+        callbacks=[metrics, Progress(enabled=not cfg.training.disable_tqdm)],
     )
     # sft_dist's Progress and MetricsFile replace HF's printing of every log dict.
     trainer.remove_callback(PrinterCallback)

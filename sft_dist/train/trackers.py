@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from sft_dist.errors import ConfigError
 
@@ -15,13 +17,13 @@ PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "trackio": ("trackio",), "swanlab": ("swanlab",)}
 
 
-def requested(training: dict) -> list[str]:
+def requested(training: Mapping[str, Any]) -> list[str]:
     value = training.get("report_to", "none")
     names = [value] if isinstance(value, str) else list(value or [])
     return [n for n in names if n not in ("none", "all")]
 
 
-def check_installed(training: dict) -> None:
+def check_installed(training: Mapping[str, Any]) -> None:
     missing = [n for n in requested(training) if n in PACKAGES
                and not any(importlib.util.find_spec(m) for m in PACKAGES[n])]
     if missing:
@@ -39,7 +41,7 @@ def redact_argv() -> None:
                 else a for a in sys.argv]
 
 
-def set_local_dirs(training: dict, out: Path) -> None:
+def set_local_dirs(training: Mapping[str, Any], out: Path) -> None:
     """Defaults, in the environment HF's callbacks read, that keep tracker files in the run's directory."""
     names = requested(training)
     if names:
