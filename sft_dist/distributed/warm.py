@@ -177,6 +177,7 @@ def run_command(argv: list[str]) -> int | None:
         child = WarmWorker(path, argv, dict(os.environ))
     except WarmUnavailable as e:
         print(f"sft-dist: warm start unavailable ({e}): running cold", file=sys.stderr, flush=True)
+        os.environ.pop(ENV_VAR, None)  # its workers would be refused for the same reason: not asked again
         return None
     for s in RELAYED:
         signal.signal(s, lambda signum, _frame: child.send_signal(signum))

@@ -21,7 +21,7 @@ from sft_dist.config.schema import DataConfig
 from sft_dist.data.build import build_datasets
 from sft_dist.data.cache import load_or_build
 from sft_dist.distributed.local import free_port
-from tests.conftest import cli_env
+from tests.conftest import cli_env, cold_env
 
 WORKER = Path(__file__).with_name("cache_worker.py")
 GOOD = {"instruction": "Diga oi.", "output": "oi"}
@@ -153,7 +153,8 @@ def test_killed_builder_leaves_nothing_a_later_run_trusts(tmp_path, tok, write_c
     f = alpaca(tmp_path / "big.jsonl", 6000)
     cache = tmp_path / "cache"
     cfg_path = write_config({"data.train_files": str(f), "data.eval_files": None, "data.cache_dir": str(cache)})
-    p = subprocess.Popen([sys.executable, "-m", "sft_dist", "preprocess", str(cfg_path)], env=cli_env(),
+    # cold: the process started here is the builder (forked warm, the build is done within the 0.5 s below)
+    p = subprocess.Popen([sys.executable, "-m", "sft_dist", "preprocess", str(cfg_path)], env=cold_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list(cache.glob("*.building-*")) and time.monotonic() < deadline and p.poll() is None:

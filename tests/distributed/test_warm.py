@@ -90,6 +90,7 @@ def test_a_launch_the_template_cannot_serve_starts_cold_and_says_why(tmp_path, w
     r = train(tmp_path / "run", {**cli_env(), "HF_TOKEN": "hf_do_not_print_me"}, "training.max_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warm start unavailable (the environment differs from the template's in HF_TOKEN" in r.stderr
+    assert r.stderr.count("warm start unavailable") == 1  # said by the command; its launcher does not ask again
     assert "2 worker(s) (local)," in r.stderr and "hf_do_not_print_me" not in r.stderr + r.stdout
 
 
