@@ -27,8 +27,8 @@ import yaml
 
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
-from sft_dist.config.training import Training
-from sft_dist.config.training_args import DEFAULTS, validate_training
+from sft_dist.config.training import DEFAULTS, Training
+from sft_dist.config.training_args import validate_training
 from sft_dist.errors import ConfigError
 from sft_dist.redact import redact_url
 

@@ -2,15 +2,28 @@
 their own names (validated in `training_args.py`, passed through to `SFTConfig` as they are), plus typed
 attributes for the fields sft_dist reads itself.
 
-Those attributes fall back to `SFTConfig`'s own defaults, listed once in `SFT_DEFAULTS` (tests/config/
-test_training.py compares the table with the installed `SFTConfig`, so an upgrade that moves a default fails
-loudly); sft_dist's own defaults (`training_args.DEFAULTS`) are already in the mapping after `load_config`.
+The defaults live here: sft_dist's own (`DEFAULTS`, merged into the mapping by `load_config`), and `SFTConfig`'s
+for the fields sft_dist reads (`SFT_DEFAULTS`, what the attributes fall back to; tests/config/test_training.py
+compares that table with the installed `SFTConfig`, so an upgrade that moves a default fails loudly).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+# Defaults that differ from SFTConfig's, and why (README, the `training` section lists them).
+DEFAULTS: dict[str, Any] = {
+    # TRL defaults to True: slower for small models and a source of LoRA reentrancy errors; opt in.
+    "activation_checkpointing": False,
+    # Trackers only when asked (they may try the network).
+    "report_to": "none",
+    "logging_steps": 1,
+    # LoRA uses every adapter parameter in forward; searching for unused ones costs a graph walk per step.
+    "ddp_find_unused_parameters": False,
+    # Pick up the newest complete checkpoint of this run (sft_dist/checkpoint/resume.py); `never` to start over.
+    "resume_from_checkpoint": "auto",
+}
 
 # SFTConfig's defaults for the fields sft_dist reads itself.
 SFT_DEFAULTS: dict[str, Any] = {

@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from sft_dist.config.coerce import TypeProblem, closest, coerce
+from sft_dist.config.training import DEFAULTS
 
 # Fields set by sft_dist from another section; the value says where the user sets them.
 OWNED: dict[str, str] = {
@@ -50,19 +51,6 @@ ALIASES: dict[str, str] = {"warmup_ratio": "warmup_steps", "evaluation_strategy"
 # Fields sft_dist accepts beyond SFTConfig's own. logging_dir: where the TensorBoard tracker writes
 # (transformers 5 reads it from TENSORBOARD_LOGGING_DIR; sft_dist sets that on every rank).
 EXTRA: dict[str, Any] = {"logging_dir": str}
-
-# Defaults that differ from SFTConfig's, and why (see README "Training defaults").
-DEFAULTS: dict[str, Any] = {
-    # TRL defaults to True: slower for small models and a source of LoRA reentrancy errors; opt in.
-    "activation_checkpointing": False,
-    # Trackers only when asked (they may try the network).
-    "report_to": "none",
-    "logging_steps": 1,
-    # LoRA uses every adapter parameter in forward; searching for unused ones costs a graph walk per step.
-    "ddp_find_unused_parameters": False,
-    # Pick up the newest complete checkpoint of this run (sft_dist/checkpoint/resume.py); `never` to start over.
-    "resume_from_checkpoint": "auto",
-}
 
 # (low, high, inclusive-low) bounds for common numeric fields; None = unbounded.
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
