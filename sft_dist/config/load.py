@@ -384,24 +384,30 @@ def _check_files(key: str, spec: str | list[str]) -> list[str]:
 def _resolve_paths(cfg: Config) -> Config:
     """Make every local path absolute, so workers started elsewhere (cwd, node) see the same files."""
     m, d, la, c = cfg.model, cfg.data, cfg.launcher, cfg.checkpoint
-    local = lambda value: bool(value) and _looks_local(value)  # noqa: E731
-    model = dataclasses.replace(
-        m, name_or_path=str(_resolve(m.name_or_path)) if local(m.name_or_path) else m.name_or_path,
-        tokenizer=str(_resolve(m.tokenizer)) if local(m.tokenizer) else m.tokenizer)
+    model = dataclasses.replace(m, name_or_path=_resolve_local(m.name_or_path), tokenizer=_resolve_local(m.tokenizer))
     data = dataclasses.replace(
         d, train_files=_expand(d.train_files)[0] if d.train_files is not None else None,
         mixture=[{**src, "files": _expand(src["files"])[0]} for src in d.mixture] if d.mixture is not None else None,
         eval_files=_expand(d.eval_files)[0] if d.eval_files is not None else None,
         cache_dir=str(Path(d.cache_dir).expanduser().resolve()) if d.cache_dir else d.cache_dir)
-    absolute = lambda value: str(Path(value).expanduser().resolve()) if value and "://" not in value else value  # noqa: E731
     training = cfg.training
     resume = training.get("resume_from_checkpoint")
     if isinstance(resume, str) and "://" not in resume and resume.lower() not in ("auto", "never", "no", "none", ""):
         training = training.replace(resume_from_checkpoint=str(Path(resume).expanduser().resolve()))
     return dataclasses.replace(
         cfg, output_dir=str(Path(cfg.output_dir).expanduser().resolve()), model=model, data=data, training=training,
-        launcher=dataclasses.replace(la, storage_path=absolute(la.storage_path)),
-        checkpoint=dataclasses.replace(c, dir=absolute(c.dir)))
+        launcher=dataclasses.replace(la, storage_path=_absolute(la.storage_path)),
+        checkpoint=dataclasses.replace(c, dir=_absolute(c.dir)))
+
+
+def _resolve_local(value: str | None) -> str | None:
+    """A local path (or `builtin:` asset) made absolute; a hub id as it is."""
+    return str(_resolve(value)) if value and _looks_local(value) else value
+
+
+def _absolute(value: str | None) -> str | None:
+    """A local directory made absolute; a URL (s3://...) as it is."""
+    return str(Path(value).expanduser().resolve()) if value and "://" not in value else value
 
 
 def config_to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
