@@ -179,6 +179,10 @@ class LauncherConfig:
     # None: the output_dir's name, and <output_dir>/ray. Keep both stable so a re-submitted job resumes.
     run_name: str | None = None
     storage_path: str | None = None
+    # Ray: Ray's worker processes on the driver's node (Train controller, training workers) forked from one process
+    # that imported Ray, torch, transformers, peft and TRL once (distributed/ray_warm.py), instead of each importing
+    # them. Used on the embedded cluster and a joined single-node one; a worker it cannot serve starts cold.
+    warm_workers: bool = True
 
 
 @dataclass(frozen=True)

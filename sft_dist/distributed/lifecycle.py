@@ -28,18 +28,21 @@ class StoppedDuringStartup(BaseException):  # noqa: N818 - not an error: the wor
     """SIGTERM arrived before training started."""
 
 
-def die_with_parent() -> None:
-    """End this process (SIGKILL) as soon as the process that started it is gone."""
+def die_with_parent(*, sig: int = signal.SIGKILL, watchdog: bool = True) -> None:
+    """End this process (`sig`) as soon as the process that started it is gone. `watchdog=False`: Linux's
+    parent-death signal only, no thread (a process that forks must have none)."""
     parent = os.getppid()
     if parent <= 1:
         return
     if sys.platform.startswith("linux"):
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:  # died before prctl took effect
         os._exit(137)
+    if not watchdog:
+        return
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -30,8 +30,6 @@ def launch_ray(cfg: Config) -> int:
     # Ray Train's modules (~1 CPU s) load while ray.init waits for the cluster's processes to come up.
     loading = threading.Thread(target=_import_train_modules, daemon=True)
     loading.start()
-    from sft_dist.distributed.env import pick_backend
-
     la = cfg.launcher
     # Decided from the config, not from this driver's devices: a CPU-only head drives GPU workers.
     use_gpu = la.device == "cuda" or (la.device == "auto" and (la.resources_per_worker or {}).get("GPU", 0) > 0)
@@ -40,11 +38,35 @@ def launch_ray(cfg: Config) -> int:
         resources.setdefault("GPU", 1)
     threads = la.threads_per_worker or max(1, int(resources.get("CPU", 1)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    private = _init_ray(la.address or os.environ.get("RAY_ADDRESS"),
-                        cpus_needed=la.num_workers * resources.get("CPU", 1))
+    address = la.address or os.environ.get("RAY_ADDRESS")
+    warm = _start_warm(address) if la.warm_workers else None  # first: its imports overlap ray.init's start-up
+    try:
+        return _launch(cfg, address, warm, use_gpu, resources, threads, loading)
+    finally:
+        if warm is not None:
+            warm.stop()
+
+
+def _start_warm(address: str | None):
+    from sft_dist.distributed.ray_warm import WarmRayWorkers, unusable
+
+    why = unusable(address)
+    if why:
+        log.info("sft_dist: Ray workers start cold (%s)", why)
+        return None
+    return WarmRayWorkers()
+
+
+def _launch(cfg: Config, address: str | None, warm, use_gpu: bool, resources: dict, threads: int,
+            loading: threading.Thread) -> int:
+    la = cfg.launcher
+    private = _init_ray(address, cpus_needed=la.num_workers * resources.get("CPU", 1),
+                        runtime_env=warm.runtime_env() if warm is not None and not address else None)
     loading.join()
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sft_dist.distributed.env import pick_backend
 
     out = Path(cfg.output_dir)
     name = la.run_name or out.name
@@ -58,6 +80,19 @@ def launch_ray(cfg: Config) -> int:
 
     if os.environ.get(TOKEN_ENV):  # the output_dir lock this driver holds: its workers belong to this run
         env_vars[TOKEN_ENV] = os.environ[TOKEN_ENV]
+    worker_runtime_env: dict = {"env_vars": env_vars}
+    if warm is not None and not private:  # a joined cluster: the training workers, where they run on this node
+        if _single_node():
+            extra = warm.runtime_env()
+            worker_runtime_env = {**extra, "env_vars": {**env_vars, **extra["env_vars"]}}
+        else:
+            log.info("sft_dist: Ray workers start cold (a cluster of several nodes; the warm template runs on "
+                     "the driver's only)")
+            warm.stop()
+            warm = None
+    if warm is not None:
+        log.info("sft_dist: Ray workers on this node start forked from a pre-imported template (pid %d; "
+                 "launcher.warm_workers)", warm.proc.pid)
     trainer = _trainer_class(TorchTrainer, private=private)(
         _worker_main,
         # The resolved config, secrets included: it travels to the workers inside Ray, never to a file.
@@ -68,7 +103,7 @@ def launch_ray(cfg: Config) -> int:
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=la.max_failures),
-            worker_runtime_env={"env_vars": env_vars},
+            worker_runtime_env=worker_runtime_env,
         ),
     )
     log.info("sft_dist: Ray Train run %r, %d worker(s) x %s, max_failures %d, Ray state in %s/%s",
@@ -84,6 +119,14 @@ def launch_ray(cfg: Config) -> int:
     return 0
 
 
+def _single_node() -> bool:
+    """The cluster this driver joined is its own node alone (a single-node `ray start --head`)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) == 1 and alive[0].get("NodeID") == ray.get_runtime_context().get_node_id()
+
+
 def _import_train_modules() -> None:
     try:
         import ray.train.torch  # noqa: F401
@@ -92,8 +135,9 @@ def _import_train_modules() -> None:
         pass
 
 
-def _init_ray(address: str | None, *, cpus_needed: float) -> bool:
-    """Join the cluster at `address`, else start a private one; True when this process started it."""
+def _init_ray(address: str | None, *, cpus_needed: float, runtime_env: dict | None = None) -> bool:
+    """Join the cluster at `address`, else start a private one (the job's `runtime_env`); True when this process
+    started it."""
     import ray
 
     from sft_dist.distributed.local import free_port
@@ -141,6 +185,7 @@ def _init_ray(address: str | None, *, cpus_needed: float) -> bool:
                 dashboard_port=free_port("127.0.0.1"),
                 _node_ip_address="127.0.0.1",
                 log_to_driver=True,
+                runtime_env=runtime_env,
             )
     finally:
         for key in pinned:

@@ -62,6 +62,19 @@ SET_BY_IMPORTS = frozenset({"CRC32C_SW_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK", "
 # Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 _HEADER = struct.Struct("!I")
+# A template that serves Ray's worker processes (`serve(ray_workers=True)`, distributed/ray_warm.py) also imports Ray
+# and the Ray Train modules the controller and the training workers load: at the first Ray worker's request, because
+# Ray reads its per-process flags (RAY_INTERNAL_FLAGS: the job, the raylet) once, when it is imported.
+RAY_PRELOAD = ("ray", "ray.train.torch", "ray._private.workers.default_worker",
+               "ray.train.v2._internal.execution.controller.controller",
+               "ray.train.v2._internal.execution.worker_group.worker",
+               "sft_dist.distributed.ray_train", "sft_dist.distributed.ray_trainer", "sft_dist.train.ray_report")
+# Set by the raylet for each worker process it starts or by its runtime env: read by Ray again in the forked worker
+# (`Config.initialize`), never at import; except these, read once per process, which must equal the template's.
+# SPT_NOENV: how setproctitle may rename the process (the template sets Ray's value before it imports setproctitle).
+RAY_PER_WORKER_PREFIX = "RAY_"
+RAY_PER_WORKER = frozenset({"SPT_NOENV"})
+RAY_INTERNAL_FLAGS = ("RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING")
 
 
 class WarmUnavailable(Exception):
@@ -75,11 +88,14 @@ def default_socket() -> Path:
     return base / "sft-dist-warm.sock"
 
 
-def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[str, str]) -> list[str]:
+def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[str, str], *,
+                   ray_worker: bool = False) -> list[str]:
     """The keys (names only: values may be secrets) on which a worker's environment differs from the template's,
     other than the per-worker ones. `before`/`after`: the template's environment before and after its imports (which
     set keys of their own, as they do in the launcher and in a cold worker): a worker may have either value."""
     keys = set(before) | set(after) | set(worker)
+    if ray_worker:
+        keys = {k for k in keys if k not in RAY_PER_WORKER and not k.startswith(RAY_PER_WORKER_PREFIX)}
     return sorted(k for k in keys if k not in PER_WORKER and k not in SHELL_NOISE
                   and not k.startswith((PER_WORKER_PREFIX, *SHELL_NOISE_PREFIXES))
                   and k not in SET_BY_IMPORTS and worker.get(k) not in {before.get(k), after.get(k)})
@@ -99,11 +115,13 @@ class WarmWorker:
     """A worker forked by the template, driven like `subprocess.Popen` (poll, wait, send_signal, kill, returncode).
     Its exit status comes over the connection; the template kills it if this process goes away."""
 
-    def __init__(self, path: str | os.PathLike, argv: list[str], env: dict[str, str], *, cwd: str | None = None):
+    def __init__(self, path: str | os.PathLike, argv: list[str], env: dict[str, str], *, cwd: str | None = None,
+                 ray_worker: bool = False):
         self.returncode: int | None = None
         self.args = argv
+        # ray_worker: argv is Ray's default_worker.py and its arguments (a Ray worker process), else `sft-dist` argv
         request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(), "python": sys.executable,
-                              "launcher_pid": os.getpid()}).encode()
+                              "launcher_pid": os.getpid(), "ray_worker": ray_worker}).encode()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(30)
@@ -179,10 +197,16 @@ def run_command(argv: list[str]) -> int | None:
         print(f"sft-dist: warm start unavailable ({e}): running cold", file=sys.stderr, flush=True)
         os.environ.pop(ENV_VAR, None)  # its workers would be refused for the same reason: not asked again
         return None
+    return relay(child)
+
+
+def relay(child: WarmWorker) -> int:
+    """Stand in for `child` until it exits: signals sent here go to it; its exit status is returned, or, killed by a
+    signal, this process ends the same way (a shell, scheduler or raylet sees what a cold process shows)."""
     for s in RELAYED:
         signal.signal(s, lambda signum, _frame: child.send_signal(signum))
     code = child.wait()
-    if code < 0:  # killed by a signal: end the same way, so a shell or scheduler sees what a cold run shows
+    if code < 0:
         for s in RELAYED:
             signal.signal(s, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
@@ -200,17 +224,19 @@ class _Template:
     env_after: dict[str, str]
     mtimes: dict[str, float]
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its launcher's connection
+    ray_worker_script: str | None = None  # Ray's default_worker.py, where this template serves Ray workers
+    ray_flags: dict[str, str | None] | None = None  # RAY_INTERNAL_FLAGS Ray was imported with (None: not yet)
     stale: str | None = None
     served: int = 0
     refused: int = 0
 
 
-def preload() -> list[str]:
+def preload(extra: tuple[str, ...] = ()) -> list[str]:
     """Import what a worker needs, without running anything: returns the modules not installed."""
     missing = []
     if not _has_cuda_driver():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what run() sets on CPU; else DeepSpeed warns at import
-    for name in PRELOAD:
+    for name in (*extra, *PRELOAD):
         try:
             __import__(name)
         except ImportError:
@@ -275,12 +301,15 @@ def _fork_unsafe() -> str | None:
     return None
 
 
-def serve(path: Path, *, ready=None) -> int:
-    """Run the template until SIGTERM/SIGINT or until code it imported changes on disk. Returns the exit code."""
+def serve(path: Path, *, ready=None, ray_workers: bool = False) -> int:
+    """Run the template until SIGTERM/SIGINT or until code it imported changes on disk. Returns the exit code.
+    `ray_workers`: serve Ray's worker processes (distributed/ray_warm.py) as well as `sft-dist` commands."""
     env = dict(os.environ)  # as the user set it: imports add their own keys, as they will in a cold worker
     # A CPU op during an import (DeepSpeed's CPU accelerator) would start OpenMP's pool, whose threads a fork does
     # not copy; each worker sets its own thread count (run() -> torch.set_num_threads)
     os.environ["OMP_NUM_THREADS"] = "1"
+    if ray_workers:
+        os.environ["SPT_NOENV"] = "1"  # what the raylet gives its workers, read by setproctitle once
     missing = preload()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.parent.stat().st_uid != os.getuid():  # someone else's directory: they could swap the socket
@@ -298,6 +327,8 @@ def serve(path: Path, *, ready=None) -> int:
     gc.collect()
     gc.freeze()  # the imports' objects: never scanned again, in the template or in a worker (and not copied)
     t = _Template(listener, env, dict(os.environ), _loaded_files())
+    if ray_workers:
+        t.ray_worker_script = _ray_worker_script()
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -356,10 +387,46 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), fds
 
 
+def _ray_worker_script() -> str | None:
+    """Where Ray's default_worker.py is, found without importing Ray (see RAY_PRELOAD)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    script = Path(list(spec.submodule_search_locations)[0]) / "_private" / "workers" / "default_worker.py"
+    return str(script) if script.is_file() else None
+
+
+def _ray_refusal(t: _Template, req: dict) -> str | None:
+    """Why this template cannot fork the Ray worker `req` asks for; else None, Ray imported for it."""
+    if not t.ray_worker_script:
+        return "this template does not serve Ray workers (`serve(ray_workers=True)`, Ray installed)"
+    if not req["argv"] or req["argv"][0] != t.ray_worker_script:
+        return f"a Ray worker runs {t.ray_worker_script}, not {req['argv'][:1]}"  # the only script it runs
+    flags = {k: req["env"].get(k) for k in RAY_INTERNAL_FLAGS}
+    if t.ray_flags is None:  # the first Ray worker: import Ray with its flags, as its own import would read them
+        for k, v in flags.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        preload(RAY_PRELOAD)
+        t.ray_flags = flags
+        t.mtimes.update(_loaded_files())
+        gc.collect()
+        gc.freeze()
+    elif flags != t.ray_flags:
+        return (f"Ray imported here for job {t.ray_flags['RAY_JOB_ID']} under raylet {t.ray_flags['RAY_RAYLET_PID']}"
+                f", this worker is job {flags['RAY_JOB_ID']}'s under raylet {flags['RAY_RAYLET_PID']}")
+    return None
+
+
 def _refusal(t: _Template, req: dict) -> str | None:
     if req.get("python") != sys.executable:
         return f"the template runs {sys.executable}, this launcher {req.get('python')}"
-    diff = env_difference(t.env, t.env_after, req["env"])
+    ray_worker = bool(req.get("ray_worker"))
+    diff = env_difference(t.env, t.env_after, req["env"], ray_worker=ray_worker)
     if diff:
         return (f"the environment differs from the template's in {', '.join(diff[:8])}"
                 + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "") + " (libraries read it at import)")
@@ -367,7 +434,7 @@ def _refusal(t: _Template, req: dict) -> str | None:
     if changed:
         t.stale = changed
         return f"{changed} changed on disk since the template imported it"
-    return _fork_unsafe()
+    return (ray_worker and _ray_refusal(t, req)) or _fork_unsafe()
 
 
 def _accept(t: _Template, conn: socket.socket, sel: selectors.BaseSelector) -> None:
@@ -439,7 +506,8 @@ def _reap(t: _Template, sel: selectors.BaseSelector, *, wait: bool = False) -> N
 
 
 def _serve_child(t: _Template, sel: selectors.BaseSelector, conn: socket.socket, req: dict, fds: list[int]) -> None:
-    """In the forked worker: become what `python -m sft_dist ARGV` started by the launcher would be, run it, exit."""
+    """In the forked worker: become what `python -m sft_dist ARGV` started by the launcher would be (a Ray worker:
+    `python default_worker.py ARGS`), run it, exit."""
     rc = 1
     try:
         sel.close()
@@ -461,9 +529,19 @@ def _serve_child(t: _Template, sel: selectors.BaseSelector, conn: socket.socket,
         if req["env"].get("PYTHONUNBUFFERED"):
             sys.stdout.reconfigure(line_buffering=True, write_through=True)
             sys.stderr.reconfigure(line_buffering=True, write_through=True)
-        sys.argv = ["-m", *req["argv"]]  # run_module puts the module's path first, as `python -m` does
-        sys.path[0] = req["cwd"]  # what `python -m` puts first
-        runpy.run_module("sft_dist", run_name="__main__", alter_sys=True)  # sft_dist/__main__.py: SystemExit(rc)
+        if req.get("ray_worker"):
+            import ray._raylet
+
+            # Ray's C++ settings (RAY_AUTH_MODE, RAY_<option>...) were read from the template's environment when it
+            # imported Ray: read them again from this worker's, as a cold worker's import would
+            ray._raylet.Config.initialize("")
+            sys.argv = list(req["argv"])
+            sys.path[0] = os.path.dirname(t.ray_worker_script)  # what `python SCRIPT` puts first
+            runpy.run_path(t.ray_worker_script, run_name="__main__")
+        else:
+            sys.argv = ["-m", *req["argv"]]  # run_module puts the module's path first, as `python -m` does
+            sys.path[0] = req["cwd"]  # what `python -m` puts first
+            runpy.run_module("sft_dist", run_name="__main__", alter_sys=True)  # sft_dist/__main__.py: SystemExit
         rc = 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -1,0 +1,90 @@
+"""Warm Ray workers: on the driver's node, Ray's worker processes for a run (Ray Train's controller, its
+synchronization actor and the training workers) are forked from one template that imported Ray, torch,
+transformers, peft, TRL and DeepSpeed once, instead of each importing them again (`launcher.warm_workers`).
+
+The driver starts the template (`distributed/warm.py`, serving Ray workers) as its first act, so its imports run
+while `ray.init` starts the cluster. The run's runtime env names `python -m sft_dist.distributed.ray_exec` as the
+workers' Python: a stand-in that has the template fork the worker (`ray_exec`), or becomes the cold worker by exec
+where that cannot be done. A forked worker is the process Ray would have started, with its environment, working
+directory and file descriptors; it only skips the imports. The template ends with the driver.
+
+Used where every worker that can get the runtime env runs on this node: the embedded cluster (the whole job's
+runtime env, so the controller too), or a joined single-node cluster (the training workers' runtime env). Not
+where the job gives workers another Python (`py_executable`, pip, uv, conda, a container), nor for a Ray client
+(`ray://`) driver, whose machine is not a cluster node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from sft_dist.distributed.ray_exec import SOCKET_ENV
+
+log = logging.getLogger("sft_dist")
+
+# Runtime-env fields that give Ray's workers a Python of their own: the template's imports are not theirs.
+OTHER_PYTHON = ("py_executable", "pip", "uv", "conda", "container", "image_uri")
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # the job's config, where `ray job submit` started this driver
+PATH_ENV = "SFT_DIST_RAY_WARM_SYS_PATH"
+# The template's entry: this driver's import path first (launch/ray_train.py puts an uploaded working directory
+# on it), then the template, which dies with this driver.
+_BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop('" + PATH_ENV + "')); "
+         "from sft_dist.distributed.ray_warm import _template_main; _template_main(sys.argv[1])")
+
+
+def unusable(address: str | None) -> str | None:
+    """Why this driver's Ray workers cannot be forked warm, or None."""
+    if address and address.startswith("ray://"):
+        return "a Ray client driver does not run on a cluster node"
+    job = os.environ.get(JOB_CONFIG_ENV)
+    if job:
+        try:
+            runtime_env = (json.loads(job).get("runtime_env") or {})
+        except (ValueError, AttributeError):
+            runtime_env = {}
+        other = [k for k in OTHER_PYTHON if runtime_env.get(k)]
+        if other:
+            return f"the job's runtime_env sets {', '.join(other)}: its workers run another Python"
+    return None
+
+
+class WarmRayWorkers:
+    """The template of one run's Ray workers on this node; `runtime_env()` is what makes Ray use it."""
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="sft-dist-ray-"))  # 0700: only this user reaches the socket
+        self.socket = self._dir / "warm.sock"
+        env = {**os.environ, PATH_ENV: json.dumps(sys.path)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(self.socket)], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    def runtime_env(self) -> dict:
+        return {"py_executable": f"{sys.executable} -m sft_dist.distributed.ray_exec",
+                "env_vars": {SOCKET_ENV: f"{socket.gethostname()} {self.proc.pid} {self.socket}"}}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _template_main(path: str) -> None:
+    from sft_dist.distributed.lifecycle import die_with_parent
+    from sft_dist.distributed.warm import serve
+
+    die_with_parent(sig=signal.SIGTERM, watchdog=False)  # SIGTERM: it stops the workers it forked, then itself
+    sys.exit(serve(Path(path), ray_workers=True))
