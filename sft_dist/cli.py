@@ -201,6 +201,17 @@ def _train(args) -> int:
             except SftDistError as e:
                 return _report(e)
         return _worker(cfg)
+    from sft_dist.distributed.ray_warm import start as start_warm_ray
+
+    warm = start_warm_ray(cfg.launcher)  # a Ray run's worker template: its imports overlap what follows
+    try:
+        return _check_and_launch(cfg, args, warm)
+    finally:
+        if warm is not None:
+            warm.stop()
+
+
+def _check_and_launch(cfg, args, warm) -> int:
     try:  # before any worker or cluster starts: a setup the rules refuse costs seconds, not a launch
         from sft_dist.plan import check
         from sft_dist.train.trackers import check_installed
@@ -216,7 +227,7 @@ def _train(args) -> int:
             "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
             f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
         )
-    return _launch_locked(cfg, args)
+    return _launch_locked(cfg, args, warm)
 
 
 def _precheck_data(cfg) -> None:
@@ -228,7 +239,7 @@ def _precheck_data(cfg) -> None:
     print(f"sft-dist: {report.describe()}", file=sys.stderr)
 
 
-def _launch_locked(cfg, args) -> int:
+def _launch_locked(cfg, args, warm) -> int:
     """Launch while holding output_dir's lock: a second run into the same directory is refused at once. The
     token goes to every worker this process starts, so that they count as this run."""
     from sft_dist.rundir.lock import TOKEN_ENV, RunLock
@@ -240,18 +251,18 @@ def _launch_locked(cfg, args) -> int:
         return _report(e)
     os.environ[TOKEN_ENV] = lock.token
     try:
-        return _launch(cfg, args)
+        return _launch(cfg, args, warm)
     finally:
         lock.release()
 
 
-def _launch(cfg, args) -> int:
+def _launch(cfg, args, warm) -> int:
     if cfg.launcher.type == "ray":
         # As with the local launcher, the workers check the training arguments (TRL's import alone is ~3.5 CPU s
         # on the driver's critical path); a ConfigError there ends the run without a retry (`ray_trainer`).
         from sft_dist.distributed.ray_train import launch_ray
 
-        code = launch_ray(cfg)
+        code = launch_ray(cfg, warm)
         _skip_final_gc()  # a shell or `ray job submit` waits for this driver's exit (~0.8 s of GC skipped)
         return code
     if cfg.launcher.num_workers == 1:

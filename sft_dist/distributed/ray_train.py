@@ -19,13 +19,15 @@ from pathlib import Path
 
 from sft_dist.config.load import build_config, config_to_dict
 from sft_dist.config.schema import Config
+from sft_dist.distributed.ray_warm import WarmRayWorkers, unusable
 
 log = logging.getLogger("sft_dist")
 
 
-def launch_ray(cfg: Config) -> int:
-    """Train `cfg` on `launcher.num_workers` Ray workers; the exit status for the CLI."""
-    import ray  # noqa: F401 - imported once, here, not by the thread below and ray.init at the same time
+def launch_ray(cfg: Config, warm: WarmRayWorkers | None) -> int:
+    """Train `cfg` on `launcher.num_workers` Ray workers; the exit status for the CLI. `warm`: the template this
+    run's Ray workers fork from (`ray_warm.start`), or None: they start cold. The caller stops it."""
+    import ray  # imported once, here, not by the thread below and ray.init at the same time
 
     # Ray Train's modules (~1 CPU s) load while ray.init waits for the cluster's processes to come up.
     loading = threading.Thread(target=_import_train_modules, daemon=True)
@@ -39,27 +41,8 @@ def launch_ray(cfg: Config) -> int:
     threads = la.threads_per_worker or max(1, int(resources.get("CPU", 1)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     address = la.address or os.environ.get("RAY_ADDRESS")
-    warm = _start_warm(address) if la.warm_workers else None  # first: its imports overlap ray.init's start-up
-    try:
-        return _launch(cfg, address, warm, use_gpu, resources, threads, loading)
-    finally:
-        if warm is not None:
-            warm.stop()
-
-
-def _start_warm(address: str | None):
-    from sft_dist.distributed.ray_warm import WarmRayWorkers, unusable
-
-    why = unusable(address)
-    if why:
+    if warm is None and la.warm_workers and (why := unusable(address)):
         log.info("sft_dist: Ray workers start cold (%s)", why)
-        return None
-    return WarmRayWorkers()
-
-
-def _launch(cfg: Config, address: str | None, warm, use_gpu: bool, resources: dict, threads: int,
-            loading: threading.Thread) -> int:
-    la = cfg.launcher
     private = _init_ray(address, cpus_needed=la.num_workers * resources.get("CPU", 1),
                         runtime_env=warm.runtime_env() if warm is not None and not address else None)
     loading.join()
@@ -88,8 +71,7 @@ def _launch(cfg: Config, address: str | None, warm, use_gpu: bool, resources: di
         else:
             log.info("sft_dist: Ray workers start cold (a cluster of several nodes; the warm template runs on "
                      "the driver's only)")
-            warm.stop()
-            warm = None
+            warm = None  # the caller stops it
     if warm is not None:
         log.info("sft_dist: Ray workers on this node start forked from a pre-imported template (pid %d; "
                  "launcher.warm_workers)", warm.proc.pid)
@@ -113,6 +95,9 @@ def _launch(cfg: Config, address: str | None, warm, use_gpu: bool, resources: di
     except TrainingFailedError as e:
         print(f"sft-dist: {describe_failure(e)}", file=sys.stderr)
         return 1
+    finally:
+        if warm is not None:  # Ray ends the run's workers, not the caller stopping the template they forked from
+            ray.shutdown()
     m = result.metrics or {}
     log.info("Ray Train run %r finished: Result.metrics at step %s (loss %s), Result.checkpoint %s", name,
              m.get("step"), m.get("loss"), result.checkpoint.path if result.checkpoint else "(none)")

@@ -2,8 +2,8 @@
 synchronization actor and the training workers) are forked from one template that imported Ray, torch,
 transformers, peft, TRL and DeepSpeed once, instead of each importing them again (`launcher.warm_workers`).
 
-The driver starts the template (`distributed/warm.py`, serving Ray workers) as its first act, so its imports run
-while `ray.init` starts the cluster. The run's runtime env names `python -m sft_dist.distributed.ray_exec` as the
+The driver starts the template (`distributed/warm.py`, serving Ray workers) as soon as its config is loaded, so its
+imports run while the driver checks the run and `ray.init` starts the cluster. The run's runtime env names `python -m sft_dist.distributed.ray_exec` as the
 workers' Python: a stand-in that has the template fork the worker (`ray_exec`), or becomes the cold worker by exec
 where that cannot be done. A forked worker is the process Ray would have started, with its environment, working
 directory and file descriptors; it only skips the imports. The template ends with the driver.
@@ -55,6 +55,17 @@ def unusable(address: str | None) -> str | None:
         if other:
             return f"the job's runtime_env sets {', '.join(other)}: its workers run another Python"
     return None
+
+
+def start(launcher) -> WarmRayWorkers | None:
+    """The template for the Ray run this driver launches (`launcher`: its LauncherConfig), started as early as the
+    driver knows it: its ~6 s of imports overlap the driver's checks and the cluster's start-up. None where
+    `launcher.warm_workers` is off or the workers cannot be forked warm (`unusable`; the launcher says why)."""
+    if launcher.type != "ray" or not launcher.warm_workers:
+        return None
+    if unusable(launcher.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    return WarmRayWorkers()
 
 
 class WarmRayWorkers:

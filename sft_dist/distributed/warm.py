@@ -74,6 +74,8 @@ RAY_PRELOAD = ("ray", "ray.train.torch", "ray._private.workers.default_worker",
 # SPT_NOENV: how setproctitle may rename the process (the template sets Ray's value before it imports setproctitle).
 RAY_PER_WORKER_PREFIX = "RAY_"
 RAY_PER_WORKER = frozenset({"SPT_NOENV"})
+# How long a stopped template leaves the Ray workers it forked to the raylet before it kills them.
+RAY_STOP_GRACE_S = 3.0
 RAY_INTERNAL_FLAGS = ("RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING")
 
 
@@ -357,6 +359,11 @@ def serve(path: Path, *, ready=None, ray_workers: bool = False) -> int:
                 path.unlink(missing_ok=True)
             _reap(t, sel)
     finally:  # stopped: the workers it forked stop with it (their launchers see them killed)
+        if ray_workers:  # a Ray worker is the raylet's to end (the run's driver ends first): a moment for that
+            deadline = time.monotonic() + RAY_STOP_GRACE_S
+            while t.children and time.monotonic() < deadline:
+                _reap(t, sel)
+                time.sleep(0.05)
         for pid in list(t.children):
             _kill(pid)
         _reap(t, sel, wait=True)
