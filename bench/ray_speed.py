@@ -142,6 +142,10 @@ def _role(title: str, *, is_root: bool, launcher: str) -> str:
     if is_root:
         return {"local": "launcher", "torchrun": "torchrun agent", "ray": "driver",
                 "ray_job": "`ray job submit` client"}[launcher]
+    if "_template_main" in title:  # launcher.warm_workers: distributed/ray_warm.py
+        return "warm template (the Ray workers' imports)"
+    if "sft_dist.distributed.ray_exec" in title:
+        return "warm relays (ray_exec)"
     if "sft-dist train" in title or "-m sft_dist train" in title:  # the local launcher's workers: python -m
         return "driver" if launcher.startswith("ray") else "workers"
     if launcher.startswith("ray") and ("ray-dashboard-" in title or "multiprocessing" in title):

@@ -75,8 +75,9 @@ class WarmRayWorkers:
         self._dir = Path(tempfile.mkdtemp(prefix="sft-dist-ray-"))  # 0700: only this user reaches the socket
         self.socket = self._dir / "warm.sock"
         env = {**os.environ, PATH_ENV: json.dumps(sys.path)}
+        # A session of its own: a terminal's Ctrl-C goes to the driver (which stops the run through Ray), not here
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(self.socket)], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
     def runtime_env(self) -> dict:
         return {"py_executable": f"{sys.executable} -m sft_dist.distributed.ray_exec",

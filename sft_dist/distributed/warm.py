@@ -72,8 +72,9 @@ RAY_PRELOAD = ("ray", "ray.train.torch", "ray._private.workers.default_worker",
 # Set by the raylet for each worker process it starts or by its runtime env: read by Ray again in the forked worker
 # (`Config.initialize`), never at import; except these, read once per process, which must equal the template's.
 # SPT_NOENV: how setproctitle may rename the process (the template sets Ray's value before it imports setproctitle).
+# PYTHONBREAKPOINT: Ray's debugger hook in its workers, read by each breakpoint() call.
 RAY_PER_WORKER_PREFIX = "RAY_"
-RAY_PER_WORKER = frozenset({"SPT_NOENV"})
+RAY_PER_WORKER = frozenset({"SPT_NOENV", "PYTHONBREAKPOINT"})
 # How long a stopped template leaves the Ray workers it forked to the raylet before it kills them.
 RAY_STOP_GRACE_S = 3.0
 RAY_INTERNAL_FLAGS = ("RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING")
@@ -453,7 +454,8 @@ def _accept(t: _Template, conn: socket.socket, sel: selectors.BaseSelector) -> N
         req, fds = _recv_request(conn)
         why = _refusal(t, req) if len(fds) == 3 else "the launcher sent no stdin/stdout/stderr"
         if why:
-            print(f"sft-dist warm: refused a worker: {why}", file=sys.stderr, flush=True)
+            if not req.get("ray_worker"):  # a Ray worker's stand-in (ray_exec) says it in the worker's log
+                print(f"sft-dist warm: refused a worker: {why}", file=sys.stderr, flush=True)
             t.refused += 1
             conn.sendall(json.dumps({"refused": why}).encode() + b"\n")
             conn.close()
@@ -538,6 +540,10 @@ def _serve_child(t: _Template, sel: selectors.BaseSelector, conn: socket.socket,
             sys.stderr.reconfigure(line_buffering=True, write_through=True)
         if req.get("ray_worker"):
             import ray._raylet
+
+            # A process group of its own, as the raylet gives each worker it starts: the raylet ends a worker's
+            # group when the worker exits (RAY_process_group_cleanup_enabled), which must not be the template's
+            os.setpgid(0, 0)
 
             # Ray's C++ settings (RAY_AUTH_MODE, RAY_<option>...) were read from the template's environment when it
             # imported Ray: read them again from this worker's, as a cold worker's import would
