@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import statistics
@@ -95,6 +96,12 @@ def test_embedded_ray_survives_a_killed_worker_and_matches_the_local_run(tmp_pat
         kill_tree(proc)
         log.close()
     text = (tmp_path / "train.log").read_text()
+    # The workers forked from the run's warm template (launcher.warm_workers), the restarted ones too; the template
+    # and every worker it forked are gone with the run.
+    assert text.count("2 worker(s) (ray, forked warm)") == 2, text[-3000:]
+    template = int(re.search(r"from a pre-imported template \(pid (\d+)", text).group(1))
+    ranks = [json.loads(p.read_text())["pid"] for p in (out / "workers").glob("rank*.json")]
+    assert not [pid for pid in [template, *ranks] if psutil.pid_exists(pid)]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["launched_by"] == "ray" and summary["world_size"] == 2
     # The restarted worker group resumed from the checkpoint written before the kill, not from step 0.
@@ -172,10 +179,12 @@ def test_ray_job_submit_stops_resubmits_resumes_and_propagates_failure(tmp_path,
                        env=no_token, timeout=60)
     assert r.returncode != 0 and "token" in (r.stdout + r.stderr).lower()
 
-    # 1. The project installed on the cluster (as in a container image): stopped after its first checkpoint.
+    # 1. The project installed on the cluster (as in a container image), its workers started cold: stopped after its
+    # first checkpoint.
     # Steps 11-20 take ~0.3 s here, and `ray job stop` needs seconds to land (more on a loaded machine): the
     # ranks are frozen (SIGSTOP) once checkpoint 10 is written, so that the stop always lands mid-run.
-    first = submit(address, env, "--submission-id", "sft-first", "--", *sft, cwd=tmp_path, log=tmp_path / "first.log")
+    first = submit(address, env, "--submission-id", "sft-first", "--", *sft, "launcher.warm_workers=false",
+                   cwd=tmp_path, log=tmp_path / "first.log")
     frozen: list[psutil.Process] = []
     try:
         wait_for(out / "checkpoints" / "checkpoint-10" / "manifest.json", first, timeout=400)
@@ -192,9 +201,12 @@ def test_ray_job_submit_stops_resubmits_resumes_and_propagates_failure(tmp_path,
             except psutil.NoSuchProcess:
                 pass
     assert "was stopped" in (tmp_path / "first.log").read_text()
+    assert "2 worker(s) (ray), device" in (tmp_path / "first.log").read_text()
     assert not (out / "run_summary.json").exists()
 
-    # 2. The same job submitted again, as uploaded code (`--working-dir`) through the launch/ entry: resumes.
+    # 2. The same job submitted again, as uploaded code (`--working-dir`) through the launch/ entry, its training
+    # workers forked from the run's warm template (a single-node cluster): resumes, and ends bitwise like the local
+    # run (cold and warm workers train alike).
     second = submit(address, env, "--submission-id", "sft-second", "--working-dir", ".",
                     "--", sys.executable, "launch/ray_train.py", str(QUICKSTART), f"output_dir={out}", *SAME,
                     cwd=ROOT, log=tmp_path / "second.log")
@@ -204,6 +216,7 @@ def test_ray_job_submit_stops_resubmits_resumes_and_propagates_failure(tmp_path,
         kill_tree(second)
     text = (tmp_path / "second.log").read_text()
     assert "succeeded" in text and "done: 20 steps" in text  # the job's log streamed to the client
+    assert "2 worker(s) (ray, forked warm)" in text and "starts cold" not in text, text[-3000:]
     upload = [line for line in text.splitlines() if "Uploading package" in line or "Pushing file package" in line]
     assert upload, text[:3000]
     summary = json.loads((out / "run_summary.json").read_text())
