@@ -5,7 +5,9 @@ start-up goes. Launchers:
 - local, torchrun: `sft-dist train` / `torchrun --nproc-per-node 2 ... sft-dist train`;
 - ray: `sft-dist train ... launcher.type=ray`, which starts an embedded single-node Ray for the run;
 - ray_job: `ray job submit -- sft-dist train ... launcher.type=ray` to a Ray head already running on 127.0.0.1
-  (token authentication on, as in the README; started once, before any timing, and stopped by its PIDs).
+  (token authentication on, as in the README; started once, before any timing, and stopped by its PIDs);
+- ray_job_node: the same, with a `sft-dist warm` template kept on the node (started with the head, before any
+  timing; the job's runtime env names it in SFT_DIST_WARM): the Ray workers fork from it.
 
 Figures:
 
@@ -19,7 +21,7 @@ Figures:
 
 Launchers alternate within each repeat; the tokenized-data cache is warmed first. Medians over --repeats.
 
-    python bench/ray_speed.py [--steps 60] [--repeats 3] [--launchers local,torchrun,ray,ray_job]
+    python bench/ray_speed.py [--steps 60] [--repeats 3] [--launchers local,torchrun,ray,ray_job,ray_job_node]
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ MILESTONES = {
     "torchrun": [("agent + worker imports", "worker(s) (torchrun)"), ("data, model, trainer", "first step")],
     "local": [("launcher + worker imports", "worker(s) (local)"), ("data, model, trainer", "first step")],
 }
+MILESTONES["ray_job_node"] = MILESTONES["ray_job"]
+JOBS = ("ray_job", "ray_job_node")
 TRAIN_ACTORS = ("TrainController", "SynchronizationActor", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor",
                 "DatasetManager", "TrainStateActor", "PreemptionWatcher")
 
@@ -65,9 +69,15 @@ TRAIN_ACTORS = ("TrainController", "SynchronizationActor", "PlacementGroupCleane
 class Head:
     """A Ray head on 127.0.0.1 with token authentication, as the README starts one; stopped by its PIDs."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, node_template: bool):
         self.env = _clean_env()
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+        self.template = self.socket = None
+        if node_template:  # `sft-dist warm` next to the head, in its environment (as the README starts one)
+            self.socket = work / "node-template" / "warm.sock"
+            self.template = subprocess.Popen([str(BIN / "sft-dist"), "warm", "--socket", str(self.socket)],
+                                             stdout=(work / "node-template.log").open("w"), stderr=subprocess.STDOUT,
+                                             env=self.env, start_new_session=True)
         dash = free_port()
         self.address = f"http://127.0.0.1:{dash}"
         self.proc = subprocess.Popen(
@@ -81,16 +91,26 @@ class Head:
                 self.stop()
                 raise SystemExit(f"the Ray head did not start:\n{(work / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
+        while self.template is not None and not self.socket.exists():
+            if self.template.poll() is not None or time.monotonic() > deadline + 120:
+                self.stop()
+                raise SystemExit(f"sft-dist warm did not start:\n{(work / 'node-template.log').read_text()[-3000:]}")
+            time.sleep(0.5)
         time.sleep(5)  # let its start-up settle
         before = _tree_cpu(self.proc.pid)
         time.sleep(10)
         self.idle_cpu_per_s = (sum(_tree_cpu(self.proc.pid).values()) - sum(before.values())) / 10
 
+    def pids(self) -> list[int]:
+        return [self.proc.pid] + ([self.template.pid] if self.template is not None else [])
+
     def stop(self) -> None:
-        try:
-            tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
+        tree = []
+        for pid in self.pids():
+            try:
+                tree += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
         for p in tree:
             try:
                 p.kill()
@@ -141,7 +161,9 @@ def _role(title: str, *, is_root: bool, launcher: str) -> str:
         return f"Ray: {actor}"
     if is_root:
         return {"local": "launcher", "torchrun": "torchrun agent", "ray": "driver",
-                "ray_job": "`ray job submit` client"}[launcher]
+                "ray_job": "`ray job submit` client", "ray_job_node": "`ray job submit` client"}[launcher]
+    if "sft-dist warm" in title:  # ray_job_node: what the node's template forked that names itself no other way
+        return "driver, forked from the node template"
     if "_template_main" in title:  # launcher.warm_workers: distributed/ray_warm.py
         return "warm template (the Ray workers' imports)"
     if "sft_dist.distributed.ray_exec" in title:
@@ -159,13 +181,18 @@ def _role(title: str, *, is_root: bool, launcher: str) -> str:
 def one_run(launcher: str, work: Path, steps: int, head: Head | None = None) -> dict:
     out = work / launcher
     shutil.rmtree(out, ignore_errors=True)
-    env = head.env if launcher == "ray_job" else _clean_env()
-    cmd = command("ray" if launcher == "ray_job" else launcher, out)
+    env = head.env if launcher in JOBS else _clean_env()
+    cmd = command("ray" if launcher in JOBS else launcher, out)
     cmd = [a for a in cmd if not a.startswith("training.max_steps=")] + [
         f"training.max_steps={steps}", "training.logging_steps=1"]
-    if launcher == "ray_job":
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--", *cmd]
-    head_before = _tree_cpu(head.proc.pid) if launcher == "ray_job" else {}
+    if launcher in JOBS:
+        node = ["--runtime-env-json", json.dumps({"env_vars": {"SFT_DIST_WARM": str(head.socket)}})]
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head.address,
+               *(node if launcher == "ray_job_node" else []), "--", *cmd]
+    head_before = {}
+    if launcher in JOBS:  # the head's processes, and the node template's (it forks the workers)
+        for pid in head.pids():
+            head_before.update(_tree_cpu(pid))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
     seen: dict[str, float] = {}
@@ -186,9 +213,10 @@ def one_run(launcher: str, work: Path, steps: int, head: Head | None = None) -> 
     metrics, first_cpu = out / "metrics.jsonl", None
     while proc.poll() is None:
         cpu.update(_tree_cpu(proc.pid, names))
-        if head is not None and launcher == "ray_job":
-            for pid, c in _tree_cpu(head.proc.pid, names).items():
-                cpu[pid] = c - head_before.get(pid, 0.0)
+        if head is not None and launcher in JOBS:
+            for root in head.pids():
+                for pid, c in _tree_cpu(root, names).items():
+                    cpu[pid] = c - head_before.get(pid, 0.0)
         if first_cpu is None and metrics.exists() and '"step": 1,' in metrics.read_text():
             seen["first step"], first_cpu = time.perf_counter() - t0, dict(cpu)
         time.sleep(0.1)
@@ -245,13 +273,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--launchers", default="local,torchrun,ray,ray_job")
+    p.add_argument("--launchers", default="local,torchrun,ray,ray_job,ray_job_node")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_ray_speed")
     a = p.parse_args()
     launchers = a.launchers.split(",")
     a.work.mkdir(parents=True, exist_ok=True)
     one_run("local", a.work, 3)  # warms the data cache and the OS file cache
-    head = Head(a.work) if "ray_job" in launchers else None
+    head = Head(a.work, "ray_job_node" in launchers) if set(JOBS) & set(launchers) else None
     runs: dict[str, list[dict]] = {name: [] for name in launchers}
     try:
         for i in range(a.repeats):
@@ -267,7 +295,7 @@ def main() -> int:
 
     summary = summarize(runs)
     ratios = {f"{k}_{ray}_over_{base}": summary[ray][k] / summary[base][k]
-              for ray in ("ray", "ray_job") for base in ("local", "torchrun") if ray in summary and base in summary
+              for ray in ("ray", *JOBS) for base in ("local", "torchrun") if ray in summary and base in summary
               for k in ("steady_steps_per_s", "first_step_s", "first_step_cpu_s", "wall_s")}
     table = render(summary, ratios)
     print(table)

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-SOCKET_ENV = "SFT_DIST_RAY_WARM"  # "<hostname> <template pid> <socket path>"
+SOCKET_ENV = "SFT_DIST_RAY_WARM"  # "<hostname> <template pid, 0 for a node's `sft-dist warm`> <socket path>"
 # How long a worker waits for a template still importing before it starts cold. Below the raylet's 60 s
 # registration timeout, and long enough for the imports on a busy node.
 WAIT_S = 40.0
@@ -30,7 +30,10 @@ def template_on_this_node(value: str | None) -> tuple[int, str] | None:
 
 
 def _wait_ready(pid: int, path: str, wait_s: float) -> bool:
-    """The template binds its socket once it has imported everything: wait for that while it lives."""
+    """The template binds its socket once it has imported everything: wait for that while it lives (pid 0: a
+    node's `sft-dist warm`, ready or not)."""
+    if pid == 0:
+        return os.path.exists(path)
     deadline = time.monotonic() + wait_s
     while not os.path.exists(path):
         try:

@@ -73,8 +73,8 @@ def launch_ray(cfg: Config, warm: WarmRayWorkers | None) -> int:
                      "the driver's only)")
             warm = None  # the caller stops it
     if warm is not None:
-        log.info("sft_dist: Ray workers on this node start forked from a pre-imported template (pid %d; "
-                 "launcher.warm_workers)", warm.proc.pid)
+        log.info("sft_dist: Ray workers on this node start forked from %s (launcher.warm_workers)",
+                 warm.describe())
     trainer = _trainer_class(TorchTrainer, private=private)(
         _worker_main,
         # The resolved config, secrets included: it travels to the workers inside Ray, never to a file.

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from sft_dist.distributed.ray_exec import SOCKET_ENV
+from sft_dist.distributed.warm import ENV_VAR as NODE_TEMPLATE_ENV
 
 log = logging.getLogger("sft_dist")
 
@@ -45,16 +46,18 @@ def unusable(address: str | None) -> str | None:
     """Why this driver's Ray workers cannot be forked warm, or None."""
     if address and address.startswith("ray://"):
         return "a Ray client driver does not run on a cluster node"
-    job = os.environ.get(JOB_CONFIG_ENV)
-    if job:
-        try:
-            runtime_env = (json.loads(job).get("runtime_env") or {})
-        except (ValueError, AttributeError):
-            runtime_env = {}
-        other = [k for k in OTHER_PYTHON if runtime_env.get(k)]
-        if other:
-            return f"the job's runtime_env sets {', '.join(other)}: its workers run another Python"
+    other = [k for k in OTHER_PYTHON if _job_runtime_env().get(k)]
+    if other:
+        return f"the job's runtime_env sets {', '.join(other)}: its workers run another Python"
     return None
+
+
+def _job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver runs in (`ray job submit`), else {}."""
+    try:
+        return json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def start(launcher) -> WarmRayWorkers | None:
@@ -65,13 +68,23 @@ def start(launcher) -> WarmRayWorkers | None:
         return None
     if unusable(launcher.address or os.environ.get("RAY_ADDRESS")):
         return None
+    node = os.environ.get(NODE_TEMPLATE_ENV)
+    # A `sft-dist warm` kept on this node has imported everything already, and serves any job's workers: not those
+    # of a job that uploads its code (they run that copy of sft_dist, which this run's own template imports)
+    if node and Path(node).is_socket() and not _job_runtime_env().get("working_dir") \
+            and not _job_runtime_env().get("py_modules"):
+        return WarmRayWorkers(node=Path(node))
     return WarmRayWorkers()
 
 
 class WarmRayWorkers:
     """The template of one run's Ray workers on this node; `runtime_env()` is what makes Ray use it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, node: Path | None = None) -> None:
+        self.proc: subprocess.Popen | None = None
+        if node is not None:  # the node's template: used, neither started nor stopped here
+            self.socket, self._dir = node, None
+            return
         self._dir = Path(tempfile.mkdtemp(prefix="sft-dist-ray-"))  # 0700: only this user reaches the socket
         self.socket = self._dir / "warm.sock"
         env = {**os.environ, PATH_ENV: json.dumps(sys.path)}
@@ -80,10 +93,18 @@ class WarmRayWorkers:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
 
     def runtime_env(self) -> dict:
+        pid = self.proc.pid if self.proc is not None else 0
         return {"py_executable": f"{sys.executable} -m sft_dist.distributed.ray_exec",
-                "env_vars": {SOCKET_ENV: f"{socket.gethostname()} {self.proc.pid} {self.socket}"}}
+                "env_vars": {SOCKET_ENV: f"{socket.gethostname()} {pid} {self.socket}"}}
+
+    def describe(self) -> str:
+        if self.proc is None:
+            return f"the `sft-dist warm` template at {self.socket} ({NODE_TEMPLATE_ENV})"
+        return f"this run's pre-imported template (pid {self.proc.pid})"
 
     def stop(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -99,4 +120,4 @@ def _template_main(path: str) -> None:
     from sft_dist.distributed.warm import serve
 
     die_with_parent(sig=signal.SIGTERM, watchdog=False)  # SIGTERM: it stops the workers it forked, then itself
-    sys.exit(serve(Path(path), ray_workers=True))
+    sys.exit(serve(Path(path), ray="job"))

@@ -62,9 +62,14 @@ SET_BY_IMPORTS = frozenset({"CRC32C_SW_MODE", "PYTORCH_NVML_BASED_CUDA_CHECK", "
 # Native threads known to survive fork (jemalloc re-creates its background thread in the child: pyarrow's).
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 _HEADER = struct.Struct("!I")
-# A template that serves Ray's worker processes (`serve(ray_workers=True)`, distributed/ray_warm.py) also imports Ray
-# and the Ray Train modules the controller and the training workers load: at the first Ray worker's request, because
-# Ray reads its per-process flags (RAY_INTERNAL_FLAGS: the job, the raylet) once, when it is imported.
+# The sft_dist this code is: a launcher or a Ray worker whose own sft_dist is another copy (an uploaded working
+# directory, another checkout) is not served from this one's imports.
+PACKAGE = str(Path(__file__).resolve().parents[1])
+# Ray's worker processes are served two ways. A run's own template (`serve(ray="job")`, distributed/ray_warm.py) imports
+# Ray and the Ray Train modules the controller and the training workers load at the first Ray worker's request,
+# because Ray reads its per-process flags (RAY_INTERNAL_FLAGS: the job, the raylet) once, when it is imported: it then
+# serves that job's workers only. `sft-dist warm` (`serve(ray="any")`) never imports Ray: each Ray worker it forks
+# imports Ray itself (~0.5 s), with its own job's flags, so one template kept on a node serves every job there.
 RAY_PRELOAD = ("ray", "ray.train.torch", "ray._private.workers.default_worker",
                "ray.train.v2._internal.execution.controller.controller",
                "ray.train.v2._internal.execution.worker_group.worker",
@@ -92,12 +97,13 @@ def default_socket() -> Path:
 
 
 def env_difference(before: dict[str, str], after: dict[str, str], worker: dict[str, str], *,
-                   ray_worker: bool = False) -> list[str]:
+                   ray_free: bool = False) -> list[str]:
     """The keys (names only: values may be secrets) on which a worker's environment differs from the template's,
     other than the per-worker ones. `before`/`after`: the template's environment before and after its imports (which
-    set keys of their own, as they do in the launcher and in a cold worker): a worker may have either value."""
+    set keys of their own, as they do in the launcher and in a cold worker): a worker may have either value.
+    `ray_free`: Ray's keys may differ too (the template has not imported Ray, or Ray reads them again in the worker)."""
     keys = set(before) | set(after) | set(worker)
-    if ray_worker:
+    if ray_free:
         keys = {k for k in keys if k not in RAY_PER_WORKER and not k.startswith(RAY_PER_WORKER_PREFIX)}
     return sorted(k for k in keys if k not in PER_WORKER and k not in SHELL_NOISE
                   and not k.startswith((PER_WORKER_PREFIX, *SHELL_NOISE_PREFIXES))
@@ -124,7 +130,7 @@ class WarmWorker:
         self.args = argv
         # ray_worker: argv is Ray's default_worker.py and its arguments (a Ray worker process), else `sft-dist` argv
         request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(), "python": sys.executable,
-                              "launcher_pid": os.getpid(), "ray_worker": ray_worker}).encode()
+                              "package": PACKAGE, "launcher_pid": os.getpid(), "ray_worker": ray_worker}).encode()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(30)
@@ -228,7 +234,8 @@ class _Template:
     mtimes: dict[str, float]
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid -> its launcher's connection
     ray_worker_script: str | None = None  # Ray's default_worker.py, where this template serves Ray workers
-    ray_flags: dict[str, str | None] | None = None  # RAY_INTERNAL_FLAGS Ray was imported with (None: not yet)
+    ray_mode: str | None = None  # "job" or "any" (see RAY_PRELOAD)
+    ray_flags: dict[str, str | None] | None = None  # "job": RAY_INTERNAL_FLAGS Ray was imported with (None: not yet)
     stale: str | None = None
     served: int = 0
     refused: int = 0
@@ -304,14 +311,15 @@ def _fork_unsafe() -> str | None:
     return None
 
 
-def serve(path: Path, *, ready=None, ray_workers: bool = False) -> int:
+def serve(path: Path, *, ready=None, ray: str | None = "any") -> int:
     """Run the template until SIGTERM/SIGINT or until code it imported changes on disk. Returns the exit code.
-    `ray_workers`: serve Ray's worker processes (distributed/ray_warm.py) as well as `sft-dist` commands."""
+    Besides `sft-dist` commands it serves Ray's worker processes (distributed/ray_exec.py): those of one job
+    (`ray="job"`, a run's template) or of any job (`"any"`); None: not Ray's."""
     env = dict(os.environ)  # as the user set it: imports add their own keys, as they will in a cold worker
     # A CPU op during an import (DeepSpeed's CPU accelerator) would start OpenMP's pool, whose threads a fork does
     # not copy; each worker sets its own thread count (run() -> torch.set_num_threads)
     os.environ["OMP_NUM_THREADS"] = "1"
-    if ray_workers:
+    if ray:
         os.environ["SPT_NOENV"] = "1"  # what the raylet gives its workers, read by setproctitle once
     missing = preload()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -330,8 +338,8 @@ def serve(path: Path, *, ready=None, ray_workers: bool = False) -> int:
     gc.collect()
     gc.freeze()  # the imports' objects: never scanned again, in the template or in a worker (and not copied)
     t = _Template(listener, env, dict(os.environ), _loaded_files())
-    if ray_workers:
-        t.ray_worker_script = _ray_worker_script()
+    if ray:
+        t.ray_worker_script, t.ray_mode = _ray_worker_script(), ray
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -360,7 +368,7 @@ def serve(path: Path, *, ready=None, ray_workers: bool = False) -> int:
                 path.unlink(missing_ok=True)
             _reap(t, sel)
     finally:  # stopped: the workers it forked stop with it (their launchers see them killed)
-        if ray_workers:  # a Ray worker is the raylet's to end (the run's driver ends first): a moment for that
+        if ray:  # a Ray worker is the raylet's to end (the run's driver ends first): a moment for that
             deadline = time.monotonic() + RAY_STOP_GRACE_S
             while t.children and time.monotonic() < deadline:
                 _reap(t, sel)
@@ -409,9 +417,11 @@ def _ray_worker_script() -> str | None:
 def _ray_refusal(t: _Template, req: dict) -> str | None:
     """Why this template cannot fork the Ray worker `req` asks for; else None, Ray imported for it."""
     if not t.ray_worker_script:
-        return "this template does not serve Ray workers (`serve(ray_workers=True)`, Ray installed)"
+        return "this template does not serve Ray workers (Ray is not installed, or `serve(ray=None)`)"
     if not req["argv"] or req["argv"][0] != t.ray_worker_script:
         return f"a Ray worker runs {t.ray_worker_script}, not {req['argv'][:1]}"  # the only script it runs
+    if t.ray_mode == "any":  # the worker imports Ray itself (_serve_child)
+        return None
     flags = {k: req["env"].get(k) for k in RAY_INTERNAL_FLAGS}
     if t.ray_flags is None:  # the first Ray worker: import Ray with its flags, as its own import would read them
         for k, v in flags.items():
@@ -433,8 +443,11 @@ def _ray_refusal(t: _Template, req: dict) -> str | None:
 def _refusal(t: _Template, req: dict) -> str | None:
     if req.get("python") != sys.executable:
         return f"the template runs {sys.executable}, this launcher {req.get('python')}"
+    if req.get("package") != PACKAGE:
+        return f"the template runs sft_dist from {PACKAGE}, this launcher from {req.get('package')}"
     ray_worker = bool(req.get("ray_worker"))
-    diff = env_difference(t.env, t.env_after, req["env"], ray_worker=ray_worker)
+    # Ray's variables are read when Ray is imported: by the forked process itself where the template has not
+    diff = env_difference(t.env, t.env_after, req["env"], ray_free=ray_worker or "ray" not in sys.modules)
     if diff:
         return (f"the environment differs from the template's in {', '.join(diff[:8])}"
                 + (f" (+{len(diff) - 8} more)" if len(diff) > 8 else "") + " (libraries read it at import)")
@@ -539,15 +552,15 @@ def _serve_child(t: _Template, sel: selectors.BaseSelector, conn: socket.socket,
             sys.stdout.reconfigure(line_buffering=True, write_through=True)
             sys.stderr.reconfigure(line_buffering=True, write_through=True)
         if req.get("ray_worker"):
-            import ray._raylet
-
             # A process group of its own, as the raylet gives each worker it starts: the raylet ends a worker's
             # group when the worker exits (RAY_process_group_cleanup_enabled), which must not be the template's
             os.setpgid(0, 0)
+            if t.ray_mode == "job":
+                import ray._raylet
 
-            # Ray's C++ settings (RAY_AUTH_MODE, RAY_<option>...) were read from the template's environment when it
-            # imported Ray: read them again from this worker's, as a cold worker's import would
-            ray._raylet.Config.initialize("")
+                # Ray's C++ settings (RAY_AUTH_MODE, RAY_<option>...) were read from the template's environment when
+                # it imported Ray: read them again from this worker's, as a cold worker's import would
+                ray._raylet.Config.initialize("")
             sys.argv = list(req["argv"])
             sys.path[0] = os.path.dirname(t.ray_worker_script)  # what `python SCRIPT` puts first
             runpy.run_path(t.ray_worker_script, run_name="__main__")

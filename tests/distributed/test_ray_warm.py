@@ -33,11 +33,11 @@ def test_a_ray_worker_may_differ_in_what_the_raylet_sets_per_worker_only():
     before = {"HOME": "/root", "HF_HOME": "/hf"}
     worker = {**before, "RAY_JOB_ID": "02000000", "RAY_RAYLET_PID": "77", "RAY_NODE_ID": "n",
               "SPT_NOENV": "1", "PYTHONBREAKPOINT": "ray.util.rpdb.set_trace"}
-    assert env_difference(before, before, worker, ray_worker=True) == []
+    assert env_difference(before, before, worker, ray_free=True) == []
     # the same keys from an `sft-dist` launch: a library may read them at import
     assert env_difference(before, before, worker) == ["PYTHONBREAKPOINT", "RAY_JOB_ID", "RAY_NODE_ID",
                                                       "RAY_RAYLET_PID", "SPT_NOENV"]
-    assert env_difference(before, before, {**worker, "HF_HOME": "/other"}, ray_worker=True) == ["HF_HOME"]
+    assert env_difference(before, before, {**worker, "HF_HOME": "/other"}, ray_free=True) == ["HF_HOME"]
 
 
 def test_workers_of_another_python_or_a_client_driver_start_cold(monkeypatch):
