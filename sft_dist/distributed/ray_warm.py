@@ -8,10 +8,15 @@ workers' Python: a stand-in that has the template fork the worker (`ray_exec`), 
 where that cannot be done. A forked worker is the process Ray would have started, with its environment, working
 directory and file descriptors; it only skips the imports. The template ends with the driver.
 
+Where `sft-dist warm` runs on the node and $SFT_DIST_WARM names it (exported before `ray start`, or in the job's
+runtime env), the workers fork from that template instead: already imported, so even the first worker of a job
+starts at once; each imports Ray itself, with its own job's settings (`warm.serve(ray="any")`).
+
 Used where every worker that can get the runtime env runs on this node: the embedded cluster (the whole job's
 runtime env, so the controller too), or a joined single-node cluster (the training workers' runtime env). Not
 where the job gives workers another Python (`py_executable`, pip, uv, conda, a container), nor for a Ray client
-(`ray://`) driver, whose machine is not a cluster node.
+(`ray://`) driver, whose machine is not a cluster node. A worker whose sft_dist is another copy than the
+template's, or whose environment differs in what a library reads at import, starts cold and says why.
 """
 
 from __future__ import annotations
@@ -68,13 +73,19 @@ def start(launcher) -> WarmRayWorkers | None:
         return None
     if unusable(launcher.address or os.environ.get("RAY_ADDRESS")):
         return None
+    node = node_template()
+    return WarmRayWorkers(node=node) if node is not None else WarmRayWorkers()
+
+
+def node_template() -> Path | None:
+    """The `sft-dist warm` kept on this node ($SFT_DIST_WARM): it has imported everything already and serves any
+    job's Ray workers. Not for a job that uploads its code: its workers run that copy of sft_dist, which the run's
+    own template imports (launch/ray_train.py puts it first on the path)."""
     node = os.environ.get(NODE_TEMPLATE_ENV)
-    # A `sft-dist warm` kept on this node has imported everything already, and serves any job's workers: not those
-    # of a job that uploads its code (they run that copy of sft_dist, which this run's own template imports)
-    if node and Path(node).is_socket() and not _job_runtime_env().get("working_dir") \
-            and not _job_runtime_env().get("py_modules"):
-        return WarmRayWorkers(node=Path(node))
-    return WarmRayWorkers()
+    job = _job_runtime_env()
+    if not node or not Path(node).is_socket() or job.get("working_dir") or job.get("py_modules"):
+        return None
+    return Path(node)
 
 
 class WarmRayWorkers:

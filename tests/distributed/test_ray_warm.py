@@ -9,13 +9,14 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sft_dist.config.schema import LauncherConfig
 from sft_dist.distributed import ray_warm
-from sft_dist.distributed.ray_exec import SOCKET_ENV, template_on_this_node
-from sft_dist.distributed.warm import env_difference
+from sft_dist.distributed.ray_exec import SOCKET_ENV, _wait_ready, template_on_this_node
+from sft_dist.distributed.warm import PACKAGE, _refusal, _Template, env_difference
 from tests.conftest import cli_env
 
 HOST = socket.gethostname()
@@ -82,3 +83,40 @@ def test_the_stand_in_becomes_the_cold_worker_where_no_template_serves(tmp_path)
         argv, pid = out.rsplit(" ", 1)
         assert argv == "['--a', 'b c']" and int(pid) == proc.pid  # the raylet's own child became the worker
         assert says in err
+
+
+def test_a_node_template_serves_jobs_that_run_the_installed_code(tmp_path, monkeypatch):
+    sock = tmp_path / "warm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    try:
+        monkeypatch.delenv(ray_warm.JOB_CONFIG_ENV, raising=False)
+        monkeypatch.setenv("SFT_DIST_WARM", str(sock))
+        assert ray_warm.node_template() == sock
+        node = ray_warm.start(LauncherConfig(type="ray"))
+        assert node.proc is None and str(sock) in node.describe()
+        assert node.runtime_env()["env_vars"][SOCKET_ENV] == f"{HOST} 0 {sock}"  # pid 0: the node's, not the run's
+        node.stop()  # not this run's to stop
+        assert sock.exists()
+        # a job that uploads its code runs that copy: the run's own template imports it, not the node's
+        for field in ("working_dir", "py_modules"):
+            monkeypatch.setenv(ray_warm.JOB_CONFIG_ENV, json.dumps({"runtime_env": {field: "gcs://_ray_pkg_2.zip"}}))
+            assert ray_warm.node_template() is None
+        monkeypatch.delenv(ray_warm.JOB_CONFIG_ENV)
+        monkeypatch.setenv("SFT_DIST_WARM", str(tmp_path / "gone.sock"))
+        assert ray_warm.node_template() is None
+    finally:
+        listener.close()
+
+
+def test_another_copy_of_sft_dist_is_not_served_from_this_ones_imports():
+    t = _Template(listener=None, env={}, env_after={}, mtimes={})
+    req = {"python": sys.executable, "package": "/tmp/_ray_pkg_3/sft_dist", "env": {}, "argv": []}
+    assert "/tmp/_ray_pkg_3/sft_dist" in _refusal(t, req)
+    assert PACKAGE.endswith("sft_dist") and (Path(PACKAGE) / "distributed" / "warm.py").is_file()
+
+
+def test_the_stand_in_waits_only_for_a_run_template(tmp_path):
+    assert not _wait_ready(0, str(tmp_path / "warm.sock"), 5.0)  # pid 0: the node's template is up or not: no wait
+    (tmp_path / "warm.sock").touch()
+    assert _wait_ready(0, str(tmp_path / "warm.sock"), 5.0)
