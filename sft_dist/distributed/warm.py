@@ -318,9 +318,10 @@ def serve(path: Path, *, ready=None, ray: str | None = "any") -> int:
     env = dict(os.environ)  # as the user set it: imports add their own keys, as they will in a cold worker
     # A CPU op during an import (DeepSpeed's CPU accelerator) would start OpenMP's pool, whose threads a fork does
     # not copy; each worker sets its own thread count (run() -> torch.set_num_threads)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    own = {"OMP_NUM_THREADS": "1"}
     if ray:
-        os.environ["SPT_NOENV"] = "1"  # what the raylet gives its workers, read by setproctitle once
+        own["SPT_NOENV"] = "1"  # what the raylet gives its workers, read by setproctitle once
+    os.environ.update(own)
     missing = preload()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.parent.stat().st_uid != os.getuid():  # someone else's directory: they could swap the socket
@@ -337,7 +338,10 @@ def serve(path: Path, *, ready=None, ray: str | None = "any") -> int:
     listener.listen(64)
     gc.collect()
     gc.freeze()  # the imports' objects: never scanned again, in the template or in a worker (and not copied)
-    t = _Template(listener, env, dict(os.environ), _loaded_files())
+    # What the imports set, which a worker gets where it lacks it; not the template's own settings (a forked
+    # one-process `train` takes the default thread count, as a cold one does, not the template's 1)
+    after = {k: v for k, v in os.environ.items() if k not in own}
+    t = _Template(listener, env, after, _loaded_files())
     if ray:
         t.ray_worker_script, t.ray_mode = _ray_worker_script(), ray
     stop = {"signal": None}

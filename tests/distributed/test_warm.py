@@ -6,6 +6,7 @@ one-process command (a one-worker train, export) runs whole in a forked child, e
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,9 @@ def test_a_one_process_command_runs_forked_and_ends_as_a_cold_one_would(tmp_path
     warm, cold = train(tmp_path / "warm", cli_env(), *one), train(tmp_path / "cold", cold_env(), *one)
     assert warm.returncode == 0 and cold.returncode == 0, warm.stderr[-3000:] + cold.stderr[-3000:]
     assert "1 worker(s) (none, forked warm)" in warm.stderr and "1 worker(s) (none)," in cold.stderr
+    # the same thread count: the template's own OMP_NUM_THREADS=1 is not the forked command's
+    threads = [re.search(r"(\d+) thread\(s\) each", r.stderr).group(1) for r in (warm, cold)]
+    assert threads[0] == threads[1], threads
     name = "adapter/adapter_model.safetensors"
     assert (tmp_path / "warm" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes()
     # a command that fails: its message reaches the caller's stderr, its exit status the caller
