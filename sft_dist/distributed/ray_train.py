@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sft_dist.config.load import build_config, config_to_dict
 from sft_dist.config.schema import Config
-from sft_dist.distributed.ray_warm import WarmRayWorkers, unusable
+from sft_dist.distributed.ray_warm import WarmRayWorkers, gpu_workers, unusable
 
 log = logging.getLogger("sft_dist")
 
@@ -33,15 +33,14 @@ def launch_ray(cfg: Config, warm: WarmRayWorkers | None) -> int:
     loading = threading.Thread(target=_import_train_modules, daemon=True)
     loading.start()
     la = cfg.launcher
-    # Decided from the config, not from this driver's devices: a CPU-only head drives GPU workers.
-    use_gpu = la.device == "cuda" or (la.device == "auto" and (la.resources_per_worker or {}).get("GPU", 0) > 0)
+    use_gpu = gpu_workers(la)
     resources = dict(la.resources_per_worker or {"CPU": 1})
     if use_gpu:
         resources.setdefault("GPU", 1)
     threads = la.threads_per_worker or max(1, int(resources.get("CPU", 1)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     address = la.address or os.environ.get("RAY_ADDRESS")
-    if warm is None and la.warm_workers and (why := unusable(address)):
+    if warm is None and la.warm_workers and (why := unusable(la)):
         log.info("sft_dist: Ray workers start cold (%s)", why)
     private = _init_ray(address, cpus_needed=la.num_workers * resources.get("CPU", 1),
                         runtime_env=warm.runtime_env() if warm is not None and not address else None)

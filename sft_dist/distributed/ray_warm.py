@@ -15,7 +15,7 @@ starts at once; each imports Ray itself, with its own job's settings (`warm.serv
 Used where every worker that can get the runtime env runs on this node: the embedded cluster (the whole job's
 runtime env, so the controller too), or a joined single-node cluster (the training workers' runtime env). Not
 where the job gives workers another Python (`py_executable`, pip, uv, conda, a container), nor for a Ray client
-(`ray://`) driver, whose machine is not a cluster node. A worker whose sft_dist is another copy than the
+(`ray://`) driver, whose machine is not a cluster node, nor for GPU workers until forked ones have run on a GPU. A worker whose sft_dist is another copy than the
 template's, or whose environment differs in what a library reads at import, starts cold and says why.
 """
 
@@ -47,8 +47,20 @@ _BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop('" + PAT
          "from sft_dist.distributed.ray_warm import _template_main; _template_main(sys.argv[1])")
 
 
-def unusable(address: str | None) -> str | None:
+def gpu_workers(launcher) -> bool:
+    """The Ray run's workers hold GPUs. Decided from the config, not from this driver's devices: a CPU-only head
+    drives GPU workers."""
+    return launcher.device == "cuda" or (
+        launcher.device == "auto" and (launcher.resources_per_worker or {}).get("GPU", 0) > 0)
+
+
+def unusable(launcher) -> str | None:
     """Why this driver's Ray workers cannot be forked warm, or None."""
+    if gpu_workers(launcher):
+        # The template never initialises CUDA and checks that before each fork, but forked GPU workers have not
+        # been run on a GPU yet: until they have, GPU runs keep Ray's cold workers
+        return "GPU workers: forking them from a template is not yet verified on a GPU"
+    address = launcher.address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith("ray://"):
         return "a Ray client driver does not run on a cluster node"
     other = [k for k in OTHER_PYTHON if _job_runtime_env().get(k)]
@@ -71,7 +83,7 @@ def start(launcher) -> WarmRayWorkers | None:
     `launcher.warm_workers` is off or the workers cannot be forked warm (`unusable`; the launcher says why)."""
     if launcher.type != "ray" or not launcher.warm_workers:
         return None
-    if unusable(launcher.address or os.environ.get("RAY_ADDRESS")):
+    if unusable(launcher):
         return None
     node = node_template()
     return WarmRayWorkers(node=node) if node is not None else WarmRayWorkers()

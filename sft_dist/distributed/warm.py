@@ -306,7 +306,7 @@ def _fork_unsafe() -> str | None:
     extra = _native_threads()
     if extra:
         return f"the template runs native threads ({', '.join(extra)})"
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # not is_available(): without NVML it initialises the CUDA driver itself
         return "CUDA is initialised in the template"
     return None
 

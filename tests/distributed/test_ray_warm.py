@@ -41,20 +41,29 @@ def test_a_ray_worker_may_differ_in_what_the_raylet_sets_per_worker_only():
     assert env_difference(before, before, {**worker, "HF_HOME": "/other"}, ray_free=True) == ["HF_HOME"]
 
 
-def test_workers_of_another_python_or_a_client_driver_start_cold(monkeypatch):
+def test_workers_of_another_python_a_client_driver_or_gpu_workers_start_cold(monkeypatch):
     monkeypatch.delenv(ray_warm.JOB_CONFIG_ENV, raising=False)
-    assert ray_warm.unusable(None) is None
-    assert ray_warm.unusable("127.0.0.1:6379") is None
-    assert "client" in ray_warm.unusable("ray://head:10001")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray = LauncherConfig(type="ray")
+    assert ray_warm.unusable(ray) is None
+    assert ray_warm.unusable(LauncherConfig(type="ray", address="127.0.0.1:6379")) is None
+    assert "client" in ray_warm.unusable(LauncherConfig(type="ray", address="ray://head:10001"))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert "client" in ray_warm.unusable(ray)
+    monkeypatch.delenv("RAY_ADDRESS")
+    # not yet run forked on a GPU: GPU runs keep Ray's cold workers
+    for gpu in (LauncherConfig(type="ray", device="cuda"), LauncherConfig(type="ray", resources_per_worker={"GPU": 1})):
+        assert ray_warm.gpu_workers(gpu) and "GPU" in ray_warm.unusable(gpu)
+    assert not ray_warm.gpu_workers(LauncherConfig(type="ray", device="cpu", resources_per_worker={"GPU": 1}))
     for field in ("pip", "py_executable", "conda", "uv", "image_uri"):
         monkeypatch.setenv(ray_warm.JOB_CONFIG_ENV, json.dumps({"runtime_env": {field: ["x"]}}))
-        assert field in ray_warm.unusable(None), field
+        assert field in ray_warm.unusable(ray), field
     # uploaded code and environment variables keep this Python: usable
     monkeypatch.setenv(ray_warm.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip",
                                                                             "env_vars": {"A": "1"}}}))
-    assert ray_warm.unusable(None) is None
+    assert ray_warm.unusable(ray) is None
     monkeypatch.setenv(ray_warm.JOB_CONFIG_ENV, "{not json")
-    assert ray_warm.unusable(None) is None
+    assert ray_warm.unusable(ray) is None
 
 
 def test_no_template_where_the_run_has_no_use_for_one(monkeypatch):
@@ -62,6 +71,7 @@ def test_no_template_where_the_run_has_no_use_for_one(monkeypatch):
     assert ray_warm.start(LauncherConfig(type="local")) is None
     assert ray_warm.start(LauncherConfig(type="ray", warm_workers=False)) is None
     assert ray_warm.start(LauncherConfig(type="ray", address="ray://head:10001")) is None
+    assert ray_warm.start(LauncherConfig(type="ray", device="cuda")) is None
 
 
 @pytest.mark.slow  # starts a process
