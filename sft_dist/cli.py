@@ -121,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser(
         "warm",
-        help="keep a pre-imported template that local launches fork their workers from (start-up in ~1 s)",
+        help="keep a pre-imported template that local launches and Ray workers fork from (start-up in ~1 s)",
         description="Import torch, transformers, peft, TRL and DeepSpeed once and wait on a Unix socket (only this "
         "user may connect). A `sft-dist train` with launcher.type=local and SFT_DIST_WARM=SOCKET in its "
-        "environment forks its workers from it instead of starting Python processes that import all of it again. "
+        "environment forks its workers from it instead of starting Python processes that import all of it again; "
+        "with launcher.type=ray, the Ray workers of the run on this node do (export SFT_DIST_WARM before `ray "
+        "start` and every job's do). "
         "Runs in the foreground until SIGTERM/Ctrl-C, or until code it imported changes on disk. A launch whose "
         "environment differs (a variable a library may read at import) starts its workers cold and says why.",
     )
