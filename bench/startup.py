@@ -1,11 +1,12 @@
 """Seconds from `sft-dist train` (or torchrun) starting to the first optimizer step being logged, and to the
 command's exit, per launcher: local (2 worker processes), local_warm (the same, its workers forked from a
 `sft-dist warm` template started once before any timing and stopped by its PID after), torchrun (2 processes),
-embedded Ray (a local Ray cluster started for the run, 2 workers); the Ray overhead as a ratio to torchrun, and
-warm's as a ratio to a cold local launch. The quickstart config, 3 steps, the tokenized-data cache warm (one run
+embedded Ray (a local Ray cluster started for the run, 2 workers forked from the run's own template:
+launcher.warm_workers), ray_warm (the same with SFT_DIST_WARM naming that `sft-dist warm`: the driver and the Ray
+workers fork from it); the Ray overhead as a ratio to torchrun, and warm's as a ratio to a cold local launch. The quickstart config, 3 steps, the tokenized-data cache warm (one run
 before timing), median over --repeats runs, launchers alternated.
 
-    python bench/startup.py [--repeats 3] [--launchers local,local_warm,torchrun,ray]
+    python bench/startup.py [--repeats 3] [--launchers local,local_warm,torchrun,ray,ray_warm]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def command(launcher: str, out: Path) -> list[str]:
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
                 str(free_port()), "--no-python", str(BIN / "sft-dist"), *args]
-    if launcher == "ray":
+    if launcher in ("ray", "ray_warm"):
         return [str(BIN / "sft-dist"), *args, "launcher.type=ray"]
     return [str(BIN / "sft-dist"), *args]
 
@@ -66,7 +67,7 @@ def to_first_step(launcher: str, work: Path, warm: Path | None = None) -> tuple[
     out = work / launcher
     shutil.rmtree(out, ignore_errors=True)
     env = bench_env()
-    if launcher == "local_warm":
+    if launcher in ("local_warm", "ray_warm"):
         env["SFT_DIST_WARM"] = str(warm)
     t0 = time.perf_counter()
     proc = subprocess.Popen(command(launcher, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -80,8 +81,8 @@ def to_first_step(launcher: str, work: Path, warm: Path | None = None) -> tuple[
     done = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{launcher} failed:\n{err[-3000:]}")
-    if launcher == "local_warm" and "forked warm" not in err:
-        raise SystemExit(f"local_warm started cold:\n{err[-3000:]}")
+    if launcher in ("local_warm", "ray_warm") and "forked warm" not in err:
+        raise SystemExit(f"{launcher} started cold:\n{err[-3000:]}")
     if first is None:  # finished between two polls
         first = done
     return first, done
@@ -90,13 +91,13 @@ def to_first_step(launcher: str, work: Path, warm: Path | None = None) -> tuple[
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--launchers", default="local,local_warm,torchrun,ray")
+    p.add_argument("--launchers", default="local,local_warm,torchrun,ray,ray_warm")
     p.add_argument("--work", type=Path, default=ROOT / "outputs" / "bench_startup")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     launchers = a.launchers.split(",")
     to_first_step("local", a.work)  # warms the data cache and the OS file cache
-    template = start_template(a.work / "warm.sock") if "local_warm" in launchers else None
+    template = start_template(a.work / "warm.sock") if {"local_warm", "ray_warm"} & set(launchers) else None
     runs: dict[str, list[float]] = {name: [] for name in launchers}
     total: dict[str, list[float]] = {name: [] for name in launchers}
     try:
@@ -119,16 +120,19 @@ def main() -> int:
     ratios = {}
     if "ray" in med and "torchrun" in med:
         ratios["ray_over_torchrun"] = med["ray"] / med["torchrun"]
+    if "ray_warm" in med and "torchrun" in med:
+        ratios["ray_warm_over_torchrun"] = med["ray_warm"] / med["torchrun"]
     if "local_warm" in med and "local" in med:
         ratios["local_warm_over_local"] = med["local_warm"] / med["local"]
     table = "\n".join(lines) + "\n\n" + "; ".join(f"{k.replace('_', ' ')}: {v:.2f}x" for k, v in ratios.items())
     print(table)
     res = ROOT / "bench" / "results"
     res.mkdir(exist_ok=True)
-    meta = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "repeats": a.repeats, "workers": 2}
+    meta = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "repeats": a.repeats, "workers": 2,
+            "date": time.strftime("%Y-%m-%d")}
     (res / "startup.json").write_text(json.dumps({"meta": meta, "median_s": med, "median_exit_s": med_total,
                                                   "runs_s": runs, "exit_s": total, **ratios}, indent=2))
-    (res / "startup.md").write_text(f"{meta['machine']}, quickstart, median of {a.repeats}\n\n{table}\n")
+    (res / "startup.md").write_text(f"{meta['machine']}, quickstart, median of {a.repeats}, {meta['date']}\n\n{table}\n")
     return 0
 
 
