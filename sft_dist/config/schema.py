@@ -180,8 +180,9 @@ class LauncherConfig:
     run_name: str | None = None
     storage_path: str | None = None
     # Ray: Ray's worker processes on the driver's node (Train controller, training workers) forked from one process
-    # that imported Ray, torch, transformers, peft and TRL once (distributed/ray_warm.py), instead of each importing
-    # them. Used on the embedded cluster and a joined single-node one; a worker it cannot serve starts cold.
+    # that imported Ray, torch, transformers, peft and TRL once (distributed/ray_warm.py; a node's `sft-dist warm`
+    # where SFT_DIST_WARM names one), instead of each importing them. Used on the embedded cluster and a joined
+    # single-node one, for CPU workers (GPU ones not yet: unverified on a GPU); a worker it cannot serve starts cold.
     warm_workers: bool = True
 
 
