@@ -3,8 +3,9 @@ command's exit, per launcher: local (2 worker processes), local_warm (the same, 
 `sft-dist warm` template started once before any timing and stopped by its PID after), torchrun (2 processes),
 embedded Ray (a local Ray cluster started for the run, 2 workers forked from the run's own template:
 launcher.warm_workers), ray_warm (the same with SFT_DIST_WARM naming that `sft-dist warm`: the driver and the Ray
-workers fork from it); the Ray overhead as a ratio to torchrun, and warm's as a ratio to a cold local launch. The quickstart config, 3 steps, the tokenized-data cache warm (one run
-before timing), median over --repeats runs, launchers alternated.
+workers fork from it); the Ray overhead as a ratio to torchrun, and warm's as a ratio to a cold local launch. The
+quickstart config, 3 steps, the tokenized-data cache warm (one run before timing), median over --repeats runs,
+launchers alternated.
 
     python bench/startup.py [--repeats 3] [--launchers local,local_warm,torchrun,ray,ray_warm]
 """
@@ -132,7 +133,8 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d")}
     (res / "startup.json").write_text(json.dumps({"meta": meta, "median_s": med, "median_exit_s": med_total,
                                                   "runs_s": runs, "exit_s": total, **ratios}, indent=2))
-    (res / "startup.md").write_text(f"{meta['machine']}, quickstart, median of {a.repeats}, {meta['date']}\n\n{table}\n")
+    (res / "startup.md").write_text(
+        f"{meta['machine']}, quickstart, median of {a.repeats}, {meta['date']}\n\n{table}\n")
     return 0
 
 

@@ -61,8 +61,8 @@ def main() -> int:
         else:
             return relay(child)
     elif found and args:
-        print(f"sft-dist: this Ray worker starts cold: the warm template (pid {found[0]}) is not ready",
-              file=sys.stderr, flush=True)
+        what = f"the warm template (pid {found[0]}) is not ready" if found[0] else f"no `sft-dist warm` at {found[1]}"
+        print(f"sft-dist: this Ray worker starts cold: {what}", file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, *args])
     return 1  # not reached
 

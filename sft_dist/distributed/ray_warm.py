@@ -3,10 +3,11 @@ synchronization actor and the training workers) are forked from one template tha
 transformers, peft, TRL and DeepSpeed once, instead of each importing them again (`launcher.warm_workers`).
 
 The driver starts the template (`distributed/warm.py`, serving Ray workers) as soon as its config is loaded, so its
-imports run while the driver checks the run and `ray.init` starts the cluster. The run's runtime env names `python -m sft_dist.distributed.ray_exec` as the
-workers' Python: a stand-in that has the template fork the worker (`ray_exec`), or becomes the cold worker by exec
-where that cannot be done. A forked worker is the process Ray would have started, with its environment, working
-directory and file descriptors; it only skips the imports. The template ends with the driver.
+imports run while the driver checks the run and `ray.init` starts the cluster. The run's runtime env names
+`python -m sft_dist.distributed.ray_exec` as the workers' Python: a stand-in that has the template fork the worker
+(`ray_exec`), or becomes the cold worker by exec where that cannot be done. A forked worker is the process Ray
+would have started, with its environment, working directory and file descriptors; it only skips the imports. The
+template ends with the driver.
 
 Where `sft-dist warm` runs on the node and $SFT_DIST_WARM names it (exported before `ray start`, or in the job's
 runtime env), the workers fork from that template instead: already imported, so even the first worker of a job
@@ -15,8 +16,9 @@ starts at once; each imports Ray itself, with its own job's settings (`warm.serv
 Used where every worker that can get the runtime env runs on this node: the embedded cluster (the whole job's
 runtime env, so the controller too), or a joined single-node cluster (the training workers' runtime env). Not
 where the job gives workers another Python (`py_executable`, pip, uv, conda, a container), nor for a Ray client
-(`ray://`) driver, whose machine is not a cluster node, nor for GPU workers until forked ones have run on a GPU. A worker whose sft_dist is another copy than the
-template's, or whose environment differs in what a library reads at import, starts cold and says why.
+(`ray://`) driver, whose machine is not a cluster node, nor for GPU workers until forked ones have run on a GPU. A
+worker whose sft_dist is another copy than the template's, or whose environment differs in what a library reads at
+import, starts cold and says why.
 """
 
 from __future__ import annotations

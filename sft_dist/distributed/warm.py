@@ -74,8 +74,10 @@ RAY_PRELOAD = ("ray", "ray.train.torch", "ray._private.workers.default_worker",
                "ray.train.v2._internal.execution.controller.controller",
                "ray.train.v2._internal.execution.worker_group.worker",
                "sft_dist.distributed.ray_train", "sft_dist.distributed.ray_trainer", "sft_dist.train.ray_report")
-# Set by the raylet for each worker process it starts or by its runtime env: read by Ray again in the forked worker
-# (`Config.initialize`), never at import; except these, read once per process, which must equal the template's.
+# Set by the raylet for each worker process it starts or by its runtime env. A run's template imports Ray under the
+# first Ray worker's values of all of them (the job's: what its Python modules read at import); the workers of one
+# job differ only in values Ray reads per process again (`Config.initialize`) or at call time, except
+# RAY_INTERNAL_FLAGS, which must equal those Ray was imported with.
 # SPT_NOENV: how setproctitle may rename the process (the template sets Ray's value before it imports setproctitle).
 # PYTHONBREAKPOINT: Ray's debugger hook in its workers, read by each breakpoint() call.
 RAY_PER_WORKER_PREFIX = "RAY_"
@@ -427,12 +429,11 @@ def _ray_refusal(t: _Template, req: dict) -> str | None:
     if t.ray_mode == "any":  # the worker imports Ray itself (_serve_child)
         return None
     flags = {k: req["env"].get(k) for k in RAY_INTERNAL_FLAGS}
-    if t.ray_flags is None:  # the first Ray worker: import Ray with its flags, as its own import would read them
-        for k, v in flags.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if t.ray_flags is None:  # the first Ray worker: import Ray under its Ray settings, as its own import reads them
+        for k in [k for k in os.environ if k.startswith(RAY_PER_WORKER_PREFIX)]:
+            os.environ.pop(k)
+        os.environ.update({k: v for k, v in req["env"].items()
+                           if k.startswith(RAY_PER_WORKER_PREFIX) or k in RAY_PER_WORKER})
         preload(RAY_PRELOAD)
         t.ray_flags = flags
         t.mtimes.update(_loaded_files())
