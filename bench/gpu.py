@@ -14,7 +14,8 @@ Steps run most important first; one that does not fit the time left of --budget-
   llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation):
                     tokens/s, MFU, and the seconds from the command to the first optimizer step
   llama8b_qlora     the same, 4-bit (bitsandbytes), activation checkpointing on (skipped without bitsandbytes)
-  sft_dist_<attn>   the sft_dist step on each other attention implementation (flex_attention, sdpa, flash_attention_2)
+  sft_dist_<attn>   the sft_dist step on each other attention implementation (sdpa with the packed block mask,
+                    varlen_attention, flex_attention, flash_attention_2): the one auto picked is not run twice
   sft_dist_liger    the sft_dist step with Liger's kernels switched the other way
   paged_adamw_8bit  the sft_dist step with training.optim=paged_adamw_8bit (skipped without bitsandbytes)
   sft_dist_compile  the sft_dist step with training.torch_compile=true
@@ -451,6 +452,8 @@ def steps() -> list[Step]:
              llama8b, prep, 420),
         Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 150, 25, qlora,
              _has("bitsandbytes", "QLoRA"), 420),
+        attn_variant("sdpa"),
+        attn_variant("varlen_attention"),
         attn_variant("flex_attention"),
         Step("sft_dist_liger", "sft_dist with Liger switched the other way", 70, 25, liger, liger_ready, 300),
         Step("paged_adamw_8bit", "sft_dist with training.optim=paged_adamw_8bit", 70, 25,
@@ -458,7 +461,6 @@ def steps() -> list[Step]:
              _has("bitsandbytes", "8-bit optimizers"), 300),
         Step("sft_dist_compile", "sft_dist with training.torch_compile=true", 240, 150,
              sft("sft_dist_compile", **{"training.torch_compile": True}), prep, 480),
-        attn_variant("sdpa"),
         attn_variant("flash_attention_2"),
         Step("ddp_nccl", "sft_dist on every GPU (DDP, nccl)", 90, 25, ddp,
              lambda s: "fewer than 2 GPUs" if s.gpus < 2 else prep(s), 300),

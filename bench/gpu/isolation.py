@@ -1,7 +1,8 @@
 """Packed rows on this device: every attention implementation that runs here, fed packed rows the way sft_dist's
-PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention: the micro-
-batch flattened into one row), gives each document the logits sdpa gives it alone. bench/gpu.py's `isolation`
-step; the CPU suite checks eager, sdpa and flex_attention in fp32 (tests/data/test_packing.py).
+PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention and
+varlen_attention: the micro-batch flattened into one row, with cu_seq_lens), gives each document the logits sdpa
+gives it alone. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa, flex_attention and
+varlen_attention's CPU path in fp32 (tests/data/test_packing.py, tests/model/test_varlen.py).
 
 Each case also reports `leak`: the same rows with position_ids running on across documents (what a batch that
 lets documents see each other gives), the size a broken isolation would show.
@@ -29,6 +30,9 @@ def main() -> int:
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from sft_dist.data.packing import PackedCollator, pack_dataset
+    from sft_dist.model import varlen
+
+    varlen.register()
 
     cuda = a.device == "cuda"
     if cuda:  # fp32 means fp32 here: TF32 matmuls would differ between the packed and the single-document shapes
@@ -51,7 +55,7 @@ def main() -> int:
                           row)
     rows = sorted(packed, key=lambda r: -len(r["seq_lengths"]))[:4]
 
-    impls = ["eager", "sdpa", "flex_attention"]
+    impls = ["eager", "sdpa", "flex_attention", varlen.NAME]
     if cuda:
         impls += [fa for fa, ok in (("flash_attention_2", import_utils.is_flash_attn_2_available()),
                                     ("flash_attention_3", import_utils.is_flash_attn_3_available())) if ok]
@@ -64,8 +68,8 @@ def main() -> int:
         reference.load_state_dict(state)
         reference.to(a.device).eval()
         for impl in impls:
-            if impl.startswith("flash") and dtype == torch.float32:
-                continue  # flash attention computes in 16 bit only
+            if (impl.startswith("flash") or impl == varlen.NAME and cuda) and dtype == torch.float32:
+                continue  # flash attention computes in 16 bit only (torch's varlen kernel too)
             case = {"attn": impl, "dtype": str(dtype).removeprefix("torch.")}
             try:
                 model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)

@@ -2,8 +2,9 @@
 a value the model class rejects is a one-line ConfigError, raised from the model's config (no weight loaded).
 
 What each choice does to packed rows (sft_dist/data/packing.py): sdpa, eager and flex_attention get one packed
-row per batch row and build a block-diagonal mask from the position_ids; flash attention gets the micro-batch
-flattened into one row with cu_seq_lens. Every choice keeps packed documents apart.
+row per batch row and build a block-diagonal mask from the position_ids; flash attention and `varlen_attention`
+(model/varlen.py: torch's own varlen flash kernel on CUDA) get the micro-batch flattened into one row with
+cu_seq_lens, and no mask. Every choice keeps packed documents apart.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from sft_dist.errors import ConfigError
 
 FLASH = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-CHOICES = ("auto", "eager", "sdpa", "flex_attention", *FLASH)
+VARLEN = "varlen_attention"
+CHOICES = ("auto", "eager", "sdpa", "flex_attention", VARLEN, *FLASH)
 KEY = "model.attn_implementation"
 
 
@@ -71,8 +73,11 @@ def check_requested(value: str | None, cls, *, model_type: str | None) -> None:
     if value in (None, "auto", "eager") or "/" in value or cls is None:
         return
     allowed = supported(cls)
+    if "flash_attention_2" in allowed and model_type != "gemma2":  # flash-style attention, and no soft-capping
+        allowed.append(VARLEN)
     if value not in allowed:
-        why = " (its attention uses logit soft-capping, which sdpa cannot do)" if model_type == "gemma2" else ""
+        why = (f" (its attention uses logit soft-capping, which {'sdpa' if value == 'sdpa' else value} cannot do)"
+               if model_type == "gemma2" else "")
         raise ConfigError(f"{KEY}: {value!r} is not supported by {cls.__name__} (model_type {model_type}){why}; "
                           f"allowed: {', '.join(['auto', *allowed])}")
 
@@ -91,6 +96,14 @@ def check_config(m, *, device: str = "auto") -> list[str]:
                         "use auto or sdpa")
     if problems or m.attn_implementation in (None, "auto", "eager") or "/" in m.attn_implementation:
         return problems
+    if m.attn_implementation == VARLEN and isinstance(m.init_config, dict):
+        from types import SimpleNamespace
+
+        from sft_dist.model import varlen
+
+        why = varlen.config_problem(SimpleNamespace(**m.init_config))
+        if why:
+            return [f"{KEY}: {VARLEN} cannot run this model: {why}; use auto, sdpa or eager"]
     raw = m.init_config
     if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
         try:
@@ -107,14 +120,25 @@ def check_config(m, *, device: str = "auto") -> list[str]:
     return []
 
 
-def choose(requested: str | None, cls, *, model_type: str | None, device: str, dtype) -> Choice:
+def choose(requested: str | None, cls, *, model_type: str | None, device: str, dtype, config=None,
+           probe: bool = True) -> Choice:
     """The implementation to build the model with. `auto`: flash attention (3, then 2) when its package is
-    installed, the device is CUDA, the weights are 16-bit and the class supports it; else sdpa where the
-    class supports it; else eager."""
+    installed, the device is CUDA, the weights are 16-bit and the class supports it; else, on the same terms,
+    torch's varlen flash kernel (`varlen_attention`) once it ran right on this GPU (`probe`; the planner,
+    which may have no GPU, passes False) and the model's attention has nothing it cannot do (soft-capping,
+    sinks, dropout); else sdpa where the class supports it; else eager."""
+    from sft_dist.model import varlen
+
     if requested not in (None, "auto"):
         check_requested(requested, cls, model_type=model_type)
         if requested in FLASH:
             _check_flash(requested, device=device)
+        if requested == VARLEN:
+            why = varlen.config_problem(config) if config is not None else None
+            if why:
+                raise ConfigError(f"{KEY}: {VARLEN} cannot run {cls.__name__ if cls else model_type}: {why}; "
+                                  "use auto, sdpa or eager")
+            varlen.register()
         return Choice(requested, "as configured")
     if cls is None:  # remote code: transformers' own default (sdpa if the class supports it, else eager)
         return Choice("sdpa", "auto: remote-code model; transformers falls back to eager if it lacks sdpa")
@@ -127,11 +151,31 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
                 return Choice(fa, f"auto: {name} supports it, {fa.replace('_attention_', '-attn ')} is installed, "
                                   f"CUDA, {str(dtype).removeprefix('torch.')}")
         why_not_flash = "flash-attn is not installed"
+        why_not_varlen = varlen.config_problem(config) if config is not None else "the model's config is not known"
+        if why_not_varlen is None:
+            why_not_varlen = _varlen_kernel_problem(dtype, probe=probe)
+        if why_not_varlen is None:
+            varlen.register()
+            return Choice(VARLEN, f"auto: {name} supports flash-style attention, flash-attn is not installed: torch's "
+                                  f"varlen flash kernel, CUDA, {str(dtype).removeprefix('torch.')}")
+        why_not_flash += f"; no varlen_attention: {why_not_varlen}"
     elif "flash_attention_2" not in allowed:
         why_not_flash = f"{name} has no flash attention"
     if "sdpa" in allowed:
         return Choice("sdpa", f"auto: {name} supports sdpa; no flash attention: {why_not_flash}")
     return Choice("eager", f"auto: {name} supports neither sdpa nor flash attention here ({why_not_flash})")
+
+
+def _varlen_kernel_problem(dtype, *, probe: bool) -> str | None:
+    import torch
+
+    from sft_dist.model import varlen
+
+    if not probe:
+        return None if varlen.torch_kernel() is not None else "this torch has no torch.nn.attention.varlen"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible here to check torch's varlen kernel on"
+    return varlen.kernel_problem(torch.cuda.current_device(), dtype)
 
 
 def _why_not_flash(*, device: str, dtype) -> str | None:

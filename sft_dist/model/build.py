@@ -63,7 +63,7 @@ def build_model(
     config = _pretrained_config(cfg)
     cls = attention.causal_lm_class(config)
     choice = attention.choose(cfg.attn_implementation, cls, model_type=getattr(config, "model_type", None),
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, config=config)
     if cls is not None or cfg.attn_implementation not in (None, "auto"):
         kwargs["attn_implementation"] = choice.name
     if quant.bits is not None:
@@ -133,7 +133,7 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.init_config: {e}") from None
     choice = attention.choose(cfg.attn_implementation, attention.causal_lm_class(config), model_type=model_type,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, config=config)
     log.info(choice.describe())
     with without_zero3_init():
         return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name)

@@ -339,7 +339,7 @@ def _attention_kind(cfg: Config, config, *, device: str, dtype: torch.dtype) -> 
         cls = attention.causal_lm_class(config)
         try:  # what model/build.py will pick
             requested = attention.choose(requested, cls, model_type=getattr(config, "model_type", None),
-                                         device=device, dtype=dtype).name
+                                         device=device, dtype=dtype, config=config, probe=False).name
         except Exception:  # noqa: BLE001 - e.g. planning for a GPU on a host without one: sdpa, else eager
             requested = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
     if requested == "eager":
@@ -385,7 +385,8 @@ def _fused_attention(kind: str, packed: bool):
     return attend
 
 
-_META_ATTENTION = {(kind, packed): f"sft_dist_meta_{kind}{'_packed' if packed else ''}"
+# (transformers treats any implementation name containing "flash" as a flash-attn kernel to look up)
+_META_ATTENTION = {(kind, packed): f"sft_dist_meta_{'unmasked' if kind == 'flash' else kind}{'_packed' if packed else ''}"
                    for kind in ("sdpa", "flash") for packed in (False, True)}
 
 
@@ -731,7 +732,8 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
 
 _MIXED = {"autocast": "torch.autocast (fp32 inputs of matmuls cast to {dtype})",
           "cast": "every parameter computes in {dtype}", "none": "{dtype}"}
-_ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention (fused)", "eager": "eager (attention matrices kept)"}
+_ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention or torch varlen (fused, no mask)",
+              "eager": "eager (attention matrices kept)"}
 
 
 def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,

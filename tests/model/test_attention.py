@@ -55,7 +55,7 @@ def test_auto_on_a_gpu_without_flash_attn_installed_says_so():
     llama = causal_lm_class(AutoConfig.for_model("llama", **SHAPE))
     c = choose("auto", llama, model_type="llama", device="cuda", dtype=torch.bfloat16)
     assert (c.name, c.reason) == ("sdpa", "auto: LlamaForCausalLM supports sdpa; no flash attention: flash-attn is "
-                                          "not installed")
+                                          "not installed; no varlen_attention: the model's config is not known")
     c = choose("auto", llama, model_type="llama", device="cuda", dtype=torch.float32)
     assert c.name == "sdpa" and "the weights are float32" in c.reason
     gemma = causal_lm_class(AutoConfig.for_model("gemma2", **SHAPE))

@@ -1,0 +1,186 @@
+"""`varlen_attention`: packed documents attended one by one, with no mask built.
+
+Registered with transformers as an attention implementation (any model class that takes flash attention takes
+this one). The micro-batch arrives flattened into one row with its documents' boundaries (`cu_seq_lens_q`,
+`max_length_q`, from `PackedCollator`), or as rows with a padding mask (each row's tokens unpadded), or as
+plain rows. On CUDA the kernel is torch's own `torch.nn.attention.varlen.varlen_attn` (flash attention inside
+torch: no flash-attn package, no compile); on other devices each document goes through `scaled_dot_product_
+attention` alone, which computes the same thing and lets CPU tests check everything around the kernel.
+
+Why: sdpa given packed rows needs a block-diagonal mask, which transformers materialises per micro-batch and
+which sends torch to its slower masked kernels, with the k/v heads repeated; this path skips both.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+NAME = "varlen_attention"
+# The keys transformers' flash path also reads from a batch (FlashAttentionKwargs): they reach every attention
+# call of the model through its forward's **kwargs.
+BATCH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def register() -> None:
+    """Make `NAME` an attention implementation transformers accepts (idempotent). Its mask function is the one
+    flash attention uses: no mask for full rows, the 2D padding mask otherwise, never a 4D one."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+def torch_kernel():
+    """torch's varlen flash attention, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def config_problem(config) -> str | None:
+    """Why a model's attention cannot run here, from its transformers config; None when it can."""
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_attn_softcapping", None):
+        return "its attention uses logit soft-capping"
+    if getattr(config, "model_type", None) in ("gpt_oss",):
+        return "its attention uses learned sinks"
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return f"attention_dropout is {config.attention_dropout}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_problem(device_index: int, dtype: torch.dtype) -> str | None:
+    """Run the CUDA kernel once on tiny packed inputs (forward and backward, two documents, grouped k/v heads)
+    against the per-document reference; None when it agrees, else why not (auto then falls back to sdpa)."""
+    if torch_kernel() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    device = torch.device("cuda", device_index)
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"{torch.cuda.get_device_name(device)} is older than Ampere (flash attention needs sm80+)"
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(19, h, 64, generator=gen).to(device, dtype).requires_grad_() for h in (4, 2, 2))
+        cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+        got = _on_cuda(q, k, v, cu, 12, scale=None, window=None)
+        ref = _per_document(q, k, v, cu, scale=None, window=None)
+        grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip((got, *grads), (ref, *ref_grads)))
+    except Exception as e:  # noqa: BLE001 - any failure means: do not pick it
+        return f"torch's varlen_attn failed on this GPU: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if not worst < 0.05:  # bf16 forward and backward of unit-scale inputs agree to ~1e-2
+        return f"torch's varlen_attn differs from the reference by {worst:.3g} on this GPU"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      sliding_window=None, softcap=None, **kwargs):
+    """transformers' attention interface: q (B, Hq, T, D), k/v (B, Hkv, S, D) -> ((B, T, Hq, D), None)."""
+    if softcap:
+        raise RuntimeError(f"{NAME} cannot apply logit soft-capping ({type(module).__name__}); "
+                           "set model.attn_implementation to eager")
+    if kwargs.get("s_aux") is not None:
+        raise RuntimeError(f"{NAME} cannot apply attention sinks ({type(module).__name__}); use eager or flash")
+    if dropout:
+        raise RuntimeError(f"{NAME} has no attention dropout (got {dropout}); set the model's attention_dropout "
+                           "to 0 or use sdpa")
+    b, hq, t, d = query.shape
+    if key.shape[2] != t:  # decoding with a KV cache (evaluation samples): one new token at a time
+        return _decode(module, query, key, value, attention_mask, scaling)
+    window = sliding_window if sliding_window and sliding_window < t else None
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, H, D)
+    index = None
+    if attention_mask is not None and not bool(attention_mask.all()):  # padded rows: keep the real tokens
+        keep = attention_mask.bool().reshape(-1)
+        index = keep.nonzero().squeeze(1)
+        lengths = attention_mask.bool().sum(1)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        q, k, v = (x.reshape(b * t, *x.shape[2:]).index_select(0, index) for x in (q, k, v))
+    else:
+        cu, longest = _boundaries(kwargs, b, t, query.device)
+        q, k, v = (x.reshape(b * t, *x.shape[2:]) for x in (q, k, v))
+    if query.device.type == "cuda":
+        out = _on_cuda(q, k, v, cu, longest, scale=scaling, window=window)
+    else:
+        out = _per_document(q, k, v, cu, scale=scaling, window=window)
+    if index is not None:
+        out = out.new_zeros(b * t, hq, d).index_copy(0, index, out)
+    return out.reshape(b, t, hq, d), None
+
+
+def _boundaries(kwargs, b: int, t: int, device) -> tuple[torch.Tensor, int]:
+    """cu_seq_lens of the flattened batch: from the batch (no device sync), else where position_ids restart
+    (every row start counts as one), else one document per row."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and int(cu.shape[0]) >= 2 and b == 1:
+        return cu.to(device=device, dtype=torch.int32), int(kwargs.get("max_length_q") or t)
+    positions = kwargs.get("position_ids")
+    if positions is not None and positions.numel() == b * t:
+        starts = positions.reshape(-1) == 0
+        starts[::t] = True
+        cu = torch.nn.functional.pad(starts.nonzero().squeeze(1), (0, 1), value=b * t).to(torch.int32)
+        return cu, int(cu.diff().max())
+    return torch.arange(0, b * t + 1, t, dtype=torch.int32, device=device), t
+
+
+def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
+    kernel = torch_kernel()
+    params = _parameters(kernel)
+    given = compute = q.dtype
+    if compute == torch.float32:  # flash kernels compute in 16 bit: the autocast dtype, as sdpa would use
+        compute = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = (x.to(compute) for x in (q, k, v))
+    extra = {}
+    if "enable_gqa" in params:
+        extra["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    if "window_size" in params:
+        extra["window_size"] = (window - 1, 0) if window else (-1, 0)
+    else:
+        if window:
+            raise RuntimeError(f"torch {torch.__version__}'s varlen_attn has no sliding window; use sdpa")
+        extra["is_causal"] = True
+    if scale is not None and "scale" in params:
+        extra["scale"] = scale
+    return kernel(q, k, v, cu, cu, longest, longest, **extra).to(given)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(kernel) -> frozenset:
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def _per_document(q, k, v, cu, *, scale, window):
+    """The reference: each document alone through sdpa (causal, optional sliding window). (T, H, D) layout."""
+    out = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))
+        mask = None
+        if window:
+            i = torch.arange(end - start, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=qd.shape[0] != kd.shape[0]).transpose(0, 1))
+    return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:])
+
+
+def _decode(module, query, key, value, attention_mask, scaling):
+    """Queries that are the last tokens of longer keys (a KV cache): sdpa with the padding mask, the new
+    token(s) attending to everything before them."""
+    t, s = query.shape[2], key.shape[2]
+    mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+    if attention_mask is not None:
+        mask = mask[None, None] & attention_mask.bool()[:, None, None, -s:]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,187 @@
+"""`varlen_attention` (model/varlen.py): everything around torch's CUDA kernel, run here with the per-document
+sdpa reference in its place: the boundaries the collator sends, the fallbacks when they are missing, padded rows,
+sliding windows, a KV cache, gradients, and what `auto` picks for which model on which device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from sft_dist.config.load import builtin_path
+from sft_dist.config.schema import DataConfig
+from sft_dist.data.build import build_datasets
+from sft_dist.data.packing import PackedCollator, boundaries
+from sft_dist.errors import ConfigError
+from sft_dist.model import varlen
+from sft_dist.model.attention import causal_lm_class, choose
+from sft_dist.train.callbacks import SampleIdCollator
+from tests.data.test_packing import write_text_rows
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(builtin_path("tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def packed(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("varlen")
+    f = write_text_rows(d / "d.jsonl", 40)
+    def data(packing):
+        return build_datasets(DataConfig(train_files=[f], format="text", max_length=64, packing=packing), tok,
+                              seed=0).train
+
+    plain = data(False)
+    return {s: ids for s, ids in zip(plain["sample_id"], plain["input_ids"])}, data(True)
+
+
+def pair(tok, model_type: str = "llama", **extra):
+    """The sdpa reference and the same weights on varlen_attention."""
+    varlen.register()
+    config = AutoConfig.for_model(model_type, **SHAPE, **extra, vocab_size=len(tok))
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=varlen.NAME, dtype=torch.float32).eval()
+    model.load_state_dict(reference.state_dict())
+    return reference, model
+
+
+def collate(tok, rows, attn=varlen.NAME):
+    batch = SampleIdCollator(PackedCollator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
+                                            attn_implementation=attn))([dict(r) for r in rows])
+    batch.pop("sample_ids"), batch.pop("input_tokens")
+    return batch
+
+
+def test_the_collator_sends_the_documents_boundaries(tok, packed):
+    _, rows = packed
+    rows = sorted(rows, key=lambda r: -len(r["seq_lengths"]))[:3]
+    batch = collate(tok, rows)
+    lengths = [n for r in rows for n in r["seq_lengths"]]
+    assert batch["input_ids"].shape == (1, sum(lengths))  # flattened, no mask
+    assert "attention_mask" not in batch
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"] and batch["max_length_q"] == max(lengths)
+    assert len(lengths) > 6
+    # TRL's padding-free collator sends flash attention the same boundaries, from the rows' seq_lengths
+    assert collate(tok, rows, attn="flash_attention_2")["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_q"].tolist()
+    # a first token that does not start at position 0 still opens a document
+    assert boundaries(torch.tensor([[3, 4, 0, 1, 2, 0]]))["cu_seq_lens_q"].tolist() == [0, 2, 5, 6]
+
+
+@pytest.mark.parametrize("source", ["batch", "position_ids"])
+def test_packed_documents_get_their_logits_alone(tok, packed, source):
+    """With the boundaries from the collator, or found from position_ids when a caller drops them."""
+    docs, rows = packed
+    reference, model = pair(tok)
+    rows = sorted(rows, key=lambda r: -len(r["seq_lengths"]))[:3]
+    batch = collate(tok, rows)
+    batch.pop("labels")
+    if source == "position_ids":
+        for key in varlen.BATCH_KEYS:
+            batch.pop(key)
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+    start, compared = 0, 0
+    for row in rows:
+        for sid, n in zip(row["sample_ids"], row["seq_lengths"]):
+            with torch.no_grad():
+                alone = reference(torch.tensor([docs[sid]]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[start:start + n], alone, atol=1e-5, rtol=0)
+            start, compared = start + n, compared + 1
+    assert compared > 6 and start == logits.shape[0]
+
+
+def test_gradients_equal_the_block_mask_path(tok, packed):
+    """One training step's loss and LoRA-free gradients: varlen vs sdpa given the same packed rows as rows."""
+    _, rows = packed
+    reference, model = pair(tok)
+    rows = sorted(rows, key=lambda r: -len(r["seq_lengths"]))[:2]
+    losses = []
+    for m, attn in ((reference, "sdpa"), (model, varlen.NAME)):
+        m.train()
+        loss = m(**collate(tok, rows, attn=attn)).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    grads = dict(reference.named_parameters())
+    worst = max((p.grad - grads[n].grad).abs().max().item() for n, p in model.named_parameters())
+    assert worst < 1e-5
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_are_unpadded(tok, side):
+    """Unpacked batches come with a padding mask: each row's real tokens attend to themselves only."""
+    reference, model = pair(tok)
+    seqs = [[5, 9, 13, 2, 7, 30, 31], [4, 8, 15], [16, 23, 42, 11, 12]]
+    width = max(map(len, seqs))
+    pad = [[0] * (width - len(s)) for s in seqs]
+    ids = [s + p if side == "right" else p + s for s, p in zip(seqs, pad)]
+    mask = [[1] * len(s) + p if side == "right" else p + [1] * len(s) for s, p in zip(seqs, pad)]
+    with torch.no_grad():
+        got = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+        for r, s in enumerate(seqs):
+            alone = reference(torch.tensor([s])).logits[0]
+            where = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            torch.testing.assert_close(got[r, where], alone, atol=1e-5, rtol=0)
+
+
+def test_sliding_window_matches_sdpa(tok):
+    reference, model = pair(tok, "mistral", sliding_window=5)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9]])
+    with torch.no_grad():
+        windowed = model(ids).logits
+        torch.testing.assert_close(windowed, reference(ids).logits, atol=1e-5, rtol=0)
+        reference.config.sliding_window = None  # the window is really applied: without it the logits differ
+        assert (reference(ids).logits - windowed).abs().max() > 1e-3
+
+
+def test_generation_with_a_kv_cache_equals_sdpa(tok):
+    """Evaluation samples generate with a KV cache: the new token attends to everything before it."""
+    reference, model = pair(tok)
+    prompt = torch.tensor([[5, 9, 13, 2, 7, 30]])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert model.generate(prompt, **kw).tolist() == reference.generate(prompt, **kw).tolist()
+
+
+def test_a_saved_model_loads_without_sft_dist(tok, tmp_path):
+    """The attention choice is the run's, not the checkpoint's."""
+    _, model = pair(tok)
+    model.save_pretrained(tmp_path)
+    assert varlen.NAME not in (tmp_path / "config.json").read_text()
+
+
+def test_auto_picks_it_on_a_gpu_for_flash_style_models_only():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: auto picks it first")
+    llama_cfg = AutoConfig.for_model("llama", **SHAPE)
+    llama = causal_lm_class(llama_cfg)
+    # the planner (probe=False) predicts what a GPU will run
+    c = choose("auto", llama, model_type="llama", device="cuda", dtype=torch.bfloat16, config=llama_cfg, probe=False)
+    assert c.name == varlen.NAME and "torch's varlen flash kernel" in c.reason
+    # building on a GPU probes the kernel first; with no CUDA here it falls back to sdpa and says why
+    c = choose("auto", llama, model_type="llama", device="cuda", dtype=torch.bfloat16, config=llama_cfg)
+    assert c.name == "sdpa" and "no CUDA device visible here" in c.reason
+    assert choose("auto", llama, model_type="llama", device="cpu", dtype=torch.float32, config=llama_cfg,
+                  probe=False).name == "sdpa"  # the CPU path is unchanged
+    assert choose("auto", llama, model_type="llama", device="cuda", dtype=torch.float32, config=llama_cfg,
+                  probe=False).name == "sdpa"  # fp32 weights: as for flash attention
+    gemma_cfg = AutoConfig.for_model("gemma2", **SHAPE)
+    gemma = causal_lm_class(gemma_cfg)
+    c = choose("auto", gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg, probe=False)
+    assert c.name == "eager" and "logit soft-capping" in c.reason
+    with pytest.raises(ConfigError, match="'varlen_attention' is not supported by Gemma2ForCausalLM .* logit "
+                                          "soft-capping, which varlen_attention cannot do"):
+        choose(varlen.NAME, gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg)
+    bloom = causal_lm_class(AutoConfig.for_model("bloom"))  # no flash-style attention: no varlen either
+    with pytest.raises(ConfigError, match="'varlen_attention' is not supported by BloomForCausalLM"):
+        choose(varlen.NAME, bloom, model_type="bloom", device="cuda", dtype=torch.bfloat16)
