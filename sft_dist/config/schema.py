@@ -24,8 +24,10 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # auto: flash attention (3, then 2) when installed, on CUDA with 16-bit weights and supported by the model;
+    # else on the same terms torch's varlen flash kernel (varlen_attention) once it checked out on the GPU;
     # else sdpa where the model supports it; else eager (the log says which, and why). Or one of eager, sdpa,
-    # flex_attention, flash_attention_2/3/4: checked against the model class before any weight loads.
+    # flex_attention, varlen_attention, flash_attention_2/3/4: checked against the model class before any
+    # weight loads.
     attn_implementation: str | None = "auto"
     # With init_config: write the seeded random base to <output_dir>/base_model (the adapter's base: export,
     # generate and PeftModel.from_pretrained read it). false skips the write (seconds to minutes for a large

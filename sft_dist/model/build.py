@@ -44,9 +44,12 @@ def build_model(
     dtype: torch.dtype,
     seed: int,
     device: str,
+    to_device: bool = False,
 ):
     """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
-    implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`)."""
+    implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`).
+    `to_device`: load a checkpoint's weights straight onto this rank's GPU (where every rank holds the whole
+    model anyway) instead of into host memory first."""
     from transformers import AutoModelForCausalLM
 
     from sft_dist.model import attention
@@ -68,10 +71,8 @@ def build_model(
         kwargs["attn_implementation"] = choice.name
     if quant.bits is not None:
         kwargs["quantization_config"] = bnb_config(quant, dtype=dtype)
-        if device == "cuda":
-            import os
-
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if device == "cuda" and (quant.bits is not None or to_device):
+        kwargs["device_map"] = {"": target_device(device).index}
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:

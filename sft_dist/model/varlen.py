@@ -69,14 +69,16 @@ def kernel_problem(device_index: int, dtype: torch.dtype) -> str | None:
         q, k, v = (torch.randn(19, h, 64, generator=gen).to(device, dtype).requires_grad_() for h in (4, 2, 2))
         cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
         got = _on_cuda(q, k, v, cu, 12, scale=None, window=None)
-        ref = _per_document(q, k, v, cu, scale=None, window=None)
+        ref = _per_document(q.float(), k.float(), v.float(), cu, scale=None, window=None)  # fp32 reference
         grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
-        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
-        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip((got, *grads), (ref, *ref_grads)))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        # each tensor's largest error relative to its largest value: 16-bit kernels stay well below 3%
+        worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                    for a, b in zip((got, *grads), (ref, *ref_grads)))
     except Exception as e:  # noqa: BLE001 - any failure means: do not pick it
         return f"torch's varlen_attn failed on this GPU: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    if not worst < 0.05:  # bf16 forward and backward of unit-scale inputs agree to ~1e-2
-        return f"torch's varlen_attn differs from the reference by {worst:.3g} on this GPU"
+    if not worst < 0.03:
+        return f"torch's varlen_attn differs from the fp32 reference by {worst:.1%} on this GPU"
     return None
 
 

@@ -399,7 +399,11 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     set_seed(args.seed)
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled)
     quant = backend.model_quantization(cfg.quantization, dtype=dtype)
-    model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device)
+    sharding = backend.sharding(env.world_size)
+    # A checkpoint loads straight onto the GPU where every rank holds the whole model anyway (DDP, ZeRO-1/2);
+    # sharded strategies load on the host, so a model larger than one GPU can still be sharded.
+    model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device,
+                        to_device=sharding.weights == 1 and not sharding.offload_param)
     base_dir = None
     if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
