@@ -90,6 +90,7 @@ class PackedCollator:
         # varlen_attention also gets the boundaries themselves, computed here on the CPU: found from the
         # position_ids on the GPU they would cost a device sync in every layer.
         self.boundaries = attn_implementation == "varlen_attention"
+        self.pad_to = pad_to
         self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten,
                                          pad_to_multiple_of=pad_to or inner.pad_to_multiple_of)
 
@@ -97,16 +98,18 @@ class PackedCollator:
         batch = self.inner(examples)
         batch.pop("attention_mask", None)
         if self.boundaries:
-            batch.update(boundaries(batch["position_ids"]))
+            # under torch.compile (pad_to) the longest document is given as the row length, which bounds it:
+            # an int that changed with every batch would compile the model again
+            batch.update(boundaries(batch["position_ids"], longest=self.pad_to))
         # A KV cache also makes transformers skip the boundaries; the trainers pass use_cache=False, but a
         # batch that is only right with it says so itself.
         batch["use_cache"] = False
         return batch
 
 
-def boundaries(position_ids) -> dict:
+def boundaries(position_ids, *, longest: int | None = None) -> dict:
     """The documents of one flattened row (position_ids restart at 0 for each) as flash attention's batch keys:
-    cumulative lengths (int32) and the longest document."""
+    cumulative lengths (int32) and the longest document (or `longest`, an upper bound of it)."""
     import torch
 
     positions = position_ids.reshape(-1)
@@ -114,5 +117,5 @@ def boundaries(position_ids) -> dict:
     if starts.numel() == 0 or int(starts[0]) != 0:
         starts = torch.cat([starts.new_zeros(1), starts])
     cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
-    longest = int(cu.diff().max())
+    longest = max(int(cu.diff().max()), longest or 0)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -32,14 +32,14 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packing")
     data = variable_rows(tmp / "train.jsonl")
     out = {}
-    for packing in (False, True):
-        run = tmp / f"packing-{packing}"
+    for packing, attn in ((False, "auto"), (True, "auto"), (True, "varlen_attention")):
+        run = tmp / f"packing-{packing}-{attn}"
         r = sft_dist("train", QUICKSTART, f"output_dir={run}", f"data.train_files={data}",
                      f"data.packing={str(packing).lower()}", "data.trace_samples=true", "launcher.num_workers=1",
-                     f"training.max_steps={STEPS}",
+                     f"training.max_steps={STEPS}", f"model.attn_implementation={attn}",
                      f"training.eval_steps={STEPS}" if packing else "training.eval_strategy=no", timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        out[packing] = run, r.stderr
+        out[packing if attn == "auto" else attn] = run, r.stderr
     return out
 
 
@@ -78,3 +78,18 @@ def test_packed_documents_are_trained_on_at_most_once(runs):
     seen = [i for line in (run / "trace" / "samples.rank0.jsonl").read_text().splitlines()
             for i in json.loads(line)["sample_ids"]]
     assert len(seen) == len(set(seen)) > STEPS * 8 * 1.5  # 8 packed rows per step hold more than 8 documents
+
+
+def test_varlen_attention_trains_the_packed_rows_as_sdpa_does(runs):
+    """The flattened layout with the collator's boundaries (the GPU default, run here through its per-document
+    reference path): every step's loss and the unpacked eval rows' loss equal sdpa's with the block mask."""
+    def curve(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [s["loss"] for s in rows if "loss" in s], next(s["eval_loss"] for s in rows if "eval_loss" in s)
+
+    (sdpa, sdpa_eval), (varlen, varlen_eval) = curve(runs[True][0]), curve(runs["varlen_attention"][0])
+    assert "attention: sdpa (auto" in runs[True][1] and "attention: varlen_attention (as configured)" in \
+        runs["varlen_attention"][1]
+    assert len(varlen) == len(sdpa) == STEPS and sdpa[0] != sdpa[-1]
+    assert max(abs(a - b) for a, b in zip(sdpa, varlen)) < 1e-5
+    assert varlen_eval == pytest.approx(sdpa_eval, abs=1e-5)

@@ -73,6 +73,10 @@ def test_the_collator_sends_the_documents_boundaries(tok, packed):
     assert collate(tok, rows, attn="flash_attention_2")["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_q"].tolist()
     # a first token that does not start at position 0 still opens a document
     assert boundaries(torch.tensor([[3, 4, 0, 1, 2, 0]]))["cu_seq_lens_q"].tolist() == [0, 2, 5, 6]
+    # under torch.compile the row length stands for the longest document: one int for every batch
+    padded = SampleIdCollator(PackedCollator(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
+                                             attn_implementation=varlen.NAME, pad_to=64))([dict(r) for r in rows])
+    assert padded["max_length_q"] == 64 and padded["input_ids"].shape[1] % 64 == 0
 
 
 @pytest.mark.parametrize("source", ["batch", "position_ids"])
