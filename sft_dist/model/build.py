@@ -45,17 +45,20 @@ def build_model(
     seed: int,
     device: str,
     to_device: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ):
     """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
     implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`).
     `to_device`: load a checkpoint's weights straight onto this rank's GPU (where every rank holds the whole
-    model anyway) instead of into host memory first."""
+    model anyway) instead of into host memory first. `compute_dtype`: the training's 16-bit dtype (bf16/fp16)
+    when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them."""
     from transformers import AutoModelForCausalLM
 
     from sft_dist.model import attention
 
     if cfg.init_config is not None:
-        model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device)
+        model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device,
+                             attn_dtype=attention_dtype(dtype, compute_dtype))
         fit_vocab(model, tokenizer, where="model.init_config")
         return model
     kwargs: dict[str, Any] = dict(
@@ -66,7 +69,7 @@ def build_model(
     config = _pretrained_config(cfg)
     cls = attention.causal_lm_class(config)
     choice = attention.choose(cfg.attn_implementation, cls, model_type=getattr(config, "model_type", None),
-                              device=device, dtype=dtype, config=config)
+                              device=device, dtype=attention_dtype(dtype, compute_dtype), config=config)
     if cls is not None or cfg.attn_implementation not in (None, "auto"):
         kwargs["attn_implementation"] = choice.name
     if quant.bits is not None:
@@ -108,13 +111,22 @@ def _pretrained_config(cfg: ModelConfig):
         raise SftDistError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from None
 
 
-def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype, device: str, attn: str | None):
+def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype, device: str, attn: str | None,
+                    compute_dtype: torch.dtype | None = None):
     """Reload a saved base (e.g. a seeded random init written by rank 0) with quantization applied."""
     cfg = ModelConfig(name_or_path=path, attn_implementation=attn)
-    return build_model(cfg, quant=quant, tokenizer=None, dtype=dtype, seed=0, device=device)
+    return build_model(cfg, quant=quant, tokenizer=None, dtype=dtype, seed=0, device=device,
+                       compute_dtype=compute_dtype)
 
 
-def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str):
+def attention_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype attention computes in: the weights', or the 16-bit training dtype fp32 weights are cast to
+    (autocast, FSDP2's param_dtype, DeepSpeed's bf16)."""
+    return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str,
+                 attn_dtype: torch.dtype):
     from transformers import AutoConfig
 
     from sft_dist.model import attention
@@ -134,7 +146,7 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.init_config: {e}") from None
     choice = attention.choose(cfg.attn_implementation, attention.causal_lm_class(config), model_type=model_type,
-                              device=device, dtype=dtype, config=config)
+                              device=device, dtype=attn_dtype, config=config)
     log.info(choice.describe())
     with without_zero3_init():
         return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name)

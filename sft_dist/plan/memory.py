@@ -62,7 +62,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
 
     The weight and compute dtypes are the plan's facts (`facts`, gathered here when not given), so the estimate
     counts what the setup line says, also when planning for GPUs on a host without one."""
-    from sft_dist.model.build import DTYPES
+    from sft_dist.model.build import DTYPES, attention_dtype
     from sft_dist.plan.facts import gather_facts
 
     facts = facts or gather_facts(cfg, device=device, world_size=world_size)
@@ -73,7 +73,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     notes: list[str] = []
 
     config = _model_config(cfg)
-    attention = _attention_kind(cfg, config, device=device, dtype=dtype)
+    attention = _attention_kind(cfg, config, device=device, dtype=attention_dtype(dtype, compute))
     model = _meta_model(cfg, config, dtype=dtype, attention=attention)
     counts = _count(model, cfg, dtype=dtype)
     trainable_bytes = counts["trainable_bytes"]

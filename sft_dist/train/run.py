@@ -388,6 +388,7 @@ def _broadcast(env: DistEnv, value):
 
 def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, tokenizer, args, out: Path):
     """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs)."""
+    import torch
     from transformers import set_seed
 
     from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
@@ -402,8 +403,9 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     sharding = backend.sharding(env.world_size)
     # A checkpoint loads straight onto the GPU where every rank holds the whole model anyway (DDP, ZeRO-1/2);
     # sharded strategies load on the host, so a model larger than one GPU can still be sharded.
+    compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device,
-                        to_device=sharding.weights == 1 and not sharding.offload_param)
+                        to_device=sharding.weights == 1 and not sharding.offload_param, compute_dtype=compute)
     base_dir = None
     if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
@@ -413,7 +415,7 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
             tokenizer.save_pretrained(base_dir)
         _barrier(env)
         if cfg.quantization.bits is not None:
-            model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device,
+            model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device, compute_dtype=compute,
                                     attn=cfg.model.attn_implementation)
     # Liger's layer kernels, patched into the base before LoRA wraps it (train/args.py: auto on CUDA when installed)
     log.info(apply_liger(model, liger_choice(cfg.training, device=device)))

@@ -189,3 +189,17 @@ def test_auto_picks_it_on_a_gpu_for_flash_style_models_only():
     bloom = causal_lm_class(AutoConfig.for_model("bloom"))  # no flash-style attention: no varlen either
     with pytest.raises(ConfigError, match="'varlen_attention' is not supported by BloomForCausalLM"):
         choose(varlen.NAME, bloom, model_type="bloom", device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("overrides, kind", [
+    ([], "flash"),  # a bf16 LoRA base
+    (["lora.enabled=false", "training.bf16=true"], "flash"),  # fp32 masters computing in bf16 (autocast)
+    (["lora.enabled=false", "training.bf16=false"], "sdpa"),  # fp32 compute: no 16-bit kernel
+])
+def test_the_plan_predicts_the_attention_a_gpu_run_picks(overrides, kind):
+    from sft_dist.plan.memory import estimate_memory
+    from sft_dist.validate import load_config
+    from tests.conftest import QUICKSTART
+
+    cfg = load_config(QUICKSTART, ["data.packing=true", "launcher.num_workers=1", *overrides])
+    assert estimate_memory(cfg, world_size=1, device="cuda").detail["attention"] == kind
