@@ -5,6 +5,8 @@ ends, and the table (OUT/gpu.md) is rewritten, so a machine taken back mid-way s
 Steps run most important first; one that does not fit the time left of --budget-s is skipped, not started.
 
   isolation         packed rows vs each document alone, per attention implementation here (bench/gpu/isolation.py)
+  attention         packed attention alone: 4 layers of the 1.5B shape, forward + backward of one packed micro-batch,
+                    per attention implementation (bench/gpu/attention.py)
   prepare           the 1.5B Llama shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab
                     128256), random, built on the GPU in bf16 and saved once; variable-length prompt/completion rows
   sft_dist          sft_dist defaults on it: bf16, LoRA r16 all-linear, data.packing 8 x 2048, attention and Liger auto
@@ -312,6 +314,22 @@ def step_isolation(s: Setup, timeout: float) -> dict:
             **({} if proc.rc == 0 else {"reason": "a packed document's logits differ from it alone"})}
 
 
+def step_attention(s: Setup, timeout: float) -> dict:
+    out = s.work / "attention.json"
+    out.unlink(missing_ok=True)
+    proc = run_proc([sys.executable, str(HERE / "attention.py"), "--out", str(out), "--device", s.device,
+                     "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / "attention.log")
+    if not out.exists():
+        return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
+    d = json.loads(out.read_text())
+    note = "; ".join(f"{c['attn']}: " + (f"{c['ms_per_step']} ms, {c['real_tokens_per_s']:,} tokens/s, "
+                                         f"{c.get('speedup_vs_sdpa', '-')}x sdpa" if "ms_per_step" in c
+                                         else c.get("error", "?")) for c in d["cases"])
+    return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": d["cases"],
+            "note": f"{d['layers']} layers fwd+bwd, {d['rows']} packed rows of {d['row']} ({d['documents']} "
+                    f"documents): {note}"}
+
+
 def step_prepare(s: Setup, timeout: float) -> dict:
     make_data(s)
     s.model_dir = s.work / ("model_tiny" if s.tiny else "model_1p5b")
@@ -452,6 +470,8 @@ def steps() -> list[Step]:
              llama8b, prep, 420),
         Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 150, 25, qlora,
              _has("bitsandbytes", "QLoRA"), 420),
+        Step("attention", "packed attention alone: a few 1.5B-shape layers, fwd+bwd, per implementation", 60, 15,
+             step_attention, None, 180),
         attn_variant("sdpa"),
         attn_variant("varlen_attention"),
         attn_variant("flex_attention"),
