@@ -32,6 +32,13 @@ def register() -> None:
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+    _KERNEL.update(kernel=torch_kernel())
+    _KERNEL.update(params=frozenset(inspect.signature(_KERNEL["kernel"]).parameters) if _KERNEL["kernel"] else ())
+
+
+# The kernel and its keyword arguments (they changed between torch 2.9 and 2.12), looked up once at register():
+# not inside the forward, which torch.compile traces.
+_KERNEL: dict = {"kernel": None, "params": ()}
 
 
 def torch_kernel():
@@ -134,8 +141,9 @@ def _boundaries(kwargs, b: int, t: int, device) -> tuple[torch.Tensor, int]:
 
 
 def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
-    kernel = torch_kernel()
-    params = _parameters(kernel)
+    if _KERNEL["kernel"] is None:
+        register()
+    kernel, params = _KERNEL["kernel"], _KERNEL["params"]
     given = compute = q.dtype
     if compute == torch.float32:  # flash kernels compute in 16 bit: the autocast dtype, as sdpa would use
         compute = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
@@ -154,11 +162,6 @@ def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
     if scale is not None and "scale" in params:
         extra["scale"] = scale
     return kernel(q, k, v, cu, cu, longest, longest, **extra).to(given)
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(kernel) -> frozenset:
-    return frozenset(inspect.signature(kernel).parameters)
 
 
 def _per_document(q, k, v, cu, *, scale, window):
