@@ -32,6 +32,7 @@ class ModelConfig:
     # With init_config: write the seeded random base to <output_dir>/base_model (the adapter's base: export,
     # generate and PeftModel.from_pretrained read it). false skips the write (seconds to minutes for a large
     # shape) for a run nothing will export, e.g. a benchmark; a quantized base is always written (it is reloaded).
+    # A frozen LoRA base held whole (no ZeRO-3/FSDP2 shards) is written in the background (model/init_base.py).
     save_init_base: bool = True
     trust_remote_code: bool = False
     revision: str | None = None

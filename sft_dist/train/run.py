@@ -129,7 +129,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
-    model, base_dir = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args, out=out)
+    model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
+                                               out=out)
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
     if env.is_main:
@@ -178,6 +179,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         shutil.rmtree(trainer.checkpointing.staging, ignore_errors=True)
     train_s = time.perf_counter() - t0
     trainer.close_trace()
+    if base_write is not None:  # the adapter's base is in place before the run says it is done
+        base_write.wait()
     if stopper.stopped_at is not None:
         saved = trainer.checkpointing.saved[-1] if trainer.checkpointing.saved else None
         log.info("stopped by SIGTERM after step %d; checkpoint %s; run the same command to resume",
@@ -406,14 +409,18 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device,
                         to_device=sharding.weights == 1 and not sharding.offload_param, compute_dtype=compute)
-    base_dir = None
+    base_dir, base_write = None, None
     if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
-        # A random base exists only in memory: save it so the adapter can be loaded, exported and served later.
+        # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
+        # behind the first steps where nothing can change it (model/init_base.py), else before them.
+        from sft_dist.model.init_base import write_base
+
         base_dir = out / "base_model"
+        background = cfg.lora.enabled and cfg.quantization.bits is None and sharding.weights == 1
         if env.is_main:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
-        _barrier(env)
+            base_write = write_base(model, tokenizer, base_dir, background=background)
+        if not background:
+            _barrier(env)
         if cfg.quantization.bits is not None:
             model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device, compute_dtype=compute,
                                     attn=cfg.model.attn_implementation)
@@ -428,7 +435,7 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     trainable, total = count_parameters(model)
     log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
              type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
-    return model, base_dir
+    return model, base_dir, base_write
 
 
 def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):

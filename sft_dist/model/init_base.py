@@ -1,0 +1,94 @@
+"""The random base of an `init_config` run, written to <output_dir>/base_model: what export, generate and
+`PeftModel.from_pretrained` load the adapter onto.
+
+Written whole or not at all: into a sibling temp directory, renamed into place once complete, so a run killed
+mid-write never leaves a base that loads wrong (a stale temp directory is removed by the next write).
+
+In the background where nothing can change it while it is written: a LoRA base (frozen; peft, Liger and the
+wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), not
+quantized (a quantized base is reloaded from this write, so training waits for it). The weights are written
+from a second, meta-built module tree that shares the model's tensors, through transformers' own
+`save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read. For an 8B shape that is
+16 GB the first training step no longer waits for. `wait()` joins it before the adapter is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from sft_dist.errors import SftDistError
+
+log = logging.getLogger(__name__)
+
+
+class BaseWrite:
+    """A base being written (or written already); `wait()` returns once it is in place, or raises."""
+
+    def __init__(self, path: Path, thread: threading.Thread | None = None):
+        self.path, self._thread, self.error, self.seconds = path, thread, None, None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            raise SftDistError(f"writing the random base to {self.path} failed: {self.error}")
+
+
+def write_base(model, tokenizer, path: Path, *, background: bool) -> BaseWrite:
+    """Write `model` (seeded random weights) and `tokenizer` to `path`; in a thread when `background`."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    if not background:
+        job = BaseWrite(path)
+        _write(job, model, tmp)
+        job.wait()
+        return job
+    shadow = _shadow(model)
+    job = BaseWrite(path)
+    job._thread = threading.Thread(target=_write, args=(job, shadow, tmp), name="sft-dist-base-write", daemon=False)
+    job._thread.start()
+    log.info("model: writing the random base to %s in the background", path)
+    return job
+
+
+def _shadow(model):
+    """A second module tree of the same class and config whose tensors are the model's own (no copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shadow = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    shadow.load_state_dict(state, assign=True, strict=True)
+    shadow.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        shadow.generation_config = model.generation_config
+    return shadow
+
+
+def _write(job: BaseWrite, model, tmp: Path) -> None:
+    t0 = time.perf_counter()
+    try:
+        device = next(model.parameters()).device
+        if device.type == "cuda":  # a new thread starts on GPU 0: copy from this rank's GPU, touch no other
+            import torch
+
+            torch.cuda.set_device(device)
+        model.save_pretrained(tmp)
+        if job.path.exists():
+            shutil.rmtree(job.path)
+        os.replace(tmp, job.path)
+        job.seconds = time.perf_counter() - t0
+        log.info("model: random base written to %s in %.1f s", job.path, job.seconds)
+    except Exception as e:  # noqa: BLE001 - reported by wait(), in the training thread
+        job.error = f"{type(e).__name__}: {e}"
+        log.error("model: writing the random base to %s failed: %s", job.path, job.error)
+        shutil.rmtree(tmp, ignore_errors=True)
