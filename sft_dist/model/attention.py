@@ -135,6 +135,8 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
             _check_flash(requested, device=device)
         if requested == VARLEN:
             why = varlen.config_problem(config) if config is not None else None
+            if why is None and device == "cuda":  # the kernel checked before any step, as auto does
+                why = _varlen_kernel_problem(dtype, probe=probe)
             if why:
                 raise ConfigError(f"{KEY}: {VARLEN} cannot run {cls.__name__ if cls else model_type}: {why}; "
                                   "use auto, sdpa or eager")

@@ -186,6 +186,9 @@ def test_auto_picks_it_on_a_gpu_for_flash_style_models_only():
     with pytest.raises(ConfigError, match="'varlen_attention' is not supported by Gemma2ForCausalLM .* logit "
                                           "soft-capping, which varlen_attention cannot do"):
         choose(varlen.NAME, gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg)
+    # asked for by name on a GPU, the kernel is checked too: a clear error before any step, not at the first
+    with pytest.raises(ConfigError, match="varlen_attention cannot run LlamaForCausalLM: no CUDA device visible"):
+        choose(varlen.NAME, llama, model_type="llama", device="cuda", dtype=torch.bfloat16, config=llama_cfg)
     bloom = causal_lm_class(AutoConfig.for_model("bloom"))  # no flash-style attention: no varlen either
     with pytest.raises(ConfigError, match="'varlen_attention' is not supported by BloomForCausalLM"):
         choose(varlen.NAME, bloom, model_type="bloom", device="cuda", dtype=torch.bfloat16)
