@@ -164,6 +164,7 @@ def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
     return kernel(q, k, v, cu, cu, longest, longest, **extra).to(given)
 
 
+@torch.compiler.disable  # a Python loop over the batch's documents: run as is, not traced and recompiled per batch
 def _per_document(q, k, v, cu, *, scale, window):
     """The reference: each document alone through sdpa (causal, optional sliding window). (T, H, D) layout."""
     out = []
