@@ -102,7 +102,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                            "to 0 or use sdpa")
     b, hq, t, d = query.shape
     if key.shape[2] != t:  # decoding with a KV cache (evaluation samples): one new token at a time
-        return _decode(module, query, key, value, attention_mask, scaling)
+        return _decode(query, key, value, attention_mask, scaling)
     window = sliding_window if sliding_window and sliding_window < t else None
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, H, D)
     index = None
@@ -180,7 +180,7 @@ def _per_document(q, k, v, cu, *, scale, window):
     return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:])
 
 
-def _decode(module, query, key, value, attention_mask, scaling):
+def _decode(query, key, value, attention_mask, scaling):
     """Queries that are the last tokens of longer keys (a KV cache): sdpa with the padding mask, the new
     token(s) attending to everything before them."""
     t, s = query.shape[2], key.shape[2]

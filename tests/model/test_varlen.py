@@ -155,8 +155,9 @@ def test_generation_with_a_kv_cache_equals_sdpa(tok):
         assert model.generate(prompt, **kw).tolist() == reference.generate(prompt, **kw).tolist()
 
 
-def test_a_saved_model_loads_without_sft_dist(tok, tmp_path):
-    """The attention choice is the run's, not the checkpoint's."""
+def test_a_saved_model_does_not_name_the_attention_it_trained_with(tok, tmp_path):
+    """The attention choice is the run's, not the checkpoint's: a base or merged model loads where sft_dist's
+    registration does not exist."""
     _, model = pair(tok)
     model.save_pretrained(tmp_path)
     assert varlen.NAME not in (tmp_path / "config.json").read_text()
