@@ -89,7 +89,7 @@ class PackedCollator:
         self.flatten = attn_implementation not in ROW_AWARE
         # varlen_attention also gets the boundaries themselves, computed here on the CPU: found from the
         # position_ids on the GPU they would cost a device sync in every layer.
-        self.boundaries = attn_implementation == "varlen_attention"
+        self.send_boundaries = attn_implementation == "varlen_attention"
         self.pad_to = pad_to
         self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten,
                                          pad_to_multiple_of=pad_to or inner.pad_to_multiple_of)
@@ -97,7 +97,7 @@ class PackedCollator:
     def __call__(self, examples):
         batch = self.inner(examples)
         batch.pop("attention_mask", None)
-        if self.boundaries:
+        if self.send_boundaries:
             # under torch.compile (pad_to) the longest document is given as the row length, which bounds it:
             # an int that changed with every batch would compile the model again
             batch.update(boundaries(batch["position_ids"], longest=self.pad_to))
@@ -108,14 +108,10 @@ class PackedCollator:
 
 
 def boundaries(position_ids, *, longest: int | None = None) -> dict:
-    """The documents of one flattened row (position_ids restart at 0 for each) as flash attention's batch keys:
-    cumulative lengths (int32) and the longest document (or `longest`, an upper bound of it)."""
-    import torch
+    """The documents of one flattened row as flash attention's batch keys: cumulative lengths (int32) and the
+    longest document (or `longest`, an upper bound of it)."""
+    from sft_dist.model.varlen import cu_seq_lens
 
-    positions = position_ids.reshape(-1)
-    starts = (positions == 0).nonzero().squeeze(1)
-    if starts.numel() == 0 or int(starts[0]) != 0:
-        starts = torch.cat([starts.new_zeros(1), starts])
-    cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
-    longest = max(int(cu.diff().max()), longest or 0)
+    cu, found = cu_seq_lens(position_ids)
+    longest = max(found, longest or 0)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -68,16 +68,23 @@ def class_for_model_type(model_type: str):
     return getattr(transformers, name, None) if name else None
 
 
-def check_requested(value: str | None, cls, *, model_type: str | None) -> None:
-    """Raise a one-line ConfigError when the model class `cls` rejects a value the user set."""
+def check_requested(value: str | None, cls, *, model_type: str | None, config=None) -> None:
+    """Raise a one-line ConfigError when the model class `cls` (or, for varlen_attention, its `config`) rejects
+    a value the user set."""
     if value in (None, "auto", "eager") or "/" in value or cls is None:
         return
+    from sft_dist.model import varlen
+
     allowed = supported(cls)
-    if "flash_attention_2" in allowed and model_type != "gemma2":  # flash-style attention, and no soft-capping
-        allowed.append(VARLEN)
+    if "flash_attention_2" in allowed:  # flash-style attention, unless the config asks what varlen cannot do
+        why = varlen.config_problem(config) if config is not None else None
+        if value == VARLEN and why:
+            raise ConfigError(f"{KEY}: {VARLEN} cannot run {cls.__name__} (model_type {model_type}): {why}; "
+                              "use auto, sdpa or eager")
+        if why is None:
+            allowed.append(VARLEN)
     if value not in allowed:
-        why = (f" (its attention uses logit soft-capping, which {'sdpa' if value == 'sdpa' else value} cannot do)"
-               if model_type == "gemma2" else "")
+        why = " (its attention uses logit soft-capping, which sdpa cannot do)" if model_type == "gemma2" else ""
         raise ConfigError(f"{KEY}: {value!r} is not supported by {cls.__name__} (model_type {model_type}){why}; "
                           f"allowed: {', '.join(['auto', *allowed])}")
 
@@ -96,14 +103,6 @@ def check_config(m, *, device: str = "auto") -> list[str]:
                         "use auto or sdpa")
     if problems or m.attn_implementation in (None, "auto", "eager") or "/" in m.attn_implementation:
         return problems
-    if m.attn_implementation == VARLEN and isinstance(m.init_config, dict):
-        from types import SimpleNamespace
-
-        from sft_dist.model import varlen
-
-        why = varlen.config_problem(SimpleNamespace(**m.init_config))
-        if why:
-            return [f"{KEY}: {VARLEN} cannot run this model: {why}; use auto, sdpa or eager"]
     raw = m.init_config
     if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
         try:
@@ -114,10 +113,21 @@ def check_config(m, *, device: str = "auto") -> list[str]:
         return []  # remote code: its class is known only once its code runs, where the model loads
     try:
         check_requested(m.attn_implementation, class_for_model_type(raw["model_type"]),
-                        model_type=raw["model_type"])
+                        model_type=raw["model_type"], config=_config_or_none(raw))
     except ConfigError as e:
         return e.problems
     return []
+
+
+def _config_or_none(raw: dict):
+    """The transformers config of a config dict, with its class defaults (None where it does not build: the
+    model build names that)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    except (TypeError, ValueError):
+        return None
 
 
 def choose(requested: str | None, cls, *, model_type: str | None, device: str, dtype, config=None,
@@ -130,16 +140,13 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
     from sft_dist.model import varlen
 
     if requested not in (None, "auto"):
-        check_requested(requested, cls, model_type=model_type)
+        check_requested(requested, cls, model_type=model_type, config=config)
         if requested in FLASH:
             _check_flash(requested, device=device)
         if requested == VARLEN:
-            why = varlen.config_problem(config) if config is not None else None
-            if why is None and device == "cuda":  # the kernel checked before any step, as auto does
-                why = _varlen_kernel_problem(dtype, probe=probe)
+            why = _varlen_kernel_problem(dtype, probe=probe) if device == "cuda" else None  # as auto checks it
             if why:
-                raise ConfigError(f"{KEY}: {VARLEN} cannot run {cls.__name__ if cls else model_type}: {why}; "
-                                  "use auto, sdpa or eager")
+                raise ConfigError(f"{KEY}: {VARLEN} cannot run here: {why}; use auto, sdpa or eager")
             varlen.register()
         return Choice(requested, "as configured")
     if cls is None:  # remote code: transformers' own default (sdpa if the class supports it, else eager)

@@ -8,8 +8,9 @@ In the background where nothing can change it while it is written: a LoRA base (
 wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), not
 quantized (a quantized base is reloaded from this write, so training waits for it). The weights are written
 from a second, meta-built module tree that shares the model's tensors, through transformers' own
-`save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read. For an 8B shape that is
-16 GB the first training step no longer waits for. `wait()` joins it before the adapter is saved.
+`save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read (16 GB for an 8B shape;
+the first step no longer waits for it, which on a 2-core CPU gained little since the write competes for the
+cores, and is not measured on a GPU host). `wait()` joins it before the adapter is saved.
 """
 
 from __future__ import annotations

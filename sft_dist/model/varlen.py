@@ -125,18 +125,25 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     return out.reshape(b, t, hq, d), None
 
 
+def cu_seq_lens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The documents of a batch flattened row after row: a document starts where position_ids restart at 0 and
+    at every row start. (cumulative lengths as int32, the longest document)."""
+    b, t = position_ids.shape if position_ids.dim() == 2 else (1, position_ids.numel())
+    starts = position_ids.reshape(-1) == 0
+    starts[::t] = True
+    cu = torch.nn.functional.pad(starts.nonzero().squeeze(1), (0, 1), value=b * t).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
 def _boundaries(kwargs, b: int, t: int, device) -> tuple[torch.Tensor, int]:
-    """cu_seq_lens of the flattened batch: from the batch (no device sync), else where position_ids restart
-    (every row start counts as one), else one document per row."""
+    """cu_seq_lens of the flattened batch: from the batch (the collator's, no device sync), else from the
+    position_ids, else one document per row."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and int(cu.shape[0]) >= 2 and b == 1:
         return cu.to(device=device, dtype=torch.int32), int(kwargs.get("max_length_q") or t)
     positions = kwargs.get("position_ids")
     if positions is not None and positions.numel() == b * t:
-        starts = positions.reshape(-1) == 0
-        starts[::t] = True
-        cu = torch.nn.functional.pad(starts.nonzero().squeeze(1), (0, 1), value=b * t).to(torch.int32)
-        return cu, int(cu.diff().max())
+        return cu_seq_lens(positions.reshape(b, t))
     return torch.arange(0, b * t + 1, t, dtype=torch.int32, device=device), t
 
 

@@ -184,11 +184,11 @@ def test_auto_picks_it_on_a_gpu_for_flash_style_models_only():
     gemma = causal_lm_class(gemma_cfg)
     c = choose("auto", gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg, probe=False)
     assert c.name == "eager" and "logit soft-capping" in c.reason
-    with pytest.raises(ConfigError, match="'varlen_attention' is not supported by Gemma2ForCausalLM .* logit "
-                                          "soft-capping, which varlen_attention cannot do"):
+    with pytest.raises(ConfigError, match=r"varlen_attention cannot run Gemma2ForCausalLM \(model_type gemma2\): "
+                                          "its attention uses logit soft-capping"):
         choose(varlen.NAME, gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg)
     # asked for by name on a GPU, the kernel is checked too: a clear error before any step, not at the first
-    with pytest.raises(ConfigError, match="varlen_attention cannot run LlamaForCausalLM: no CUDA device visible"):
+    with pytest.raises(ConfigError, match="varlen_attention cannot run here: no CUDA device visible"):
         choose(varlen.NAME, llama, model_type="llama", device="cuda", dtype=torch.bfloat16, config=llama_cfg)
     bloom = causal_lm_class(AutoConfig.for_model("bloom"))  # no flash-style attention: no varlen either
     with pytest.raises(ConfigError, match="'varlen_attention' is not supported by BloomForCausalLM"):
@@ -207,3 +207,15 @@ def test_the_plan_predicts_the_attention_a_gpu_run_picks(overrides, kind):
 
     cfg = load_config(QUICKSTART, ["data.packing=true", "launcher.num_workers=1", *overrides])
     assert estimate_memory(cfg, world_size=1, device="cuda").detail["attention"] == kind
+
+
+def test_the_config_check_refuses_it_for_soft_capping_from_the_class_defaults():
+    """Gemma 2's init_config need not spell out attn_logit_softcapping: the class default has it."""
+    from sft_dist.validate import load_config
+    from tests.conftest import QUICKSTART
+
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, ["model.attn_implementation=varlen_attention", "model.init_config.model_type=gemma2"])
+    assert e.value.problems == ["model.attn_implementation: varlen_attention cannot run Gemma2ForCausalLM "
+                                "(model_type gemma2): its attention uses logit soft-capping; use auto, sdpa or eager"]
+    load_config(QUICKSTART, ["model.attn_implementation=varlen_attention"])  # Llama: fine
