@@ -144,7 +144,7 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
         if requested in FLASH:
             _check_flash(requested, device=device)
         if requested == VARLEN:
-            why = _varlen_kernel_problem(dtype, probe=probe) if device == "cuda" else None  # as auto checks it
+            why = _varlen_kernel_problem(dtype, config, probe=probe) if device == "cuda" else None  # as auto does
             if why:
                 raise ConfigError(f"{KEY}: {VARLEN} cannot run here: {why}; use auto, sdpa or eager")
             varlen.register()
@@ -162,7 +162,7 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
         why_not_flash = "flash-attn is not installed"
         why_not_varlen = varlen.config_problem(config) if config is not None else "the model's config is not known"
         if why_not_varlen is None:
-            why_not_varlen = _varlen_kernel_problem(dtype, probe=probe)
+            why_not_varlen = _varlen_kernel_problem(dtype, config, probe=probe)
         if why_not_varlen is None:
             varlen.register()
             return Choice(VARLEN, f"auto: {name} supports flash-style attention, flash-attn is not installed: torch's "
@@ -175,7 +175,7 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
     return Choice("eager", f"auto: {name} supports neither sdpa nor flash attention here ({why_not_flash})")
 
 
-def _varlen_kernel_problem(dtype, *, probe: bool) -> str | None:
+def _varlen_kernel_problem(dtype, config, *, probe: bool) -> str | None:
     import torch
 
     from sft_dist.model import varlen
@@ -184,7 +184,8 @@ def _varlen_kernel_problem(dtype, *, probe: bool) -> str | None:
         return None if varlen.torch_kernel() is not None else "this torch has no torch.nn.attention.varlen"
     if not torch.cuda.is_available():
         return "no CUDA device visible here to check torch's varlen kernel on"
-    return varlen.kernel_problem(torch.cuda.current_device(), dtype)
+    layout = varlen.head_layout(config) if config is not None else (64, 2)
+    return varlen.kernel_problem(torch.cuda.current_device(), dtype, *layout)
 
 
 def _why_not_flash(*, device: str, dtype) -> str | None:

@@ -50,6 +50,19 @@ def torch_kernel():
     return varlen_attn
 
 
+# flash kernels (torch's included) take head dims up to this
+MAX_HEAD_DIM = 256
+
+
+def head_layout(config) -> tuple[int, int]:
+    """(head dim, query heads per k/v head) of a transformers config, as the probe should try them."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or 1
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 64 * heads) // heads)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    return int(head_dim), max(1, heads // kv)
+
+
 def config_problem(config) -> str | None:
     """Why a model's attention cannot run here, from its transformers config; None when it can."""
     if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_attn_softcapping", None):
@@ -58,13 +71,21 @@ def config_problem(config) -> str | None:
         return "its attention uses learned sinks"
     if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
         return f"attention_dropout is {config.attention_dropout}"
+    v_dim = getattr(config, "v_head_dim", None)
+    qk_dim = (getattr(config, "qk_nope_head_dim", None) or 0) + (getattr(config, "qk_rope_head_dim", None) or 0)
+    if v_dim and qk_dim and v_dim != qk_dim:  # multi-head latent attention (DeepSeek V2/V3)
+        return f"its query/key heads ({qk_dim}) and value heads ({v_dim}) differ in size"
+    head_dim, _ = head_layout(config)
+    if max(head_dim, qk_dim) > MAX_HEAD_DIM:
+        return f"its head dim {max(head_dim, qk_dim)} is over the flash kernels' {MAX_HEAD_DIM}"
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_problem(device_index: int, dtype: torch.dtype) -> str | None:
-    """Run the CUDA kernel once on tiny packed inputs (forward and backward, two documents, grouped k/v heads)
-    against the per-document reference; None when it agrees, else why not (auto then falls back to sdpa)."""
+def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int = 64, groups: int = 2) -> str | None:
+    """Run the CUDA kernel once on tiny packed inputs with the model's head dim and k/v grouping (forward and
+    backward, two documents) against the per-document fp32 reference; None when it agrees, else why not (auto
+    then falls back to sdpa)."""
     if torch_kernel() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     device = torch.device("cuda", device_index)
@@ -73,7 +94,8 @@ def kernel_problem(device_index: int, dtype: torch.dtype) -> str | None:
         return f"{torch.cuda.get_device_name(device)} is older than Ampere (flash attention needs sm80+)"
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(19, h, 64, generator=gen).to(device, dtype).requires_grad_() for h in (4, 2, 2))
+        q, k, v = (torch.randn(19, h, head_dim, generator=gen).to(device, dtype).requires_grad_()
+                   for h in (2 * groups, 2, 2))
         cu = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
         got = _on_cuda(q, k, v, cu, 12, scale=None, window=None)
         ref = _per_document(q.float(), k.float(), v.float(), cu, scale=None, window=None)  # fp32 reference
@@ -83,9 +105,10 @@ def kernel_problem(device_index: int, dtype: torch.dtype) -> str | None:
         worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
                     for a, b in zip((got, *grads), (ref, *ref_grads)))
     except Exception as e:  # noqa: BLE001 - any failure means: do not pick it
-        return f"torch's varlen_attn failed on this GPU: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return (f"torch's varlen_attn failed on this GPU (head dim {head_dim}): {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160]}")
     if not worst < 0.03:
-        return f"torch's varlen_attn differs from the fp32 reference by {worst:.1%} on this GPU"
+        return f"torch's varlen_attn differs from the fp32 reference by {worst:.1%} on this GPU (head dim {head_dim})"
     return None
 
 
@@ -168,6 +191,8 @@ def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
         extra["is_causal"] = True
     if scale is not None and "scale" in params:
         extra["scale"] = scale
+    elif scale is not None and abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
+        q = q * (scale * q.shape[-1] ** 0.5)  # a kernel without `scale` (torch 2.9/2.10) uses 1/sqrt(head dim)
     return kernel(q, k, v, cu, cu, longest, longest, **extra).to(given)
 
 

@@ -219,3 +219,57 @@ def test_the_config_check_refuses_it_for_soft_capping_from_the_class_defaults():
     assert e.value.problems == ["model.attn_implementation: varlen_attention cannot run Gemma2ForCausalLM "
                                 "(model_type gemma2): its attention uses logit soft-capping; use auto, sdpa or eager"]
     load_config(QUICKSTART, ["model.attn_implementation=varlen_attention"])  # Llama: fine
+
+
+def _old_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.9's signature (no scale, no enable_gqa, no window), computing what its flash kernel computes."""
+    assert is_causal and query.shape[1] == key.shape[1], "that kernel: causal, as many k/v heads as q heads"
+    return varlen._per_document(query.float(), key.float(), value.float(), cu_seq_q, scale=None,
+                                window=None).to(query.dtype)
+
+
+def _new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.12's signature, computing what its flash kernel computes."""
+    assert enable_gqa == (query.shape[1] != key.shape[1]) and window_size[1] == 0
+    window = window_size[0] + 1 if window_size[0] >= 0 else None
+    return varlen._per_document(query.float(), key.float(), value.float(), cu_seq_q, scale=scale,
+                                window=window).to(query.dtype)
+
+
+@pytest.mark.parametrize("kernel", [_old_kernel, _new_kernel], ids=["torch-2.9-signature", "torch-2.12-signature"])
+def test_each_kernel_signature_gets_the_same_attention(monkeypatch, kernel):
+    """The kernel's arguments are adapted to the torch it comes from: k/v heads repeated where it has no
+    enable_gqa, a non-default softmax scale folded into q where it takes no scale. Stand-ins with each
+    signature and the flash kernel's maths check the adaptation; the kernel itself runs only on a GPU."""
+    import inspect
+
+    monkeypatch.setitem(varlen._KERNEL, "kernel", kernel)
+    monkeypatch.setitem(varlen._KERNEL, "params", frozenset(inspect.signature(kernel).parameters))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(23, h, 16, generator=gen, dtype=torch.bfloat16) for h in (8, 2, 2))
+    cu = torch.tensor([0, 5, 17, 23], dtype=torch.int32)
+    for scale in (None, 16 ** -0.5, 0.05):  # default, the same given explicitly, another (e.g. Gemma's)
+        got = varlen._on_cuda(q, k, v, cu, 12, scale=scale, window=None)
+        ref = varlen._per_document(q.float(), k.float(), v.float(), cu, scale=scale, window=None)
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 0.02, scale
+    if kernel is _old_kernel:
+        with pytest.raises(RuntimeError, match="no sliding window"):
+            varlen._on_cuda(q, k, v, cu, 12, scale=None, window=4)
+    else:
+        got = varlen._on_cuda(q, k, v, cu, 12, scale=None, window=4)
+        ref = varlen._per_document(q.float(), k.float(), v.float(), cu, scale=None, window=4)
+        assert (got.float() - ref).abs().max() < 0.02
+
+
+def test_models_whose_heads_flash_kernels_cannot_take_are_refused():
+    llama = AutoConfig.for_model("llama", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8)
+    assert varlen.head_layout(llama) == (128, 4) and varlen.config_problem(llama) is None
+    # multi-head latent attention: value heads narrower than query/key heads
+    assert varlen.config_problem(AutoConfig.for_model("deepseek_v3")) == \
+        "its query/key heads (192) and value heads (128) differ in size"
+    big = AutoConfig.for_model("llama", hidden_size=1024, num_attention_heads=2)
+    assert varlen.config_problem(big) == "its head dim 512 is over the flash kernels' 256"
+    c = choose("auto", causal_lm_class(big), model_type="llama", device="cuda", dtype=torch.bfloat16, config=big,
+               probe=False)
+    assert c.name == "sdpa" and "head dim 512" in c.reason
