@@ -228,6 +228,15 @@ def _old_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=F
                                 window=None).to(query.dtype)
 
 
+def _mid_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    """The signature between them (torch docs, late 2025): scale and window, as many k/v heads as q heads."""
+    assert query.shape[1] == key.shape[1] and window_size[1] == 0
+    window = window_size[0] + 1 if window_size[0] >= 0 else None
+    return varlen._per_document(query.float(), key.float(), value.float(), cu_seq_q, scale=scale,
+                                window=window).to(query.dtype)
+
+
 def _new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                 window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     """torch 2.12's signature, computing what its flash kernel computes."""
@@ -237,7 +246,8 @@ def _new_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
                                 window=window).to(query.dtype)
 
 
-@pytest.mark.parametrize("kernel", [_old_kernel, _new_kernel], ids=["torch-2.9-signature", "torch-2.12-signature"])
+@pytest.mark.parametrize("kernel", [_old_kernel, _mid_kernel, _new_kernel],
+                         ids=["torch-2.9-signature", "late-2025-signature", "torch-2.12-signature"])
 def test_each_kernel_signature_gets_the_same_attention(monkeypatch, kernel):
     """The kernel's arguments are adapted to the torch it comes from: k/v heads repeated where it has no
     enable_gqa, a non-default softmax scale folded into q where it takes no scale. Stand-ins with each
