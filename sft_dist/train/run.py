@@ -131,6 +131,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
                                                out=out)
+    build_peak = _build_peak(device)
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
     if env.is_main:
@@ -193,7 +194,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     final_dir = out / ("adapter" if cfg.lora.enabled else "model")
     save_final(trainer, final_dir)
     digests = _gather(env, trainable_digest(trainer.model))
-    shards = _gather(env, {**shard_report(trainer), "rss_before_model_bytes": rss_before_model})
+    shards = _gather(env, {**shard_report(trainer), "rss_before_model_bytes": rss_before_model,
+                           "build_peak_mem_bytes": build_peak})
     if len(set(digests)) != 1:
         raise SftDistError(
             f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
@@ -407,23 +409,30 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     # A checkpoint loads straight onto the GPU where every rank holds the whole model anyway (DDP, ZeRO-1/2);
     # sharded strategies load on the host, so a model larger than one GPU can still be sharded.
     compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    model = build_model(cfg.model, quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device,
-                        to_device=sharding.weights == 1 and not sharding.offload_param, compute_dtype=compute)
+    build = dict(quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device, compute_dtype=compute)
     base_dir, base_write = None, None
-    if cfg.model.init_config is not None and (cfg.model.save_init_base or cfg.quantization.bits is not None):
+    if cfg.model.init_config is not None and cfg.quantization.bits is not None:
+        # Random weights to quantize: rank 0 builds them in 16 bit, writes them (the adapter's base) and lets them
+        # go; then every rank loads them quantized. One of the two copies in memory at a time, not both.
+        base_dir = out / "base_model"
+        if env.is_main:
+            _write_random_base(cfg, build, base_dir)
+        _barrier(env)
+        model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device, compute_dtype=compute,
+                                attn=cfg.model.attn_implementation)
+    else:
+        model = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
+    if cfg.model.init_config is not None and cfg.model.save_init_base and base_dir is None:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
         # behind the first steps where nothing can change it (model/init_base.py), else before them.
         from sft_dist.model.init_base import write_base
 
         base_dir = out / "base_model"
-        background = cfg.lora.enabled and cfg.quantization.bits is None and sharding.weights == 1
+        background = cfg.lora.enabled and sharding.weights == 1
         if env.is_main:
             base_write = write_base(model, tokenizer, base_dir, background=background)
         if not background:
             _barrier(env)
-        if cfg.quantization.bits is not None:
-            model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device, compute_dtype=compute,
-                                    attn=cfg.model.attn_implementation)
     # Liger's layer kernels, patched into the base before LoRA wraps it (train/args.py: auto on CUDA when installed)
     log.info(apply_liger(model, liger_choice(cfg.training, device=device)))
     if cfg.lora.enabled:
@@ -436,6 +445,35 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
              type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
     return model, base_dir, base_write
+
+
+def _build_peak(device: str) -> int | None:
+    """This GPU's peak memory while the model was built, then reset: the peaks logged per step are training's
+    (a random base quantized on load held its 16-bit copy for a while). None on a CPU (its peak RSS cannot be
+    reset)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    log.info("model: %.2f GiB of GPU memory at most while building it; per-step peaks count from here", peak / 2**30)
+    return peak
+
+
+def _write_random_base(cfg: Config, build: dict, path: Path) -> None:
+    """Build the seeded random weights, write them to `path`, and free them (they are referenced only here)."""
+    import gc
+
+    import torch
+
+    from sft_dist.model.build import build_model
+    from sft_dist.model.init_base import write_base
+
+    write_base(build_model(cfg.model, **build), build["tokenizer"], path, background=False)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):
