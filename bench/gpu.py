@@ -331,7 +331,8 @@ def step_attention(s: Setup, timeout: float) -> dict:
                                          else c.get("error", "?")) for c in d["cases"])
     return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": d["cases"],
             "note": f"{d['layers']} layers fwd+bwd, {d['rows']} packed rows of {d['row']} ({d['documents']} "
-                    f"documents): {note}"}
+                    f"documents); varlen probe: {d.get('varlen_probe')}, grouped k/v heads "
+                    f"{'passed as they are' if d.get('varlen_native_gqa') else 'repeated'}: {note}"}
 
 
 def step_prepare(s: Setup, timeout: float) -> dict:

@@ -53,13 +53,21 @@ def main() -> int:
     packed = pack_dataset(Dataset.from_dict({"input_ids": docs, "labels": docs, "sample_id": list(range(len(docs)))}),
                           row)
     batch_rows = sorted(packed, key=lambda r: -sum(r["seq_lengths"]))[:rows]
-    impls = ["sdpa", varlen.NAME] + (["flex_attention"] if cuda else [])
-    if cuda and import_utils.is_flash_attn_2_available():
-        impls.append("flash_attention_2")
     dtype = torch.bfloat16 if cuda else torch.float32
+    # as a run starts: the kernel checked on this GPU, which also settles how grouped k/v heads are passed
+    probe = varlen.kernel_problem(torch.cuda.current_device(), dtype, *varlen.head_layout(config)) if cuda else None
+    native = varlen._KERNEL["native_gqa"]
+    cases = [("sdpa", "sdpa", native), (varlen.NAME, varlen.NAME, native)]
+    if native:  # the same kernel given repeated k/v heads, as before the probe found it takes them grouped
+        cases.append((f"{varlen.NAME} (k/v heads repeated)", varlen.NAME, False))
+    if cuda:
+        cases.append(("flex_attention", "flex_attention", native))
+    if cuda and import_utils.is_flash_attn_2_available():
+        cases.append(("flash_attention_2", "flash_attention_2", native))
     results = []
-    for impl in impls:
-        case = {"attn": impl}
+    for label, impl, gqa in cases:
+        case = {"attn": label}
+        varlen._KERNEL["native_gqa"] = gqa
         try:
             torch.manual_seed(0)
             # the decoder's layers (MLP made tiny: attention and its projections dominate), no embedding lookup cost
@@ -101,6 +109,8 @@ def main() -> int:
                 c["speedup_vs_sdpa"] = round(base / c["ms_per_step"], 2)
         # after every case: flex attention compiles first, and a timeout then keeps what was measured before
         Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": rows, "layers": a.layers,
+                                           "varlen_probe": probe or ("ok" if cuda else "not run (no GPU)"),
+                                           "varlen_native_gqa": native,
                                            "documents": sum(len(r["seq_lengths"]) for r in batch_rows),
                                            "cases": results}))
     return 0 if all("error" not in c for c in results) else 1

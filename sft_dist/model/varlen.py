@@ -37,8 +37,9 @@ def register() -> None:
 
 
 # The kernel and its keyword arguments (they changed between torch 2.9 and 2.12), looked up once at register():
-# not inside the forward, which torch.compile traces.
-_KERNEL: dict = {"kernel": None, "params": ()}
+# not inside the forward, which torch.compile traces. `native_gqa`: a kernel without `enable_gqa` was seen to
+# take fewer k/v heads than q heads as they are (`probe`); until then they are repeated.
+_KERNEL: dict = {"kernel": None, "params": (), "native_gqa": False}
 
 
 def torch_kernel():
@@ -92,6 +93,25 @@ def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int = 64, gr
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"{torch.cuda.get_device_name(device)} is older than Ampere (flash attention needs sm80+)"
+    why = probe(device, dtype, head_dim, groups)
+    return f"{why} on this GPU (head dim {head_dim})" if why else None
+
+
+def probe(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int) -> str | None:
+    """The kernel against the fp32 reference on `device`; None when they agree, else why not. Where the kernel's
+    signature has no `enable_gqa` (torch 2.10/2.11), first with fewer k/v heads than q heads as they are (the
+    flash kernel under it takes them: no repeated k/v to compute and keep for backward), else repeated."""
+    if _KERNEL["kernel"] is None:
+        register()
+    if groups > 1 and "enable_gqa" not in _KERNEL["params"]:
+        _KERNEL["native_gqa"] = True
+        if _agreement(device, dtype, head_dim, groups) is None:
+            return None
+        _KERNEL["native_gqa"] = False
+    return _agreement(device, dtype, head_dim, groups)
+
+
+def _agreement(device, dtype, head_dim: int, groups: int) -> str | None:
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(19, h, head_dim, generator=gen).to(device, dtype).requires_grad_()
@@ -105,10 +125,9 @@ def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int = 64, gr
         worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
                     for a, b in zip((got, *grads), (ref, *ref_grads)))
     except Exception as e:  # noqa: BLE001 - any failure means: do not pick it
-        return (f"torch's varlen_attn failed on this GPU (head dim {head_dim}): {type(e).__name__}: "
-                f"{str(e).splitlines()[0][:160]}")
+        return f"torch's varlen_attn failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if not worst < 0.03:
-        return f"torch's varlen_attn differs from the fp32 reference by {worst:.1%} on this GPU (head dim {head_dim})"
+        return f"torch's varlen_attn differs from the fp32 reference by {worst:.1%}"
     return None
 
 
@@ -181,7 +200,7 @@ def _on_cuda(q, k, v, cu, longest: int, *, scale, window):
     extra = {}
     if "enable_gqa" in params:
         extra["enable_gqa"] = q.shape[1] != k.shape[1]
-    elif q.shape[1] != k.shape[1]:
+    elif q.shape[1] != k.shape[1] and not _KERNEL["native_gqa"]:
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     if "window_size" in params:
         extra["window_size"] = (window - 1, 0) if window else (-1, 0)

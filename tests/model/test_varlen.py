@@ -283,3 +283,38 @@ def test_models_whose_heads_flash_kernels_cannot_take_are_refused():
     c = choose("auto", causal_lm_class(big), model_type="llama", device="cuda", dtype=torch.bfloat16, config=big,
                probe=False)
     assert c.name == "sdpa" and "head dim 512" in c.reason
+
+
+def _mid_gqa_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+    """torch 2.11's signature over a flash kernel that takes fewer k/v heads as they are (as ATen's does)."""
+    assert window_size == (-1, 0)
+    return varlen._per_document(query.float(), key.float(), value.float(), cu_seq_q, scale=scale,
+                                window=None).to(query.dtype)
+
+
+def _wrong_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                  window_size=(-1, -1)):
+    """A kernel that attends across documents (no boundaries): what the probe is there to catch."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), is_causal=True,
+        enable_gqa=query.shape[1] != key.shape[1]).transpose(0, 1)
+
+
+@pytest.mark.parametrize("kernel, native, problem", [
+    (_new_kernel, False, None),  # enable_gqa: passed as such
+    (_mid_gqa_kernel, True, None),  # no enable_gqa, fewer k/v heads taken as they are: nothing repeated
+    (_mid_kernel, False, None),  # no enable_gqa, equal heads needed: k/v repeated
+    (_wrong_kernel, False, "torch's varlen_attn differs from the fp32 reference by"),
+])
+def test_the_probe_settles_how_grouped_kv_heads_are_passed(monkeypatch, kernel, native, problem):
+    """The start-up check run on the CPU with stand-ins of each kernel (the real one runs only on a GPU):
+    it decides whether k/v heads are repeated, and refuses a kernel whose output or gradients are wrong."""
+    import inspect
+
+    monkeypatch.setitem(varlen._KERNEL, "kernel", kernel)
+    monkeypatch.setitem(varlen._KERNEL, "params", frozenset(inspect.signature(kernel).parameters))
+    monkeypatch.setitem(varlen._KERNEL, "native_gqa", False)
+    why = varlen.probe(torch.device("cpu"), torch.bfloat16, head_dim=32, groups=4)
+    assert why is None if problem is None else why.startswith(problem), why
+    assert varlen._KERNEL["native_gqa"] is native
