@@ -10,11 +10,13 @@ quantized (a quantized base is reloaded from this write, so training waits for i
 from a second, meta-built module tree that shares the model's tensors, through transformers' own
 `save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read (16 GB for an 8B shape;
 the first step no longer waits for it, which on a 2-core CPU gained little since the write competes for the
-cores, and is not measured on a GPU host). `wait()` joins it before the adapter is saved.
+cores, and is not measured on a GPU host; there its copies to the host run on a CUDA stream of their own, beside
+the training kernels). `wait()` joins it before the adapter is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -75,15 +77,29 @@ def _shadow(model):
     return shadow
 
 
+@contextlib.contextmanager
+def _copy_stream(device):
+    """On a GPU, the weights' copies to the host run on a stream of their own: on the default stream each copy
+    would wait for the training kernels queued before it and hold back those after it. The base is frozen, so
+    only its initialisation (on the default stream) must be complete first."""
+    if device.type != "cuda":
+        yield
+        return
+    import torch
+
+    torch.cuda.set_device(device)  # a new thread starts on GPU 0: copy from this rank's GPU, touch no other
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
 def _write(job: BaseWrite, model, tmp: Path) -> None:
     t0 = time.perf_counter()
     try:
-        device = next(model.parameters()).device
-        if device.type == "cuda":  # a new thread starts on GPU 0: copy from this rank's GPU, touch no other
-            import torch
-
-            torch.cuda.set_device(device)
-        model.save_pretrained(tmp)
+        with _copy_stream(next(model.parameters()).device):
+            model.save_pretrained(tmp)
         if job.path.exists():
             shutil.rmtree(job.path)
         os.replace(tmp, job.path)
