@@ -275,7 +275,18 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str) -> dict:
     if env.is_main:
         for line in render(plan, diff=False).splitlines()[1:]:
             log.info("plan: %s", line)
-    return plan.as_dict()
+    result = plan.as_dict()
+    if env.is_main and device == "cuda" and plan.memory is not None:
+        import torch
+
+        from sft_dist.plan.fit import gpu_fit
+
+        free, total = torch.cuda.mem_get_info()
+        result["device_memory"] = {"free_bytes": free, "total_bytes": total}
+        fit = gpu_fit(plan.memory.detail["peak"], free=free, total=total, hints=plan.memory.hints)
+        if fit:
+            log.log(logging.WARNING if fit[0] == "warning" else logging.INFO, "plan: %s", fit[1])
+    return result
 
 
 def _datasets(cfg: Config, *, env: DistEnv, tokenizer, seed: int):

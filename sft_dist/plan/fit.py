@@ -1,0 +1,24 @@
+"""Whether the memory estimate fits the GPU a run is about to load onto: checked by the preflight of every run
+on CUDA, before the weights load, so a run headed for an out-of-memory error says so (and what would lower the
+peak) before it spends minutes loading and compiling."""
+
+from __future__ import annotations
+
+from sft_dist.sizes import format_bytes
+
+# Above this share of the free memory the caching allocator's fragmentation alone may tip the run over.
+TIGHT = 0.92
+
+
+def gpu_fit(peak: int, *, free: int, total: int, hints: list[str]) -> tuple[str, str] | None:
+    """(level, message) when the estimated per-rank `peak` is over or close to this GPU's `free` memory, else
+    None. `hints`: the estimate's own ways to lower the peak."""
+    if peak <= TIGHT * free:
+        return None
+    where = f"{format_bytes(free)} free on this GPU ({format_bytes(total)} in all)"
+    fixes = ("; to lower it: " + " | ".join(hints)) if hints else ""
+    if peak > free:
+        return "warning", (f"the estimated peak, {format_bytes(peak)} per rank, is over the {where}: expect an "
+                           f"out-of-memory error{fixes}")
+    return "info", (f"the estimated peak, {format_bytes(peak)} per rank, is close to the {where} "
+                    f"({peak / free:.0%} of it){fixes}")
