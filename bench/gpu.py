@@ -13,8 +13,9 @@ Steps run most important first; one that does not fit the time left of --budget-
   trl_default       plain TRL SFTTrainer, its defaults (bfd packing, padding-free, activation checkpointing on)
   trl_fastest       plain TRL, its fastest setting that keeps documents apart: bfd padding-free on flash attention
                     (if installed) or flex_attention, activation checkpointing off, Liger (if installed)
-  llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation):
-                    tokens/s, MFU, and the seconds from the command to the first optimizer step
+  llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation, or
+                    2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU): tokens/s, MFU, and the
+                    seconds from the command to the first optimizer step
   llama8b_qlora     the same, 4-bit (bitsandbytes), activation checkpointing on (skipped without bitsandbytes)
   sft_dist_<attn>   the sft_dist step on each other attention implementation (sdpa with the packed block mask,
                     varlen_attention, flex_attention, flash_attention_2): the one auto picked is not run twice
@@ -206,12 +207,52 @@ def sft_dist_config(s: Setup, name: str, **over) -> dict:
     return cfg
 
 
-def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | None = None) -> dict:
-    out = Path(cfg["output_dir"])
-    shutil.rmtree(out, ignore_errors=True)
+def write_config(s: Setup, name: str, cfg: dict) -> Path:
     path = s.work / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
+    return path
+
+
+def gpu_total_bytes() -> int | None:
+    """GPU 0's memory by nvidia-smi (this process creates no CUDA context: the runs get the whole GPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def fit_micro_batch(s: Setup, name: str, cfg: dict, share: float = 0.9) -> str | None:
+    """Halve the micro-batch of `cfg` (in place; the accumulation doubled, so the global batch stays) until the
+    peak `sft-dist plan` estimates fits `share` of the GPU. The note, or None where there is nothing to fit."""
+    total = None if s.tiny else gpu_total_bytes()
+    training = cfg["training"]
+    if total is None:
+        return None
+    rows = training["per_device_train_batch_size"]
+    while True:
+        proc = subprocess.run([sys.executable, "-m", "sft_dist", "plan", str(write_config(s, name, cfg)), "--device",
+                               s.device, "--json"], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+        try:
+            peak = json.loads(proc.stdout)["memory_per_rank"]["detail"]["peak"]
+        except (ValueError, KeyError, TypeError):
+            return f"micro-batch {training['per_device_train_batch_size']} (no memory estimate: exit {proc.returncode})"
+        micro = training["per_device_train_batch_size"]
+        if peak <= share * total or micro == 1:
+            return (f"micro-batch {micro} x {training['gradient_accumulation_steps']} accumulation: planned peak "
+                    f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB" + (f" (from {rows})" if micro != rows else ""))
+        training["per_device_train_batch_size"] = micro // 2
+        training["gradient_accumulation_steps"] *= 2
+
+
+def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | None = None) -> dict:
+    out = Path(cfg["output_dir"])
+    shutil.rmtree(out, ignore_errors=True)
+    path = write_config(s, name, cfg)
     proc = run_proc([sys.executable, "-m", "sft_dist", "train", str(path)], timeout=timeout,
                     log=s.work / "logs" / f"{name}.log")
     res = {"wall_s": round(proc.wall_s, 1), "first_step_s": _round(proc.first_step_s),
@@ -429,8 +470,10 @@ def steps() -> list[Step]:
                                            "save_init_base": False},
                               **{"training.per_device_train_batch_size": s.rows // 2,
                                  "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4})
-        r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
-        r["note"] = "init_config; first_step_s is the start-up goal (<= 60 s)"
+        t0 = time.perf_counter()
+        fitted = fit_micro_batch(s, n, cfg)  # e.g. an 80 GB H100 without Liger: 2 x 4 rather than 4 x 2
+        r = run_sft_dist(s, n, cfg, t - (time.perf_counter() - t0), warmup=max(1, s.warmup - 1))
+        r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
         return r
 
     def qlora(s: Setup, t: float) -> dict:
