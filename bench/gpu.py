@@ -9,7 +9,8 @@ Steps run most important first; one that does not fit the time left of --budget-
                     per attention implementation (bench/gpu/attention.py)
   prepare           the 1.5B Llama shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab
                     128256), random, built on the GPU in bf16 and saved once; variable-length prompt/completion rows
-  sft_dist          sft_dist defaults on it: bf16, LoRA r16 all-linear, data.packing 8 x 2048, attention and Liger auto
+  sft_dist          sft_dist defaults on it: bf16, LoRA r16 all-linear, data.packing 8 x 2048, attention and Liger auto;
+                    lora.dropout 0 as in the 2026-12-04 reference runs (and peft's default; every LoRA run here)
   trl_default       plain TRL SFTTrainer, its defaults (bfd packing, padding-free, activation checkpointing on)
   trl_fastest       plain TRL, its fastest setting that keeps documents apart: bfd padding-free on flash attention
                     (if installed) or flex_attention, activation checkpointing off, Liger (if installed)
@@ -23,7 +24,7 @@ Steps run most important first; one that does not fit the time left of --budget-
   paged_adamw_8bit  the sft_dist step with training.optim=paged_adamw_8bit (skipped without bitsandbytes)
   sft_dist_compile  the sft_dist step with training.torch_compile=true
   ddp_nccl          the sft_dist step on every GPU (local launcher, nccl; skipped with fewer than 2 GPUs)
-  lora_dropout_0    the sft_dist step with lora.dropout=0
+  lora_dropout_005  the sft_dist step with lora.dropout=0.05 (sft_dist's default and the presets'): what dropout costs
   trl_wrapped       plain TRL, packing_strategy=wrapped: documents attend to each other (not correct; reference)
 
 Figures: loss-carrying tokens/s and MFU over the steps after the warm-up (sft_dist's own metrics.jsonl; for TRL
@@ -189,7 +190,7 @@ def sft_dist_config(s: Setup, name: str, **over) -> dict:
     cfg = {
         "output_dir": str(s.work / "runs" / name),
         "model": {"name_or_path": str(s.model_dir)},
-        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train_files": str(s.data), "format": "prompt_completion", "max_length": s.seq, "packing": True,
                  "cache_dir": str(s.work / "data_cache")},
         "training": {"max_steps": s.steps, "per_device_train_batch_size": s.rows, "learning_rate": 1e-4,
@@ -532,7 +533,8 @@ def steps() -> list[Step]:
         attn_variant("flash_attention_2"),
         Step("ddp_nccl", "sft_dist on every GPU (DDP, nccl)", 90, 25, ddp,
              lambda s: "fewer than 2 GPUs" if s.gpus < 2 else prep(s), 300),
-        Step("lora_dropout_0", "sft_dist with lora.dropout=0", 70, 25, sft("lora_dropout_0", **{"lora.dropout": 0.0}),
+        Step("lora_dropout_005", "sft_dist with lora.dropout=0.05", 70, 25,
+             sft("lora_dropout_005", **{"lora.dropout": 0.05}),
              prep, 300),
         Step("trl_wrapped", "plain TRL, packing_strategy=wrapped (documents attend to each other: not correct)",
              70, 25, lambda s, t: run_trl(s, "trl_wrapped", t, attn="sdpa", strategy="wrapped"), prep, 300),
@@ -542,7 +544,7 @@ def steps() -> list[Step]:
 # --- the table --------------------------------------------------------------------------------------------------
 
 # sft_dist steps on the sft_dist step's model, data, batches and seed: their loss curves must agree
-SAME_RUN = ("sft_dist_", "paged_adamw_8bit", "lora_dropout_0")
+SAME_RUN = ("sft_dist_", "paged_adamw_8bit", "lora_dropout_")
 
 
 def loss_gap(s: Setup, name: str, r: dict) -> float | None:

@@ -76,7 +76,7 @@ def main() -> None:
                      **extra)
     trainer = RealCounting(model=model, args=args, processing_class=tok,
                            train_dataset=load_dataset("json", data_files=a.data, split="train"),
-                           peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.05,
+                           peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
                                                   target_modules="all-linear"))
     trainer.step_tokens, trainer.step_real = [0], [0]
     clock = Clock(trainer, a.steps)
