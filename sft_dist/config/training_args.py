@@ -26,7 +26,8 @@ OWNED: dict[str, str] = {
     # sft_dist packs in the data layer and collates packed rows itself (sft_dist/data/packing.py)
     "packing_strategy": "set `data.packing` (best-fit decreasing, documents kept whole)",
     "eval_packing": "set `data.packing` (it packs the training rows; eval rows stay unpacked)",
-    "padding_free": "set `data.packing` (packed rows are collated without padding across documents)",
+    "padding_free": "set `data.packing` (packed rows are collated without padding across documents; unpacked "
+                    "rows are collated padding-free where the attention reads boundaries, the GPU default)",
     "dataset_text_field": "use `data.format: text` and `data.columns: {text: <column>}`",
     "dataset_kwargs": "sft_dist tokenizes the data itself (see the `data` section)",
     "dataset_num_proc": "set `data.num_proc`",

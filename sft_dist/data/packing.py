@@ -72,7 +72,8 @@ ROW_AWARE = ("sdpa", "eager", "flex_attention")
 
 
 class PackedCollator:
-    """Collates packed rows so that no document attends to another, around TRL's collator.
+    """Collates packed rows so that no document attends to another, around TRL's collator (and unpacked rows,
+    each one document, where the attention reads boundaries: train/run.py's padding-free case).
 
     sdpa/eager/flex: one row per packed row, position_ids from `seq_lengths`, no attention_mask (with one,
     transformers ignores the position_ids' boundaries); the rows are near-full, so little padding.

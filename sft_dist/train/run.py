@@ -513,16 +513,31 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     collator = trainer.data_collator
-    if cfg.data.packing:
+    attn = model.config._attn_implementation
+    if cfg.data.packing or _padding_free(model, attn, compiled=bool(args.torch_compile)):
         from sft_dist.data.packing import PackedCollator
 
         # under torch.compile one batch shape: a narrower batch would compile the model again
-        collator = PackedCollator(collator, attn_implementation=model.config._attn_implementation,
+        collator = PackedCollator(collator, attn_implementation=attn,
                                   pad_to=cfg.data.max_length if args.torch_compile else None)
+        if not cfg.data.packing:
+            log.info("data: rows collated padding-free (%s reads each row's boundaries: no padding computed)", attn)
     trainer.data_collator = SampleIdCollator(collator)
     if stream is not None:
         trainer.train_dataset = data.train = stream
     return trainer
+
+
+def _padding_free(model, attn: str | None, *, compiled: bool) -> bool:
+    """Unpacked rows flattened into one row per micro-batch, each row a document of its own, where the attention
+    reads the boundaries (varlen/flash attention: the padding of a batch of uneven rows is never computed).
+    Only for transformers' own model classes, whose flash path is known to read them, and not under
+    torch.compile (each batch's total length would be a new shape to compile)."""
+    from sft_dist.data.packing import ROW_AWARE
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (not compiled and attn is not None and attn not in ROW_AWARE
+            and type(base).__module__.startswith("transformers."))
 
 
 def _dir_bytes(path: Path) -> int:

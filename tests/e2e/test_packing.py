@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
     data = variable_rows(tmp / "train.jsonl")
     out = {}
     for packing, attn, compiled in ((False, "auto", False), (True, "auto", False), (True, "varlen_attention", False),
-                                    (True, "varlen_attention", True)):
+                                    (True, "varlen_attention", True), (False, "varlen_attention", False)):
         run = tmp / f"packing-{packing}-{attn}-{compiled}"
         r = sft_dist("train", QUICKSTART, f"output_dir={run}", f"data.train_files={data}",
                      f"data.packing={str(packing).lower()}", "data.trace_samples=true", "launcher.num_workers=1",
@@ -41,7 +41,8 @@ def runs(tmp_path_factory):
                      f"training.torch_compile={str(compiled).lower()}",
                      f"training.eval_steps={STEPS}" if packing else "training.eval_strategy=no", timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        out[packing if attn == "auto" else attn + ("+compile" if compiled else "")] = run, r.stderr
+        out[packing if attn == "auto" else attn + ("+compile" if compiled else "") + ("" if packing else "+unpacked")] \
+            = run, r.stderr
     return out
 
 
@@ -99,3 +100,15 @@ def test_varlen_attention_trains_the_packed_rows_as_sdpa_does(runs):
     compiled, compiled_eval = curve(runs["varlen_attention+compile"][0])
     assert len(compiled) == STEPS and max(abs(a - b) for a, b in zip(varlen, compiled)) < 1e-3
     assert compiled_eval == pytest.approx(varlen_eval, abs=1e-3)
+
+
+def test_unpacked_rows_on_varlen_attention_are_collated_padding_free(runs):
+    """Without packing, attention that reads boundaries gets the micro-batch flattened, each row a document:
+    the padding is never computed, and every step's loss is the padded sdpa run's."""
+    run, stderr = runs["varlen_attention+unpacked"]
+    assert "data: rows collated padding-free (varlen_attention reads each row's boundaries" in stderr
+    losses = {name: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+              for name, r in (("padded", runs[False][0]), ("flat", run))}
+    assert len(losses["flat"]) == STEPS and max(abs(a - b) for a, b in zip(losses["padded"], losses["flat"])) < 1e-5
+    assert summary(run)["padding_fraction"] < 0.01 < 0.2 < summary(runs[False][0])["padding_fraction"]
+    assert summary(run)["loss_tokens"] == summary(runs[False][0])["loss_tokens"]
