@@ -708,21 +708,22 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
     quantized = counts["param_bytes"] + counts["quant_state_bytes"] + counts["buffer_bytes"]
     if device == "cuda":
         # from_pretrained reads the file into host memory; what reaches the GPU is the rank's part
+        # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
+        reload = quantized + counts["largest_quantized_numel"] * _bytes(dtype)
         if cfg.model.init_config is not None:
-            # built whole on the GPU; a quantized run reloads it quantized while the full one is still referenced
-            return full + (quantized if cfg.quantization.bits is not None else 0)
+            # built whole on the GPU; a quantized run's rank 0 writes and frees it, then every rank reloads it
+            return max(full, reload) if cfg.quantization.bits is not None else full
         if cfg.quantization.bits is not None:
-            # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
-            return quantized + counts["largest_quantized_numel"] * _bytes(dtype)
+            return reload
         if shard.weights > 1:
             return _div(full, shard.weights)  # zero.Init / fully_shard move only the rank's shard to the GPU
         return full
     # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
     mapped = full
     if cfg.model.init_config is not None:
-        # The random base is built whole in the load dtype on every rank (model/build.py); a quantized run
-        # then reloads it quantized from disk while the full-precision one is still referenced.
-        return full + (mapped + quantized if cfg.quantization.bits is not None else 0)
+        # The random base is built whole in the load dtype (model/build.py); a quantized run's rank 0 writes and
+        # frees it, then every rank reloads it quantized from disk (train/run.py: _write_random_base).
+        return max(full, mapped + quantized) if cfg.quantization.bits is not None else full
     if cfg.quantization.bits is not None:
         return mapped + quantized  # every rank loads the whole quantized base, whatever the backend
     if shard.weights > 1 and backend.loads_partitioned():
@@ -760,8 +761,8 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
                      f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")
     elif cfg.model.init_config is not None and cfg.quantization.bits is not None:
-        notes.append(f"init_config with quantization: the random base is built in full precision, saved, and "
-                     f"reloaded quantized: {format_bytes(load)} per rank at load")
+        notes.append(f"init_config with quantization: the random base is built in full precision on rank 0, saved "
+                     f"and freed, then reloaded quantized: {format_bytes(load)} at most while loading")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      "(lm_head and other skipped modules stay in full precision)")

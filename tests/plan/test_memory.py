@@ -268,3 +268,14 @@ def test_the_lora_dropout_hint_names_what_the_masks_cost():
     assert f"(about {format_bytes(masks)})" in hint
     assert on.activations - off.activations == pytest.approx(masks, rel=0.1)  # 0.925 of it here, 0.98 at 1.5B
     assert not any(h.startswith("lora.dropout") for h in off.hints)
+
+
+def test_a_quantized_random_base_is_counted_once_at_load():
+    """init_config + 4-bit on a GPU: rank 0 builds the bf16 base, writes and frees it, then every rank loads it
+    quantized (train/run.py), so the load peak is the bf16 base alone, not both copies."""
+    shape = {**H200_SHAPE, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 8000}
+    e = estimate_memory(config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", "quantization.bits=4"),
+                        world_size=1, device="cuda")
+    assert e.detail["load_peak"] == e.detail["total_params"] * 2 > e.weights
+    assert any("saved and freed, then reloaded quantized" in n for n in e.notes)
