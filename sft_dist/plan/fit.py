@@ -10,13 +10,13 @@ from sft_dist.sizes import format_bytes
 TIGHT = 0.92
 
 
-def gpu_fit(peak: int, *, free: int, total: int, hints: list[str]) -> tuple[str, str] | None:
+def gpu_fit(peak: int, *, free: int, total: int, hinted: bool) -> tuple[str, str] | None:
     """(level, message) when the estimated per-rank `peak` is over or close to this GPU's `free` memory, else
-    None. `hints`: the estimate's own ways to lower the peak."""
+    None. `hinted`: the plan logged its own ways to lower the peak (its `hint:` lines)."""
     if peak <= TIGHT * free:
         return None
     where = f"{format_bytes(free)} free on this GPU ({format_bytes(total)} in all)"
-    fixes = ("; to lower it: " + " | ".join(hints)) if hints else ""
+    fixes = "; the plan's hints above say what lowers it" if hinted else ""
     if peak > free:
         return "warning", (f"the estimated peak, {format_bytes(peak)} per rank, is over the {where}: expect an "
                            f"out-of-memory error{fixes}")

@@ -283,7 +283,7 @@ def _preflight(cfg: Config, *, env: DistEnv, device: str) -> dict:
 
         free, total = torch.cuda.mem_get_info()
         result["device_memory"] = {"free_bytes": free, "total_bytes": total}
-        fit = gpu_fit(plan.memory.detail["peak"], free=free, total=total, hints=plan.memory.hints)
+        fit = gpu_fit(plan.memory.detail["peak"], free=free, total=total, hinted=bool(plan.memory.hints))
         if fit:
             log.log(logging.WARNING if fit[0] == "warning" else logging.INFO, "plan: %s", fit[1])
     return result
