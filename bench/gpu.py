@@ -123,15 +123,20 @@ class Proc:
     marks: dict[str, str]  # first line starting with each watched prefix
 
 
+def child_env() -> dict:
+    """The environment of a step's process: this checkout importable, not inside another launcher."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def run_proc(cmd: list[str], *, timeout: float, log: Path,
              watch: tuple[str, ...] = ("attention:", "kernels:", "model:")) -> Proc:
     """Run `cmd` in its own process group, its output to `log`; killed (the whole group) at `timeout`."""
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS"):  # not inside another launcher
-        env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
                          start_new_session=True, bufsize=1, errors="replace")
     tail: list[str] = []
     marks: dict[str, str] = {}
@@ -235,9 +240,7 @@ def fit_micro_batch(s: Setup, name: str, cfg: dict, share: float = 0.9) -> str |
     rows = training["per_device_train_batch_size"]
     while True:
         proc = subprocess.run([sys.executable, "-m", "sft_dist", "plan", str(write_config(s, name, cfg)), "--device",
-                               s.device, "--json"], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+                               s.device, "--json"], capture_output=True, text=True, timeout=300, env=child_env())
         try:
             peak = json.loads(proc.stdout)["memory_per_rank"]["detail"]["peak"]
         except (ValueError, KeyError, TypeError):
@@ -472,7 +475,7 @@ def steps() -> list[Step]:
                               **{"training.per_device_train_batch_size": s.rows // 2,
                                  "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4})
         t0 = time.perf_counter()
-        fitted = fit_micro_batch(s, n, cfg)  # e.g. an 80 GB H100 without Liger: 2 x 4 rather than 4 x 2
+        fitted = fit_micro_batch(s, n, cfg)  # planned at 69.6 GiB for 4 x 2 without Liger: kept on an 80 GB H100
         r = run_sft_dist(s, n, cfg, t - (time.perf_counter() - t0), warmup=max(1, s.warmup - 1))
         r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
         return r

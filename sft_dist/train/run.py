@@ -473,18 +473,15 @@ def _build_peak(device: str) -> int | None:
 
 
 def _write_random_base(cfg: Config, build: dict, path: Path) -> None:
-    """Build the seeded random weights, write them to `path`, and free them (they are referenced only here)."""
+    """Build the seeded random weights, write them to `path`, and free them (they are referenced only here; the
+    collection catches reference cycles). The quantized load reuses their memory through torch's allocator."""
     import gc
-
-    import torch
 
     from sft_dist.model.build import build_model
     from sft_dist.model.init_base import write_base
 
     write_base(build_model(cfg.model, **build), build["tokenizer"], path, background=False)
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):
