@@ -64,6 +64,11 @@ class QuantizationConfig:
     # The dtype 4-bit weights are packed into. auto: the model's dtype under FSDP (FSDP2 shards floating
     # tensors only), else uint8.
     quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
+    # The weights left unquantized (embeddings, norms, the output head) in fp32, as peft's
+    # prepare_model_for_kbit_training casts them: twice their memory, and an fp32 residual stream (each layer's
+    # saved input twice as large, its elementwise ops twice the traffic). null: only for a float16 model, whose
+    # range can overflow there; a bfloat16 one keeps them in bfloat16, as TRL and Unsloth do.
+    upcast_unquantized: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,17 @@ def peft_config(cfg: LoraConfig):
     )
 
 
-def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_checkpointing: bool = False,
-               separate_tied: bool = False):
+def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool | None = None,
+               gradient_checkpointing: bool = False, separate_tied: bool = False):
     """The peft model. Refuses an embedding `fit_vocab` resized whose new rows LoRA would leave frozen; with
-    `separate_tied` (FSDP2) gives a frozen tied original inside a modules_to_save wrapper its own tensor."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    `separate_tied` (FSDP2) gives a frozen tied original inside a modules_to_save wrapper its own tensor.
+    `quantized`: a bitsandbytes base, prepared for training; `upcast`: quantization.upcast_unquantized."""
+    from peft import get_peft_model
 
     _check_new_rows_train(model, cfg)
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_quantized(model, upcast=upcasts_unquantized(upcast, model),
+                                  gradient_checkpointing=gradient_checkpointing)
     routers = moe_routers(model) if cfg.target_modules == "all-linear" else []
     if routers:
         # peft maps "all-linear" on transformers 5 MoE models to what it matched on v4, the router's Linear included
@@ -48,12 +50,56 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, gradient_chec
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model: {names}") from None
+    masters = fp32_masters(model)
+    if masters:
+        log.info("lora: %d trained 16-bit tensor(s) (%s, ...) kept in fp32, as the LoRA matrices are: the optimizer "
+                 "updates fp32 masters and computes in 16 bit under autocast", len(masters), masters[0])
     if separate_tied:
         untied = untie_saved_originals(model)
         if untied:
             log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "
                      "own frozen copy, so FSDP2 sees each weight in one group", ", ".join(untied))
     return model
+
+
+def upcasts_unquantized(setting: bool | None, model) -> bool:
+    """Whether a quantized model's unquantized weights go to fp32: as set, else only for a float16 model."""
+    import torch
+
+    if setting is not None:
+        return setting
+    return model.get_input_embeddings().weight.dtype == torch.float16
+
+
+def prepare_quantized(model, *, upcast: bool, gradient_checkpointing: bool):
+    """A bitsandbytes model made ready for an adapter: every weight frozen; with `upcast`, peft's
+    prepare_model_for_kbit_training (the unquantized weights cast to fp32). Without it those weights stay in the
+    model's 16-bit dtype: the embedding's output, so the residual stream and every decoder layer's input, stays
+    16-bit too (an fp32 norm or head would promote it). The Trainer enables activation checkpointing itself."""
+    if upcast:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # as peft's does: reentrant checkpointing needs an input that requires grad
+    return model
+
+
+def fp32_masters(model) -> list[str]:
+    """Cast the trained parameters peft leaves in 16 bit (modules_to_save copies, trained biases) to fp32, and
+    name them. peft makes its LoRA matrices fp32 but copies modules_to_save in the base's dtype: AdamW on a bf16
+    head rounds small updates away, and accelerate's FSDP2 upcasts them anyway, so DDP and ZeRO would train a
+    different head from FSDP2's."""
+    import torch
+
+    names = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+            names.append(name)
+    return names
 
 
 def moe_routers(model) -> list[str]:

@@ -52,7 +52,8 @@ def setup(f: Facts) -> dict[str, Any]:
     precision = "bf16" if f.bf16 else "fp16" if f.fp16 else "fp32"
     backend = f"deepspeed zero{f.zero_stage}" if f.backend == "deepspeed" else (
         f"fsdp2 {f.fsdp_sharding}" if f.backend == "fsdp" else "ddp")
-    quant = (f"{f.bits}-bit bitsandbytes (storage {f.quant_storage}, compute {f.compute_dtype})"
+    quant = (f"{f.bits}-bit bitsandbytes (storage {f.quant_storage}, compute {f.compute_dtype}, unquantized weights "
+             f"{f.unquantized_dtype})"
              if f.bits else "none")
     adapter = ("DoRA" if f.dora else "LoRA") if f.lora else "full fine-tuning"
     return {"device": f.device, "backend": backend, "precision": precision, "model_dtype": f.model_dtype,

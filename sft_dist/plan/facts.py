@@ -42,6 +42,7 @@ class Facts:
     model_dtype: str = "float32"  # the dtype the (unquantized parts of the) base is loaded in
     bits: int | None = None
     quant_storage: str = "uint8"
+    unquantized_dtype: str = "float32"  # a quantized base's embeddings, norms and head (quantization.upcast_unquantized)
     compute_dtype: str = "float32"
     lora: bool = True
     dora: bool = False
@@ -96,6 +97,8 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.bits = q.bits
     f.quant_storage = q.quant_storage if q.quant_storage != "auto" else backend.quant_storage(f.model_dtype)
     f.compute_dtype = f.model_dtype if q.compute_dtype == "auto" else q.compute_dtype
+    upcast = q.upcast_unquantized if q.upcast_unquantized is not None else f.model_dtype == "float16"
+    f.unquantized_dtype = "float32" if upcast else f.model_dtype
     f.lora, f.dora = cfg.lora.enabled, cfg.lora.enabled and cfg.lora.use_dora
     f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
     f.optim = t.optim

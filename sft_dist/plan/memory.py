@@ -201,11 +201,12 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
         from peft import get_peft_model
         from trl.trainer.utils import add_fused_lm_head
 
-        from sft_dist.model.lora import peft_config
+        from sft_dist.model.lora import fp32_masters, peft_config
 
         # TRL patches the base model before peft wraps it (SFTTrainer does so on the unwrapped model).
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         model = get_peft_model(model, peft_config(cfg.lora))
+        fp32_masters(model)  # as apply_lora: modules_to_save copies train in fp32
     else:
         from trl.trainer.utils import add_fused_lm_head
 
@@ -237,6 +238,7 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
     """Parameter counts and bytes as the run stores them (quantized base layers packed, LoRA in fp32)."""
     quantized = {id(m.weight) for m in _quantized_linears(model, cfg).values()}
     bits = cfg.quantization.bits
+    upcast = _upcasts(cfg, model)
     keys = ("total_numel", "trainable_numel", "trainable_bytes", "quantized_numel", "param_bytes",
             "quant_state_bytes", "largest_quantized_numel")
     c = dict.fromkeys(keys, 0)
@@ -253,8 +255,8 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
                 c["param_bytes"] += n
                 c["quant_state_bytes"] += p.shape[0] * 4  # one fp32 scale per output row (SCB)
             continue
-        # peft's kbit preparation upcasts every other half-precision weight of a quantized model to fp32
-        size = 4 if bits is not None and p.dtype in (torch.float16, torch.bfloat16) else p.element_size()
+        # peft's kbit preparation (quantization.upcast_unquantized) casts every other 16-bit weight to fp32
+        size = 4 if upcast and p.dtype in (torch.float16, torch.bfloat16) else p.element_size()
         c["param_bytes"] += n * size
         if p.requires_grad:
             c["trainable_numel"] += n
@@ -263,8 +265,16 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
     c["quantized_ids"] = sorted(quantized)
     head = model.get_output_embeddings()
-    c["head_bytes"] = head.weight.numel() * 4 if bits is not None else head.weight.numel() * head.weight.element_size()
+    c["head_bytes"] = head.weight.numel() * (4 if upcast else head.weight.element_size())
+    c["unquantized_dtype"] = "float32" if upcast else str(dtype).removeprefix("torch.")
     return c
+
+
+def _upcasts(cfg: Config, model) -> bool:
+    """Whether the run casts a quantized model's unquantized weights to fp32 (model/lora.py)."""
+    from sft_dist.model.lora import upcasts_unquantized
+
+    return cfg.quantization.bits is not None and upcasts_unquantized(cfg.quantization.upcast_unquantized, model)
 
 
 def _bnb4_state_bytes(numel: int, *, double: bool) -> int:
@@ -656,7 +666,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
                   plain_loss: bool, attention: str, mixed: str, quantized: set,
                   device: str) -> dict[str, int]:
     """Run forward + backward of one micro-batch on the meta model; bytes of activations and step peaks."""
-    if quantized:
+    if quantized and _upcasts(cfg, model):
         # peft's kbit preparation: every weight bitsandbytes leaves unquantized (embeddings, norms, the head) is
         # fp32 (the 4/8-bit layers themselves run as 16-bit matmuls after dequantizing: see backend extras)
         for p in model.parameters():
@@ -765,7 +775,8 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
                      f"and freed, then reloaded quantized: {format_bytes(load)} at most while loading")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
-                     "(lm_head and other skipped modules stay in full precision)")
+                     f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "
+                     "quantization.upcast_unquantized)")
     if world_size > 1 and shard.weights == 1 and shard.gradients == 1 and shard.optimizer == 1:
         notes.append("nothing is sharded: every rank holds the whole model, gradients and optimizer state")
     return notes

@@ -134,3 +134,61 @@ def test_lora_refuses_new_rows_it_would_leave_frozen(small_vocab_model):
     trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n}
     assert trainable == {"base_model.model.model.embed_tokens.modules_to_save.default.weight": (1024, 64),
                          "base_model.model.lm_head.modules_to_save.default.weight": (1024, 64)}
+
+
+def quantized_llama(tmp_path: Path, dtype: torch.dtype):
+    """A tiny random Llama saved in `dtype` and reloaded 4-bit (bitsandbytes, on the CPU)."""
+    from sft_dist.model.build import load_pretrained
+
+    config = AutoConfig.for_model(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(tmp_path)
+    return load_pretrained(str(tmp_path), quant=QuantizationConfig(bits=4), dtype=dtype, device="cpu", attn="sdpa",
+                           compute_dtype=dtype)
+
+
+def layer_input_dtype(model) -> torch.dtype:
+    """The dtype of the residual stream a decoder layer reads, in a forward under bf16 autocast."""
+    seen = []
+    layer = model.get_base_model().model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].dtype if args else
+                                                                                   kwargs["hidden_states"].dtype),
+                                             with_kwargs=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(IDS).logits.float().sum().backward()
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize(("dtype", "upcast", "want"), [
+    (torch.bfloat16, None, torch.bfloat16),  # the default: kept in the model's dtype, as TRL and Unsloth keep them
+    (torch.bfloat16, True, torch.float32),  # peft's prepare_model_for_kbit_training
+    (torch.float16, None, torch.float32),  # float16's range: upcast unless told otherwise
+    (torch.float16, False, torch.float16),
+])
+def test_a_quantized_base_keeps_its_unquantized_weights_16_bit_unless_upcast(tmp_path, dtype, upcast, want):
+    model = apply_lora(quantized_llama(tmp_path, dtype), LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]),
+                       quantized=True, upcast=upcast)
+    base = model.get_base_model()
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    frozen = [base.model.embed_tokens.weight, base.model.norm.weight, base.model.layers[0].input_layernorm.weight,
+              base.lm_head.original_module.weight]
+    assert [p.dtype for p in frozen] == [want] * 4 and not any(p.requires_grad for p in frozen)
+    # trained tensors are fp32 masters either way: the LoRA matrices and the head's modules_to_save copy
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert base.lm_head.modules_to_save["default"].weight.requires_grad
+    if dtype == torch.bfloat16:  # an fp32 embedding makes the whole residual stream fp32
+        assert layer_input_dtype(model) == want
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_a_trained_head_copy_of_a_bf16_model_is_an_fp32_master():
+    """peft copies modules_to_save in the base's dtype; AdamW would then update a bf16 head (and accelerate's FSDP2
+    upcasts it, so DDP and FSDP2 would train different heads)."""
+    model = tied_model().to(torch.bfloat16)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]))
+    head = model.get_base_model().lm_head
+    assert head.modules_to_save["default"].weight.dtype == torch.float32
+    assert head.original_module.weight.dtype == torch.bfloat16  # the frozen base stays as loaded
+    assert torch.equal(head.modules_to_save["default"].weight.bfloat16(), head.original_module.weight)

@@ -34,7 +34,8 @@ def real_model(cfg, tmp_path: Path | None = None):
         model.save_pretrained(tmp_path)
         model = load_pretrained(str(tmp_path), quant=cfg.quantization, dtype=dtype, device="cpu", attn="sdpa")
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None)
+        model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
+                           upcast=cfg.quantization.upcast_unquantized)
     return model
 
 
@@ -279,3 +280,25 @@ def test_a_quantized_random_base_is_counted_once_at_load():
                         world_size=1, device="cuda")
     assert e.detail["load_peak"] == e.detail["total_params"] * 2 > e.weights
     assert any("saved and freed, then reloaded quantized" in n for n in e.notes)
+
+
+@pytest.mark.parametrize("upcast", ["null", "true"])
+def test_counts_match_the_real_bf16_4bit_model_with_and_without_the_upcast(tmp_path, upcast):
+    """A bfloat16 QLoRA base keeps its unquantized weights in bfloat16 unless quantization.upcast_unquantized asks
+    for peft's fp32 copies; either way the trained head copy is an fp32 master, and the plan counts what is held."""
+    cfg = config("quantization.bits=4", "model.dtype=bfloat16", f"quantization.upcast_unquantized={upcast}")
+    model = real_model(cfg, tmp_path)
+    e = estimate_memory(cfg, world_size=1, device="cpu")
+    assert e.detail["param_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert e.lora == sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    frozen = {n.rsplit(".", 2)[-2]: p.dtype for n, p in model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point}
+    want = torch.float32 if upcast == "true" else torch.bfloat16
+    assert frozen["embed_tokens"] == frozen["norm"] == frozen["input_layernorm"] == want
+    if upcast == "null":  # the bytes the upcast would add: 2 per unquantized frozen element
+        up = estimate_memory(config("quantization.bits=4", "model.dtype=bfloat16", "quantization.upcast_unquantized=true"),
+                             world_size=1, device="cpu")
+        extra = sum(p.numel() * 2 for n, p in model.named_parameters()
+                    if not p.requires_grad and p.dtype == torch.bfloat16)
+        assert up.detail["param_bytes"] - e.detail["param_bytes"] == extra > 0
