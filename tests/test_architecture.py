@@ -55,10 +55,12 @@ SEAMS: dict[tuple[str, str], str] = {
         "_agent_on_any_port, around the embedded cluster's ray.init: its dashboard agent takes any free HTTP port "
         "instead of a fixed 52365, which another Ray node on the machine holds (ray.init waited ~3.5 s for it)"),
     ("sft_dist.plan.memory", "torch.is_autocast_enabled"): (
-        "_meta_autocast_off, around the meta-device memory estimate: torch has no autocast for meta tensors"),
-    ("sft_dist.plan.memory", "torch.autocast"): "_meta_autocast_off: the same, for peft's torch.autocast(meta)",
+        "_meta_autocast, around the meta-device memory estimate: torch has no autocast for meta tensors; the "
+        "step's code sees the run's"),
+    ("sft_dist.plan.memory", "torch.get_autocast_dtype"): "_meta_autocast: the same, for the autocast dtype",
+    ("sft_dist.plan.memory", "torch.autocast"): "_meta_autocast: the same, for peft's torch.autocast(meta)",
     ("sft_dist.plan.memory", "transformers.masking_utils.find_packed_sequence_indices"): (
-        "_meta_autocast_off: a data-dependent check meta tensors cannot answer (the profile's rows are unpacked)"),
+        "_meta_autocast: a data-dependent check meta tensors cannot answer (the profile's rows are unpacked)"),
     **{("sft_dist.plan.memory", f"trl.kernels.chunked_logprob.{name}"): (
         "_device_loss_kernels, planning for a GPU: TRL's Triton loss tiles allocate nothing, unlike the torch "
         "fallback a CPU (and meta) run takes") for name in ("_forward_tile", "_backward_tile", "_addmm_fp32")},

@@ -160,7 +160,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "activation_share": round(activations / max(1, total), 3),
     }
     hints = _hints(cfg, facts, activations=activations, total=total, checkpointing=checkpointing, batch=batch,
-                   model=model, compute=compute)
+                   model=model, compute=compute, autocast=detail["mixed_precision"] == "autocast")
     return MemoryEstimate(weights=weights, lora=lora, gradients=gradients, optimizer=optimizer,
                           activations=activations, total=total, detail=detail, notes=notes, hints=hints)
 
@@ -201,11 +201,12 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
         from peft import get_peft_model
         from trl.trainer.utils import add_fused_lm_head
 
-        from sft_dist.model.lora import fp32_masters, peft_config
+        from sft_dist.model.lora import fp32_masters, peft_config, skip_input_casts_under_autocast
 
         # TRL patches the base model before peft wraps it (SFTTrainer does so on the unwrapped model).
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         model = get_peft_model(model, peft_config(cfg.lora))
+        skip_input_casts_under_autocast(model)  # as apply_lora
         fp32_masters(model)  # as apply_lora: modules_to_save copies train in fp32
     else:
         from trl.trainer.utils import add_fused_lm_head
@@ -612,14 +613,23 @@ class _LiveStorages(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _meta_autocast_off():
-    """What meta tensors cannot do. TRL's chunked log-prob kernel asks autocast about the tensors' device, and peft's
-    MoE parameter wrapper opens `torch.autocast(device_type=...)`: torch knows no autocast for meta; both see the
-    CPU's (off) instead."""
-    original, original_autocast = torch.is_autocast_enabled, torch.autocast
+def _meta_autocast(dtype: torch.dtype | None, device: str):
+    """What meta tensors cannot do. torch knows no autocast for meta, but the step's code asks about it: TRL's
+    chunked log-prob kernel picks its matmul dtype by it, peft's bitsandbytes layers (which ask CUDA's, the call
+    without a device) and sft_dist's LoRA layers (model/lora.py) cast their input for the adapter only outside
+    it. They see the run's autocast (`dtype`, or off), as the run's device would have it. peft's MoE parameter
+    wrapper opens `torch.autocast(device_type=...)`: for meta it opens the CPU's."""
+    original, original_autocast, original_dtype = torch.is_autocast_enabled, torch.autocast, torch.get_autocast_dtype
 
     def is_enabled(*args):
-        return False if args and str(args[0]) == "meta" else original(*args)
+        if args and str(args[0]) == "meta":
+            return dtype is not None
+        if not args and device == "cuda":  # the device-less call asks about CUDA's
+            return dtype is not None
+        return original(*args)
+
+    def get_dtype(device_type):
+        return dtype if str(device_type) == "meta" and dtype is not None else original_dtype(device_type)
 
     class autocast(original_autocast):  # noqa: N801 - stands in for torch.autocast
         def __init__(self, device_type, *args, **kwargs):
@@ -632,11 +642,11 @@ def _meta_autocast_off():
     original_find = masking_utils.find_packed_sequence_indices
     masking_utils.find_packed_sequence_indices = lambda position_ids: (
         None if position_ids.device.type == "meta" else original_find(position_ids))
-    torch.is_autocast_enabled, torch.autocast = is_enabled, autocast
+    torch.is_autocast_enabled, torch.autocast, torch.get_autocast_dtype = is_enabled, autocast, get_dtype
     try:
         yield
     finally:
-        torch.is_autocast_enabled, torch.autocast = original, original_autocast
+        torch.is_autocast_enabled, torch.autocast, torch.get_autocast_dtype = original, original_autocast, original_dtype
         masking_utils.find_packed_sequence_indices = original_find
 
 
@@ -695,7 +705,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     if not plain_loss:
         inputs["fused_lm_head"] = True
     tracker = _LiveStorages(skip)
-    with _meta_autocast_off(), _device_loss_kernels(device), tracker, ops:
+    with _meta_autocast(ops.dtype, device), _device_loss_kernels(device), tracker, ops:
         loss = model(**inputs).loss
         ops.end_forward()
         tracker.sweep()
@@ -783,7 +793,7 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
 
 
 def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpointing: bool, batch: int, model,
-           compute: torch.dtype) -> list[str]:
+           compute: torch.dtype, autocast: bool) -> list[str]:
     """What would lower the peak when activations are most of it, among the switches not already on."""
     share = activations / max(1, total)
     if share <= ACTIVATION_SHARE_HINT:
@@ -807,7 +817,10 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
     masks = _dropout_mask_bytes(model, tokens=batch * facts.max_length)
     if masks:
         out.append(f"lora.dropout: 0 (peft's own default) spares the dropout mask every adapted layer keeps for "
-                   f"backward (about {format_bytes(masks)}) and a pass over each adapted layer's input")
+                   f"backward (about {format_bytes(masks)}) and a pass over each adapted layer's input"
+                   + (", and under autocast the adapters read their 16-bit input as it is (a live dropout keeps "
+                      "peft's fp32 copy, and autocast a 16-bit copy of that for backward)" if autocast and
+                      not cfg.lora.use_dora else ""))
     if not facts.packing:
         out.append("data.packing: true fills every row with whole documents, so a smaller micro-batch carries as "
                    "many tokens per step as padded rows do")

@@ -192,3 +192,80 @@ def test_a_trained_head_copy_of_a_bf16_model_is_an_fp32_master():
     assert head.modules_to_save["default"].weight.dtype == torch.float32
     assert head.original_module.weight.dtype == torch.bfloat16  # the frozen base stays as loaded
     assert torch.equal(head.modules_to_save["default"].weight.bfloat16(), head.original_module.weight)
+
+
+# --- the adapter's input under autocast ------------------------------------------------------------------------
+
+LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+
+
+def bf16_lora(*, skip: bool, dropout: float = 0.0, dora: bool = False):
+    """A bf16 Llama with an fp32 LoRA (lora_B non-zero, so the adapter changes the numbers), peft's cast kept or
+    skipped under autocast."""
+    import sft_dist.model.lora as lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
+    keep = lora.skip_input_casts_under_autocast
+    if not skip:
+        lora.skip_input_casts_under_autocast = lambda model: 0
+    try:
+        model = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=dropout, use_dora=dora))
+    finally:
+        lora.skip_input_casts_under_autocast = keep
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model.train()
+
+
+def autocast_step(model, *, autocast: bool = True):
+    """Loss, adapter gradients and the bytes of what autograd saved for backward (beyond the weights)."""
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+    saved = []  # held until counted, so no storage address is reused meanwhile
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    torch.manual_seed(2)  # the dropout masks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, sum(b for ptr, b in storages.items() if ptr not in weights)
+
+
+def test_under_autocast_the_adapter_reads_its_16_bit_input_for_the_same_numbers():
+    """peft casts each adapted layer's bf16 input to the adapter's fp32 and autocast casts it back to bf16: the
+    same operands, so skipping the round trip gives bitwise the same loss and gradients, and autograd no longer
+    keeps a bf16 copy of the input per adapted layer: 4 x hidden per token and layer here (q, k, v share one)."""
+    kept_loss, kept_grads, kept_bytes = autocast_step(bf16_lora(skip=False))
+    loss, grads, saved = autocast_step(bf16_lora(skip=True))
+    assert loss == kept_loss
+    assert grads.keys() == kept_grads.keys() and len(grads) == 2 * 7 * LLAMA["num_hidden_layers"]  # A, B per layer
+    assert all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+    tokens = 2 * 64
+    assert kept_bytes - saved == 4 * LLAMA["hidden_size"] * tokens * 2 * LLAMA["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("setting", [{"dropout": 0.1}, {"dora": True}], ids=["dropout", "dora"])
+def test_the_cast_stays_before_a_live_dropout_for_dora_and_outside_autocast(setting):
+    """A live dropout scales its input: on the fp32 copy, as peft does; DoRA's weight norm computes in the input's
+    dtype (fp32 with peft's cast). Both keep peft's numbers. Without autocast the fp32 adapter needs the fp32
+    input (generation, export)."""
+    kept = autocast_step(bf16_lora(skip=False, **setting))
+    now = autocast_step(bf16_lora(skip=True, **setting))
+    assert now[0] == kept[0] and now[2] == kept[2]
+    assert all(torch.equal(now[1][n], kept[1][n]) for n in now[1])
+    model = bf16_lora(skip=True).eval()
+    with torch.no_grad():
+        ids = torch.tensor([[1, 5, 9, 12]])
+        logits = model(input_ids=ids).logits  # no autocast: the adapter's fp32 matmul needs the cast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(input_ids=ids).logits.shape == logits.shape
