@@ -475,7 +475,7 @@ def steps() -> list[Step]:
                               **{"training.per_device_train_batch_size": s.rows // 2,
                                  "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4})
         t0 = time.perf_counter()
-        fitted = fit_micro_batch(s, n, cfg)  # planned at 69.6 GiB for 4 x 2 without Liger: kept on an 80 GB H100
+        fitted = fit_micro_batch(s, n, cfg)  # planned at 61.2 GiB for 4 x 2 without Liger: kept on an 80 GB H100
         r = run_sft_dist(s, n, cfg, t - (time.perf_counter() - t0), warmup=max(1, s.warmup - 1))
         r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
         return r
