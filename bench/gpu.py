@@ -7,6 +7,8 @@ Steps run most important first; one that does not fit the time left of --budget-
   isolation         packed rows vs each document alone, per attention implementation here (bench/gpu/isolation.py)
   attention         packed attention alone: 4 layers of the 1.5B shape, forward + backward of one packed micro-batch,
                     per attention implementation (bench/gpu/attention.py)
+  loss_head         the LM head and its loss alone (8 x 2048 tokens, vocab 128256): TRL's chunked head (sft_dist's),
+                    Liger's fused linear cross entropy, the full logits; time, memory, agreement (bench/gpu/loss_head.py)
   prepare           the 1.5B Llama shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab
                     128256), random, built on the GPU in bf16 and saved once; variable-length prompt/completion rows
   sft_dist          sft_dist defaults on it: bf16, LoRA r16 all-linear, data.packing 8 x 2048, attention and Liger auto;
@@ -380,6 +382,25 @@ def step_attention(s: Setup, timeout: float) -> dict:
                     f"{'passed as they are' if d.get('varlen_native_gqa') else 'repeated'}: {note}"}
 
 
+def step_loss_head(s: Setup, timeout: float) -> dict:
+    out = s.work / "loss_head.json"
+    out.unlink(missing_ok=True)
+    proc = run_proc([sys.executable, str(HERE / "loss_head.py"), "--out", str(out), "--device", s.device,
+                     "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / "loss_head.log")
+    if not out.exists():
+        return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
+    d = json.loads(out.read_text())
+    note = "; ".join(f"{c['head']}: " + (f"{c['ms_per_step']} ms, {c['loss_tokens_per_s']:,} tokens/s"
+                                         + (f", +{c['peak_extra_gib']} GiB" if c.get("peak_extra_gib") is not None
+                                            else "")
+                                         + (f", loss diff {c['loss_diff_vs_plain']:.1e}" if "loss_diff_vs_plain" in c
+                                            else "") if "ms_per_step" in c else c.get("error", "?"))
+                     for c in d["cases"])
+    return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": d["cases"],
+            "note": f"{d['tokens']} tokens, hidden {d['hidden']}, vocab {d['vocab']}, {d['dtype']}, fwd+bwd; "
+                    f"fastest {d['fastest']}: {note}"}
+
+
 def step_prepare(s: Setup, timeout: float) -> dict:
     make_data(s)
     s.model_dir = s.work / ("model_tiny" if s.tiny else "model_1p5b")
@@ -524,6 +545,8 @@ def steps() -> list[Step]:
              _has("bitsandbytes", "QLoRA"), 420),
         Step("attention", "packed attention alone: a few 1.5B-shape layers, fwd+bwd, per implementation", 60, 15,
              step_attention, None, 180),
+        Step("loss_head", "the LM head and loss alone: TRL's chunked head, Liger's fused CE, full logits", 30, 10,
+             step_loss_head, None, 120),
         attn_variant("sdpa"),
         attn_variant("varlen_attention"),
         attn_variant("flex_attention"),
