@@ -6,6 +6,7 @@ import logging
 
 from sft_dist.config.schema import LoraConfig
 from sft_dist.errors import ConfigError
+from sft_dist.model import lora_forward
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool 
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model: {names}") from None
-    skip_input_casts_under_autocast(model)
+    lora_forward.speed_up(model)
     masters = fp32_masters(model)
     if masters:
         log.info("lora: %d trained 16-bit tensor(s) (%s, ...) kept in fp32, as the LoRA matrices are: the optimizer "
@@ -61,53 +62,6 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool 
             log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "
                      "own frozen copy, so FSDP2 sees each weight in one group", ", ".join(untied))
     return model
-
-
-def skip_input_casts_under_autocast(model) -> int:
-    """Have peft's LoRA Linear layers leave their input in its dtype where autocast runs the adapter's matmuls.
-
-    peft casts each adapted layer's input to the adapter's dtype (fp32) before `lora_A`; under autocast (DDP and
-    one process with bf16/fp16) `lora_A` casts it straight back to 16 bit. That is two elementwise copies per
-    adapted layer and a 16-bit copy of the input saved for backward per layer (q, k and v each keep their own),
-    for the same numbers: a 16-bit value survives the round trip through fp32 exactly, so the matmul gets the
-    same operands (tested bitwise, tests/model/test_lora.py). The cast stays where it matters: outside autocast
-    (generation, export, a run without mixed precision), before a live dropout (which then scales in fp32 as
-    before), and for DoRA (its weight norm computes in the input's dtype). peft's bitsandbytes layers already
-    skip it under autocast. Returns the layers changed."""
-    import types
-
-    from peft.tuners.lora.layer import Linear
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module._cast_input_dtype = types.MethodType(_cast_input_dtype_unless_autocast, module)
-            n += 1
-    return n
-
-
-def _cast_input_dtype_unless_autocast(self, x, dtype):
-    import torch
-
-    if (x is not None and x.dtype != dtype and x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
-            and _plain_and_inert(self)):
-        return x
-    return type(self)._cast_input_dtype(self, x, dtype)
-
-
-def _plain_and_inert(layer) -> bool:
-    """Whether every active adapter is plain LoRA (DoRA casts the base weight to the input's dtype for its weight
-    norm: fp32 after peft's cast) whose dropout passes its input through (p = 0, or evaluation)."""
-    from torch import nn
-
-    for name in layer.active_adapters:
-        if name in getattr(layer, "lora_variant", {}):
-            return False
-        dropout = layer.lora_dropout[name] if name in layer.lora_dropout else None
-        if (dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training
-                and getattr(dropout, "p", 1.0) > 0):
-            return False
-    return True
 
 
 def upcasts_unquantized(setting: bool | None, model) -> bool:

@@ -201,12 +201,13 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
         from peft import get_peft_model
         from trl.trainer.utils import add_fused_lm_head
 
-        from sft_dist.model.lora import fp32_masters, peft_config, skip_input_casts_under_autocast
+        from sft_dist.model import lora_forward
+        from sft_dist.model.lora import fp32_masters, peft_config
 
         # TRL patches the base model before peft wraps it (SFTTrainer does so on the unwrapped model).
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         model = get_peft_model(model, peft_config(cfg.lora))
-        skip_input_casts_under_autocast(model)  # as apply_lora
+        lora_forward.speed_up(model)  # as apply_lora
         fp32_masters(model)  # as apply_lora: modules_to_save copies train in fp32
     else:
         from trl.trainer.utils import add_fused_lm_head
