@@ -23,6 +23,8 @@ Steps run most important first; one that does not fit the time left of --budget-
   sft_dist_<attn>   the sft_dist step on each other attention implementation (sdpa with the packed block mask,
                     varlen_attention, flex_attention, flash_attention_2): the one auto picked is not run twice
   sft_dist_liger    the sft_dist step with Liger's kernels switched the other way
+  sft_dist_peft_lora  the sft_dist step with peft's own LoRA forward (lora.fused_forward=false): the input cast and
+                    the unfused scaled add of the 2026-12-04 runs
   paged_adamw_8bit  the sft_dist step with training.optim=paged_adamw_8bit (skipped without bitsandbytes)
   sft_dist_compile  the sft_dist step with training.torch_compile=true
   ddp_nccl          the sft_dist step on every GPU (local launcher, nccl; skipped with fewer than 2 GPUs)
@@ -551,6 +553,8 @@ def steps() -> list[Step]:
         attn_variant("varlen_attention"),
         attn_variant("flex_attention"),
         Step("sft_dist_liger", "sft_dist with Liger switched the other way", 70, 25, liger, liger_ready, 300),
+        Step("sft_dist_peft_lora", "sft_dist with peft's own LoRA forward (lora.fused_forward=false)", 70, 25,
+             sft("sft_dist_peft_lora", **{"lora.fused_forward": False}), prep, 300),
         Step("paged_adamw_8bit", "sft_dist with training.optim=paged_adamw_8bit", 70, 25,
              sft("paged_adamw_8bit", **{"training.optim": "paged_adamw_8bit"}),
              _has("bitsandbytes", "8-bit optimizers"), 300),

@@ -52,6 +52,9 @@ class LoraConfig:
     use_dora: bool = False
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
+    # Where the step computes in 16 bit, the adapted layers skip peft's fp32 round trip of their input under
+    # autocast and add the scaled adapter output in one addmm (model/lora_forward.py). false: peft's own forward.
+    fused_forward: bool = True
 
 
 @dataclass(frozen=True)

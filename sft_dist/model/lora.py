@@ -51,7 +51,8 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool 
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
         raise ConfigError(f"lora.target_modules={cfg.target_modules!r}: {e}. Module names in this model: {names}") from None
-    lora_forward.speed_up(model)
+    if cfg.fused_forward:
+        lora_forward.speed_up(model)
     masters = fp32_masters(model)
     if masters:
         log.info("lora: %d trained 16-bit tensor(s) (%s, ...) kept in fp32, as the LoRA matrices are: the optimizer "

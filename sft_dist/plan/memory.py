@@ -207,7 +207,8 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
         # TRL patches the base model before peft wraps it (SFTTrainer does so on the unwrapped model).
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         model = get_peft_model(model, peft_config(cfg.lora))
-        lora_forward.speed_up(model)  # as apply_lora
+        if cfg.lora.fused_forward:
+            lora_forward.speed_up(model)  # as apply_lora
         fp32_masters(model)  # as apply_lora: modules_to_save copies train in fp32
     else:
         from trl.trainer.utils import add_fused_lm_head

@@ -138,3 +138,15 @@ def test_peft_forward_where_lora_b_is_only_whole_inside_its_call(monkeypatch):
         del layer.lora_B["default"].weight.ds_id
         layer.merge()
         assert lora_forward._fusable(layer, x, (), {}) is None
+
+
+def test_lora_fused_forward_false_keeps_peft_forward():
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
+    model = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0, fused_forward=False))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    assert "forward" not in vars(layer) and "_cast_input_dtype" not in vars(layer)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
+    layer = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0)).base_model.model.model.layers[0].mlp.up_proj
+    assert "forward" in vars(layer) and "_cast_input_dtype" in vars(layer)
