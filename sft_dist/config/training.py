@@ -133,6 +133,16 @@ class Training(Mapping):
         return bool(self._values.get("activation_checkpointing"))
 
     @property
+    def activation_checkpointing_kwargs(self) -> dict[str, Any]:
+        """What the Trainer passes to `activation_checkpointing_enable`: `every_n_layers` (checkpoint every N-th
+        decoder layer), `offload` (the checkpointed layers' inputs kept on the host), the rest for
+        torch.utils.checkpoint (`use_reentrant`). Under the name or its older alias, as the Trainer reads them."""
+        value = self._values.get("activation_checkpointing_kwargs")
+        if value is None:
+            value = self._values.get("gradient_checkpointing_kwargs")
+        return dict(value or {})
+
+    @property
     def disable_tqdm(self) -> bool:
         return bool(self.value("disable_tqdm"))
 

@@ -58,7 +58,14 @@ def setup(f: Facts) -> dict[str, Any]:
     adapter = ("DoRA" if f.dora else "LoRA") if f.lora else "full fine-tuning"
     return {"device": f.device, "backend": backend, "precision": precision, "model_dtype": f.model_dtype,
             "quantization": quant, "adapter": adapter, "optimizer": f.optim,
-            "activation_checkpointing": "on" if f.activation_checkpointing else "off"}
+            "activation_checkpointing": _checkpointing(f)}
+
+
+def _checkpointing(f) -> str:
+    if not f.activation_checkpointing:
+        return "off"
+    every = f", one decoder layer in {f.checkpoint_every}" if f.checkpoint_every > 1 else ""
+    return "on" + every + (", layer inputs offloaded to the host" if f.checkpoint_offload else "")
 
 
 def check(cfg: Config, *, device: str | None = None, world_size: int | None = None) -> list[Finding]:

@@ -51,6 +51,8 @@ class Facts:
     fp16: bool = False
     optim: str = "adamw_torch"
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # training.activation_checkpointing_kwargs.every_n_layers
+    checkpoint_offload: bool = False  # training.activation_checkpointing_kwargs.offload
     use_reentrant: bool | None = None
     ddp_find_unused: bool = False
     eval_strategy: str = "no"
@@ -104,8 +106,11 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.optim = t.optim
     f.bnb_optimizer_kernels = _bnb_optimizer_kernels(device) if f.bnb_optimizer and here else None
     f.activation_checkpointing = activation_checkpointing(cfg, backend)
-    reentrant = (t.get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
+    ac = t.activation_checkpointing_kwargs
+    reentrant = ac.get("use_reentrant")
     f.use_reentrant = None if reentrant is None else bool(reentrant)
+    if cfg.training.activation_checkpointing:  # the Trainer's switch (the FSDP file's checkpoints every layer)
+        f.checkpoint_every, f.checkpoint_offload = checkpoint_policy(cfg)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
     f.eval_strategy = t.eval_strategy
     f.load_best = bool(t.value("load_best_model_at_end"))
@@ -114,6 +119,12 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     for name, value in backend.plan_facts().items():
         setattr(f, name, value)
     return f
+
+
+def checkpoint_policy(cfg: Config) -> tuple[int, bool]:
+    """(every_n_layers, offload) of `training.activation_checkpointing_kwargs`."""
+    ac = cfg.training.activation_checkpointing_kwargs
+    return max(1, int(ac.get("every_n_layers", 1) or 1)), bool(ac.get("offload", False))
 
 
 def activation_checkpointing(cfg: Config, backend: Backend | None = None) -> bool:

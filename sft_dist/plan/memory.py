@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from sft_dist.backends import Backend, Sharding, get_backend
 from sft_dist.config.schema import Config
-from sft_dist.plan.facts import Facts, activation_checkpointing
+from sft_dist.plan.facts import Facts, activation_checkpointing, checkpoint_policy
 from sft_dist.sizes import format_bytes
 
 # bitsandbytes: 4-bit weights are quantized in blocks of 64 with one absmax per block; double quantization
@@ -697,8 +697,12 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     if checkpointing:
         # The recomputation runs in backward, where the forward's mode is not in effect: it enters its own (as
         # torch.utils.checkpoint re-enters the forward's autocast state)
+        every, offload = checkpoint_policy(cfg) if cfg.training.activation_checkpointing else (1, False)
         base.activation_checkpointing_enable({"use_reentrant": False,
-                                              "context_fn": lambda: (contextlib.nullcontext(), ops.recompute())})
+                                              "context_fn": lambda: (contextlib.nullcontext(), ops.recompute())},
+                                             every_n_layers=every)
+        if offload:
+            _offload_checkpointed_inputs(base)
         if cfg.lora.enabled:
             base.enable_input_require_grads()
     model.train()
@@ -719,6 +723,29 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     grads = tracker.serials({p.grad.untyped_storage()._cdata for p in model.parameters() if p.grad is not None})
     return {"activations": activations, "forward_peak": forward_peak,
             "peak_with_grads": tracker.peak(set()), "peak_without_grads": tracker.peak(grads)}
+
+
+def _offload_checkpointed_inputs(base) -> None:
+    """`activation_checkpointing_kwargs.offload`: transformers saves what each checkpointed layer keeps (its
+    input) on the host (torch's save_on_cpu) and copies it back in backward. Meta tensors cannot be copied to the
+    host: here the saved tensor is dropped in forward and a new one of its shape made when backward reads it, so
+    the device holds neither while it is on the host."""
+    import functools
+
+    def offloaded(checkpoint, *args, **kwargs):
+        def pack(t):
+            return t.shape, t.dtype, t.device
+
+        def unpack(packed):
+            shape, dtype, device = packed
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return checkpoint(*args, **kwargs)
+
+    for module in base.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = functools.partial(offloaded, module._gradient_checkpointing_func)
 
 
 # --- loading and notes ----------------------------------------------------------------------------------------
@@ -759,6 +786,13 @@ _ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention or torch varlen 
               "eager": "eager (attention matrices kept)"}
 
 
+def _checkpointing_note(cfg: Config) -> str:
+    every, offload = checkpoint_policy(cfg) if cfg.training.activation_checkpointing else (1, False)
+    return (", activation checkpointing per decoder layer" if every == 1 else
+            f", activation checkpointing on one decoder layer in {every} (the others keep their activations)") + (
+        " with their inputs offloaded to the host" if offload else "")
+
+
 def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
            compute: torch.dtype, load: int, optimizer: int, world_size: int, attention: str, mixed: str,
            liger: bool) -> list[str]:
@@ -767,7 +801,7 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
              f"shorter batches need less), {_MIXED[mixed].format(dtype=dtype)}, attention {_ATTENTION[attention]}"
              + (" with the packed rows' block mask" if attention == "sdpa" and cfg.data.packing else "")
              + (", Liger kernels" if liger else "")
-             + (", activation checkpointing per decoder layer" if checkpointing else "")]
+             + (_checkpointing_note(cfg) if checkpointing else "")]
     if backend.plain_loss():
         notes.append("loss: the model's own (full logits), as sft_dist uses under FSDP2 with a trainable head")
     else:
@@ -808,9 +842,12 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
     if not checkpointing:
         # what stays saved: each decoder layer's input; in backward one layer's activations exist at a time
         kept = layers * batch * facts.max_length * int(getattr(text, "hidden_size", 0) or 0) * _bytes(compute)
+        full = kept + activations // layers
         out.append(f"training.activation_checkpointing: true keeps only each decoder layer's input for backward "
-                   f"(about {format_bytes(kept + activations // layers)} instead of {format_bytes(activations)}) and "
-                   "recomputes the rest, for about a third more compute per step")
+                   f"(about {format_bytes(full)} instead of {format_bytes(activations)}) and "
+                   "recomputes the rest, for about a third more compute per step"
+                   + (f"; with activation_checkpointing_kwargs: {{every_n_layers: 2}} on half the layers (about "
+                      f"{format_bytes((full + activations) // 2)}, a sixth more compute)" if layers > 1 else ""))
     if batch > 1:
         smaller, accum = batch // 2, facts.grad_accum * 2
         out.append(f"training.per_device_train_batch_size: {smaller} with gradient_accumulation_steps: {accum} keeps "

@@ -83,14 +83,14 @@ RULES: tuple[Rule, ...] = (
          "make sure one rank's memory holds the whole {f.bits}-bit base; if not, use backend.type: fsdp, whose "
          "ranks hold 1/N of it after wrapping"),
     Rule("reentrant-checkpointing-lora", "error",
-         ("training.gradient_checkpointing_kwargs.use_reentrant", "training.ddp_find_unused_parameters",
+         ("training.activation_checkpointing_kwargs.use_reentrant", "training.ddp_find_unused_parameters",
           "backend.type"),
          lambda f: f.lora and f.activation_checkpointing and f.use_reentrant is True and f.backend == "ddp"
          and f.world_size > 1 and f.ddp_find_unused,
          "reentrant activation checkpointing reruns each block's forward inside backward, so DDP searching for "
          "unused parameters marks the LoRA weights ready twice and the first backward fails (\"Expected to mark "
          "a variable ready only once\")",
-         "set training.gradient_checkpointing_kwargs: {{use_reentrant: false}} (the default), or "
+         "set training.activation_checkpointing_kwargs: {{use_reentrant: false}} (the default), or "
          "training.ddp_find_unused_parameters: false (sft_dist's default)"),
     Rule("dora-int8", "error", ("lora.use_dora", "quantization.bits"),
          lambda f: f.dora and f.bits == 8,

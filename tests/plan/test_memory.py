@@ -314,3 +314,33 @@ def test_counts_match_the_real_bf16_4bit_model_with_and_without_the_upcast(tmp_p
         extra = sum(p.numel() * 2 for n, p in model.named_parameters()
                     if not p.requires_grad and p.dtype == torch.bfloat16)
         assert up.detail["param_bytes"] - e.detail["param_bytes"] == extra > 0
+
+
+def test_a_checkpointing_policy_of_every_n_layers_and_offload_is_planned():
+    """`training.activation_checkpointing_kwargs` (transformers' every_n_layers and offload): every second layer
+    keeps about half of what no checkpointing keeps beyond full checkpointing; offloading moves the checkpointed
+    layers' inputs (layers x tokens x hidden x 2 bytes) to the host. The setup line names the policy."""
+    shape = {**H200_SHAPE, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000}
+    common = [*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", "training.per_device_train_batch_size=4"]
+    ckpt = "training.activation_checkpointing=true"
+    plan = {name: estimate_memory(config(*common, *extra), world_size=1, device="cuda") for name, extra in {
+        "none": [], "full": [ckpt], "half": [ckpt, "training.activation_checkpointing_kwargs={every_n_layers: 2}"],
+        "offload": [ckpt, "training.activation_checkpointing_kwargs={offload: true}"]}.items()}
+    a = {k: v.activations for k, v in plan.items()}
+    assert a["half"] == pytest.approx((a["none"] + a["full"]) / 2, rel=0.05)
+    inputs = 8 * 4 * 2048 * 1024 * 2
+    assert a["full"] - a["offload"] == pytest.approx(inputs, rel=0.15)
+    assert "one decoder layer in 2" in plan["half"].notes[0] and "offloaded to the host" in plan["offload"].notes[0]
+    hint = next(h for h in plan["none"].hints if h.startswith("training.activation_checkpointing: true"))
+    assert "every_n_layers: 2" in hint
+
+
+def test_the_setup_line_names_the_checkpointing_policy(capsys):
+    from sft_dist.cli import main
+
+    rc = main(["plan", str(QUICKSTART), "--json", "training.activation_checkpointing=true",
+               "training.activation_checkpointing_kwargs={every_n_layers: 3, offload: true}"])
+    plan = json.loads(capsys.readouterr().out)
+    assert rc == 0 and plan["setup"]["activation_checkpointing"] == (
+        "on, one decoder layer in 3, layer inputs offloaded to the host")

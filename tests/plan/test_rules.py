@@ -49,8 +49,10 @@ def test_qlora_zero3_init_warns_that_each_rank_loads_the_whole_base():
     assert "zero.Init" in f.message and "whole 4-bit base" in f.fix
 
 
-def test_reentrant_checkpointing_with_lora_under_ddp_searching_unused_parameters():
-    ckpt = ["training.activation_checkpointing=true", "training.gradient_checkpointing_kwargs={use_reentrant: true}"]
+@pytest.mark.parametrize("key", ["activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"])
+def test_reentrant_checkpointing_with_lora_under_ddp_searching_unused_parameters(key):
+    """Under transformers 5's name and its older alias, as the Trainer reads them."""
+    ckpt = ["training.activation_checkpointing=true", f"training.{key}={{use_reentrant: true}}"]
     f = fires("reentrant-checkpointing-lora", [*ckpt, "training.ddp_find_unused_parameters=true"],
               [*ckpt])  # sft_dist's default find_unused_parameters=false: measured to train
     assert "Expected to mark a variable ready only once" in f.message and "use_reentrant: false" in f.fix
