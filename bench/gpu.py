@@ -20,6 +20,8 @@ Steps run most important first; one that does not fit the time left of --budget-
                     2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU): tokens/s, MFU, and the
                     seconds from the command to the first optimizer step
   llama8b_qlora     the same, 4-bit (bitsandbytes), activation checkpointing on (skipped without bitsandbytes)
+  llama8b_qlora_every2  the QLoRA step at 2 rows x 4, checkpointing one decoder layer in two (less recompute;
+                    planned at 18.1 GiB): near the end, it runs with --budget-s 900
   sft_dist_<attn>   the sft_dist step on each other attention implementation (sdpa with the packed block mask,
                     varlen_attention, flex_attention, flash_attention_2): the one auto picked is not run twice
   sft_dist_liger    the sft_dist step with Liger's kernels switched the other way
@@ -503,17 +505,19 @@ def steps() -> list[Step]:
         r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
         return r
 
-    def qlora(s: Setup, t: float) -> dict:
-        n = "llama8b_qlora"
-        model = {"init_config": s.big_shape, "tokenizer": "builtin:tokenizer"}  # written, then reloaded 4-bit
-        cfg = sft_dist_config(s, n, model=model, **{"quantization.bits": 4,
-                                                   "training.per_device_train_batch_size": s.rows // 2,
-                                                   "training.gradient_accumulation_steps": 2,
-                                                   "training.activation_checkpointing": True,
-                                                   "training.max_steps": s.steps - 4})
-        r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
-        r["note"] = "init_config, saved and reloaded 4-bit; goals: >= 8k tokens/s at <= 24 GiB"
-        return r
+    def qlora(n: str, rows: int, accumulation: int, **policy):
+        def run(s: Setup, t: float) -> dict:
+            model = {"init_config": s.big_shape, "tokenizer": "builtin:tokenizer"}  # written, then reloaded 4-bit
+            cfg = sft_dist_config(s, n, model=model, **{"quantization.bits": 4,
+                                                       "training.per_device_train_batch_size": rows,
+                                                       "training.gradient_accumulation_steps": accumulation,
+                                                       "training.activation_checkpointing": True, **policy,
+                                                       "training.max_steps": s.steps - 4})
+            r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
+            r["note"] = (f"init_config, saved and reloaded 4-bit, {rows} x {accumulation}"
+                         + (f", checkpointing {policy}" if policy else "") + "; goals: >= 8k tokens/s at <= 24 GiB")
+            return r
+        return run
 
     def ddp(s: Setup, t: float) -> dict:
         r = run_sft_dist(s, "ddp_nccl", sft_dist_config(s, "ddp_nccl", **{"launcher.num_workers": s.gpus}), t)
@@ -543,8 +547,8 @@ def steps() -> list[Step]:
         Step("trl_fastest", "plain TRL, fastest setting that keeps documents apart", 90, 25, trl_fastest, prep, 300),
         Step("llama8b", "Llama-3-8B shape from init_config, LoRA r16, packed 4 x seq x 2 accumulation", 150, 25,
              llama8b, prep, 420),
-        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 150, 25, qlora,
-             _has("bitsandbytes", "QLoRA"), 420),
+        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 150, 25,
+             qlora("llama8b_qlora", 4, 2), _has("bitsandbytes", "QLoRA"), 420),
         Step("attention", "packed attention alone: a few 1.5B-shape layers, fwd+bwd, per implementation", 60, 15,
              step_attention, None, 180),
         Step("loss_head", "the LM head and loss alone: TRL's chunked head, Liger's fused CE, full logits", 30, 10,
@@ -566,6 +570,10 @@ def steps() -> list[Step]:
         Step("lora_dropout_005", "sft_dist with lora.dropout=0.05", 70, 25,
              sft("lora_dropout_005", **{"lora.dropout": 0.05}),
              prep, 300),
+        Step("llama8b_qlora_every2", "the QLoRA step at 2 x 4, checkpointing one decoder layer in two", 150, 25,
+             qlora("llama8b_qlora_every2", 2, 4,
+                   **{"training.activation_checkpointing_kwargs": {"every_n_layers": 2}}),
+             _has("bitsandbytes", "QLoRA"), 420),
         Step("trl_wrapped", "plain TRL, packing_strategy=wrapped (documents attend to each other: not correct)",
              70, 25, lambda s, t: run_trl(s, "trl_wrapped", t, attn="sdpa", strategy="wrapped"), prep, 300),
     ]
