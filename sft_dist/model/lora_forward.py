@@ -16,7 +16,8 @@ computes in 16 bit, two parts of that are pure overhead:
   and its backward passes the gradient to `result` without a copy (Unsloth's LoRA does the same). In 16 bit it
   rounds once where peft rounds three times: not bitwise, closer to the fp32 result (tested). In fp32 (the CPU
   default) peft's forward runs unchanged, so CPU runs keep their numbers; so it does where `lora_B`'s weight is
-  only whole inside its module's call (ZeRO-3, an FSDP2 unit of its own).
+  only whole inside its module's call (ZeRO-3, an FSDP2 unit of its own). peft's 4-bit QLoRA layers get it too,
+  which also spares their defensive clone of the base output (only an in-place add on it needed that).
 
 Both are per-instance overrides of the layers' methods (no peft class is changed), applied by `apply_lora` and by
 the memory planner to its meta model, so `sft-dist plan` counts what the run keeps.
@@ -38,21 +39,31 @@ def speed_up(model) -> int:
     return fuse_scaled_add(model)
 
 
-def _lora_linears(model):
+def _lora_linears(model, *, four_bit: bool = False):
+    """peft's LoRA Linear layers; with `four_bit`, also its bitsandbytes 4-bit ones (QLoRA)."""
     from peft.tuners.lora.layer import Linear
 
-    return [m for m in model.modules() if isinstance(m, Linear)]
+    kinds = (Linear, *(_four_bit_class() if four_bit else ()))
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def _four_bit_class() -> tuple:
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # bitsandbytes not installed: peft defines no such class
+        return ()
+    return (Linear4bit,)
 
 
 def skip_input_casts(model) -> int:
-    layers = _lora_linears(model)
+    layers = _lora_linears(model)  # the 4-bit layers skip it under autocast themselves
     for layer in layers:
         layer._cast_input_dtype = types.MethodType(_cast_input_dtype_unless_autocast, layer)
     return len(layers)
 
 
 def fuse_scaled_add(model) -> int:
-    layers = _lora_linears(model)
+    layers = _lora_linears(model, four_bit=True)
     for layer in layers:
         layer.forward = types.MethodType(_forward_fused, layer)
     return len(layers)
@@ -84,7 +95,9 @@ def _forward_fused(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    h = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))
+    if not (isinstance(self, _four_bit_class()) and torch.is_autocast_enabled(x.device.type)):
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)  # (peft's 4-bit layers: only outside autocast)
+    h = lora_A(self.lora_dropout[name](x))
     flat = result.reshape(-1, result.shape[-1])
     out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), lora_B.weight.t(), alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)

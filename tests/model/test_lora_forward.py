@@ -150,3 +150,41 @@ def test_lora_fused_forward_false_keeps_peft_forward():
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA), dtype=torch.bfloat16)
     layer = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0)).base_model.model.model.layers[0].mlp.up_proj
     assert "forward" in vars(layer) and "_cast_input_dtype" in vars(layer)
+
+
+def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
+    """peft's bitsandbytes 4-bit LoRA layers (QLoRA): under autocast the fused add replaces peft's clone, product
+    and sum; the adapter's loss and gradients agree with peft's within bf16 noise. Without autocast (a bf16 base
+    with the fp32 adapter) peft's forward runs."""
+    from sft_dist.config.schema import QuantizationConfig
+    from sft_dist.model.build import load_pretrained
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA)).to(torch.bfloat16).save_pretrained(tmp_path)
+
+    def qlora(fast: bool):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(lora_forward, "speed_up", lambda model: 0)
+            base = load_pretrained(str(tmp_path), quant=QuantizationConfig(bits=4), dtype=torch.bfloat16,
+                                   device="cpu", attn="sdpa", compute_dtype=torch.bfloat16)
+            torch.manual_seed(4)  # lora_A's init
+            model = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0), quantized=True)
+        with torch.no_grad():
+            torch.manual_seed(5)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.02)
+        return model.train()
+
+    fused, peft = qlora(True), qlora(False)
+    layer = fused.base_model.model.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "Linear4bit" and "forward" in vars(layer)
+    x = torch.randn(4, LLAMA["hidden_size"], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    assert lora_forward._fusable(layer, x, (), {}) is None  # no autocast: peft's forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora_forward._fusable(layer, x, (), {}) == "default"
+    f, p = step(fused), step(peft)
+    assert f[0] == pytest.approx(p[0], abs=2e-3) and f[1].keys() == p[1].keys() and len(f[1]) == 28
+    gaps = {n: float((f[1][n] - p[1][n]).norm() / p[1][n].norm()) for n in p[1]}
+    assert max(gaps.values()) < 0.03, gaps
