@@ -369,14 +369,19 @@ def step_isolation(s: Setup, timeout: float) -> dict:
             **({} if proc.rc == 0 else {"reason": "a packed document's logits differ from it alone"})}
 
 
-def step_attention(s: Setup, timeout: float) -> dict:
-    out = s.work / "attention.json"
+def run_microbench(s: Setup, name: str, timeout: float) -> tuple[Proc, dict | None]:
+    """bench/gpu/<name>.py on the device: its process, and the JSON it wrote (None if it wrote none)."""
+    out = s.work / f"{name}.json"
     out.unlink(missing_ok=True)
-    proc = run_proc([sys.executable, str(HERE / "attention.py"), "--out", str(out), "--device", s.device,
-                     "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / "attention.log")
-    if not out.exists():
+    proc = run_proc([sys.executable, str(HERE / f"{name}.py"), "--out", str(out), "--device", s.device,
+                     "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / f"{name}.log")
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def step_attention(s: Setup, timeout: float) -> dict:
+    proc, d = run_microbench(s, "attention", timeout)
+    if d is None:
         return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
-    d = json.loads(out.read_text())
     note = "; ".join(f"{c['attn']}: " + (f"{c['ms_per_step']} ms, {c['real_tokens_per_s']:,} tokens/s, "
                                          f"{c.get('speedup_vs_sdpa', '-')}x sdpa" if "ms_per_step" in c
                                          else c.get("error", "?")) for c in d["cases"])
@@ -387,19 +392,18 @@ def step_attention(s: Setup, timeout: float) -> dict:
 
 
 def step_loss_head(s: Setup, timeout: float) -> dict:
-    out = s.work / "loss_head.json"
-    out.unlink(missing_ok=True)
-    proc = run_proc([sys.executable, str(HERE / "loss_head.py"), "--out", str(out), "--device", s.device,
-                     "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / "loss_head.log")
-    if not out.exists():
+    proc, d = run_microbench(s, "loss_head", timeout)
+    if d is None:
         return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
-    d = json.loads(out.read_text())
-    note = "; ".join(f"{c['head']}: " + (f"{c['ms_per_step']} ms, {c['loss_tokens_per_s']:,} tokens/s"
-                                         + (f", +{c['peak_extra_gib']} GiB" if c.get("peak_extra_gib") is not None
-                                            else "")
-                                         + (f", loss diff {c['loss_diff_vs_plain']:.1e}" if "loss_diff_vs_plain" in c
-                                            else "") if "ms_per_step" in c else c.get("error", "?"))
-                     for c in d["cases"])
+
+    def figures(c: dict) -> str:
+        if "ms_per_step" not in c:
+            return c.get("error", "?")
+        extra = f", +{c['peak_extra_gib']} GiB" if c.get("peak_extra_gib") is not None else ""
+        diff = f", loss diff {c['loss_diff_vs_plain']:.1e}" if "loss_diff_vs_plain" in c else ""
+        return f"{c['ms_per_step']} ms, {c['loss_tokens_per_s']:,} tokens/s{extra}{diff}"
+
+    note = "; ".join(f"{c['head']}: {figures(c)}" for c in d["cases"])
     return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": d["cases"],
             "note": f"{d['tokens']} tokens, hidden {d['hidden']}, vocab {d['vocab']}, {d['dtype']}, fwd+bwd; "
                     f"fastest {d['fastest']}: {note}"}

@@ -12,8 +12,9 @@ import argparse
 import json
 import math
 import random
-import time
 from pathlib import Path
+
+from timing import time_steps
 
 
 def documents(rng: random.Random, row: int, rows: int) -> list[list[int]]:
@@ -82,16 +83,7 @@ def main() -> int:
                 out = model(**batch).last_hidden_state
                 out.float().square().mean().backward()
 
-            step()  # warm-up (flex attention compiles here)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(a.iters):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / a.iters * 1e3
+            ms, _ = time_steps(step, a.iters, cuda=cuda)  # flex attention compiles in the warm-up
             real = sum(sum(r["seq_lengths"]) for r in batch_rows)
             case.update(ms_per_step=round(ms, 2), processed_tokens=int(batch["input_ids"].numel()),
                         real_tokens_per_s=round(real / ms * 1e3),

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import time
 from pathlib import Path
+
+from timing import time_steps
 
 
 def main() -> int:
@@ -47,17 +48,8 @@ def main() -> int:
                 loss.backward()
                 return loss, x.grad
 
-            loss, grad = step()  # warm-up (Triton compiles here)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            for _ in range(a.iters):
-                step()
-            if cuda:
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) / a.iters * 1e3
+            loss, grad = step()  # the values compared; Triton compiles here
+            ms, base = time_steps(step, a.iters, cuda=cuda)
             case.update(ms_per_step=round(ms, 2), loss=float(loss.detach()),
                         loss_tokens_per_s=round(int(labels.ne(-100).sum()) / ms * 1e3),
                         peak_extra_gib=round((torch.cuda.max_memory_allocated() - base) / 2**30, 2) if cuda else None)
