@@ -208,7 +208,9 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
         model = get_peft_model(model, peft_config(cfg.lora))
         if cfg.lora.fused_forward:
-            lora_forward.speed_up(model)  # as apply_lora
+            lora_forward.skip_input_casts(model)  # as apply_lora
+            if get_backend(cfg).zero_stage != 3:  # ZeRO-3's partitioned lora_B: peft's forward (lora_forward.py)
+                lora_forward.fuse_scaled_add(model)
         fp32_masters(model)  # as apply_lora: modules_to_save copies train in fp32
     else:
         from trl.trainer.utils import add_fused_lm_head
