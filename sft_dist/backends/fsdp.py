@@ -101,6 +101,11 @@ def enable_fsdp(trainer, *, mesh: tuple[int, int] | None) -> None:
     if state.distributed_type == DistributedType.MULTI_CPU and trainer.args.fsdp_plugin_args is not None:
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+        if state.mixed_precision != "no":
+            # as accelerate does for a GPU's plugin: bf16/fp16 compute through FSDP2's MixedPrecisionPolicy (a
+            # trained fp32 head copy would otherwise meet 16-bit activations: "expected m1 and m2 to have the
+            # same dtype")
+            state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
         trainer.is_fsdp_enabled = True
     if mesh is not None:
         from accelerate.parallelism_config import ParallelismConfig
