@@ -25,10 +25,12 @@ the memory planner to its meta model, so `sft-dist plan` counts what the run kee
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -47,6 +49,7 @@ def _lora_linears(model, *, four_bit: bool = False):
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+@functools.cache
 def _four_bit_class() -> tuple:
     try:
         from peft.tuners.lora.bnb import Linear4bit
@@ -124,6 +127,4 @@ def _gathered(weight) -> bool:
     """Whether the weight is whole here without calling its module. ZeRO-3 gathers a partitioned weight (`ds_id`)
     in the hooks of the module that owns it, and FSDP2 leaves a module that is its own unit sharded (a DTensor)
     until it is called: both need `lora_B(...)`, so peft's forward runs there."""
-    from torch.distributed.tensor import DTensor
-
     return not hasattr(weight, "ds_id") and not isinstance(weight, DTensor)
