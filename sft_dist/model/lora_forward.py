@@ -17,7 +17,8 @@ computes in 16 bit, two parts of that are pure overhead:
   rounds once where peft rounds three times: not bitwise, closer to the fp32 result (tested). In fp32 (the CPU
   default) peft's forward runs unchanged, so CPU runs keep their numbers; so it does where `lora_B`'s weight is
   only whole inside its module's call (ZeRO-3, an FSDP2 unit of its own). peft's 4-bit QLoRA layers get it too,
-  which also spares their defensive clone of the base output (only an in-place add on it needed that).
+  which also spares their defensive clone of the base output (peft's comment: backprop failed on a manipulated
+  view; the out-of-place addmm manipulates none).
 
 Both are per-instance overrides of the layers' methods (no peft class is changed), applied by `apply_lora` and by
 the memory planner to its meta model, so `sft-dist plan` counts what the run keeps.
