@@ -21,7 +21,8 @@ Steps run most important first; one that does not fit the time left of --budget-
                     seconds from the command to the first optimizer step
   llama8b_qlora     the same, 4-bit (bitsandbytes), activation checkpointing on (skipped without bitsandbytes)
   llama8b_qlora_every2  the QLoRA step at 2 rows x 4, checkpointing one decoder layer in two (less recompute;
-                    planned at 18.1 GiB): near the end, it runs with --budget-s 900
+                    planned at 18.1 GiB): near the end of the list, past the default budget; run it with
+                    --only llama8b_qlora_every2 (it needs the prepare step's data, which --only runs too)
   sft_dist_<attn>   the sft_dist step on each other attention implementation (sdpa with the packed block mask,
                     varlen_attention, flex_attention, flash_attention_2): the one auto picked is not run twice
   sft_dist_liger    the sft_dist step with Liger's kernels switched the other way

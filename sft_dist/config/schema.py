@@ -70,8 +70,13 @@ class QuantizationConfig:
     # The weights left unquantized (embeddings, norms, the output head) in fp32, as peft's
     # prepare_model_for_kbit_training casts them: twice their memory, and an fp32 residual stream (each layer's
     # saved input twice as large, its elementwise ops twice the traffic). null: only for a float16 model, whose
-    # range can overflow there; a bfloat16 one keeps them in bfloat16, as TRL and Unsloth do.
+    # range can overflow there; a bfloat16 one keeps them in bfloat16, as TRL 1.16 does.
     upcast_unquantized: bool | None = None
+
+    def upcasts(self, model_dtype: str) -> bool:
+        """`upcast_unquantized` resolved for a base loaded in `model_dtype` (a torch dtype's name). The one rule
+        the run (model/lora.py), the plan's facts and the memory estimate follow."""
+        return self.upcast_unquantized if self.upcast_unquantized is not None else model_dtype == "float16"
 
 
 @dataclass(frozen=True)

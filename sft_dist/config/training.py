@@ -9,8 +9,11 @@ compares that table with the installed `SFTConfig`, so an upgrade that moves a d
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from sft_dist.errors import ConfigError
 
 # Defaults that differ from SFTConfig's, and why (README, the `training` section lists them).
 DEFAULTS: dict[str, Any] = {
@@ -140,6 +143,15 @@ class Training(Mapping):
         value = self._values.get("activation_checkpointing_kwargs")
         if value is None:
             value = self._values.get("gradient_checkpointing_kwargs")
+        if isinstance(value, str):  # TrainingArguments takes the dict as JSON text too
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ConfigError(f"training.activation_checkpointing_kwargs: {value!r} is not JSON ({e}); give a "
+                                  "mapping such as {every_n_layers: 2}") from None
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"training.activation_checkpointing_kwargs: got {value!r}; expected a mapping such as "
+                              "{every_n_layers: 2}")
         return dict(value or {})
 
     @property

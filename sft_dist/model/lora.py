@@ -29,17 +29,17 @@ def peft_config(cfg: LoraConfig):
     )
 
 
-def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool | None = None,
+def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool = False,
                gradient_checkpointing: bool = False, separate_tied: bool = False):
     """The peft model. Refuses an embedding `fit_vocab` resized whose new rows LoRA would leave frozen; with
     `separate_tied` (FSDP2) gives a frozen tied original inside a modules_to_save wrapper its own tensor.
-    `quantized`: a bitsandbytes base, prepared for training; `upcast`: quantization.upcast_unquantized."""
+    `quantized`: a bitsandbytes base, prepared for training; `upcast`: its unquantized weights cast to fp32
+    (`QuantizationConfig.upcasts`)."""
     from peft import get_peft_model
 
     _check_new_rows_train(model, cfg)
     if quantized:
-        model = prepare_quantized(model, upcast=upcasts_unquantized(upcast, model),
-                                  gradient_checkpointing=gradient_checkpointing)
+        model = prepare_quantized(model, upcast=upcast, gradient_checkpointing=gradient_checkpointing)
     routers = moe_routers(model) if cfg.target_modules == "all-linear" else []
     if routers:
         # peft maps "all-linear" on transformers 5 MoE models to what it matched on v4, the router's Linear included
@@ -63,15 +63,6 @@ def apply_lora(model, cfg: LoraConfig, *, quantized: bool = False, upcast: bool 
             log.info("fsdp: %s shared a tied weight with a module outside its modules_to_save wrapper; it got its "
                      "own frozen copy, so FSDP2 sees each weight in one group", ", ".join(untied))
     return model
-
-
-def upcasts_unquantized(setting: bool | None, model) -> bool:
-    """Whether a quantized model's unquantized weights go to fp32: as set, else only for a float16 model."""
-    import torch
-
-    if setting is not None:
-        return setting
-    return model.get_input_embeddings().weight.dtype == torch.float16
 
 
 def prepare_quantized(model, *, upcast: bool, gradient_checkpointing: bool):

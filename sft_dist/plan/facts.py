@@ -99,8 +99,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.bits = q.bits
     f.quant_storage = q.quant_storage if q.quant_storage != "auto" else backend.quant_storage(f.model_dtype)
     f.compute_dtype = f.model_dtype if q.compute_dtype == "auto" else q.compute_dtype
-    upcast = q.upcast_unquantized if q.upcast_unquantized is not None else f.model_dtype == "float16"
-    f.unquantized_dtype = "float32" if upcast else f.model_dtype
+    f.unquantized_dtype = "float32" if q.upcasts(f.model_dtype) else f.model_dtype
     f.lora, f.dora = cfg.lora.enabled, cfg.lora.enabled and cfg.lora.use_dora
     f.modules_to_save = list(cfg.lora.modules_to_save or []) if cfg.lora.enabled else []
     f.optim = t.optim
@@ -109,8 +108,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     ac = t.activation_checkpointing_kwargs
     reentrant = ac.get("use_reentrant")
     f.use_reentrant = None if reentrant is None else bool(reentrant)
-    if cfg.training.activation_checkpointing:  # the Trainer's switch (the FSDP file's checkpoints every layer)
-        f.checkpoint_every, f.checkpoint_offload = checkpoint_policy(cfg)
+    f.checkpoint_every, f.checkpoint_offload = checkpoint_policy(cfg)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
     f.eval_strategy = t.eval_strategy
     f.load_best = bool(t.value("load_best_model_at_end"))
@@ -122,7 +120,10 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
 
 
 def checkpoint_policy(cfg: Config) -> tuple[int, bool]:
-    """(every_n_layers, offload) of `training.activation_checkpointing_kwargs`."""
+    """(every_n_layers, offload) of `training.activation_checkpointing_kwargs` when the Trainer checkpoints
+    (`training.activation_checkpointing`); (1, False) otherwise (the FSDP file's switch checkpoints every layer)."""
+    if not cfg.training.activation_checkpointing:
+        return 1, False
     ac = cfg.training.activation_checkpointing_kwargs
     return max(1, int(ac.get("every_n_layers", 1) or 1)), bool(ac.get("offload", False))
 

@@ -277,9 +277,8 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
 
 def _upcasts(cfg: Config, model) -> bool:
     """Whether the run casts a quantized model's unquantized weights to fp32 (model/lora.py)."""
-    from sft_dist.model.lora import upcasts_unquantized
-
-    return cfg.quantization.bits is not None and upcasts_unquantized(cfg.quantization.upcast_unquantized, model)
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return cfg.quantization.bits is not None and cfg.quantization.upcasts(dtype)
 
 
 def _bnb4_state_bytes(numel: int, *, double: bool) -> int:
@@ -620,7 +619,7 @@ class _LiveStorages(TorchDispatchMode):
 def _meta_autocast(dtype: torch.dtype | None, device: str):
     """What meta tensors cannot do. torch knows no autocast for meta, but the step's code asks about it: TRL's
     chunked log-prob kernel picks its matmul dtype by it, peft's bitsandbytes layers (which ask CUDA's, the call
-    without a device) and sft_dist's LoRA layers (model/lora.py) cast their input for the adapter only outside
+    without a device) and sft_dist's LoRA layers (model/lora_forward.py) cast their input for the adapter only outside
     it. They see the run's autocast (`dtype`, or off), as the run's device would have it. peft's MoE parameter
     wrapper opens `torch.autocast(device_type=...)`: for meta it opens the CPU's."""
     original, original_autocast, original_dtype = torch.is_autocast_enabled, torch.autocast, torch.get_autocast_dtype
@@ -699,7 +698,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     if checkpointing:
         # The recomputation runs in backward, where the forward's mode is not in effect: it enters its own (as
         # torch.utils.checkpoint re-enters the forward's autocast state)
-        every, offload = checkpoint_policy(cfg) if cfg.training.activation_checkpointing else (1, False)
+        every, offload = checkpoint_policy(cfg)
         base.activation_checkpointing_enable({"use_reentrant": False,
                                               "context_fn": lambda: (contextlib.nullcontext(), ops.recompute())},
                                              every_n_layers=every)
@@ -789,7 +788,7 @@ _ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention or torch varlen 
 
 
 def _checkpointing_note(cfg: Config) -> str:
-    every, offload = checkpoint_policy(cfg) if cfg.training.activation_checkpointing else (1, False)
+    every, offload = checkpoint_policy(cfg)
     return (", activation checkpointing per decoder layer" if every == 1 else
             f", activation checkpointing on one decoder layer in {every} (the others keep their activations)") + (
         " with their inputs offloaded to the host" if offload else "")
@@ -861,7 +860,7 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
                    f"backward (about {format_bytes(masks)}) and a pass over each adapted layer's input"
                    + (", and under autocast the adapters read their 16-bit input as it is (a live dropout keeps "
                       "peft's fp32 copy, and autocast a 16-bit copy of that for backward)" if autocast and
-                      not cfg.lora.use_dora else ""))
+                      cfg.lora.fused_forward and not cfg.lora.use_dora else ""))
     if not facts.packing:
         out.append("data.packing: true fills every row with whole documents, so a smaller micro-batch carries as "
                    "many tokens per step as padded rows do")

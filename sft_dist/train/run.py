@@ -448,7 +448,7 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     log.info(apply_liger(model, liger_choice(cfg.training, device=device)))
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
-                           upcast=cfg.quantization.upcast_unquantized,
+                           upcast=cfg.quantization.upcasts(str(dtype).removeprefix("torch.")),
                            gradient_checkpointing=bool(args.activation_checkpointing),
                            separate_tied=backend.separates_tied_weights)
         if base_dir is not None:

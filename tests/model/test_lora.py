@@ -162,14 +162,14 @@ def layer_input_dtype(model) -> torch.dtype:
 
 
 @pytest.mark.parametrize(("dtype", "upcast", "want"), [
-    (torch.bfloat16, None, torch.bfloat16),  # the default: kept in the model's dtype, as TRL and Unsloth keep them
+    (torch.bfloat16, None, torch.bfloat16),  # the default: kept in the model's dtype, as TRL 1.16 leaves them
     (torch.bfloat16, True, torch.float32),  # peft's prepare_model_for_kbit_training
     (torch.float16, None, torch.float32),  # float16's range: upcast unless told otherwise
     (torch.float16, False, torch.float16),
 ])
 def test_a_quantized_base_keeps_its_unquantized_weights_16_bit_unless_upcast(tmp_path, dtype, upcast, want):
     model = apply_lora(quantized_llama(tmp_path, dtype), LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]),
-                       quantized=True, upcast=upcast)
+                       quantized=True, upcast=QuantizationConfig(upcast_unquantized=upcast).upcasts(str(dtype).removeprefix("torch.")))
     base = model.get_base_model()
     assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     frozen = [base.model.embed_tokens.weight, base.model.norm.weight, base.model.layers[0].input_layernorm.weight,

@@ -35,7 +35,7 @@ def real_model(cfg, tmp_path: Path | None = None):
         model = load_pretrained(str(tmp_path), quant=cfg.quantization, dtype=dtype, device="cpu", attn="sdpa")
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
-                           upcast=cfg.quantization.upcast_unquantized)
+                           upcast=cfg.quantization.upcasts(str(dtype).removeprefix("torch.")))
     return model
 
 
@@ -344,3 +344,12 @@ def test_the_setup_line_names_the_checkpointing_policy(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert rc == 0 and plan["setup"]["activation_checkpointing"] == (
         "on, one decoder layer in 3, layer inputs offloaded to the host")
+    # the JSON text TrainingArguments also takes, and the older key name
+    for kwargs in (r'training.activation_checkpointing_kwargs="{\"every_n_layers\": 2}"',
+                   "training.gradient_checkpointing_kwargs={every_n_layers: 2}"):
+        rc = main(["plan", str(QUICKSTART), "--json", "training.activation_checkpointing=true", kwargs])
+        assert rc == 0 and json.loads(capsys.readouterr().out)["setup"]["activation_checkpointing"] == (
+            "on, one decoder layer in 2")
+    rc = main(["plan", str(QUICKSTART), "training.activation_checkpointing=true",
+               'training.activation_checkpointing_kwargs="{every"'])
+    assert rc != 0 and "training.activation_checkpointing_kwargs: '{every' is not JSON" in capsys.readouterr().err
