@@ -362,11 +362,14 @@ def step_isolation(s: Setup, timeout: float) -> dict:
         return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
     d = json.loads(out.read_text())
     cases = d["cases"]
-    note = "; ".join(f"{c['attn']} {c['dtype']} {c.get('layout', '')}: " + (
+    note = "; ".join(f"{c.get('arch', 'llama')} {c['attn']}{' (auto)' if c.get('auto') else ''} {c['dtype']} "
+                     f"{c.get('layout', '')}: " + (
         f"{c['max_abs_diff']:.1e} (leak {c['leak']:.1e})" if "max_abs_diff" in c else c.get("error", "?"))
         for c in cases)
+    autos = "; ".join(f"auto for {arch}: {a['name']}" for arch, a in d.get("auto", {}).items())
     return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": cases,
-            "note": f"{d['documents']} documents in {d['rows']} rows of {d['row']}: {note}",
+            "auto": d.get("auto"), "note": f"{d['documents']} documents in {d['rows']} rows of {d['row']}: {note}"
+                                           + (f" ({autos})" if autos else ""),
             **({} if proc.rc == 0 else {"reason": "a packed document's logits differ from it alone"})}
 
 
@@ -541,7 +544,7 @@ def steps() -> list[Step]:
     # Most important first: the goals of issue 17 (1.5B and 8B throughput, start-up, QLoRA, sft_dist against
     # plain TRL), then each speed feature alone. Estimates: what a step needs on an H200 / on 2 idle CPU cores.
     return [
-        Step("isolation", "packed rows vs documents alone, per attention implementation", 60, 25, step_isolation,
+        Step("isolation", "packed rows vs documents alone, per attention implementation", 90, 25, step_isolation,
              None, 180),
         Step("prepare", "the base model (1.5B Llama shape; --tiny: 2 layers of 64) saved; the data", 40, 10,
              step_prepare, None, 240),

@@ -1,7 +1,8 @@
 """Packed rows on this device: every attention implementation that runs here, fed packed rows the way sft_dist's
 PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention and
 varlen_attention: the micro-batch flattened into one row, with cu_seq_lens), gives each document the logits sdpa
-gives it alone. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa, flex_attention and
+gives it alone; and Gemma 2 (soft-capped attention, no sdpa) on flex attention and flash attention against eager,
+with what `auto` picks for it on this device. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa, flex_attention and
 varlen_attention's CPU path in fp32 (tests/data/test_packing.py, tests/model/test_varlen.py).
 
 Each case also reports `leak`: the same rows with position_ids running on across documents (what a batch that
@@ -25,12 +26,12 @@ def main() -> int:
     a = p.parse_args()
     import torch
     from datasets import Dataset
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import import_utils
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from sft_dist.data.packing import PackedCollator, pack_dataset
+    from sft_dist.data.packing import pack_dataset
     from sft_dist.model import varlen
+    from sft_dist.model.attention import causal_lm_class, choose
 
     varlen.register()
 
@@ -46,44 +47,72 @@ def main() -> int:
         flex.WrappedFlexAttention.__call__ = lambda self: flex_attention
         masking.create_block_mask = lambda *x, **k: create_block_mask(*x, **{**k, "_compile": False})
     row = 1024 if cuda else 128
-    config = AutoConfig.for_model("llama", hidden_size=256 if cuda else 64, intermediate_size=512 if cuda else 128,
-                                  num_hidden_layers=4 if cuda else 2, num_attention_heads=8, num_key_value_heads=2,
-                                  vocab_size=1024, max_position_embeddings=2 * row)
     rng = random.Random(0)
     docs = [[rng.randrange(3, 1024) for _ in range(rng.randint(8, row // 2))] for _ in range(24)]
     packed = pack_dataset(Dataset.from_dict({"input_ids": docs, "labels": docs, "sample_id": list(range(len(docs)))}),
                           row)
     rows = sorted(packed, key=lambda r: -len(r["seq_lengths"]))[:4]
+    flash = [fa for fa, ok in (("flash_attention_2", import_utils.is_flash_attn_2_available()),
+                               ("flash_attention_3", import_utils.is_flash_attn_3_available())) if ok and cuda]
+    shape = dict(hidden_size=256 if cuda else 64, intermediate_size=512 if cuda else 128,
+                 num_hidden_layers=4 if cuda else 2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
+                 max_position_embeddings=2 * row)
+    # Llama against sdpa; Gemma 2 (logit soft-capping, which sdpa cannot do; its own head dim of 256 on a GPU)
+    # against eager, with what `auto` picks for it here (on a GPU: flex attention once its kernel ran right)
+    # (bf16 only on a GPU: the dtype it trains in, and the one auto's probe checks)
+    archs = [("llama", AutoConfig.for_model("llama", **shape), "sdpa",
+              ["eager", "sdpa", "flex_attention", varlen.NAME, *flash], [torch.float32, torch.bfloat16]),
+             ("gemma2", AutoConfig.for_model("gemma2", **shape, head_dim=256 if cuda else 16), "eager",
+              ["flex_attention", *flash], [torch.bfloat16])]
+    cases, autos = [], {}
+    for arch, config, ref_impl, impls, dtypes in archs:
+        auto = choose("auto", causal_lm_class(config), model_type=arch, device=a.device, dtype=torch.bfloat16,
+                      config=config)
+        autos[arch] = {"name": auto.name, "reason": auto.reason}
+        print(json.dumps({"arch": arch, "auto": autos[arch]}), flush=True)
+        cases += _cases(a.device, arch, config, ref_impl, impls, rows, docs, auto=auto.name,
+                        dtypes=dtypes if cuda else [torch.float32])
+    Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows), "auto": autos,
+                                       "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
+    return 0 if all(c["ok"] for c in cases) else 1
 
-    impls = ["eager", "sdpa", "flex_attention", varlen.NAME]
-    if cuda:
-        impls += [fa for fa, ok in (("flash_attention_2", import_utils.is_flash_attn_2_available()),
-                                    ("flash_attention_3", import_utils.is_flash_attn_3_available())) if ok]
+
+def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows, docs, *, auto: str,
+           dtypes) -> list[dict]:
+    """Each implementation's packed logits against `ref_impl` on each document alone, in each of `dtypes`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_dist.data.packing import PackedCollator
+    from sft_dist.model import varlen
+
+    cuda = device == "cuda"
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation=ref_impl, dtype=torch.float32)
     state = base.state_dict()
     cases = []
-    for dtype in (torch.float32, torch.bfloat16) if cuda else (torch.float32,):
-        reference = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    for dtype in dtypes:
+        reference = AutoModelForCausalLM.from_config(config, attn_implementation=ref_impl, dtype=dtype)
         reference.load_state_dict(state)
-        reference.to(a.device).eval()
+        reference.to(device).eval()
         for impl in impls:
             if (impl.startswith("flash") or impl == varlen.NAME and cuda) and dtype == torch.float32:
                 continue  # flash attention computes in 16 bit only (torch's varlen kernel too)
-            case = {"attn": impl, "dtype": str(dtype).removeprefix("torch.")}
+            case = {"arch": arch, "attn": impl, "auto": impl == auto, "dtype": str(dtype).removeprefix("torch.")}
             try:
                 model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
                 model.load_state_dict(state)
-                model.to(a.device).eval()
+                model.to(device).eval()
                 collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=impl)
                 keys = ("input_ids", "labels", "position_ids", "seq_lengths")
                 batch = collate([{k: r[k] for k in keys} for r in rows])
                 case["layout"] = "flattened" if collate.flatten else "rows"
                 batch.pop("labels")
-                batch = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 # the control: position_ids running on and no boundaries given, so documents see each other
                 joined = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
-                joined["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=a.device).expand_as(
+                joined["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=device).expand_as(
                     batch["input_ids"])
                 with torch.no_grad():
                     logits = model(**batch).logits.float()
@@ -93,7 +122,7 @@ def main() -> int:
                     i, start = (0, sum(len(x["input_ids"]) for x in rows[:r])) if collate.flatten else (r, 0)
                     for n, sid in zip(packed_row["seq_lengths"], packed_row["sample_ids"]):
                         with torch.no_grad():
-                            alone = reference(torch.tensor([docs[sid]], device=a.device),
+                            alone = reference(torch.tensor([docs[sid]], device=device),
                                               use_cache=False).logits[0].float()
                         worst = max(worst, float((logits[i, start:start + n] - alone).abs().max()))
                         leak = max(leak, float((joined[i, start:start + n] - alone).abs().max()))
@@ -106,9 +135,7 @@ def main() -> int:
                 case.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             cases.append(case)
             print(json.dumps(case), flush=True)
-    Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows),
-                                       "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
-    return 0 if all(c["ok"] for c in cases) else 1
+    return cases
 
 
 if __name__ == "__main__":

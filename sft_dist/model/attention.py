@@ -136,7 +136,9 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
     installed, the device is CUDA, the weights are 16-bit and the class supports it; else, on the same terms,
     torch's varlen flash kernel (`varlen_attention`) once it ran right on this GPU (`probe`; the planner,
     which may have no GPU, passes False) and the model's attention has nothing it cannot do (soft-capping,
-    sinks, dropout); else sdpa where the class supports it; else eager."""
+    sinks, dropout); else sdpa where the class supports it; else, on CUDA, flex attention where the class
+    supports it and torch's compiled kernel ran right on this GPU with the model's attention (model/flex.py:
+    Gemma 2, gpt-oss: soft-capping and sinks that sdpa cannot do); else eager."""
     from sft_dist.model import varlen
 
     if requested not in (None, "auto"):
@@ -172,7 +174,30 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
         why_not_flash = f"{name} has no flash attention"
     if "sdpa" in allowed:
         return Choice("sdpa", f"auto: {name} supports sdpa; no flash attention: {why_not_flash}")
+    if "flex_attention" in allowed and device == "cuda":
+        why_not_flex = _flex_problem(dtype, config, probe=probe)
+        if why_not_flex is None:
+            return Choice("flex_attention", f"auto: {name} has no sdpa; no flash attention: {why_not_flash}; torch's "
+                                            f"flex attention ran right here, CUDA, {str(dtype).removeprefix('torch.')}")
+        why_not_flash += f"; no flex_attention: {why_not_flex}"
     return Choice("eager", f"auto: {name} supports neither sdpa nor flash attention here ({why_not_flash})")
+
+
+def _flex_problem(dtype, config, *, probe: bool) -> str | None:
+    import torch
+
+    from sft_dist.model import flex, varlen
+
+    if not flex.available():
+        return f"torch {torch.__version__} has no flex attention"
+    if config is None:
+        return "the model's config is not known"
+    why = flex.config_problem(config)
+    if why or not probe:
+        return why
+    if not torch.cuda.is_available():
+        return "no CUDA device visible here to check torch's flex attention on"
+    return flex.kernel_problem(torch.cuda.current_device(), dtype, *varlen.head_layout(config), *flex.features(config))
 
 
 def _varlen_kernel_problem(dtype, config, *, probe: bool) -> str | None:

@@ -192,8 +192,9 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
     if attention == "eager":
         config._attn_implementation = "eager"
     else:
-        name = _META_ATTENTION[attention, packed]
-        AttentionInterface.register(name, _fused_attention(attention, packed))
+        kind = "flash" if attention == "flex" else attention  # flex keeps what flash keeps (and a block mask)
+        name = _META_ATTENTION[kind, packed]
+        AttentionInterface.register(name, _fused_attention(kind, packed))
         config._attn_implementation = name
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -343,8 +344,9 @@ def _optimizer_bytes(cfg: Config, model, backend: Backend) -> tuple[int, str | N
 # --- activations: one step on the meta device -----------------------------------------------------------------
 
 def _attention_kind(cfg: Config, config, *, device: str, dtype: torch.dtype) -> str:
-    """What the run's attention keeps for backward, by kind: `flash` (flash / flex attention: q, k, v with their
-    own heads, output, log-sum-exp; packed rows as one flattened row, no mask), `sdpa` (torch's fused kernels; a
+    """What the run's attention keeps for backward, by kind: `flash` (flash attention, torch varlen: q, k, v with
+    their own heads, output, log-sum-exp; packed rows as one flattened row, no mask), `flex` (the same, packed
+    rows as rows with a block mask of a few bytes per 128 x 128 tokens), `sdpa` (torch's fused kernels; a
     packed block mask makes transformers repeat the k/v heads and torch keep an additive bias), or `eager`."""
     from sft_dist.model import attention
 
@@ -358,8 +360,8 @@ def _attention_kind(cfg: Config, config, *, device: str, dtype: torch.dtype) -> 
             requested = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
     if requested == "eager":
         return "eager"
-    if requested == "sdpa":
-        return "sdpa"
+    if requested in ("sdpa", "flex_attention"):
+        return requested.removesuffix("_attention")
     return "flash"
 
 
@@ -784,6 +786,7 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
 _MIXED = {"autocast": "torch.autocast (fp32 inputs of matmuls cast to {dtype})",
           "cast": "every parameter computes in {dtype}", "none": "{dtype}"}
 _ATTENTION = {"sdpa": "sdpa (fused)", "flash": "flash attention or torch varlen (fused, no mask)",
+              "flex": "flex attention (fused, a block mask)",
               "eager": "eager (attention matrices kept)"}
 
 

@@ -183,7 +183,7 @@ def test_auto_picks_it_on_a_gpu_for_flash_style_models_only():
     gemma_cfg = AutoConfig.for_model("gemma2", **SHAPE)
     gemma = causal_lm_class(gemma_cfg)
     c = choose("auto", gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg, probe=False)
-    assert c.name == "eager" and "logit soft-capping" in c.reason
+    assert c.name == "flex_attention" and "no varlen_attention: its attention uses logit soft-capping" in c.reason
     with pytest.raises(ConfigError, match=r"varlen_attention cannot run Gemma2ForCausalLM \(model_type gemma2\): "
                                           "its attention uses logit soft-capping"):
         choose(varlen.NAME, gemma, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=gemma_cfg)

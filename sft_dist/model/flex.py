@@ -1,0 +1,127 @@
+"""flex_attention for the models `auto` would otherwise run on eager on a GPU: those whose attention sdpa cannot
+compute (Gemma 2's logit soft-capping, gpt-oss's learned sinks, ...) when flash-attn is not installed.
+
+Eager attention materialises every layer's (batch, heads, tokens, tokens) scores and probabilities and keeps
+them for backward: for Gemma 2 2B at 8 x 2048 tokens that is over 1 GiB per layer. transformers' flex path
+applies the soft-cap in a score_mod, the sinks through the log-sum-exp, and packed documents as a block mask
+built from the position_ids, so nothing of that size exists and the blocks across documents are skipped.
+
+It is picked only once torch's compiled kernel ran right on this GPU with the model's head dim, k/v grouping,
+soft-cap and sinks (`kernel_problem`, forward and backward against an fp32 per-document reference); else auto
+keeps eager and says why.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+NAME = "flex_attention"
+
+
+def available() -> bool:
+    """Whether this torch has flex attention at all."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def features(config) -> tuple[float | None, bool]:
+    """(logit soft-cap, learned sinks) of a transformers config: what the probe must also run."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    return (float(softcap) if softcap else None), getattr(text, "model_type", None) in ("gpt_oss",)
+
+
+def config_problem(config) -> str | None:
+    """What transformers' flex path cannot do for this config; None when it can."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if float(getattr(text, "attention_dropout", 0.0) or 0.0) > 0:
+        return f"attention_dropout is {text.attention_dropout} (flex attention has no dropout)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int, groups: int, softcap: float | None,
+                   sinks: bool) -> str | None:
+    """Run transformers' flex attention once on this GPU (compiled, as the model will), forward and backward, on
+    two packed documents; None when it agrees with the fp32 reference, else why not."""
+    if not available():
+        return f"torch {torch.__version__} has no flex attention"
+    why = probe(torch.device("cuda", device_index), dtype, head_dim, groups, softcap=softcap, sinks=sinks)
+    # The probe's shapes are not the run's: without this, torch.compile would take the run's first micro-batch
+    # for a second shape and compile the kernel for dynamic shapes instead of the run's own.
+    torch._dynamo.reset()
+    return f"{why} on this GPU (head dim {head_dim})" if why else None
+
+
+class _Layer(torch.nn.Module):
+    """What transformers' attention function reads from the module that calls it."""
+
+    def __init__(self, heads: int, sinks: bool):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(heads) * 0.5) if sinks else None
+
+
+def probe(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, *, softcap: float | None = None,
+          sinks: bool = False, lengths: tuple[int, ...] = (7, 12)) -> str | None:
+    """transformers' `flex_attention_forward` on `device` against the per-document fp32 reference; None when
+    they agree (each tensor's largest error under 3% of its largest value), else why not. On a CPU, forward
+    only (torch has no flex backward there; transformers has no sinks there)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    backward = device.type != "cpu"
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        t, kv = sum(lengths), 2
+        q, k, v = (torch.randn(1, h, t, head_dim, generator=gen).to(device, dtype).requires_grad_(backward)
+                   for h in (kv * groups, kv, kv))
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+
+        def same_document_causal(b, h, qi, ki):
+            return (qi >= ki) & (doc[qi] == doc[ki])
+
+        mask = create_block_mask(same_document_causal, 1, None, t, t, device=device.type)
+        layer = _Layer(kv * groups, sinks).to(device).train()
+        s_aux = layer.sinks.to(dtype) if sinks else None
+        got, _ = flex_attention_forward(layer, q, k, v, mask, scaling=head_dim ** -0.5, softcap=softcap,
+                                        s_aux=s_aux)
+        ref = reference(q.float(), k.float(), v.float(), lengths, softcap=softcap,
+                        sinks=layer.sinks.float() if sinks else None)
+        pairs = [(got, ref)]
+        if backward:
+            grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+            ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+            pairs += list(zip(grads, ref_grads))
+        worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                    for a, b in pairs)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not pick it
+        return f"flex attention failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if not worst < 0.03:
+        return f"flex attention differs from the fp32 reference by {worst:.1%}"
+    return None
+
+
+def reference(q, k, v, lengths, *, softcap: float | None = None, sinks=None):
+    """Each document alone, causal, as the eager path computes it: (1, H, T, D) in, (1, T, H, D) out."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+    out, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        scores = q[:, :, sl] @ k[:, :, sl].transpose(-1, -2) * q.shape[-1] ** -0.5
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        if sinks is not None:  # one extra logit per head that takes probability and gives no value
+            scores = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
+            probs = scores.softmax(-1)[..., :-1]
+        else:
+            probs = scores.softmax(-1)
+        out.append(probs @ v[:, :, sl])
+        start += n
+    return torch.cat(out, dim=2).transpose(1, 2)
