@@ -65,21 +65,26 @@ def main() -> int:
              ("gemma2", AutoConfig.for_model("gemma2", **shape, head_dim=256 if cuda else 16), "eager",
               ["flex_attention", *flash], [torch.bfloat16])]
     cases, autos = [], {}
+
+    def write() -> None:  # after every case: a step killed at its timeout still leaves what it checked
+        Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows), "auto": autos,
+                                           "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
+
     for arch, config, ref_impl, impls, dtypes in archs:
         auto = choose("auto", causal_lm_class(config), model_type=arch, device=a.device, dtype=torch.bfloat16,
                       config=config)
         autos[arch] = {"name": auto.name, "reason": auto.reason}
         print(json.dumps({"arch": arch, "auto": autos[arch]}), flush=True)
-        cases += _cases(a.device, arch, config, ref_impl, impls, rows, docs, auto=auto.name,
-                        dtypes=dtypes if cuda else [torch.float32])
-    Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows), "auto": autos,
-                                       "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
+        write()
+        _cases(a.device, arch, config, ref_impl, impls, rows, docs, auto=auto.name,
+               dtypes=dtypes if cuda else [torch.float32], cases=cases, write=write)
     return 0 if all(c["ok"] for c in cases) else 1
 
 
 def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows, docs, *, auto: str,
-           dtypes) -> list[dict]:
-    """Each implementation's packed logits against `ref_impl` on each document alone, in each of `dtypes`."""
+           dtypes, cases: list[dict], write) -> None:
+    """Each implementation's packed logits against `ref_impl` on each document alone, in each of `dtypes`: each
+    case appended to `cases`, then `write()`."""
     import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -91,7 +96,6 @@ def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config, attn_implementation=ref_impl, dtype=torch.float32)
     state = base.state_dict()
-    cases = []
     for dtype in dtypes:
         reference = AutoModelForCausalLM.from_config(config, attn_implementation=ref_impl, dtype=dtype)
         reference.load_state_dict(state)
@@ -134,8 +138,8 @@ def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows
             except Exception as e:  # noqa: BLE001 - one implementation failing is a result, not the end
                 case.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             cases.append(case)
+            write()
             print(json.dumps(case), flush=True)
-    return cases
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ class PackedCollator:
     the whole flattened micro-batch, which is why it is not used there.
 
     `pad_to`: pad each batch to a multiple of this many tokens (data.max_length under training.torch_compile:
-    a batch narrower than the last would compile the whole model again for the new shape). Padding tokens
-    carry no label and position 0 each, so each is a document of its own that nothing else attends to.
+    a batch narrower than the last would compile the whole model again for the new shape); a flattened
+    micro-batch of n rows to n x pad_to exactly, one width whatever its rows hold. Padding tokens carry no label
+    and position 0 each, so each is a document of its own that nothing else attends to.
     """
 
     def __init__(self, inner, *, attn_implementation: str | None, pad_to: int | None = None):
@@ -94,9 +95,16 @@ class PackedCollator:
         self.pad_to = pad_to
         self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten,
                                          pad_to_multiple_of=pad_to or inner.pad_to_multiple_of)
+        self._flat_inner: dict[int, object] = {}  # rows in the micro-batch -> the collator padding to rows x pad_to
 
     def __call__(self, examples):
-        batch = self.inner(examples)
+        inner = self.inner
+        if self.flatten and self.pad_to:
+            n = len(examples)
+            if n not in self._flat_inner:
+                self._flat_inner[n] = dataclasses.replace(self.inner, pad_to_multiple_of=n * self.pad_to)
+            inner = self._flat_inner[n]
+        batch = inner(examples)
         batch.pop("attention_mask", None)
         if self.send_boundaries:
             # under torch.compile (pad_to) the longest document is given as the row length, which bounds it:

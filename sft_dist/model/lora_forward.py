@@ -70,6 +70,9 @@ def fuse_scaled_add(model) -> int:
     layers = _lora_linears(model, four_bit=True)
     for layer in layers:
         layer.forward = types.MethodType(_forward_fused, layer)
+        # a plain attribute, read in the forward: torch.compile traces it as a constant, where the cached class
+        # lookup (an import inside) would break the graph in every adapted layer
+        layer._sft_dist_four_bit = isinstance(layer, _four_bit_class())
     return len(layers)
 
 
@@ -99,7 +102,7 @@ def _forward_fused(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    if not (isinstance(self, _four_bit_class()) and torch.is_autocast_enabled(x.device.type)):
+    if not (self._sft_dist_four_bit and torch.is_autocast_enabled(x.device.type)):
         x = self._cast_input_dtype(x, lora_A.weight.dtype)  # (peft's 4-bit layers: only outside autocast)
     h = lora_A(self.lora_dropout[name](x))
     flat = result.reshape(-1, result.shape[-1])

@@ -200,10 +200,25 @@ def test_padding_to_a_fixed_width_changes_no_document_and_no_loss(tmp_path, tok,
         with torch.no_grad():
             outs.append((batch["input_ids"].shape, model(**batch)))
     (plain_shape, plain), (padded_shape, padded) = outs
-    assert padded_shape[-1] % MAX_LENGTH == 0 and padded_shape[-1] > plain_shape[-1]
+    # one width per micro-batch size: a row's length, or the flattened micro-batch's rows x the row length
+    assert padded_shape[-1] == (MAX_LENGTH if layout == "rows" else 3 * MAX_LENGTH) > plain_shape[-1]
     n = plain_shape[-1]
     torch.testing.assert_close(padded.logits[:, :n], plain.logits, atol=1e-5, rtol=0)
     assert float(padded.loss) == pytest.approx(float(plain.loss), abs=1e-6)
+
+
+@pytest.mark.parametrize("attn, width", [("sdpa", 64), ("flash_attention_2", 3 * 64), ("varlen_attention", 3 * 64)])
+def test_under_compile_every_micro_batch_of_n_rows_has_one_width(attn, width):
+    """Rows of any fill give the same shape: a row's pad_to, or n x pad_to flattened (not the next multiple of
+    pad_to above the batch's total, which changes from batch to batch and would compile the model again)."""
+    collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=attn, pad_to=64)
+    for lengths in ((10, 12, 9), (60, 64, 50), (33, 1, 64)):
+        rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n)), "seq_lengths": [n]}
+                for n in lengths]
+        batch = collate(rows)
+        assert batch["input_ids"].shape[-1] == width and batch["position_ids"].shape[-1] == width
+        if attn == "varlen_attention":  # the longest document stays the row length, also a constant
+            assert batch["max_length_q"] == 64 and int(batch["cu_seq_lens_q"][-1]) == width
 
 
 def test_a_kv_cache_would_join_the_documents(tmp_path, tok):
