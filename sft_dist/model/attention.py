@@ -177,8 +177,9 @@ def choose(requested: str | None, cls, *, model_type: str | None, device: str, d
     if "flex_attention" in allowed and device == "cuda":
         why_not_flex = _flex_problem(dtype, config, probe=probe)
         if why_not_flex is None:
+            checked = " ran right on this GPU" if probe else ""
             return Choice("flex_attention", f"auto: {name} has no sdpa; no flash attention: {why_not_flash}; torch's "
-                                            f"flex attention ran right here, CUDA, {str(dtype).removeprefix('torch.')}")
+                                            f"flex attention{checked}, CUDA, {str(dtype).removeprefix('torch.')}")
         why_not_flash += f"; no flex_attention: {why_not_flex}"
     return Choice("eager", f"auto: {name} supports neither sdpa nor flash attention here ({why_not_flash})")
 
