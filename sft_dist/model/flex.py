@@ -7,8 +7,10 @@ applies the soft-cap in a score_mod, the sinks through the log-sum-exp, and pack
 built from the position_ids, so nothing of that size exists and the blocks across documents are skipped.
 
 It is picked only once torch's compiled kernel ran right on this GPU with the model's head dim, k/v grouping,
-soft-cap and sinks (`kernel_problem`, forward and backward against an fp32 per-document reference); else auto
-keeps eager and says why.
+soft-cap and sinks, on packed rows of two widths (`kernel_problem`, forward and backward against an fp32
+per-document reference; the second width is the recompile for dynamic shapes a run's next batch makes); else
+auto keeps eager and says why. Packed rows on flex attention are padded to data.max_length (train/run.py), so
+a run compiles the kernel for one width.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def config_problem(config) -> str | None:
 @functools.lru_cache(maxsize=None)
 def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int, groups: int, softcap: float | None,
                    sinks: bool) -> str | None:
-    """Run transformers' flex attention once on this GPU (compiled, as the model will), forward and backward, on
-    two packed documents; None when it agrees with the fp32 reference, else why not."""
+    """Run transformers' flex attention on this GPU (compiled, as the model will), forward and backward, on packed
+    rows of two widths; None when it agrees with the fp32 reference, else why not."""
     if not available():
         return f"torch {torch.__version__} has no flex attention"
     why = probe(torch.device("cuda", device_index), dtype, head_dim, groups, softcap=softcap, sinks=sinks)
@@ -66,11 +68,26 @@ class _Layer(torch.nn.Module):
         self.sinks = torch.nn.Parameter(torch.randn(heads) * 0.5) if sinks else None
 
 
+# Two packed rows of different widths, one after the other: transformers compiles flex attention without fixing
+# its shapes, so the second width compiles it again for dynamic shapes, as a run's next batch would (on this
+# torch's CPU backend that second compile fails: the probe is there to find out before the run does).
+SHAPES = ((7, 12), (5, 9, 17))
+
+
 def probe(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, *, softcap: float | None = None,
-          sinks: bool = False, lengths: tuple[int, ...] = (7, 12)) -> str | None:
-    """transformers' `flex_attention_forward` on `device` against the per-document fp32 reference; None when
-    they agree (each tensor's largest error under 3% of its largest value), else why not. On a CPU, forward
-    only (torch has no flex backward there; transformers has no sinks there)."""
+          sinks: bool = False, shapes: tuple[tuple[int, ...], ...] = SHAPES) -> str | None:
+    """transformers' `flex_attention_forward` on `device` against the per-document fp32 reference, for each row
+    of document lengths in `shapes` in turn; None when they agree (each tensor's largest error under 3% of its
+    largest value), else why not. On a CPU, forward only (torch has no flex backward there; transformers has no
+    sinks there)."""
+    for lengths in shapes:
+        why = _agreement(device, dtype, head_dim, groups, softcap=softcap, sinks=sinks, lengths=lengths)
+        if why:
+            return why if len(shapes) == 1 else f"{why} (a row of {sum(lengths)} tokens)"
+    return None
+
+
+def _agreement(device, dtype, head_dim: int, groups: int, *, softcap, sinks: bool, lengths) -> str | None:
     from torch.nn.attention.flex_attention import create_block_mask
     from transformers.integrations.flex_attention import flex_attention_forward
 

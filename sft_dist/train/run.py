@@ -515,15 +515,23 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     if cfg.data.packing or _padding_free(model, attn, compiled=bool(args.torch_compile)):
         from sft_dist.data.packing import PackedCollator
 
-        # under torch.compile one batch shape: a narrower batch would compile the model again
         collator = PackedCollator(collator, attn_implementation=attn,
-                                  pad_to=cfg.data.max_length if args.torch_compile else None)
+                                  pad_to=fixed_width(cfg, attn, compiled=bool(args.torch_compile)))
         if not cfg.data.packing:
             log.info("data: rows collated padding-free (%s reads each row's boundaries: no padding computed)", attn)
     trainer.data_collator = SampleIdCollator(collator)
     if stream is not None:
         trainer.train_dataset = data.train = stream
     return trainer
+
+
+def fixed_width(cfg: Config, attn: str | None, *, compiled: bool) -> int | None:
+    """The width every batch is padded to, or None. One batch shape under torch.compile (a narrower batch would
+    compile the model again), and for packed rows on flex attention, which transformers compiles: each new width
+    would compile the kernel again, for dynamic shapes (model/flex.py). Packed rows are near-full: little padding."""
+    if compiled or (cfg.data.packing and attn == "flex_attention"):
+        return cfg.data.max_length
+    return None
 
 
 def _padding_free(model, attn: str | None, *, compiled: bool) -> bool:

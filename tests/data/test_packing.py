@@ -221,6 +221,21 @@ def test_under_compile_every_micro_batch_of_n_rows_has_one_width(attn, width):
             assert batch["max_length_q"] == 64 and int(batch["cu_seq_lens_q"][-1]) == width
 
 
+@pytest.mark.parametrize("packing, attn, compiled, width", [
+    (True, "flex_attention", False, MAX_LENGTH),  # transformers compiles flex: one width, no dynamic recompile
+    (True, "sdpa", False, None), (True, "varlen_attention", False, None),  # nothing compiled: no padding
+    (False, "flex_attention", False, None),  # unpacked rows padded to the row length would be mostly padding
+    (True, "sdpa", True, MAX_LENGTH), (False, "varlen_attention", True, MAX_LENGTH),  # torch.compile: always
+])
+def test_batches_are_padded_to_one_width_where_something_is_compiled(packing, attn, compiled, width):
+    from types import SimpleNamespace
+
+    from sft_dist.train.run import fixed_width
+
+    cfg = SimpleNamespace(data=DataConfig(train_files=["x.jsonl"], max_length=MAX_LENGTH, packing=packing))
+    assert fixed_width(cfg, attn, compiled=compiled) == width
+
+
 def test_a_kv_cache_would_join_the_documents(tmp_path, tok):
     """Why PackedCollator sets use_cache=False: with a cache, transformers ignores the position_ids' boundaries."""
     packed = build(tmp_path, tok)
