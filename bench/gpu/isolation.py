@@ -2,8 +2,8 @@
 PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention and
 varlen_attention: the micro-batch flattened into one row, with cu_seq_lens), gives each document the logits sdpa
 gives it alone; and Gemma 2 (soft-capped attention, no sdpa) on flex attention and flash attention against eager,
-with what `auto` picks for it on this device. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa, flex_attention and
-varlen_attention's CPU path in fp32 (tests/data/test_packing.py, tests/model/test_varlen.py).
+with what `auto` picks for it on this device. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa,
+flex_attention and varlen_attention's CPU path in fp32 (tests/data/test_packing.py, tests/model/test_varlen.py).
 
 Each case also reports `leak`: the same rows with position_ids running on across documents (what a batch that
 lets documents see each other gives), the size a broken isolation would show.

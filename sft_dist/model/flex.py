@@ -7,8 +7,8 @@ applies the soft-cap in a score_mod, the sinks through the log-sum-exp, and pack
 built from the position_ids, so nothing of that size exists and the blocks across documents are skipped.
 
 It is picked only once torch's compiled kernel ran right on this GPU with the model's head dim, k/v grouping,
-soft-cap and sinks, on packed rows of two widths (`kernel_problem`, forward and backward against an fp32
-per-document reference; the second width is the recompile for dynamic shapes a run's next batch makes); else
+soft-cap and sinks, on packed batches of two shapes (`kernel_problem`, forward and backward against an fp32
+per-document reference; the second shape is the recompile for dynamic shapes a batch of another shape makes); else
 auto keeps eager and says why. Packed rows on flex attention are padded to data.max_length (train/run.py), so
 a run compiles the kernel for one width.
 """
@@ -50,7 +50,7 @@ def config_problem(config) -> str | None:
 def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int, groups: int, softcap: float | None,
                    sinks: bool) -> str | None:
     """Run transformers' flex attention on this GPU (compiled, as the model will), forward and backward, on packed
-    rows of two widths; None when it agrees with the fp32 reference, else why not."""
+    batches of two shapes; None when it agrees with the fp32 reference, else why not."""
     if not available():
         return f"torch {torch.__version__} has no flex attention"
     why = probe(torch.device("cuda", device_index), dtype, head_dim, groups, softcap=softcap, sinks=sinks)
@@ -68,26 +68,28 @@ class _Layer(torch.nn.Module):
         self.sinks = torch.nn.Parameter(torch.randn(heads) * 0.5) if sinks else None
 
 
-# Two packed rows of different widths, one after the other: transformers compiles flex attention without fixing
-# its shapes, so the second width compiles it again for dynamic shapes, as a run's next batch would (on this
-# torch's CPU backend that second compile fails: the probe is there to find out before the run does).
-SHAPES = ((7, 12), (5, 9, 17))
+# Two packed batches of other shapes, one after the other (rows, the document lengths of each row):
+# transformers compiles flex attention without fixing its shapes, so the second compiles it again for dynamic
+# shapes, as a run's batch of another shape would (an epoch's last, smaller batch; on this torch's CPU backend
+# that second compile fails: the probe is there to find out before the run does).
+SHAPES = ((1, (7, 12)), (2, (5, 9, 17)))
 
 
 def probe(device: torch.device, dtype: torch.dtype, head_dim: int, groups: int, *, softcap: float | None = None,
-          sinks: bool = False, shapes: tuple[tuple[int, ...], ...] = SHAPES) -> str | None:
-    """transformers' `flex_attention_forward` on `device` against the per-document fp32 reference, for each row
-    of document lengths in `shapes` in turn; None when they agree (each tensor's largest error under 3% of its
-    largest value), else why not. On a CPU, forward only (torch has no flex backward there; transformers has no
-    sinks there)."""
-    for lengths in shapes:
-        why = _agreement(device, dtype, head_dim, groups, softcap=softcap, sinks=sinks, lengths=lengths)
+          sinks: bool = False, shapes: tuple[tuple[int, tuple[int, ...]], ...] = SHAPES) -> str | None:
+    """transformers' `flex_attention_forward` on `device` against the per-document fp32 reference, for each
+    batch in `shapes` in turn; None when they agree (each tensor's largest error under 3% of its largest
+    value), else why not. On a CPU, forward only (torch has no flex backward there; transformers has no sinks
+    there)."""
+    for rows, lengths in shapes:
+        why = _agreement(device, dtype, head_dim, groups, softcap=softcap, sinks=sinks, rows=rows, lengths=lengths)
         if why:
-            return why if len(shapes) == 1 else f"{why} (a row of {sum(lengths)} tokens)"
+            return why if len(shapes) == 1 else f"{why} ({rows} x {sum(lengths)} tokens)"
     return None
 
 
-def _agreement(device, dtype, head_dim: int, groups: int, *, softcap, sinks: bool, lengths) -> str | None:
+def _agreement(device, dtype, head_dim: int, groups: int, *, softcap, sinks: bool, rows: int,
+               lengths) -> str | None:
     from torch.nn.attention.flex_attention import create_block_mask
     from transformers.integrations.flex_attention import flex_attention_forward
 
@@ -95,14 +97,14 @@ def _agreement(device, dtype, head_dim: int, groups: int, *, softcap, sinks: boo
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
         t, kv = sum(lengths), 2
-        q, k, v = (torch.randn(1, h, t, head_dim, generator=gen).to(device, dtype).requires_grad_(backward)
+        q, k, v = (torch.randn(rows, h, t, head_dim, generator=gen).to(device, dtype).requires_grad_(backward)
                    for h in (kv * groups, kv, kv))
         doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
 
         def same_document_causal(b, h, qi, ki):
             return (qi >= ki) & (doc[qi] == doc[ki])
 
-        mask = create_block_mask(same_document_causal, 1, None, t, t, device=device.type)
+        mask = create_block_mask(same_document_causal, rows, None, t, t, device=device.type)
         layer = _Layer(kv * groups, sinks).to(device).train()
         s_aux = layer.sinks.to(dtype) if sinks else None
         got, _ = flex_attention_forward(layer, q, k, v, mask, scaling=head_dim ** -0.5, softcap=softcap,
@@ -124,7 +126,8 @@ def _agreement(device, dtype, head_dim: int, groups: int, *, softcap, sinks: boo
 
 
 def reference(q, k, v, lengths, *, softcap: float | None = None, sinks=None):
-    """Each document alone, causal, as the eager path computes it: (1, H, T, D) in, (1, T, H, D) out."""
+    """Each document alone, causal, as the eager path computes it: (B, H, T, D) in, (B, T, H, D) out; every row
+    holds documents of `lengths`."""
     groups = q.shape[1] // k.shape[1]
     k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
     out, start = [], 0

@@ -70,27 +70,27 @@ def test_the_reference_is_gpt_oss_eager_attention_with_its_sinks():
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_the_probe_passes_transformers_flex_path_on_cpu(eager_flex, dtype, softcap):
     assert flex.probe(torch.device("cpu"), dtype, 16, 2, softcap=softcap) is None
-    assert flex.probe(torch.device("cpu"), dtype, 256, 4, softcap=softcap, shapes=((3, 40, 17),)) is None
+    assert flex.probe(torch.device("cpu"), dtype, 256, 4, softcap=softcap, shapes=((3, (3, 40, 17)),)) is None
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*:UserWarning")
-def test_the_probe_runs_rows_of_two_widths_in_turn(monkeypatch, eager_flex):
-    """The second width is what makes transformers' compiled flex compile again, for dynamic shapes (a run's
-    next batch): the probe goes through both, and names the width that failed."""
+def test_the_probe_runs_batches_of_two_shapes_in_turn(monkeypatch, eager_flex):
+    """The second shape is what makes transformers' compiled flex compile again, for dynamic shapes (a run's
+    batch of another shape): the probe goes through both, and names the one that failed."""
     import transformers.integrations.flex_attention as fx
 
     real, widths = fx.compile_friendly_flex_attention, []
 
     def spy(q, k, v, **kw):
-        widths.append(q.shape[2])
+        widths.append(tuple(q.shape[:3]))
         if len(widths) == 2:
             raise RuntimeError("recompile failed")
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(fx, "compile_friendly_flex_attention", spy)
     why = flex.probe(torch.device("cpu"), torch.float32, 16, 2)
-    assert widths == [sum(x) for x in flex.SHAPES] == [19, 31]
-    assert why == "flex attention failed: RuntimeError: recompile failed (a row of 31 tokens)"
+    assert widths == [(rows, 4, sum(x)) for rows, x in flex.SHAPES] == [(1, 4, 19), (2, 4, 31)]
+    assert why == "flex attention failed: RuntimeError: recompile failed (2 x 31 tokens)"
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*:UserWarning")
@@ -133,7 +133,8 @@ def test_auto_on_a_gpu_plans_flex_for_gemma2_and_keeps_eager_where_flex_cannot_r
     # attention dropout: flex has none
     config, cls = _gemma2(attention_dropout=0.1)
     c = choose("auto", cls, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=config, probe=False)
-    assert c.name == "eager" and "no flex_attention: attention_dropout is 0.1 (flex attention has no dropout)" in c.reason
+    assert c.name == "eager"
+    assert "no flex_attention: attention_dropout is 0.1 (flex attention has no dropout)" in c.reason
     # on a CPU nothing changes: eager (torch has no flex backward there)
     config, cls = _gemma2()
     assert choose("auto", cls, model_type="gemma2", device="cpu", dtype=torch.float32, config=config).name == "eager"
