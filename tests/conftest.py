@@ -156,3 +156,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "sft-dist warm template")
         for line in WARM_SUMMARY:
             terminalreporter.write_line(line[:300])
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex_attention without torch.compile: transformers compiles the kernel and the block mask, which costs
+    20-70 s of inductor C++ builds on this CPU. The mask, built from the position_ids, is what keeps documents
+    apart, and it is the same compiled or not; the compiled kernel (Triton on a GPU) is torch's, and
+    bench/gpu.py checks it there (its `isolation` step)."""
+    import transformers.integrations.flex_attention as flex
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setattr(flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+    monkeypatch.setattr(masking, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))

@@ -95,15 +95,11 @@ class PackedCollator:
         self.pad_to = pad_to
         self.inner = dataclasses.replace(inner, padding_free=self.flatten, return_position_ids=not self.flatten,
                                          pad_to_multiple_of=pad_to or inner.pad_to_multiple_of)
-        self._flat_inner: dict[int, object] = {}  # rows in the micro-batch -> the collator padding to rows x pad_to
 
     def __call__(self, examples):
         inner = self.inner
         if self.flatten and self.pad_to:
-            n = len(examples)
-            if n not in self._flat_inner:
-                self._flat_inner[n] = dataclasses.replace(self.inner, pad_to_multiple_of=n * self.pad_to)
-            inner = self._flat_inner[n]
+            inner = dataclasses.replace(inner, pad_to_multiple_of=len(examples) * self.pad_to)
         batch = inner(examples)
         batch.pop("attention_mask", None)
         if self.send_boundaries:

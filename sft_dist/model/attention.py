@@ -198,7 +198,8 @@ def _flex_problem(dtype, config, *, probe: bool) -> str | None:
         return why
     if not torch.cuda.is_available():
         return "no CUDA device visible here to check torch's flex attention on"
-    return flex.kernel_problem(torch.cuda.current_device(), dtype, *varlen.head_layout(config), *flex.features(config))
+    softcap, sinks, _ = varlen.traits(config)
+    return flex.kernel_problem(torch.cuda.current_device(), dtype, *varlen.head_layout(config), softcap, sinks)
 
 
 def _varlen_kernel_problem(dtype, config, *, probe: bool) -> str | None:

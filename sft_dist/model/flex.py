@@ -2,7 +2,7 @@
 compute (Gemma 2's logit soft-capping, gpt-oss's learned sinks, ...) when flash-attn is not installed.
 
 Eager attention materialises every layer's (batch, heads, tokens, tokens) scores and probabilities and keeps
-them for backward: for Gemma 2 2B at 8 x 2048 tokens that is over 1 GiB per layer. transformers' flex path
+them for backward: for Gemma 2 2B (8 heads) at 8 x 2048 tokens, 1 GiB per layer for the fp32 softmax alone. transformers' flex path
 applies the soft-cap in a score_mod, the sinks through the log-sum-exp, and packed documents as a block mask
 built from the position_ids, so nothing of that size exists and the blocks across documents are skipped.
 
@@ -19,9 +19,6 @@ import functools
 
 import torch
 
-NAME = "flex_attention"
-
-
 def available() -> bool:
     """Whether this torch has flex attention at all."""
     try:
@@ -31,18 +28,13 @@ def available() -> bool:
     return True
 
 
-def features(config) -> tuple[float | None, bool]:
-    """(logit soft-cap, learned sinks) of a transformers config: what the probe must also run."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text, "attn_logit_softcapping", None)
-    return (float(softcap) if softcap else None), getattr(text, "model_type", None) in ("gpt_oss",)
-
-
 def config_problem(config) -> str | None:
     """What transformers' flex path cannot do for this config; None when it can."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if float(getattr(text, "attention_dropout", 0.0) or 0.0) > 0:
-        return f"attention_dropout is {text.attention_dropout} (flex attention has no dropout)"
+    from sft_dist.model.varlen import traits
+
+    _, _, dropout = traits(config)
+    if dropout > 0:
+        return f"attention_dropout is {dropout} (flex attention has no dropout)"
     return None
 
 
@@ -51,8 +43,6 @@ def kernel_problem(device_index: int, dtype: torch.dtype, head_dim: int, groups:
                    sinks: bool) -> str | None:
     """Run transformers' flex attention on this GPU (compiled, as the model will), forward and backward, on packed
     batches of two shapes; None when it agrees with the fp32 reference, else why not."""
-    if not available():
-        return f"torch {torch.__version__} has no flex attention"
     why = probe(torch.device("cuda", device_index), dtype, head_dim, groups, softcap=softcap, sinks=sinks)
     # The probe's shapes are not the run's: without this, torch.compile would take the run's first micro-batch
     # for a second shape and compile the kernel for dynamic shapes instead of the run's own.

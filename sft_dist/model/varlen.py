@@ -64,14 +64,24 @@ def head_layout(config) -> tuple[int, int]:
     return int(head_dim), max(1, heads // kv)
 
 
+def traits(config) -> tuple[float | None, bool, float]:
+    """(logit soft-cap, learned sinks, attention dropout) of a transformers config's text model: what an
+    attention kernel must also do (this one does none of them; flex attention the first two, model/flex.py)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_attn_softcapping", None)
+    return ((float(softcap) if softcap else None), getattr(text, "model_type", None) in ("gpt_oss",),
+            float(getattr(text, "attention_dropout", 0.0) or 0.0))
+
+
 def config_problem(config) -> str | None:
     """Why a model's attention cannot run here, from its transformers config; None when it can."""
-    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_attn_softcapping", None):
+    softcap, sinks, dropout = traits(config)
+    if softcap:
         return "its attention uses logit soft-capping"
-    if getattr(config, "model_type", None) in ("gpt_oss",):
+    if sinks:
         return "its attention uses learned sinks"
-    if float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
-        return f"attention_dropout is {config.attention_dropout}"
+    if dropout > 0:
+        return f"attention_dropout is {dropout}"
     v_dim = getattr(config, "v_head_dim", None)
     qk_dim = (getattr(config, "qk_nope_head_dim", None) or 0) + (getattr(config, "qk_rope_head_dim", None) or 0)
     if v_dim and qk_dim and v_dim != qk_dim:  # multi-head latent attention (DeepSeek V2/V3)

@@ -53,8 +53,8 @@ def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
             mask = labels.ne(-100)
             if fused:
                 # TRL's fused LM head, as the training step: per-token log-probabilities and top-1 hits computed
-                # in tiles, never the (rows, tokens, vocabulary) logits, which the model's own forward builds and
-                # upcasts (8 x 2048 tokens of a 128k vocabulary: 8 GiB in fp32, over what training needed)
+                # in tiles, never the (rows, tokens, vocabulary) logits that the model's own forward builds and its
+                # loss upcasts (8 x 2048 tokens x 128,256 vocabulary x 4 bytes: 7.8 GiB, over what training needed)
                 out = model(**batch, fused_lm_head=True)
                 nll, correct = -out.log_probs.double().sum(), out.is_top1.sum()
             else:

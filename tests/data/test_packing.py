@@ -134,20 +134,6 @@ def test_packed_documents_see_only_themselves(tmp_path, tok, attn, layout):
     assert float(out.loss) == pytest.approx(nll / n_loss, abs=1e-5)
 
 
-@pytest.fixture
-def eager_flex(monkeypatch):
-    """flex_attention without torch.compile: transformers compiles the kernel and the block mask, which costs
-    20-70 s of inductor C++ builds on this CPU. The mask, built from the position_ids, is what keeps documents
-    apart, and it is the same compiled or not; the compiled kernel (Triton on a GPU) is torch's, and
-    bench/gpu.py checks it there (its `isolation` step)."""
-    import transformers.integrations.flex_attention as flex
-    import transformers.masking_utils as masking
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    monkeypatch.setattr(flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
-    monkeypatch.setattr(masking, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))
-
-
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*:UserWarning")
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
 def test_every_cpu_attention_gives_a_packed_row_the_logits_of_its_documents_alone(tmp_path, tok, attn, request):

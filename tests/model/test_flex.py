@@ -8,21 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from sft_dist.model import flex
+from sft_dist.model import flex, varlen
 from sft_dist.model.attention import causal_lm_class, choose
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16}
 LENGTHS = (5, 9)
-
-
-@pytest.fixture
-def eager_flex(monkeypatch):
-    """transformers' flex path without torch.compile (20-70 s of inductor C++ builds on this CPU)."""
-    import transformers.integrations.flex_attention as fx
-    from torch.nn.attention.flex_attention import flex_attention
-
-    monkeypatch.setattr(fx.WrappedFlexAttention, "__call__", lambda self: flex_attention)
 
 
 def _packed_mask(lengths) -> torch.Tensor:
@@ -118,8 +109,8 @@ def _gemma2(**extra):
 
 def test_auto_on_a_gpu_plans_flex_for_gemma2_and_keeps_eager_where_flex_cannot_run():
     config, cls = _gemma2()
-    assert flex.features(config) == (50.0, False)
-    assert flex.features(AutoConfig.for_model("gpt_oss")) == (None, True)
+    assert varlen.traits(config) == (50.0, False, 0.0)
+    assert varlen.traits(AutoConfig.for_model("gpt_oss")) == (None, True, 0.0)
     # the planner (no probe): flex on CUDA, the memory of a fused kernel
     c = choose("auto", cls, model_type="gemma2", device="cuda", dtype=torch.bfloat16, config=config, probe=False)
     assert c.name == "flex_attention" and c.reason.startswith("auto: Gemma2ForCausalLM has no sdpa; no flash "
