@@ -13,7 +13,8 @@ Steps run most important first; one that does not fit the time left of --budget-
   llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation, or
                     2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU): tokens/s, MFU, and the
                     seconds from the command to the first optimizer step
-  llama8b_qlora     the same, 4-bit (bitsandbytes), activation checkpointing on (skipped without bitsandbytes)
+  llama8b_qlora     the same, 4-bit (bitsandbytes; the random base quantized from memory, no file), activation
+                    checkpointing on (skipped without bitsandbytes)
   isolation         packed rows vs each document alone, per attention implementation here (bench/gpu/isolation.py)
   trl_default       plain TRL SFTTrainer, its defaults (bfd packing, padding-free, activation checkpointing on)
   attention         packed attention alone: 4 layers of the 1.5B shape, forward + backward of one packed micro-batch,
@@ -46,8 +47,8 @@ On the GPU machine (no network; wheels made here with `bash bench/gpu/wheels.sh`
         python3 bench/gpu.py --out "$OUT" [--budget-s 420] [--only sft_dist,trl_default] [--work /tmp/bench_gpu]
 
 OUT gets three files (gpu.jsonl, gpu.md, gpu.log: each step's last lines); models, runs and full logs go to
---work (default: <tmp>/sft_dist_bench_gpu, ~25 GB on a GPU with the 8B steps' saved base). Here, on a CPU, the
-same steps with tiny models (the budget skips what does not fit; --budget-s 900 runs every step):
+--work (default: <tmp>/sft_dist_bench_gpu, ~5 GB on a GPU: the 1.5B base; the 8B steps write none). Here, on a
+CPU, the same steps with tiny models (the budget skips what does not fit; --budget-s 900 runs every step):
 
     python bench/gpu.py --tiny
 """
@@ -522,16 +523,15 @@ def steps() -> list[Step]:
 
     def qlora(n: str, rows: int, accumulation: int, **policy):
         def run(s: Setup, t: float) -> dict:
-            model = {"init_config": s.big_shape, "tokenizer": "builtin:tokenizer"}  # written, then reloaded 4-bit
+            # quantized from memory, no base written (model.save_init_base: false): start-up is build + first step
+            model = {"init_config": s.big_shape, "tokenizer": "builtin:tokenizer", "save_init_base": False}
             cfg = sft_dist_config(s, n, model=model, **{"quantization.bits": 4,
                                                        "training.per_device_train_batch_size": rows,
                                                        "training.gradient_accumulation_steps": accumulation,
                                                        "training.activation_checkpointing": True, **policy,
                                                        "training.max_steps": s.steps - 4})
             r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
-            # the random bf16 base it wrote and reloaded 4-bit (16 GB at 8B): not kept for the next steps' disk
-            shutil.rmtree(Path(cfg["output_dir"]) / "base_model", ignore_errors=True)
-            r["note"] = (f"init_config, saved and reloaded 4-bit, {rows} x {accumulation}"
+            r["note"] = (f"init_config quantized from memory, {rows} x {accumulation}"
                          + (f", checkpointing {policy}" if policy else "") + "; goals: >= 8k tokens/s at <= 24 GiB")
             return r
         return run
@@ -566,11 +566,11 @@ def steps() -> list[Step]:
         Step("prepare", "the base model (1.5B Llama shape; --tiny: 2 layers of 64) saved; the data", 40, 10,
              step_prepare, None, 240),
         Step("sft_dist", "sft_dist defaults (attention auto, Liger auto), bf16, LoRA r16, packed 8 x seq",
-             70, 25, sft("sft_dist"), prep, 300),
+             60, 25, sft("sft_dist"), prep, 300),
         Step("trl_fastest", "plain TRL, fastest setting that keeps documents apart", 90, 25, trl_fastest, prep, 300),
-        Step("llama8b", "Llama-3-8B shape from init_config, LoRA r16, packed 4 x seq x 2 accumulation", 150, 25,
+        Step("llama8b", "Llama-3-8B shape from init_config, LoRA r16, packed 4 x seq x 2 accumulation", 120, 25,
              llama8b, prep, 420),
-        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 150, 25,
+        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 110, 25,
              qlora("llama8b_qlora", 4, 2), _has("bitsandbytes", "QLoRA"), 420),
         Step("isolation", "packed rows vs documents alone, per attention implementation", 90, 25, step_isolation,
              None, 180),

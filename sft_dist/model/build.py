@@ -119,6 +119,24 @@ def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype,
                        compute_dtype=compute_dtype)
 
 
+def quantize_in_memory(model, *, quant: QuantizationConfig, dtype: torch.dtype, device: str):
+    """`model` (16-bit random weights) loaded again through transformers' bitsandbytes quantizer from memory: the
+    weights a `from_pretrained` of its saved copy would give, without writing and reading the file (16 GB for an
+    8B shape). Returns (quantized, host): the 16-bit model is moved to the host first (2 bytes a parameter of host
+    memory), so the GPU holds one of the two at a time, and stays there for the base to be written from."""
+    host = model.to("cpu")
+    kwargs: dict[str, Any] = dict(config=host.config, state_dict=dict(host.state_dict()), dtype=dtype,
+                                  quantization_config=bnb_config(quant, dtype=dtype),
+                                  attn_implementation=host.config._attn_implementation)
+    if device == "cuda":
+        kwargs["device_map"] = {"": target_device(device).index}
+    # The concrete class: the Auto class needs a path; state_dict stands for the file.
+    quantized = type(host).from_pretrained(None, **kwargs)
+    if quant.bits == 4 and device == "cpu":
+        keep_4bit_layout(quantized)
+    return quantized, host
+
+
 def attention_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
     """The dtype attention computes in: the weights', or the 16-bit training dtype fp32 weights are cast to
     (autocast, FSDP2's param_dtype, DeepSpeed's bf16)."""

@@ -5,8 +5,9 @@ Written whole or not at all: into a sibling temp directory, renamed into place o
 mid-write never leaves a base that loads wrong (a stale temp directory is removed by the next write).
 
 In the background where nothing can change it while it is written: a LoRA base (frozen; peft, Liger and the
-wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), not
-quantized (a quantized base is reloaded from this write, so training waits for it). The weights are written
+wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), or the
+16-bit host copy a quantized base was made from (model/build.py: quantize_in_memory; training holds only the
+quantized one). The weights are written
 from a second, meta-built module tree that shares the model's tensors, through transformers' own
 `save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read (16 GB for an 8B shape;
 the first step no longer waits for it, which on a 2-core CPU gained little since the write competes for the
@@ -67,7 +68,10 @@ def _shadow(model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from sft_dist.model.build import without_zero3_init
+
+    # a plain tree on rank 0 alone, even under a ZeRO-3 config (zero.Init's partitioning is collective)
+    with without_zero3_init(), torch.device("meta"):
         shadow = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     shadow.load_state_dict(state, assign=True, strict=True)

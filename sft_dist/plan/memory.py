@@ -763,7 +763,7 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
         # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
         reload = quantized + counts["largest_quantized_numel"] * _bytes(dtype)
         if cfg.model.init_config is not None:
-            # built whole on the GPU; a quantized run's rank 0 writes and frees it, then every rank reloads it
+            # built whole on the GPU; a quantized run moves it to the host, then quantizes it onto the GPU
             return max(full, reload) if cfg.quantization.bits is not None else full
         if cfg.quantization.bits is not None:
             return reload
@@ -773,9 +773,9 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
     # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
     mapped = full
     if cfg.model.init_config is not None:
-        # The random base is built whole in the load dtype (model/build.py); a quantized run's rank 0 writes and
-        # frees it, then every rank reloads it quantized from disk (train/run.py: _write_random_base).
-        return max(full, mapped + quantized) if cfg.quantization.bits is not None else full
+        # The random base is built whole in the load dtype (model/build.py); a quantized run keeps it while its
+        # quantized copy is loaded from it (model/build.py: quantize_in_memory).
+        return full + quantized if cfg.quantization.bits is not None else full
     if cfg.quantization.bits is not None:
         return mapped + quantized  # every rank loads the whole quantized base, whatever the backend
     if shard.weights > 1 and backend.loads_partitioned():
@@ -821,8 +821,9 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
                      f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")
     elif cfg.model.init_config is not None and cfg.quantization.bits is not None:
-        notes.append(f"init_config with quantization: the random base is built in full precision on rank 0, saved "
-                     f"and freed, then reloaded quantized: {format_bytes(load)} at most while loading")
+        notes.append(f"init_config with quantization: the random base is built whole on every rank, moved to host "
+                     f"memory and quantized from there (no file unless model.save_init_base keeps the base): "
+                     f"{format_bytes(load)} at most while loading")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "

@@ -407,7 +407,7 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     import torch
     from transformers import set_seed
 
-    from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
+    from sft_dist.model.build import build_model, quantize_in_memory, resolve_dtype
     from sft_dist.model.lora import apply_lora
     from sft_dist.train.args import apply_liger, liger_choice
 
@@ -422,28 +422,26 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     build = dict(quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device, compute_dtype=compute)
     base_dir, base_write = None, None
-    if cfg.model.init_config is not None and cfg.quantization.bits is not None:
-        # Random weights to quantize: rank 0 builds them in 16 bit, writes them (the adapter's base) and lets them
-        # go; then every rank loads them quantized. One of the two copies in memory at a time, not both.
-        base_dir = out / "base_model"
-        if env.is_main:
-            _write_random_base(cfg, build, base_dir)
-        _barrier(env)
-        model = load_pretrained(str(base_dir), quant=quant, dtype=dtype, device=device, compute_dtype=compute,
-                                attn=cfg.model.attn_implementation)
+    quantized_random = cfg.model.init_config is not None and cfg.quantization.bits is not None
+    if quantized_random:
+        # Random weights to quantize: built in 16 bit on this rank's device (the seed gives every rank the same),
+        # moved to the host and loaded again quantized from memory; no file is written unless the base is kept.
+        model, base = quantize_in_memory(build_model(cfg.model, **build), quant=quant, dtype=dtype, device=device)
     else:
-        model = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
-    if cfg.model.init_config is not None and cfg.model.save_init_base and base_dir is None:
+        model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
+    if cfg.model.init_config is not None and cfg.model.save_init_base:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
-        # behind the first steps where nothing can change it (model/init_base.py), else before them.
+        # behind the first steps where nothing can change it (model/init_base.py: a frozen LoRA base held whole,
+        # or the 16-bit host copy a quantized base was made from), else before them.
         from sft_dist.model.init_base import write_base
 
         base_dir = out / "base_model"
-        background = cfg.lora.enabled and sharding.weights == 1
+        background = quantized_random or (cfg.lora.enabled and sharding.weights == 1)
         if env.is_main:
-            base_write = write_base(model, tokenizer, base_dir, background=background)
+            base_write = write_base(base, tokenizer, base_dir, background=background)
         if not background:
             _barrier(env)
+    del base  # a quantized run's 16-bit host copy: freed here, or by the base's writer once written
     # Liger's layer kernels, patched into the base before LoRA wraps it (train/args.py: auto on CUDA when installed)
     log.info(apply_liger(model, liger_choice(cfg.training, device=device)))
     if cfg.lora.enabled:
@@ -471,18 +469,6 @@ def _build_peak(device: str) -> int | None:
     torch.cuda.reset_peak_memory_stats()
     log.info("model: %.2f GiB of GPU memory at most while building it; per-step peaks count from here", peak / 2**30)
     return peak
-
-
-def _write_random_base(cfg: Config, build: dict, path: Path) -> None:
-    """Build the seeded random weights, write them to `path`, and free them (they are referenced only here; the
-    collection catches reference cycles). The quantized load reuses their memory through torch's allocator."""
-    import gc
-
-    from sft_dist.model.build import build_model
-    from sft_dist.model.init_base import write_base
-
-    write_base(build_model(cfg.model, **build), build["tokenizer"], path, background=False)
-    gc.collect()
 
 
 def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from sft_dist.config.load import load_config
-from sft_dist.model.build import build_model, load_pretrained, resolve_dtype
+from sft_dist.model.build import build_model, quantize_in_memory, resolve_dtype
 from sft_dist.model.lora import apply_lora
 from sft_dist.model.tokenizer import build_tokenizer
 from sft_dist.plan.memory import estimate_memory
@@ -25,14 +24,13 @@ def config(*overrides: str):
     return load_config(QUICKSTART, list(overrides))
 
 
-def real_model(cfg, tmp_path: Path | None = None):
-    """The model the run would train (LoRA applied; quantized by reloading the saved random base)."""
+def real_model(cfg):
+    """The model the run would train (LoRA applied; a random base quantized from memory, as the run does)."""
     tok = build_tokenizer(cfg.model)
     dtype = resolve_dtype(cfg.model.dtype, device="cpu", lora=cfg.lora.enabled)
     model = build_model(cfg.model, quant=cfg.quantization, tokenizer=tok, dtype=dtype, seed=0, device="cpu")
     if cfg.quantization.bits is not None:
-        model.save_pretrained(tmp_path)
-        model = load_pretrained(str(tmp_path), quant=cfg.quantization, dtype=dtype, device="cpu", attn="sdpa")
+        model, _ = quantize_in_memory(model, quant=cfg.quantization, dtype=dtype, device="cpu")
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, quantized=cfg.quantization.bits is not None,
                            upcast=cfg.quantization.upcasts(str(dtype).removeprefix("torch.")))
@@ -65,9 +63,9 @@ def test_counts_match_the_real_lora_model():
     assert e.optimizer == 2 * e.lora  # adamw: exp_avg and exp_avg_sq, fp32
 
 
-def test_counts_match_the_real_4bit_model(tmp_path):
+def test_counts_match_the_real_4bit_model():
     cfg = config("quantization.bits=4", "lora.modules_to_save=null")
-    model = real_model(cfg, tmp_path)
+    model = real_model(cfg)
     e = estimate_memory(cfg, world_size=1, device="cpu")
     from bitsandbytes.nn import Linear4bit
 
@@ -284,22 +282,22 @@ def test_the_lora_dropout_hint_names_what_the_masks_cost(monkeypatch):
 
 
 def test_a_quantized_random_base_is_counted_once_at_load():
-    """init_config + 4-bit on a GPU: rank 0 builds the bf16 base, writes and frees it, then every rank loads it
-    quantized (train/run.py), so the load peak is the bf16 base alone, not both copies."""
+    """init_config + 4-bit on a GPU: the bf16 base is built on the GPU, moved to the host, then quantized onto the
+    GPU (model/build.py: quantize_in_memory), so the load peak is the bf16 base alone, not both copies."""
     shape = {**H200_SHAPE, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 8000}
     e = estimate_memory(config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", "quantization.bits=4"),
                         world_size=1, device="cuda")
     assert e.detail["load_peak"] == e.detail["total_params"] * 2 > e.weights
-    assert any("saved and freed, then reloaded quantized" in n for n in e.notes)
+    assert any("moved to host memory and quantized from there" in n for n in e.notes)
 
 
 @pytest.mark.parametrize("upcast", ["null", "true"])
-def test_counts_match_the_real_bf16_4bit_model_with_and_without_the_upcast(tmp_path, upcast):
+def test_counts_match_the_real_bf16_4bit_model_with_and_without_the_upcast(upcast):
     """A bfloat16 QLoRA base keeps its unquantized weights in bfloat16 unless quantization.upcast_unquantized asks
     for peft's fp32 copies; either way the trained head copy is an fp32 master, and the plan counts what is held."""
     cfg = config("quantization.bits=4", "model.dtype=bfloat16", f"quantization.upcast_unquantized={upcast}")
-    model = real_model(cfg, tmp_path)
+    model = real_model(cfg)
     e = estimate_memory(cfg, world_size=1, device="cpu")
     assert e.detail["param_bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
     assert e.lora == sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
