@@ -126,8 +126,9 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
 
     load = _load_peak(cfg, counts, backend=backend, shard=shard, dtype=dtype, world_size=world_size, device=device)
     notes += _notes(cfg, backend=backend, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
-                    compute=compute, load=load, optimizer=optimizer, world_size=world_size, attention=attention,
-                    mixed=_mixed_precision(backend, compute), liger=_liger(cfg, model, device=device) is not None)
+                    compute=compute, load=load, load_dtype=dtype, optimizer=optimizer, world_size=world_size,
+                    attention=attention, mixed=_mixed_precision(backend, compute),
+                    liger=_liger(cfg, model, device=device) is not None)
     detail = {
         "world_size": world_size,
         "device": device,
@@ -798,8 +799,8 @@ def _checkpointing_note(cfg: Config) -> str:
 
 
 def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
-           compute: torch.dtype, load: int, optimizer: int, world_size: int, attention: str, mixed: str,
-           liger: bool) -> list[str]:
+           compute: torch.dtype, load: int, load_dtype: torch.dtype, optimizer: int, world_size: int, attention: str,
+           mixed: str, liger: bool) -> list[str]:
     dtype = str(compute).removeprefix("torch.")
     notes = [f"activations: one micro-batch of {batch} x {length} tokens (batches padded to data.max_length; "
              f"shorter batches need less), {_MIXED[mixed].format(dtype=dtype)}, attention {_ATTENTION[attention]}"
@@ -821,9 +822,10 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
                      f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")
     elif cfg.model.init_config is not None and cfg.quantization.bits is not None:
+        host = counts["total_numel"] * _bytes(load_dtype)
         notes.append(f"init_config with quantization: the random base is built whole on every rank, moved to host "
-                     f"memory and quantized from there (no file unless model.save_init_base keeps the base): "
-                     f"{format_bytes(load)} at most while loading")
+                     f"memory ({format_bytes(host)} per rank there) and quantized from there (no file unless "
+                     f"model.save_init_base keeps the base): {format_bytes(load)} at most while loading")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "
