@@ -47,8 +47,8 @@ On the GPU machine (no network; wheels made here with `bash bench/gpu/wheels.sh`
         python3 bench/gpu.py --out "$OUT" [--budget-s 420] [--only sft_dist,trl_default] [--work /tmp/bench_gpu]
 
 OUT gets three files (gpu.jsonl, gpu.md, gpu.log: each step's last lines); models, runs and full logs go to
---work (default: <tmp>/sft_dist_bench_gpu, ~5 GB on a GPU: the 1.5B base; the 8B steps write none). Here, on a
-CPU, the same steps with tiny models (the budget skips what does not fit; --budget-s 900 runs every step):
+--work (default: <tmp>/sft_dist_bench_gpu; on a GPU mostly the 1.5B base, 1.51B x 2 bytes = 3 GB; the 8B steps
+write none). Here, on a CPU, the same steps with tiny models (the budget skips what does not fit; --budget-s 900 runs every step):
 
     python bench/gpu.py --tiny
 """

@@ -19,6 +19,17 @@ DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def load_quantized(path, *, dtype, bits: int = 4, compute_dtype=None):
+    """A saved model loaded quantized on the CPU, the way a run loads `model.name_or_path` with
+    `quantization.bits` (model/build.py: build_model)."""
+    from sft_dist.config.schema import ModelConfig, QuantizationConfig
+    from sft_dist.model.build import build_model
+
+    return build_model(ModelConfig(name_or_path=str(path), attn_implementation="sdpa"),
+                       quant=QuantizationConfig(bits=bits), tokenizer=None, dtype=dtype, seed=0, device="cpu",
+                       compute_dtype=compute_dtype)
+
+
 def backend(name: str) -> list[str]:
     """Overrides selecting a shipped backend: `ddp`, a DeepSpeed file (`zero3`) or an FSDP file (`full_shard`)."""
     if name == "ddp":

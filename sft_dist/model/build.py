@@ -111,19 +111,12 @@ def _pretrained_config(cfg: ModelConfig):
         raise SftDistError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from None
 
 
-def load_pretrained(path: str, *, quant: QuantizationConfig, dtype: torch.dtype, device: str, attn: str | None,
-                    compute_dtype: torch.dtype | None = None):
-    """Reload a saved base (e.g. a seeded random init written by rank 0) with quantization applied."""
-    cfg = ModelConfig(name_or_path=path, attn_implementation=attn)
-    return build_model(cfg, quant=quant, tokenizer=None, dtype=dtype, seed=0, device=device,
-                       compute_dtype=compute_dtype)
-
-
 def quantize_in_memory(model, *, quant: QuantizationConfig, dtype: torch.dtype, device: str):
-    """`model` (16-bit random weights) loaded again through transformers' bitsandbytes quantizer from memory: the
-    weights a `from_pretrained` of its saved copy would give, without writing and reading the file (16 GB for an
-    8B shape). Returns (quantized, host): the 16-bit model is moved to the host first (2 bytes a parameter of host
-    memory), so the GPU holds one of the two at a time, and stays there for the base to be written from."""
+    """`model` (random weights in the load dtype) loaded again through transformers' bitsandbytes quantizer from
+    memory: the weights a `from_pretrained` of its saved copy would give, without writing and reading the file
+    (16 GB for an 8B shape in bf16). Returns (quantized, host): the unquantized model is moved to the host first
+    (its bytes: 2 a parameter in bf16), so the GPU holds one of the two at a time, and stays there for the base to
+    be written from."""
     host = model.to("cpu")
     kwargs: dict[str, Any] = dict(config=host.config, state_dict=dict(host.state_dict()), dtype=dtype,
                                   quantization_config=bnb_config(quant, dtype=dtype),

@@ -138,14 +138,13 @@ def test_lora_refuses_new_rows_it_would_leave_frozen(small_vocab_model):
 
 def quantized_llama(tmp_path: Path, dtype: torch.dtype):
     """A tiny random Llama saved in `dtype` and reloaded 4-bit (bitsandbytes, on the CPU)."""
-    from sft_dist.model.build import load_pretrained
+    from tests.conftest import load_quantized
 
     config = AutoConfig.for_model(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(tmp_path)
-    return load_pretrained(str(tmp_path), quant=QuantizationConfig(bits=4), dtype=dtype, device="cpu", attn="sdpa",
-                           compute_dtype=dtype)
+    return load_quantized(tmp_path, dtype=dtype, compute_dtype=dtype)
 
 
 def layer_input_dtype(model) -> torch.dtype:

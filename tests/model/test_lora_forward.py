@@ -156,8 +156,7 @@ def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
     """peft's bitsandbytes 4-bit LoRA layers (QLoRA): under autocast the fused add replaces peft's clone, product
     and sum; the adapter's loss and gradients agree with peft's within bf16 noise. Without autocast (a bf16 base
     with the fp32 adapter) peft's forward runs."""
-    from sft_dist.config.schema import QuantizationConfig
-    from sft_dist.model.build import load_pretrained
+    from tests.conftest import load_quantized
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA)).to(torch.bfloat16).save_pretrained(tmp_path)
@@ -166,8 +165,7 @@ def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             if not fast:
                 m.setattr(lora_forward, "speed_up", lambda model: 0)
-            base = load_pretrained(str(tmp_path), quant=QuantizationConfig(bits=4), dtype=torch.bfloat16,
-                                   device="cpu", attn="sdpa", compute_dtype=torch.bfloat16)
+            base = load_quantized(tmp_path, dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
             torch.manual_seed(4)  # lora_A's init
             model = apply_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0), quantized=True)
         with torch.no_grad():
