@@ -103,6 +103,12 @@ class Backend:
         """Whether a host-side load already partitions the weights (DeepSpeed's zero.Init)."""
         return False
 
+    def random_base_on_host(self, sharding: Sharding, *, quantized: bool) -> bool:
+        """Whether a GPU run builds an `init_config` base layer by layer into host memory (model/layerwise.py)
+        instead of whole on the GPU: for a base loaded again quantized from the host, and for one the strategy
+        shards from the host layer by layer, as it does a checkpoint (FSDP2)."""
+        return quantized or sharding.weights > 1 or sharding.offload_param
+
     # --- at run time ---------------------------------------------------------------------------------------
 
     def join_process_group(self, env, *, device: str) -> None:

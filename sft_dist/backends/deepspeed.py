@@ -135,6 +135,9 @@ class DeepSpeed(Backend):
     def loads_partitioned(self) -> bool:
         return True  # transformers loads under deepspeed.zero.Init (with stage 3)
 
+    def random_base_on_host(self, sharding: Sharding, *, quantized: bool) -> bool:
+        return quantized  # the engine moves a module built outside zero.Init whole to the GPU anyway
+
     def join_process_group(self, env, *, device: str) -> None:
         import deepspeed
 

@@ -46,19 +46,21 @@ def build_model(
     device: str,
     to_device: bool = False,
     compute_dtype: torch.dtype | None = None,
+    layerwise: bool = False,
 ):
     """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
     implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`).
     `to_device`: load a checkpoint's weights straight onto this rank's GPU (where every rank holds the whole
     model anyway) instead of into host memory first. `compute_dtype`: the training's 16-bit dtype (bf16/fp16)
-    when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them."""
+    when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them. `layerwise`: an
+    `init_config` base is initialised on the device one decoder layer at a time and kept in host memory."""
     from transformers import AutoModelForCausalLM
 
     from sft_dist.model import attention
 
     if cfg.init_config is not None:
         model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device,
-                             attn_dtype=attention_dtype(dtype, compute_dtype))
+                             attn_dtype=attention_dtype(dtype, compute_dtype), layerwise=layerwise)
         fit_vocab(model, tokenizer, where="model.init_config")
         return model
     kwargs: dict[str, Any] = dict(
@@ -114,9 +116,9 @@ def _pretrained_config(cfg: ModelConfig):
 def quantize_in_memory(model, *, quant: QuantizationConfig, dtype: torch.dtype, device: str):
     """`model` (random weights in the load dtype) loaded again through transformers' bitsandbytes quantizer from
     memory: the weights a `from_pretrained` of its saved copy would give, without writing and reading the file
-    (16 GB for an 8B shape in bf16). Returns (quantized, host): the unquantized model is moved to the host first
-    (its bytes: 2 a parameter in bf16), so the GPU holds one of the two at a time, and stays there for the base to
-    be written from."""
+    (16 GB for an 8B shape in bf16). Returns (quantized, host): the unquantized model is on the host (built there
+    layer by layer: build_model's `layerwise`; else moved there first), 2 bytes a parameter in bf16, so the GPU
+    never holds it whole next to the quantized one, and it stays there for the base to be written from."""
     host = model.to("cpu")
     kwargs: dict[str, Any] = dict(config=host.config, state_dict=dict(host.state_dict()), dtype=dtype,
                                   quantization_config=bnb_config(quant, dtype=dtype),
@@ -137,7 +139,7 @@ def attention_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> to
 
 
 def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str,
-                 attn_dtype: torch.dtype):
+                 attn_dtype: torch.dtype, layerwise: bool = False):
     from transformers import AutoConfig
 
     from sft_dist.model import attention
@@ -159,8 +161,10 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
     choice = attention.choose(cfg.attn_implementation, attention.causal_lm_class(config), model_type=model_type,
                               device=device, dtype=attn_dtype, config=config)
     log.info(choice.describe())
+    # On a CPU the host is the device: the same code path, the same weights, nothing moves.
+    host = torch.device("cpu") if layerwise else None
     with without_zero3_init():
-        return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name)
+        return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name, host=host)
 
 
 def target_device(device: str) -> torch.device:
@@ -170,7 +174,8 @@ def target_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, attn: str | None = None):
+def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, attn: str | None = None,
+                host: torch.device | None = None):
     """Seeded random weights, built where they are used: allocated on `device` in `dtype` with torch's default
     init switched off, then initialised once by the model's own `_init_weights` (normal(0, initializer_range)
     weights, unit norms, RoPE buffers). The same seed on the same device type gives the same weights, on every
@@ -178,7 +183,10 @@ def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, 
 
     transformers' `from_config` builds on the CPU and initialises every linear layer twice (torch's kaiming
     init, then `_init_weights`); seen on a GPU machine: 45 s for a 1.5B model, over 4 minutes for 8B (with the
-    base saved). The draws differ from that path's, so a seed gives other (equally distributed) weights."""
+    base saved). The draws differ from that path's, so a seed gives other (equally distributed) weights.
+
+    `host`: initialise one decoder layer at a time on `device` and keep the model on `host` (model/layerwise.py):
+    the same weights, while the device holds one layer at a time."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -186,9 +194,14 @@ def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, 
     # The caller's RNG streams are left as they were; a model drawing in its constructor draws from `seed` too.
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with torch.device(device), no_init_weights():
+        with torch.device(device if host is None else "meta"), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-        model.initialize_weights()
+        if host is None:
+            model.initialize_weights()
+        else:
+            from sft_dist.model.layerwise import init_layerwise
+
+            init_layerwise(model, device=device, host=host)
     model.tie_weights()
     return model
 

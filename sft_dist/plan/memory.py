@@ -128,7 +128,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     notes += _notes(cfg, backend=backend, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
                     compute=compute, load=load, load_dtype=dtype, optimizer=optimizer, world_size=world_size,
                     attention=attention, mixed=_mixed_precision(backend, compute),
-                    liger=_liger(cfg, model, device=device) is not None)
+                    liger=_liger(cfg, model, device=device) is not None, device=device)
     detail = {
         "world_size": world_size,
         "device": device,
@@ -270,6 +270,8 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
             c["trainable_bytes"] += n * size
     c["buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers())
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
+    c["base_numel"] = sum(p.numel() for n, p in model.named_parameters() if _in_base(n))
+    c["layers_numel"], c["largest_layer_numel"] = _layer_numels(model)
     c["quantized_ids"] = sorted(quantized)
     head = model.get_output_embeddings()
     c["head_bytes"] = head.weight.numel() * (4 if upcast else head.weight.element_size())
@@ -290,17 +292,32 @@ def _bnb4_state_bytes(numel: int, *, double: bool) -> int:
     return blocks + math.ceil(blocks / BNB4_NESTED_BLOCK) * 4 + BNB4_NESTED_BLOCK * 4 + 4
 
 
-def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
-    """Bytes of the biggest decoder layer, as gathered by ZeRO-3 / FSDP2."""
+def _decoder_layers(model) -> list:
     names = set(getattr(model, "_no_split_modules", None) or [])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names |= set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def _in_base(name: str) -> bool:
+    """Whether a parameter is the base model's, as it loads: not a LoRA weight or a modules_to_save copy, which
+    peft adds after the load."""
+    return "lora_" not in name and ".modules_to_save." not in name
+
+
+def _layer_numels(model) -> tuple[int, int]:
+    """Base parameters in all decoder layers, and in the biggest one (a layer-wise random init holds one)."""
+    sizes = [sum(p.numel() for n, p in m.named_parameters() if _in_base(n)) for m in _decoder_layers(model)]
+    return sum(sizes), max(sizes, default=0)
+
+
+def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
+    """Bytes of the biggest decoder layer, as gathered by ZeRO-3 / FSDP2."""
     best = 0
-    for m in base.modules():
-        if type(m).__name__ in names:
-            size = sum(p.numel() // (8 // bits) if id(p) in quantized and bits else p.numel() * p.element_size()
-                       for p in m.parameters())
-            best = max(best, size)
+    for m in _decoder_layers(model):
+        size = sum(p.numel() // (8 // bits) if id(p) in quantized and bits else p.numel() * p.element_size()
+                   for p in m.parameters())
+        best = max(best, size)
     return best
 
 
@@ -757,15 +774,19 @@ def _offload_checkpointed_inputs(base) -> None:
 def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, dtype: torch.dtype, world_size: int,
                device: str) -> int:
     """Bytes a rank holds on its device while the model loads, before any backend shards it."""
-    full = counts["total_numel"] * _bytes(dtype)
+    full = counts["base_numel"] * _bytes(dtype)
     quantized = counts["param_bytes"] + counts["quant_state_bytes"] + counts["buffer_bytes"]
     if device == "cuda":
         # from_pretrained reads the file into host memory; what reaches the GPU is the rank's part
         # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
         reload = quantized + counts["largest_quantized_numel"] * _bytes(dtype)
         if cfg.model.init_config is not None:
-            # built whole on the GPU; a quantized run moves it to the host, then quantizes it onto the GPU
-            return max(full, reload) if cfg.quantization.bits is not None else full
+            if not backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None):
+                return full  # built whole on the GPU
+            # initialised on the GPU one decoder layer at a time into host memory (model/layerwise.py): the GPU
+            # holds the embeddings, head and norms and one layer; a quantized run then quantizes it onto the GPU
+            layerwise = (counts["base_numel"] - counts["layers_numel"] + counts["largest_layer_numel"]) * _bytes(dtype)
+            return max(layerwise, reload) if cfg.quantization.bits is not None else layerwise
         if cfg.quantization.bits is not None:
             return reload
         if shard.weights > 1:
@@ -800,7 +821,7 @@ def _checkpointing_note(cfg: Config) -> str:
 
 def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
            compute: torch.dtype, load: int, load_dtype: torch.dtype, optimizer: int, world_size: int, attention: str,
-           mixed: str, liger: bool) -> list[str]:
+           mixed: str, liger: bool, device: str) -> list[str]:
     dtype = str(compute).removeprefix("torch.")
     notes = [f"activations: one micro-batch of {batch} x {length} tokens (batches padded to data.max_length; "
              f"shorter batches need less), {_MIXED[mixed].format(dtype=dtype)}, attention {_ATTENTION[attention]}"
@@ -821,11 +842,15 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
     if cfg.quantization.bits is not None and shard.weights > 1:
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
                      f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")
-    elif cfg.model.init_config is not None and cfg.quantization.bits is not None:
-        host = counts["total_numel"] * _bytes(load_dtype)
-        notes.append(f"init_config with quantization: the random base is built whole on every rank, moved to host "
-                     f"memory ({format_bytes(host)} per rank there) and quantized from there (no file unless "
-                     f"model.save_init_base keeps the base): {format_bytes(load)} at most while loading")
+    quantized = cfg.quantization.bits is not None
+    if (cfg.model.init_config is not None and (quantized or device == "cuda")
+            and backend.random_base_on_host(shard, quantized=quantized)):
+        host = counts["base_numel"] * _bytes(load_dtype)
+        then = ("quantized from there (no file unless model.save_init_base keeps the base)" if quantized else
+                f"sharded from there by {shard.label}")
+        gpu = ", initialised on the GPU one decoder layer at a time" if device == "cuda" else ""
+        notes.append(f"init_config: the random base is built in host memory on every rank ({format_bytes(host)} "
+                     f"per rank there{gpu}) and {then}")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "

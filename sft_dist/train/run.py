@@ -423,9 +423,12 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     build = dict(quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device, compute_dtype=compute)
     base_dir, base_write = None, None
     quantized_random = cfg.model.init_config is not None and cfg.quantization.bits is not None
+    # A random base that ends on the host (to be quantized from, or sharded from by FSDP2) is initialised on the
+    # GPU one decoder layer at a time: the GPU never holds it whole (model/layerwise.py).
+    build["layerwise"] = backend.random_base_on_host(sharding, quantized=quantized_random)
     if quantized_random:
-        # Random weights to quantize: built in 16 bit on this rank's device (the seed gives every rank the same),
-        # moved to the host and loaded again quantized from memory; no file is written unless the base is kept.
+        # Random weights to quantize: built in 16 bit (the seed gives every rank the same), kept on the host and
+        # loaded again quantized from memory; no file is written unless the base is kept.
         model, base = quantize_in_memory(build_model(cfg.model, **build), quant=quant, dtype=dtype, device=device)
     else:
         model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)

@@ -282,15 +282,39 @@ def test_the_lora_dropout_hint_names_what_the_masks_cost(monkeypatch):
 
 
 def test_a_quantized_random_base_is_counted_once_at_load():
-    """init_config + 4-bit on a GPU: the bf16 base is built on the GPU, moved to the host, then quantized onto the
-    GPU (model/build.py: quantize_in_memory), so the load peak is the bf16 base alone, not both copies."""
+    """init_config + 4-bit on a GPU: the bf16 base is initialised on the GPU one decoder layer at a time into host
+    memory (model/layerwise.py), then quantized onto the GPU (model/build.py: quantize_in_memory), so the load peak
+    is the larger of the embeddings, head and one layer in bf16 and the quantized model, never the bf16 base."""
     shape = {**H200_SHAPE, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 8000}
     e = estimate_memory(config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", "quantization.bits=4"),
                         world_size=1, device="cuda")
-    assert e.detail["load_peak"] == e.detail["total_params"] * 2 > e.weights
-    host = f"moved to host memory ({format_bytes(e.detail['total_params'] * 2)} per rank there) and quantized"
-    assert any(host in n for n in e.notes), e.notes
+    layer = 2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 4096 + 2 * 1024  # q,o; k,v (2 of 8 heads); MLP; norms
+    outside = 2 * 8000 * 1024 + 1024  # embeddings, head, final norm
+    quantized = e.detail["param_bytes"] + e.detail["quant_state_bytes"] + e.detail["buffer_bytes"]
+    assert e.detail["load_peak"] == max((outside + layer) * 2, quantized + 1024 * 4096 * 2)
+    base = outside + 8 * layer
+    assert e.detail["load_peak"] < base * 2 / 2
+    host = f"in host memory on every rank ({format_bytes(base * 2)} per rank there"
+    assert any(host in n and "one decoder layer at a time) and quantized" in n for n in e.notes), e.notes
+
+
+@pytest.mark.parametrize("backend, layerwise", [
+    ([], False),  # DDP: built whole on the GPU, where it trains
+    (["backend.type=fsdp", "backend.config=configs/fsdp/full_shard.yaml", "launcher.num_workers=2"], True),
+    (["backend.type=deepspeed", "backend.config=configs/deepspeed/zero3.json", "launcher.num_workers=2"], False),
+])
+def test_a_random_base_sharded_from_the_host_is_built_a_layer_at_a_time(backend, layerwise):
+    """init_config on GPUs: FSDP2 shards the model from host memory, so the base is initialised there a decoder
+    layer at a time (the GPU holds one); DDP trains it whole on the GPU, and DeepSpeed's engine moves a module
+    built outside zero.Init whole to the GPU: built whole there."""
+    shape = {**H200_SHAPE, "num_hidden_layers": 4, "vocab_size": 8000}
+    cfg = config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", *backend)
+    e = estimate_memory(cfg, world_size=cfg.launcher.num_workers, device="cuda")
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q,o k,v, MLP, norms: no LoRA yet
+    outside = 2 * 8000 * 2048 + 2048
+    assert e.detail["load_peak"] == 2 * (outside + (1 if layerwise else 4) * layer)
+    assert any("one decoder layer at a time) and sharded from there by fsdp2" in n for n in e.notes) == layerwise
 
 
 @pytest.mark.parametrize("upcast", ["null", "true"])
