@@ -163,6 +163,9 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
     log.info(choice.describe())
     # On a CPU the host is the device: the same code path, the same weights, nothing moves.
     host = torch.device("cpu") if layerwise else None
+    if layerwise and device == "cuda":
+        log.info("model.init_config: initialised on the GPU one decoder layer at a time into host memory (the GPU "
+                 "never holds the base whole)")
     with without_zero3_init():
         return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name, host=host)
 
