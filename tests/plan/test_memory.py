@@ -243,7 +243,8 @@ def test_hint_when_activations_dominate():
 @pytest.mark.parametrize("run", ["ddp_lora", "ddp_lora_ckpt", "fsdp_full", "zero3_qlora4"])
 def test_cpu_estimate_still_agrees_with_the_measured_bench_runs(run, tmp_path):
     """The GPU calibration leaves the CPU path alone: bench/plan_memory.py's setups, re-predicted now, against the
-    RSS growth those runs measured (bench/results/plan_memory.json), within the README's 6%."""
+    RSS growth those runs measured (bench/results/plan_memory.json), as the README states them: at most 4% over,
+    and under by no more than the memory that is not a tensor (building the Trainer alone: ~80 MiB)."""
     import sys
 
     from tests.conftest import ROOT
@@ -257,7 +258,8 @@ def test_cpu_estimate_still_agrees_with_the_measured_bench_runs(run, tmp_path):
     plan_memory.long_texts(tmp_path)
     predicted = plan_memory.predict(plan_memory.overrides(run, tmp_path, 3))
     measured = rows[run]["measured"]
-    assert predicted["peak"] / measured["rss_delta"] == pytest.approx(1.0, abs=0.06)
+    assert predicted["peak"] <= 1.04 * measured["rss_delta"]
+    assert measured["rss_delta"] - predicted["peak"] <= 160 * 2**20
     assert predicted["params"] == measured["params"] and predicted["gradients"] == measured["gradients"]
 
 
