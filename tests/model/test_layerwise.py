@@ -50,7 +50,8 @@ def test_layerwise_init_gives_the_weights_of_the_whole_build_bit_for_bit(family,
     assert not torch.equal(other.lm_head.weight, layered.lm_head.weight)  # the seed is what decides
 
 
-def test_only_one_decoder_layer_is_allocated_before_it_moves_to_the_host(monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_one_decoder_layer_is_allocated_before_it_moves_to_the_host(family, monkeypatch):
     """When a layer moves to the host, the layers after it are still on the meta device (not yet allocated)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -58,8 +59,8 @@ def test_only_one_decoder_layer_is_allocated_before_it_moves_to_the_host(monkeyp
     from sft_dist.model.layerwise import init_layerwise
 
     with torch.device("meta"), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config("llama"))
-    layers = list(model.model.layers)
+        model = AutoModelForCausalLM.from_config(config(family))
+    layers = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
     seen = []
     move = torch.nn.Module.to
 
