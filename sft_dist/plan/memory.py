@@ -157,6 +157,9 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "transient": transient,
         "backend_extra": extra,
         "load_peak": load,
+        # host memory each rank holds while a random base is quantized from there (train/run.py takes turns)
+        "host_load_peak": (counts["base_numel"] * _bytes(dtype)
+                           if cfg.model.init_config is not None and cfg.quantization.bits is not None else 0),
         "peak": max(total, load),
         "activation_share": round(activations / max(1, total), 3),
     }
@@ -846,7 +849,8 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
     if (cfg.model.init_config is not None and (quantized or device == "cuda")
             and backend.random_base_on_host(shard, quantized=quantized)):
         host = counts["base_numel"] * _bytes(load_dtype)
-        then = ("quantized from there (no file unless model.save_init_base keeps the base)" if quantized else
+        then = ("quantized from there (no file unless model.save_init_base keeps the base; the ranks of a node take "
+                "turns where their copies together would not fit its memory)" if quantized else
                 f"sharded from there by {shard.label}")
         gpu = ", initialised on the GPU one decoder layer at a time" if device == "cuda" else ""
         notes.append(f"init_config: the random base is built in host memory on every rank ({format_bytes(host)} "

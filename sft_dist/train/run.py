@@ -27,9 +27,11 @@ from sft_dist.distributed.env import (
 )
 from sft_dist.distributed.health import diagnose
 from sft_dist.distributed.lifecycle import default_sigterm
+from sft_dist.distributed.turns import SHARE, available_host_memory, host_turns, in_turns
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
+from sft_dist.sizes import format_bytes
 from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
 from sft_dist.train.stop import StopOnSignal
 
@@ -129,8 +131,9 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
+    host_need = ((plan.get("memory_per_rank") or {}).get("detail") or {}).get("host_load_peak", 0)
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
-                                               out=out)
+                                               out=out, host_need=host_need)
     build_peak = _build_peak(device)
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
@@ -402,8 +405,10 @@ def _broadcast(env: DistEnv, value):
     return box[0]
 
 
-def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, tokenizer, args, out: Path):
-    """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs)."""
+def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, tokenizer, args, out: Path,
+                 host_need: int = 0):
+    """The model to train (with its LoRA adapter), and where its random base was saved (init_config runs).
+    `host_need`: host bytes a rank holds while a random base is quantized (rank 0's plan; 0 when unknown)."""
     import torch
     from transformers import set_seed
 
@@ -428,8 +433,17 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     build["layerwise"] = backend.random_base_on_host(sharding, quantized=quantized_random)
     if quantized_random:
         # Random weights to quantize: built in 16 bit (the seed gives every rank the same), kept on the host and
-        # loaded again quantized from memory; no file is written unless the base is kept.
-        model, base = quantize_in_memory(build_model(cfg.model, **build), quant=quant, dtype=dtype, device=device)
+        # loaded again quantized from memory; no file is written unless the base is kept. The ranks of a node
+        # take turns where their host copies together would not fit the node's memory.
+        keep = cfg.model.save_init_base and env.is_main
+
+        def quantize():
+            quantized, host = quantize_in_memory(build_model(cfg.model, **build), quant=quant, dtype=dtype,
+                                                 device=device)
+            return quantized, host if keep else None
+
+        turns = _broadcast(env, _host_turns(env, host_need, keep=cfg.model.save_init_base) if env.is_main else None)
+        model, base = in_turns(turns, local_rank=env.local_rank, step=quantize, barrier=lambda: _barrier(env))
     else:
         model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
     if cfg.model.init_config is not None and cfg.model.save_init_base:
@@ -458,6 +472,22 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
              type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
     return model, base_dir, base_write
+
+
+def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:
+    """Rank 0: in how many turns the ranks of a node quantize a random base from host memory (distributed/turns.py),
+    logged when more than one."""
+    available = available_host_memory()
+    turns = host_turns(need, ranks=env.local_world_size, available=available, keep=need if keep else 0)
+    if turns > 1:
+        log.info("model.init_config: the %d ranks of a node quantize the random base in %d turns: each holds %s of "
+                 "host memory meanwhile, and %s is available", env.local_world_size, turns, format_bytes(need),
+                 format_bytes(available))
+    elif need and available and need > SHARE * available:
+        log.warning("model.init_config: quantizing the random base holds %s of host memory, more than the %s "
+                    "available: the OS may stop this worker; a checkpoint (model.name_or_path) loads without it",
+                    format_bytes(need), format_bytes(available))
+    return turns
 
 
 def _build_peak(device: str) -> int | None:

@@ -75,3 +75,22 @@ def test_8bit_trains_with_paged_adamw_8bit_and_exports(tmp_path):
     r = sft_dist("export", tmp_path / "q8", "--output", tmp_path / "q8-adapter")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "q8-adapter" / "adapter_model.safetensors").stat().st_size > 10_000
+
+
+def test_ranks_that_take_turns_at_the_quantized_random_base_train_the_same(tmp_path):
+    """With less host memory than the node's ranks need at once (SFT_DIST_HOST_MEMORY_BYTES), the 2 ranks build and
+    quantize the random base one after the other (distributed/turns.py): the same weights, the same losses."""
+    args = ["train", QUICKSTART, *COMMON, "quantization.bits=4", "training.save_strategy=no"]
+    together = sft_dist(*args, f"output_dir={tmp_path / 'together'}")
+    env = {**cli_env(), "SFT_DIST_HOST_MEMORY_BYTES": "1000000"}
+    r = subprocess.run([str(BIN / "sft-dist"), *map(str, args), f"output_dir={tmp_path / 'turns'}"], check=False,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert together.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    assert "the 2 ranks of a node quantize the random base in 2 turns" in r.stderr
+    assert "in 2 turns" not in together.stderr
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["loss"]) for m in rows if "loss" in m]
+
+    assert len(losses(tmp_path / "turns")) == 6 and losses(tmp_path / "turns") == losses(tmp_path / "together")

@@ -1,0 +1,65 @@
+"""Ranks of a node taking turns at a host-memory-heavy step (distributed/turns.py): how many turns, and that no
+more ranks than fit are ever inside the step at once (threads standing in for ranks, a real barrier between)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sft_dist.distributed.turns import OVERRIDE, SHARE, available_host_memory, host_turns, in_turns
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("need, ranks, available, keep, turns", [
+    (15 * GiB, 8, 1000 * GiB, 0, 1),  # a big node: all at once
+    (15 * GiB, 8, 100 * GiB, 0, 2),  # 80 GiB for copies: 5 at once, 2 turns
+    (15 * GiB, 8, 100 * GiB, 15 * GiB, 2),  # rank 0 keeps its copy for the writer: 4 at once
+    (15 * GiB, 8, 60 * GiB, 15 * GiB, 4),  # 33 GiB: 2 at once
+    (15 * GiB, 4, 10 * GiB, 0, 4),  # not even one fits: one at a time (the run warns)
+    (15 * GiB, 1, 10 * GiB, 0, 1),  # one rank: nothing to take turns with
+    (0, 8, 10 * GiB, 0, 1),  # nothing held (no quantized random base)
+    (15 * GiB, 8, 0, 0, 1),  # available memory unknown
+])
+def test_turns_fit_the_copies_into_the_available_memory(need, ranks, available, keep, turns):
+    got = host_turns(need, ranks=ranks, available=available, keep=keep)
+    assert got == turns
+    at_once = -(-ranks // got)
+    if at_once > 1 and need and available:
+        assert at_once * need + keep <= SHARE * available
+
+
+def test_available_memory_is_the_os_figure_unless_overridden(monkeypatch):
+    monkeypatch.delenv(OVERRIDE, raising=False)
+    assert available_host_memory() > 0
+    monkeypatch.setenv(OVERRIDE, str(3 * GiB))
+    assert available_host_memory() == 3 * GiB
+
+
+@pytest.mark.parametrize("ranks, turns", [(4, 2), (5, 2), (3, 3), (4, 1)])
+def test_no_more_ranks_than_a_turn_holds_are_in_the_step_at_once(ranks, turns):
+    barrier = threading.Barrier(ranks, timeout=30)
+    lock = threading.Lock()
+    inside, most, done = [0], [0], {}
+
+    def rank(r: int):
+        def step():
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+            return r * 10
+
+        done[r] = in_turns(turns, local_rank=r, step=step, barrier=barrier.wait)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert done == {r: r * 10 for r in range(ranks)}  # every rank ran its step once and got its own result
+    assert most[0] == -(-ranks // turns)  # the ranks of one turn run together; turns never overlap
