@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: launcher.device)")
     plan.add_argument("--world-size", type=int, help="plan for this many workers (default: launcher.num_workers)")
+    plan.add_argument("--gpu-memory", metavar="SIZE",
+                      help="the memory of the GPUs it will run on, e.g. 80GB or 24GiB: say whether the estimated peak "
+                           "fits it, and exit 1 when it is over (plans for cuda unless --device says otherwise)")
     config_command(
         "preprocess",
         "tokenize a config's data into the cache (data.cache_dir), so that `train` starts without tokenizing",
@@ -363,14 +366,28 @@ class _OptionsAnywhereParser(argparse.ArgumentParser):
 def _plan(args) -> int:
     from sft_dist.validate import load_config
     from sft_dist.plan import make_plan
+    from sft_dist.plan.fit import fits_text
+    from sft_dist.sizes import parse_size
     from sft_dist.plan.report import render
     from sft_dist.quiet import quiet_libraries
 
+    gpu = parse_size(args.gpu_memory, flag="--gpu-memory") if args.gpu_memory else None
+    if gpu is not None and args.device == "cpu":
+        raise ConfigError("--gpu-memory checks the estimate against a GPU: drop --device cpu (it plans for cuda)")
     cfg = load_config(args.config, args.overrides)
     quiet_libraries()
-    plan = make_plan(cfg, device=args.device, world_size=args.world_size)
-    print(json.dumps(plan.as_dict(), indent=2, default=str) if args.json else render(plan))
-    return 1 if plan.errors else 0
+    plan = make_plan(cfg, device="cuda" if gpu is not None else args.device, world_size=args.world_size)
+    out, fits = plan.as_dict(), True
+    if gpu is not None:
+        if plan.memory is None:
+            fits, line = False, f"no memory estimate to check against --gpu-memory: {plan.memory_error}"
+        else:
+            fits, line = fits_text(plan.memory.detail["peak"], gpu=gpu, label=args.gpu_memory.strip(),
+                                   hinted=bool(plan.memory.hints))
+        out["gpu_fit"] = {"gpu_bytes": gpu, "fits": fits, "message": line}
+    print(json.dumps(out, indent=2, default=str) if args.json else render(plan)
+          + (f"\n{out['gpu_fit']['message']}" if gpu is not None else ""))
+    return 1 if plan.errors or not fits else 0
 
 
 def _preprocess(args) -> int:

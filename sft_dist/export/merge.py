@@ -9,7 +9,6 @@ the model, so a 70B model merges on a machine with far less RAM than the model's
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,21 +28,6 @@ from sft_dist.export.weights import TrainedWeights
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-         "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'1GB' (10^9, as transformers counts), '500MiB', or a number of bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in UNITS and m.group(2):
-        raise SftDistError(f"--max-shard-size: {text!r} is not a size; use e.g. 1GB, 500MB or 2GiB")
-    n = int(float(m.group(1)) * UNITS[m.group(2).lower() or "b"])
-    if n <= 0:
-        raise SftDistError(f"--max-shard-size: {text!r} must be positive")
-    return n
-
-
 @dataclass
 class MergeResult:
     files: list[str]

@@ -73,13 +73,13 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export as `args` asks; print a summary. Raises SftDistError for anything the user can fix."""
-    from sft_dist.export.merge import parse_size
+    from sft_dist.sizes import parse_size
     from sft_dist.export.source import locate
 
     t0 = time.perf_counter()
     out = Path(args.output).expanduser().resolve()
     _check_output(out, overwrite=args.overwrite)
-    max_shard = parse_size(args.max_shard_size)
+    max_shard = parse_size(args.max_shard_size, flag="--max-shard-size")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:

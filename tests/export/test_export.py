@@ -418,11 +418,12 @@ def test_quantization_round_trip_gives_the_weights_the_bitsandbytes_layer_uses(t
 
 
 def test_max_shard_size_parsing():
-    from sft_dist.export.merge import parse_size
+    from sft_dist.sizes import parse_size
 
-    assert parse_size("1GB") == 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1234") == 1234
+    size = lambda text: parse_size(text, flag="--max-shard-size")  # noqa: E731
+    assert size("1GB") == 10**9 and size("500MiB") == 500 * 2**20 and size("1234") == 1234
     with pytest.raises(SftDistError, match="--max-shard-size"):
-        parse_size("lots")
+        size("lots")
 
 
 def test_dequantize_without_a_quantized_run_is_refused():
