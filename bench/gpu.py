@@ -13,8 +13,9 @@ Steps run most important first; one that does not fit the time left of --budget-
   llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation, or
                     2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU): tokens/s, MFU, and the
                     seconds from the command to the first optimizer step
-  llama8b_qlora     the same, 4-bit (bitsandbytes; the random base quantized from memory, no file), activation
-                    checkpointing on (skipped without bitsandbytes)
+  llama8b_qlora     the same, 4-bit (bitsandbytes; the random base quantized from memory, no file), 1 row x 8
+                    accumulation without activation checkpointing: no recompute, planned at 17.4 GiB (under the
+                    goal's 24 GiB; skipped without bitsandbytes)
   isolation         packed rows vs each document alone, per attention implementation here (bench/gpu/isolation.py)
   trl_default       plain TRL SFTTrainer, its defaults (bfd packing, padding-free, activation checkpointing on)
   attention         packed attention alone: 4 layers of the 1.5B shape, forward + backward of one packed micro-batch,
@@ -30,9 +31,10 @@ Steps run most important first; one that does not fit the time left of --budget-
   sft_dist_compile  the sft_dist step with training.torch_compile=true
   ddp_nccl          the sft_dist step on every GPU (local launcher, nccl; skipped with fewer than 2 GPUs)
   lora_dropout_005  the sft_dist step with lora.dropout=0.05 (sft_dist's default and the presets'): what dropout costs
-  llama8b_qlora_every2  the QLoRA step at 2 rows x 4, checkpointing one decoder layer in two (less recompute;
-                    planned at 18.1 GiB): near the end of the list, past the default budget; run it with
-                    --only llama8b_qlora_every2 (it needs the prepare step's data, which --only runs too)
+  llama8b_qlora_ckpt, llama8b_qlora_every2  the QLoRA step at 4 rows x 2 with every decoder layer checkpointed
+                    (planned at 9.8 GiB, half again the compute), and at 2 x 4 checkpointing one layer in two (planned
+                    at 18.1 GiB): near the end of the list, past the default budget; run them with
+                    --only llama8b_qlora_ckpt,llama8b_qlora_every2 (--only adds the prepare step they need)
   trl_wrapped       plain TRL, packing_strategy=wrapped: documents attend to each other (not correct; reference)
 
 Figures: loss-carrying tokens/s and MFU over the steps after the warm-up (sft_dist's own metrics.jsonl; for TRL
@@ -521,18 +523,19 @@ def steps() -> list[Step]:
         r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
         return r
 
-    def qlora(n: str, rows: int, accumulation: int, **policy):
+    def qlora(n: str, rows: int, accumulation: int, checkpointing: bool = True, **policy):
         def run(s: Setup, t: float) -> dict:
             # quantized from memory, no base written (model.save_init_base: false): start-up is build + first step
             model = {"init_config": s.big_shape, "tokenizer": "builtin:tokenizer", "save_init_base": False}
             cfg = sft_dist_config(s, n, model=model, **{"quantization.bits": 4,
                                                        "training.per_device_train_batch_size": rows,
                                                        "training.gradient_accumulation_steps": accumulation,
-                                                       "training.activation_checkpointing": True, **policy,
+                                                       "training.activation_checkpointing": checkpointing, **policy,
                                                        "training.max_steps": s.steps - 4})
             r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
-            r["note"] = (f"init_config quantized from memory, {rows} x {accumulation}"
-                         + (f", checkpointing {policy}" if policy else "") + "; goals: >= 8k tokens/s at <= 24 GiB")
+            ckpt = f"checkpointing {policy}" if policy else "checkpointing" if checkpointing else "no checkpointing"
+            r["note"] = (f"init_config quantized from memory, {rows} x {accumulation}, {ckpt}; goals: >= 8k tokens/s "
+                         "at <= 24 GiB")
             return r
         return run
 
@@ -570,8 +573,8 @@ def steps() -> list[Step]:
         Step("trl_fastest", "plain TRL, fastest setting that keeps documents apart", 90, 25, trl_fastest, prep, 300),
         Step("llama8b", "Llama-3-8B shape from init_config, LoRA r16, packed 4 x seq x 2 accumulation", 120, 25,
              llama8b, prep, 420),
-        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, activation checkpointing", 110, 25,
-             qlora("llama8b_qlora", 4, 2), _has("bitsandbytes", "QLoRA"), 420),
+        Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, 1 x seq x 8, no activation checkpointing", 110, 25,
+             qlora("llama8b_qlora", 1, 8, checkpointing=False), _has("bitsandbytes", "QLoRA"), 420),
         Step("isolation", "packed rows vs documents alone, per attention implementation", 90, 25, step_isolation,
              None, 180),
         Step("trl_default", "plain TRL SFTTrainer, its defaults (bfd padding-free, activation checkpointing)", 70, 25,
@@ -597,6 +600,8 @@ def steps() -> list[Step]:
         Step("lora_dropout_005", "sft_dist with lora.dropout=0.05", 70, 25,
              sft("lora_dropout_005", **{"lora.dropout": 0.05}),
              prep, 300),
+        Step("llama8b_qlora_ckpt", "the QLoRA step at 4 x 2, every decoder layer checkpointed", 150, 25,
+             qlora("llama8b_qlora_ckpt", 4, 2), _has("bitsandbytes", "QLoRA"), 420),
         Step("llama8b_qlora_every2", "the QLoRA step at 2 x 4, checkpointing one decoder layer in two", 150, 25,
              qlora("llama8b_qlora_every2", 2, 4,
                    **{"training.activation_checkpointing_kwargs": {"every_n_layers": 2}}),
