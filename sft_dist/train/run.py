@@ -483,10 +483,10 @@ def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:
         log.info("model.init_config: the %d ranks of a node quantize the random base in %d turns: each holds %s of "
                  "host memory meanwhile, and %s is available", env.local_world_size, turns, format_bytes(need),
                  format_bytes(available))
-    elif need and available and need > SHARE * available:
-        log.warning("model.init_config: quantizing the random base holds %s of host memory, more than the %s "
-                    "available: the OS may stop this worker; a checkpoint (model.name_or_path) loads without it",
-                    format_bytes(need), format_bytes(available))
+    if need and available and need > SHARE * available:
+        log.warning("model.init_config: quantizing the random base holds %s of host memory on a rank, more than "
+                    "%.0f%% of the %s available: the OS may stop the worker; a checkpoint (model.name_or_path) loads "
+                    "without it", format_bytes(need), 100 * SHARE, format_bytes(available))
     return turns
 
 
