@@ -19,7 +19,9 @@ def init_layerwise(model: nn.Module, *, device: torch.device, host: torch.device
     to `host` once it is initialised; the rest follows at the end. Tied tensors stay one tensor."""
     from transformers import PreTrainedModel
 
-    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    from sft_dist.model.layers import decoder_layer_names
+
+    layer_names = decoder_layer_names(model)
     made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (it, its device tensor)
 
     def allocate(module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from sft_dist.backends import Backend, Sharding, get_backend
 from sft_dist.config.schema import Config
+from sft_dist.model.layers import decoder_layers
 from sft_dist.plan.facts import Facts, activation_checkpointing, checkpoint_policy
 from sft_dist.sizes import format_bytes
 
@@ -295,13 +296,6 @@ def _bnb4_state_bytes(numel: int, *, double: bool) -> int:
     return blocks + math.ceil(blocks / BNB4_NESTED_BLOCK) * 4 + BNB4_NESTED_BLOCK * 4 + 4
 
 
-def _decoder_layers(model) -> list:
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names |= set(getattr(base, "_no_split_modules", None) or [])
-    return [m for m in base.modules() if type(m).__name__ in names]
-
-
 def _in_base(name: str) -> bool:
     """Whether a parameter is the base model's, as it loads: not a LoRA weight or a modules_to_save copy, which
     peft adds after the load."""
@@ -310,14 +304,14 @@ def _in_base(name: str) -> bool:
 
 def _layer_numels(model) -> tuple[int, int]:
     """Base parameters in all decoder layers, and in the biggest one (a layer-wise random init holds one)."""
-    sizes = [sum(p.numel() for n, p in m.named_parameters() if _in_base(n)) for m in _decoder_layers(model)]
+    sizes = [sum(p.numel() for n, p in m.named_parameters() if _in_base(n)) for m in decoder_layers(model)]
     return sum(sizes), max(sizes, default=0)
 
 
 def _largest_layer_bytes(model, quantized: set, bits: int | None) -> int:
     """Bytes of the biggest decoder layer, as gathered by ZeRO-3 / FSDP2."""
     best = 0
-    for m in _decoder_layers(model):
+    for m in decoder_layers(model):
         size = sum(p.numel() // (8 // bits) if id(p) in quantized and bits else p.numel() * p.element_size()
                    for p in m.parameters())
         best = max(best, size)
