@@ -158,9 +158,10 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "transient": transient,
         "backend_extra": extra,
         "load_peak": load,
-        # host memory each rank holds while a random base is quantized from there (train/run.py takes turns)
-        "host_load_peak": (counts["base_numel"] * _bytes(dtype)
-                           if cfg.model.init_config is not None and cfg.quantization.bits is not None else 0),
+        # host memory each rank holds while a random base is built there: to be quantized from (train/run.py
+        # takes turns) or sharded from by FSDP2 (all ranks at once)
+        "host_load_peak": (counts["base_numel"] * _bytes(dtype) if cfg.model.init_config is not None
+                           and backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None) else 0),
         "peak": max(total, load),
         "activation_share": round(activations / max(1, total), 3),
     }

@@ -445,6 +445,8 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
         turns = _broadcast(env, _host_turns(env, host_need, keep=cfg.model.save_init_base) if env.is_main else None)
         model, base = in_turns(turns, local_rank=env.local_rank, step=quantize, barrier=lambda: _barrier(env))
     else:
+        if build["layerwise"] and env.is_main and device == "cuda":
+            _host_fits(env, host_need)
         model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
     if cfg.model.init_config is not None and cfg.model.save_init_base:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
@@ -488,6 +490,17 @@ def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:
                     "%.0f%% of the %s available: the OS may stop the worker; a checkpoint (model.name_or_path) loads "
                     "without it", format_bytes(need), 100 * SHARE, format_bytes(available))
     return turns
+
+
+def _host_fits(env: DistEnv, need: int) -> None:
+    """Rank 0, a random base every rank builds in host memory at once (FSDP2 shards it from there): a warning
+    where the node's ranks together would hold more than it has available."""
+    available = available_host_memory()
+    if need and available and need * env.local_world_size > SHARE * available:
+        log.warning("model.init_config: each of the %d ranks of a node builds the random base in host memory (%s "
+                    "each) before FSDP2 shards it: more than %.0f%% of the %s available, so the OS may stop a worker; "
+                    "fewer ranks a node, or a checkpoint (model.name_or_path: its files are shared memory-mapped), "
+                    "need less", env.local_world_size, format_bytes(need), 100 * SHARE, format_bytes(available))
 
 
 def _build_peak(device: str) -> int | None:

@@ -64,3 +64,24 @@ def test_no_more_ranks_than_a_turn_holds_are_in_the_step_at_once(ranks, turns):
         for b in range(ranks):
             if a % turns < b % turns:  # a's turn comes first: its step ended before b's began
                 assert spans[a][1] <= spans[b][0], (a, b, spans)
+
+
+def test_a_node_too_small_for_every_ranks_host_base_is_warned_of(monkeypatch, caplog):
+    """FSDP2 from init_config on GPUs: every rank holds the random base in host memory at once (no turns are
+    possible); rank 0 warns before building when the node's ranks together would not fit."""
+    import logging
+
+    from sft_dist.distributed.env import DistEnv
+    from sft_dist.train.run import _host_fits
+
+    node = DistEnv(rank=0, world_size=8, local_rank=0, local_world_size=8)
+    monkeypatch.setenv(OVERRIDE, str(1000 * GiB))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sft_dist"):
+        _host_fits(node, 15 * GiB)  # 120 GiB of 1000: fits
+        assert not [r for r in caplog.records if r.name == "sft_dist"]
+        monkeypatch.setenv(OVERRIDE, str(100 * GiB))
+        _host_fits(node, 15 * GiB)
+    assert len([r for r in caplog.records if r.name == "sft_dist"]) == 1
+    assert "each of the 8 ranks of a node builds the random base in host memory (15.00 GiB each)" in caplog.text
+    assert "more than 80% of the 100.00 GiB available" in caplog.text

@@ -316,6 +316,7 @@ def test_a_random_base_sharded_from_the_host_is_built_a_layer_at_a_time(backend,
     layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q,o k,v, MLP, norms: no LoRA yet
     outside = 2 * 8000 * 2048 + 2048
     assert e.detail["load_peak"] == 2 * (outside + (1 if layerwise else 4) * layer)
+    assert e.detail["host_load_peak"] == (2 * (outside + 4 * layer) if layerwise else 0)  # the whole base, per rank
     assert any("one decoder layer at a time) and sharded from there by fsdp2" in n for n in e.notes) == layerwise
 
 
