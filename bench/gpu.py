@@ -277,9 +277,13 @@ def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | N
     if rows:
         res.update(_steady(rows, s.warmup if warmup is None else warmup))
     summary = out / "run_summary.json"
-    built = [r.get("build_peak_mem_bytes") for r in json.loads(summary.read_text())["ranks"]] if summary.exists() else []
+    ranks = json.loads(summary.read_text())["ranks"] if summary.exists() else []
+    built = [r.get("build_peak_mem_bytes") for r in ranks]
     if any(built):  # the per-step peaks count from the first step; building the model may have needed more
         res["build_peak_gib"] = max(b for b in built if b) / 2**30
+    rss = [r.get("peak_rss_bytes") for r in ranks]
+    if any(rss):  # host memory: a quantized random base is built there first (model/layerwise.py)
+        res["host_peak_gib"] = max(b for b in rss if b) / 2**30
     if proc.rc != 0 or proc.timed_out:
         res.update(_failed(proc))
     elif not rows:
@@ -637,7 +641,9 @@ def table(s: Setup, meta: dict) -> str:
         kernels = r.get("kernels") if name.startswith(("sft", "llama", "paged", "ddp", "lora")) else None
         built = (f"{r['build_peak_gib']:.1f} GiB peak while building the model"
                  if (r.get("build_peak_gib") or 0) > (r.get("peak_gib") or 0) else None)
-        note = "; ".join(x for x in (r.get("attention"), kernels, built, r.get("note"), r.get("reason")) if x)
+        host = (f"host RSS peak {r['host_peak_gib']:.1f} GiB"
+                if name.startswith("llama8b") and r.get("host_peak_gib") else None)
+        note = "; ".join(x for x in (r.get("attention"), kernels, built, host, r.get("note"), r.get("reason")) if x)
         lines.append(f"| {name} | {r['status']} | {f('tokens_per_s', ',.0f')} | {f('mfu', '.1f', 100, '%')} | "
                      f"{f('peak_gib', '.1f')} | {f('step_s', '.3f')} | {f('first_step_s', '.1f')} | "
                      f"{f('max_dloss', '.4f')} | {note.replace('|', '/')} |")
