@@ -17,19 +17,46 @@ SHARE = 0.8
 OVERRIDE = "SFT_DIST_HOST_MEMORY_BYTES"
 
 
-def available_host_memory() -> int:
-    """Bytes of host memory available now (Linux's MemAvailable), or what SFT_DIST_HOST_MEMORY_BYTES says: the
-    memory a cgroup-limited container may use is often less than the host reports."""
+def available_host_memory(root: str = "/") -> int:
+    """Bytes of host memory this process may still take: Linux's MemAvailable, or less where a memory cgroup (a
+    Kubernetes pod's limit, a container's) leaves less room under its limit; SFT_DIST_HOST_MEMORY_BYTES overrides
+    both. 0 when unknown. `root`: where /proc and /sys are (tests)."""
     if os.environ.get(OVERRIDE):
         return int(os.environ[OVERRIDE])
+    available = 0
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(os.path.join(root, "proc/meminfo"), encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0  # unknown: the caller takes one turn
+    room = _cgroup_room(root)
+    if room is not None:
+        available = min(available, room) if available else room
+    return available
+
+
+# (limit, usage) files: cgroup v2, then v1. MemAvailable inside a container reports the host's memory.
+CGROUP_FILES = (("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current"),
+                ("sys/fs/cgroup/memory/memory.limit_in_bytes", "sys/fs/cgroup/memory/memory.usage_in_bytes"))
+UNLIMITED = 2**60  # v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_room(root: str) -> int | None:
+    """Bytes left under this process's memory cgroup limit, or None where there is no limit (or no cgroup)."""
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            with open(os.path.join(root, limit_file), encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(os.path.join(root, usage_file), encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= UNLIMITED:
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def host_turns(need: int, *, ranks: int, available: int, keep: int = 0) -> int:

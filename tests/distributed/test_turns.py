@@ -85,3 +85,24 @@ def test_a_node_too_small_for_every_ranks_host_base_is_warned_of(monkeypatch, ca
     assert len([r for r in caplog.records if r.name == "sft_dist"]) == 1
     assert "each of the 8 ranks of a node builds the random base in host memory (15.00 GiB each)" in caplog.text
     assert "more than 80% of the 100.00 GiB available" in caplog.text
+
+
+@pytest.mark.parametrize("cgroup, available", [
+    ({}, 60 * GiB),  # no cgroup: MemAvailable
+    ({"sys/fs/cgroup/memory.max": "max", "sys/fs/cgroup/memory.current": str(GiB)}, 60 * GiB),  # v2, no limit
+    ({"sys/fs/cgroup/memory.max": str(32 * GiB), "sys/fs/cgroup/memory.current": str(12 * GiB)}, 20 * GiB),  # a pod
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": str(GiB)}, 60 * GiB),  # v1, no limit
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": str(100 * GiB),
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": str(90 * GiB)}, 10 * GiB),  # v1 limit
+])
+def test_a_containers_memory_limit_bounds_the_available_memory(tmp_path, monkeypatch, cgroup, available):
+    """Inside a Kubernetes pod MemAvailable is the node's; the pod's cgroup limit minus its usage is what the ranks
+    may take."""
+    monkeypatch.delenv(OVERRIDE, raising=False)
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text(f"MemTotal: {64 * 2**20} kB\nMemAvailable: {60 * 2**20} kB\n")
+    for name, text in cgroup.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert available_host_memory(str(tmp_path)) == available
