@@ -136,6 +136,7 @@ def main() -> int:
                "param_numel_rank0": rank0["param_numel_local"], "total_params": s["total_params"],
                "optimizer_state_numel_rank0": rank0["optimizer_state_numel_local"],
                "trainable_params": s["trainable_params"], "mesh": s["backend_applied"].get("mesh"),
+               "random_base": [r.get("random_base") for r in s["ranks"]],
                "loss_max_rel": dev.loss_max_rel,
                "weights_rel_l2": dev.weights_rel_l2, "weights_max_rel": dev.weights_max_rel, "steps": dev.steps, "seconds": res["seconds"],
                "bitwise": dev.bitwise, "resumed_step": s.get("resumed_step"),

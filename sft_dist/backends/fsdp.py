@@ -179,8 +179,28 @@ class FSDP2(Backend):
     def separates_tied_weights(self) -> bool:
         return True
 
+    def random_base_from_rank0(self, sharding: Sharding, *, quantized: bool) -> bool:
+        # rank 0's weights, sent shard by shard as FSDP2 wraps (a 4-bit base is quantized on every rank instead).
+        # Not with a tied embedding and a trained copy of it or of the head (peft modules_to_save): that load ties
+        # the weights again (tie_weights), which fails on peft's wrapper ("attribute 'weight' already exists").
+        return sharding.weights > 1 and not quantized and not self._saves_tied_weight()
+
+    def _saves_tied_weight(self) -> bool:
+        from sft_dist.model.config import model_config
+
+        lora = self.cfg.lora
+        if not (lora.enabled and lora.modules_to_save):
+            return False
+        config = model_config(self.cfg.model)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return bool(getattr(text, "tie_word_embeddings", False))
+
     def after_accelerator(self, trainer, *, world_size: int, local_world_size: int) -> None:
         enable_fsdp(trainer, mesh=hybrid_mesh(self.settings, world_size=world_size, local_world_size=local_world_size))
+        if getattr(trainer.model, "sft_dist_weights_from_rank0", False):
+            # accelerate's load from rank 0: every rank's model goes to the meta device, is sharded there, and
+            # receives its shards of rank 0's weights (fsdp2_prepare_model); the other ranks built none
+            trainer.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True
 
     def shards_weights(self, trainer) -> bool:
         return True

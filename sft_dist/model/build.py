@@ -47,20 +47,24 @@ def build_model(
     to_device: bool = False,
     compute_dtype: torch.dtype | None = None,
     layerwise: bool = False,
+    broadcast: str | None = None,
 ):
     """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
     implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`).
     `to_device`: load a checkpoint's weights straight onto this rank's GPU (where every rank holds the whole
     model anyway) instead of into host memory first. `compute_dtype`: the training's 16-bit dtype (bf16/fp16)
     when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them. `layerwise`: an
-    `init_config` base is initialised on the device one decoder layer at a time and kept in host memory."""
+    `init_config` base is initialised on the device one decoder layer at a time and kept in host memory.
+    `broadcast`: the strategy fills every rank's shards of an `init_config` base from rank 0's weights (FSDP2):
+    "send" on rank 0, which builds them, "receive" on the others, which leave their parameters on the meta device
+    (`model.sft_dist_weights_from_rank0` says whether that applies: `_from_config`)."""
     from transformers import AutoModelForCausalLM
 
     from sft_dist.model import attention
 
     if cfg.init_config is not None:
         model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device,
-                             attn_dtype=attention_dtype(dtype, compute_dtype), layerwise=layerwise)
+                             attn_dtype=attention_dtype(dtype, compute_dtype), layerwise=layerwise, broadcast=broadcast)
         fit_vocab(model, tokenizer, where="model.init_config")
         return model
     kwargs: dict[str, Any] = dict(
@@ -139,7 +143,7 @@ def attention_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> to
 
 
 def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str,
-                 attn_dtype: torch.dtype, layerwise: bool = False):
+                 attn_dtype: torch.dtype, layerwise: bool = False, broadcast: str | None = None):
     from transformers import AutoConfig
 
     from sft_dist.model import attention
@@ -162,12 +166,29 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
                               device=device, dtype=attn_dtype, config=config)
     log.info(choice.describe())
     # On a CPU the host is the device: the same code path, the same weights, nothing moves.
-    host = torch.device("cpu") if layerwise else None
-    if layerwise and device == "cuda":
+    host = torch.device("cpu") if layerwise or broadcast else None
+    if broadcast == "receive":
+        log.info("model.init_config: the weights come from rank 0 as FSDP2 shards them: only the buffers are built here")
+    elif layerwise and device == "cuda":
         log.info("model.init_config: initialised on the GPU one decoder layer at a time into host memory (the GPU "
                  "never holds the base whole)")
     with without_zero3_init():
-        return init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name, host=host)
+        model = init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name, host=host,
+                            weights=broadcast != "receive")
+    kept = persistent_buffers(model)
+    if broadcast == "send" and kept:
+        log.info("model.init_config: %s has persistent buffers (%s, ...), which FSDP2's load from rank 0 does not take: "
+                 "every rank built the random base", type(model).__name__, kept[0])
+    model.sft_dist_weights_from_rank0 = bool(broadcast) and not kept
+    return model
+
+
+def persistent_buffers(model) -> list[str]:
+    """The buffers a model's state dict holds. FSDP2's load from rank 0 (accelerate's cpu_ram_efficient_loading)
+    takes only sharded parameters, so a model with any is built on every rank (the same answer on every rank:
+    it depends on the architecture only)."""
+    names = set(model.state_dict())
+    return [n for n, _ in model.named_buffers() if n in names]
 
 
 def target_device(device: str) -> torch.device:
@@ -178,7 +199,7 @@ def target_device(device: str) -> torch.device:
 
 
 def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, attn: str | None = None,
-                host: torch.device | None = None):
+                host: torch.device | None = None, weights: bool = True):
     """Seeded random weights, built where they are used: allocated on `device` in `dtype` with torch's default
     init switched off, then initialised once by the model's own `_init_weights` (normal(0, initializer_range)
     weights, unit norms, RoPE buffers). The same seed on the same device type gives the same weights, on every
@@ -189,7 +210,8 @@ def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, 
     base saved). The draws differ from that path's, so a seed gives other (equally distributed) weights.
 
     `host`: initialise one decoder layer at a time on `device` and keep the model on `host` (model/layerwise.py):
-    the same weights, while the device holds one layer at a time."""
+    the same weights, while the device holds one layer at a time. `weights=False` (with `host`): the parameters
+    stay on the meta device and only the buffers are made (a rank that gets its weights from rank 0)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -199,12 +221,14 @@ def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, 
         torch.manual_seed(seed)
         with torch.device(device if host is None else "meta"), no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        if not weights and persistent_buffers(model):
+            weights = True  # see persistent_buffers: this rank builds its weights after all
         if host is None:
             model.initialize_weights()
         else:
             from sft_dist.model.layerwise import init_layerwise
 
-            init_layerwise(model, device=device, host=host)
+            init_layerwise(model, device=device, host=host, weights=weights)
     model.tie_weights()
     return model
 

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from sft_dist.backends import Backend, Sharding, get_backend
 from sft_dist.config.schema import Config
+from sft_dist.model.build import persistent_buffers
 from sft_dist.model.layers import decoder_layers
 from sft_dist.plan.facts import Facts, activation_checkpointing, checkpoint_policy
 from sft_dist.sizes import format_bytes
@@ -158,8 +159,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "transient": transient,
         "backend_extra": extra,
         "load_peak": load,
-        # host memory each rank holds while a random base is built there: to be quantized from (train/run.py
-        # takes turns) or sharded from by FSDP2 (all ranks at once)
+        # host memory a rank holds while a random base is built there: to be quantized from (train/run.py
+        # takes turns) or sharded from by FSDP2 (rank 0 alone, which sends the others their shards)
         "host_load_peak": (counts["base_numel"] * _bytes(dtype) if cfg.model.init_config is not None
                            and backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None) else 0),
         "peak": max(total, load),
@@ -277,6 +278,7 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
     c["base_numel"] = sum(p.numel() for n, p in model.named_parameters() if _in_base(n))
     c["layers_numel"], c["largest_layer_numel"] = _layer_numels(model)
+    c["persistent_buffers"] = bool(persistent_buffers(model))  # FSDP2 then builds a random base on every rank
     c["quantized_ids"] = sorted(quantized)
     head = model.get_output_embeddings()
     c["head_bytes"] = head.weight.numel() * (4 if upcast else head.weight.element_size())
@@ -844,12 +846,15 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
     if (cfg.model.init_config is not None and (quantized or device == "cuda")
             and backend.random_base_on_host(shard, quantized=quantized)):
         host = counts["base_numel"] * _bytes(load_dtype)
+        from_rank0 = backend.random_base_from_rank0(shard, quantized=quantized) and not counts["persistent_buffers"]
         then = ("quantized from there (no file unless model.save_init_base keeps the base; the ranks of a node take "
                 "turns where their copies together would not fit its memory)" if quantized else
-                f"sharded from there by {shard.label}")
+                f"sent from there to every rank's shards by {shard.label} (the other ranks build none)" if from_rank0
+                else f"sharded from there by {shard.label}")
         gpu = ", initialised on the GPU one decoder layer at a time" if device == "cuda" else ""
-        notes.append(f"init_config: the random base is built in host memory on every rank ({format_bytes(host)} "
-                     f"per rank there{gpu}) and {then}")
+        who, each = ("on rank 0", "") if from_rank0 else ("on every rank", " per rank")
+        notes.append(f"init_config: the random base is built in host memory {who} ({format_bytes(host)}{each} there"
+                     f"{gpu}) and {then}")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "

@@ -135,6 +135,9 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
                                                out=out, host_need=host_need)
     build_peak = _build_peak(device)
+    # where this rank's random base came from (FSDP2: only rank 0 builds it; the others receive their shards)
+    random_base = None if cfg.model.init_config is None else (
+        "from rank 0" if getattr(model, "sft_dist_weights_from_rank0", False) and not env.is_main else "built")
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
     if env.is_main:
@@ -198,7 +201,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     save_final(trainer, final_dir)
     digests = _gather(env, trainable_digest(trainer.model))
     shards = _gather(env, {**shard_report(trainer), "rss_before_model_bytes": rss_before_model,
-                           "build_peak_mem_bytes": build_peak})
+                           "build_peak_mem_bytes": build_peak, "random_base": random_base})
     if len(set(digests)) != 1:
         raise SftDistError(
             f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
@@ -445,8 +448,12 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
         turns = _broadcast(env, _host_turns(env, host_need, keep=cfg.model.save_init_base) if env.is_main else None)
         model, base = in_turns(turns, local_rank=env.local_rank, step=quantize, barrier=lambda: _barrier(env))
     else:
+        # FSDP2: only rank 0 builds the random weights; the others receive their shards from it as it wraps
+        from_rank0 = cfg.model.init_config is not None and backend.random_base_from_rank0(sharding, quantized=False)
+        if from_rank0:
+            build["broadcast"] = "send" if env.is_main else "receive"
         if build["layerwise"] and env.is_main and device == "cuda":
-            _host_fits(env, host_need)
+            _host_fits(env, host_need, ranks=1 if from_rank0 else env.local_world_size)
         model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
     if cfg.model.init_config is not None and cfg.model.save_init_base:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
@@ -492,15 +499,18 @@ def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:
     return turns
 
 
-def _host_fits(env: DistEnv, need: int) -> None:
-    """Rank 0, a random base every rank builds in host memory at once (FSDP2 shards it from there): a warning
-    where the node's ranks together would hold more than it has available."""
+def _host_fits(env: DistEnv, need: int, *, ranks: int) -> None:
+    """Rank 0, a random base built in host memory before FSDP2 shards it, by `ranks` ranks of a node at once (1:
+    rank 0 alone, which sends the others their shards): a warning where they would hold more than it has
+    available."""
     available = available_host_memory()
-    if need and available and need * env.local_world_size > SHARE * available:
-        log.warning("model.init_config: each of the %d ranks of a node builds the random base in host memory (%s "
-                    "each) before FSDP2 shards it: more than %.0f%% of the %s available, so the OS may stop a worker; "
-                    "fewer ranks a node, or a checkpoint (model.name_or_path: its files are shared memory-mapped), "
-                    "need less", env.local_world_size, format_bytes(need), 100 * SHARE, format_bytes(available))
+    if need and available and need * ranks > SHARE * available:
+        who = "rank 0 builds" if ranks == 1 else f"each of the {ranks} ranks of a node builds"
+        each = "" if ranks == 1 else " each"
+        log.warning("model.init_config: %s the random base in host memory (%s%s) before FSDP2 shards it: more than "
+                    "%.0f%% of the %s available, so the OS may stop a worker; a checkpoint (model.name_or_path: its "
+                    "files are shared memory-mapped) needs less", who, format_bytes(need), each, 100 * SHARE,
+                    format_bytes(available))
 
 
 def _build_peak(device: str) -> int | None:

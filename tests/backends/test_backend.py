@@ -70,3 +70,21 @@ def test_the_settings_file_is_read_once_per_backend(monkeypatch, overrides):
     assert b.check() == []
     b.training_args(), b.sharding(4), b.plan_facts(), b.label, b.own_activation_checkpointing
     assert len(reads) == 1
+
+
+TIED = "model.init_config={model_type: qwen2, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
+       "num_attention_heads: 4, num_key_value_heads: 2, tie_word_embeddings: true}"
+
+
+@pytest.mark.parametrize("overrides, world, quantized, expected", [
+    ([], 4, False, True),  # the quickstart: untied head, trained (modules_to_save)
+    ([TIED, "lora.modules_to_save=null"], 4, False, True),  # tied, nothing trained besides LoRA
+    ([TIED], 4, False, False),  # tied and the head trained: the load from rank 0 would tie them again
+    ([], 4, True, False),  # a 4-bit base is quantized on every rank
+    ([], 1, False, False),  # nothing to send
+])
+def test_fsdp2_sends_a_random_base_from_rank_0_where_its_load_can_take_it(overrides, world, quantized, expected):
+    b = backend("backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}", *overrides)
+    assert b.random_base_from_rank0(b.sharding(world), quantized=quantized) is expected
+    ddp = backend(*overrides)
+    assert ddp.random_base_from_rank0(ddp.sharding(world), quantized=quantized) is False

@@ -67,8 +67,9 @@ def test_no_more_ranks_than_a_turn_holds_are_in_the_step_at_once(ranks, turns):
 
 
 def test_a_node_too_small_for_every_ranks_host_base_is_warned_of(monkeypatch, caplog):
-    """FSDP2 from init_config on GPUs: every rank holds the random base in host memory at once (no turns are
-    possible); rank 0 warns before building when the node's ranks together would not fit."""
+    """FSDP2 from init_config on GPUs: rank 0 holds the random base in host memory (or every rank at once, for a
+    model FSDP2 cannot fill from rank 0; no turns are possible); rank 0 warns before building when that would not
+    fit."""
     import logging
 
     from sft_dist.distributed.env import DistEnv
@@ -78,12 +79,16 @@ def test_a_node_too_small_for_every_ranks_host_base_is_warned_of(monkeypatch, ca
     monkeypatch.setenv(OVERRIDE, str(1000 * GiB))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sft_dist"):
-        _host_fits(node, 15 * GiB)  # 120 GiB of 1000: fits
+        _host_fits(node, 15 * GiB, ranks=8)  # 120 GiB of 1000: fits
         assert not [r for r in caplog.records if r.name == "sft_dist"]
         monkeypatch.setenv(OVERRIDE, str(100 * GiB))
-        _host_fits(node, 15 * GiB)
-    assert len([r for r in caplog.records if r.name == "sft_dist"]) == 1
+        _host_fits(node, 15 * GiB, ranks=1)  # rank 0 alone: 15 GiB of 100 fits
+        assert not [r for r in caplog.records if r.name == "sft_dist"]
+        _host_fits(node, 15 * GiB, ranks=8)
+        _host_fits(node, 90 * GiB, ranks=1)
+    assert len([r for r in caplog.records if r.name == "sft_dist"]) == 2
     assert "each of the 8 ranks of a node builds the random base in host memory (15.00 GiB each)" in caplog.text
+    assert "rank 0 builds the random base in host memory (90.00 GiB) before FSDP2" in caplog.text
     assert "more than 80% of the 100.00 GiB available" in caplog.text
 
 

@@ -115,6 +115,16 @@ def test_each_rank_holds_only_its_shard(matrix, run, params_sharded, optim_shard
     assert row["optimizer_state_numel_rank0"] == pytest.approx(expect_optim, rel=0.02)
 
 
+@pytest.mark.parametrize("run, sources", [
+    ("ddp", ["built"] * 2), ("zero3", ["built"] * 2), ("fsdp_full_shard", ["built", "from rank 0"]),
+    ("fsdp_hybrid_shard", ["built"] + ["from rank 0"] * 3), ("resume_fsdp_2to4", ["built"] + ["from rank 0"] * 3),
+])
+def test_under_fsdp2_only_rank_0_builds_the_random_base(matrix, run, sources):
+    """FSDP2 fills the other ranks' shards from rank 0's random weights (they never build them, so a node holds one
+    host copy); the loss curves above equal DDP's, where every rank builds its own."""
+    assert matrix[0][run]["random_base"] == sources
+
+
 def test_hybrid_shard_builds_a_replicate_by_shard_mesh(matrix):
     assert matrix[0]["fsdp_hybrid_shard"]["mesh"] == {"dp_replicate": 2, "dp_shard": 2}
     assert matrix[0]["fsdp_hybrid_shard"]["world_size"] == 4

@@ -75,3 +75,40 @@ def test_only_one_decoder_layer_is_allocated_before_it_moves_to_the_host(family,
     for i, meta in seen:
         assert meta == [False] * (i + 1) + [True] * (2 - i)
     assert not any(t.is_meta for t in tensors(model).values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_rank_that_receives_its_weights_builds_only_the_buffers(family):
+    """`weights=False` (FSDP2 fills the rank's shards from rank 0): every parameter is an uninitialised host tensor
+    of its shape and dtype (a distinct one: accelerate maps parameters by data pointer), ties kept, and the buffers
+    (RoPE's frequencies: FSDP2 does not send them) are those of the whole build."""
+    cpu = torch.device("cpu")
+    whole = init_random(config(family), dtype=torch.bfloat16, seed=7, device=cpu)
+    empty = init_random(config(family), dtype=torch.bfloat16, seed=7, device=cpu, host=cpu, weights=False)
+    params = dict(empty.named_parameters(remove_duplicate=False))
+    assert params and all(p.device == cpu for p in params.values())
+    assert len({p.data_ptr() for p in params.values()}) == len({id(p) for p in params.values()})
+    want = dict(whole.named_parameters(remove_duplicate=False))
+    assert {k: (p.shape, p.dtype) for k, p in params.items()} == {k: (p.shape, p.dtype) for k, p in want.items()}
+    buffers, ref = dict(empty.named_buffers()), dict(whole.named_buffers())
+    assert buffers.keys() == ref.keys()
+    assert all(not b.is_meta and torch.equal(b, ref[k]) for k, b in buffers.items())
+    tied = whole.lm_head.weight is whole.get_input_embeddings().weight
+    assert (empty.lm_head.weight is empty.get_input_embeddings().weight) == tied
+
+
+def test_a_model_with_persistent_buffers_is_built_whole_even_when_weights_would_come_from_rank_0():
+    """FSDP2's load from rank 0 takes sharded parameters only: a state dict holding buffers (DeepSeek V3's expert
+    score correction bias) makes every rank build its weights."""
+    from sft_dist.model.build import persistent_buffers
+
+    cfg = AutoConfig.for_model("deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                               num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
+                               num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                               topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=16,
+                               qk_rope_head_dim=8, v_head_dim=16, vocab_size=512)
+    cpu = torch.device("cpu")
+    model = init_random(cfg, dtype=torch.float32, seed=7, device=cpu, host=cpu, weights=False)
+    assert persistent_buffers(model)
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.lm_head.weight, init_random(cfg, dtype=torch.float32, seed=7, device=cpu).lm_head.weight)

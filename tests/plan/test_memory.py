@@ -308,16 +308,20 @@ def test_a_quantized_random_base_is_counted_once_at_load():
 ])
 def test_a_random_base_sharded_from_the_host_is_built_a_layer_at_a_time(backend, layerwise):
     """init_config on GPUs: FSDP2 shards the model from host memory, so the base is initialised there a decoder
-    layer at a time (the GPU holds one); DDP trains it whole on the GPU, and DeepSpeed's engine moves a module
-    built outside zero.Init whole to the GPU: built whole there."""
+    layer at a time (the GPU holds one), on rank 0 alone, which sends the other ranks their shards; DDP trains it
+    whole on the GPU, and DeepSpeed's engine moves a module built outside zero.Init whole to the GPU: built whole
+    there."""
     shape = {**H200_SHAPE, "num_hidden_layers": 4, "vocab_size": 8000}
     cfg = config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", *backend)
     e = estimate_memory(cfg, world_size=cfg.launcher.num_workers, device="cuda")
     layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q,o k,v, MLP, norms: no LoRA yet
     outside = 2 * 8000 * 2048 + 2048
     assert e.detail["load_peak"] == 2 * (outside + (1 if layerwise else 4) * layer)
-    assert e.detail["host_load_peak"] == (2 * (outside + 4 * layer) if layerwise else 0)  # the whole base, per rank
-    assert any("one decoder layer at a time) and sharded from there by fsdp2" in n for n in e.notes) == layerwise
+    assert e.detail["host_load_peak"] == (2 * (outside + 4 * layer) if layerwise else 0)  # the whole base, rank 0
+    sent = (f"in host memory on rank 0 ({format_bytes(2 * (outside + 4 * layer))} there, initialised on the GPU one "
+            "decoder layer at a time) and sent from there to every rank's shards by fsdp2 full_shard (the other ranks "
+            "build none)")
+    assert any(sent in n for n in e.notes) == layerwise, e.notes
 
 
 @pytest.mark.parametrize("upcast", ["null", "true"])
