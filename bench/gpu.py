@@ -2,20 +2,24 @@
 
 Each step runs in its own process under its own timeout; its result is appended to OUT/gpu.jsonl as soon as it
 ends, and the table (OUT/gpu.md) is rewritten, so a machine taken back mid-way still leaves what was measured.
-Steps run most important first; one that does not fit the time left of --budget-s is skipped, not started.
+Steps run most important first; one that does not fit the time left of --budget-s is skipped, not started. Every
+step sees one GPU (CUDA_VISIBLE_DEVICES) except ddp_nccl, and runs offline (HF_*_OFFLINE=1 unless set).
 
   prepare           the 1.5B Llama shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab
                     128256), random, built on the GPU in bf16 and saved once; variable-length prompt/completion rows
   sft_dist          sft_dist defaults on it: bf16, LoRA r16 all-linear, data.packing 8 x 2048, attention and Liger auto;
                     lora.dropout 0 as in the 2026-12-04 reference runs (and peft's default; every LoRA run here)
-  trl_fastest       plain TRL, its fastest setting that keeps documents apart: bfd padding-free on flash attention
-                    (if installed) or flex_attention, activation checkpointing off, Liger (if installed)
+  sft_dist_safe     only where the sft_dist step failed: the same on sdpa, without Liger and the fused LoRA forward
+                    (the features first run on a GPU here); where it trains, the 8B steps run so too
   llama8b           Llama-3-8B shape from model.init_config, LoRA r16, packed 2048 (4 rows x 2 accumulation, or
-                    2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU): tokens/s, MFU, and the
-                    seconds from the command to the first optimizer step
+                    2 x 4 ... where `sft-dist plan` puts the peak over 90% of the GPU; once more at half the
+                    micro-batch if the GPU runs out of memory): tokens/s, MFU, and the seconds from the command to
+                    the first optimizer step; needs the prepare step's data only, not its 1.5B model
   llama8b_qlora     the same, 4-bit (bitsandbytes; the random base quantized from memory, no file), 1 row x 8
                     accumulation without activation checkpointing: no recompute, planned at 17.4 GiB (under the
                     goal's 24 GiB; skipped without bitsandbytes)
+  trl_fastest       plain TRL, its fastest setting that keeps documents apart: bfd padding-free on flash attention
+                    (if installed) or flex_attention, activation checkpointing off, Liger (if installed)
   isolation         packed rows vs each document alone, per attention implementation here (bench/gpu/isolation.py)
   trl_default       plain TRL SFTTrainer, its defaults (bfd packing, padding-free, activation checkpointing on)
   attention         packed attention alone: 4 layers of the 1.5B shape, forward + backward of one packed micro-batch,
@@ -133,20 +137,26 @@ class Proc:
     marks: dict[str, str]  # first line starting with each watched prefix
 
 
-def child_env() -> dict:
-    """The environment of a step's process: this checkout importable, not inside another launcher."""
+def child_env(all_gpus: bool = False) -> dict:
+    """The environment of a step's process: this checkout importable, not inside another launcher, offline (the
+    machine has no network: a hub probe would wait for its timeout), and on one GPU unless the step is the one that
+    uses them all (plain TRL with several GPUs visible to one process refuses to train: nn.DataParallel)."""
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS"):
         env.pop(k, None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.setdefault(k, "1")
+    if not all_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = (env.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     return env
 
 
 def run_proc(cmd: list[str], *, timeout: float, log: Path,
-             watch: tuple[str, ...] = ("attention:", "kernels:", "model:")) -> Proc:
+             watch: tuple[str, ...] = ("attention:", "kernels:", "model:"), all_gpus: bool = False) -> Proc:
     """Run `cmd` in its own process group, its output to `log`; killed (the whole group) at `timeout`."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(),
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(all_gpus),
                          start_new_session=True, bufsize=1, errors="replace")
     tail: list[str] = []
     marks: dict[str, str] = {}
@@ -268,7 +278,7 @@ def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | N
     shutil.rmtree(out, ignore_errors=True)
     path = write_config(s, name, cfg)
     proc = run_proc([sys.executable, "-m", "sft_dist", "train", str(path)], timeout=timeout,
-                    log=s.work / "logs" / f"{name}.log")
+                    log=s.work / "logs" / f"{name}.log", all_gpus=cfg["launcher"]["num_workers"] > 1)
     res = {"wall_s": round(proc.wall_s, 1), "first_step_s": _round(proc.first_step_s),
            "attention": proc.marks.get("attention:"), "kernels": proc.marks.get("kernels:") or
            "kernels: no log line (this sft_dist does not apply Liger itself)", "model": proc.marks.get("model:")}
@@ -286,6 +296,7 @@ def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | N
         res["host_peak_gib"] = max(b for b in rss if b) / 2**30
     if proc.rc != 0 or proc.timed_out:
         res.update(_failed(proc))
+        res["out_of_memory"] = any("out of memory" in x.lower() for x in proc.tail)
     elif not rows:
         res.update(status="failed", reason="no metrics.jsonl rows", tail=proc.tail[-12:])
     else:
@@ -453,12 +464,28 @@ def _need(*names: str):
     return check
 
 
-def _has(module: str, what: str):
+def _has(module: str, what: str, then=None):
     def check(s: Setup) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed ({what})"
-        return _need("prepare")(s)
+        return (then or _need("prepare"))(s)
     return check
+
+
+# What the sft_dist_safe step turns off: every speed feature of the defaults that had not run on a GPU before
+SAFE = {"model.attn_implementation": "sdpa", "training.use_liger_kernel": False, "lora.fused_forward": False}
+
+
+def safe_settings(s: Setup) -> dict:
+    """SAFE where the sft_dist step failed and the sft_dist_safe step trained: the 8B steps then measure what
+    runs (their note says so); else nothing."""
+    failed = s.results.get("sft_dist", {}).get("status") not in ("ok", None, "skipped")
+    return dict(SAFE) if failed and s.results.get("sft_dist_safe", {}).get("status") == "ok" else {}
+
+
+def _safe_note(s: Setup) -> str | None:
+    return ("the sft_dist step failed and sft_dist_safe trained: run on sdpa, without Liger and the fused LoRA "
+            "forward" if safe_settings(s) else None)
 
 
 def _default_attn(s: Setup) -> str | None:
@@ -498,7 +525,7 @@ def steps() -> list[Step]:
                 return "FlexAttention has no backward on a CPU (torch 2.13: NotImplementedError)"
             if _default_attn(s) == attn:
                 return f"the sft_dist step already ran {attn} (attention auto)"
-            return _need("sft_dist")(s)
+            return _need("prepare")(s)  # not the sft_dist step: where it failed, the variants show which part did
         return Step(f"sft_dist_{attn}", f"sft_dist, model.attn_implementation={attn}", 90, 25,
                     sft(f"sft_dist_{attn}", **{"model.attn_implementation": attn}), ready, 300)
 
@@ -512,7 +539,7 @@ def steps() -> list[Step]:
     def liger_ready(s: Setup) -> str | None:
         if not _default_liger_on(s) and (s.tiny or importlib.util.find_spec("liger_kernel") is None):
             return "liger-kernel is not installed" if not s.tiny else "Liger's kernels need CUDA (Triton)"
-        return _need("sft_dist")(s)
+        return _need("prepare")(s)
 
     def llama8b(s: Setup, t: float) -> dict:
         n = "llama8b"
@@ -520,11 +547,23 @@ def steps() -> list[Step]:
         cfg = sft_dist_config(s, n, model={"init_config": s.big_shape, "tokenizer": "builtin:tokenizer",
                                            "save_init_base": False},
                               **{"training.per_device_train_batch_size": s.rows // 2,
-                                 "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4})
+                                 "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4},
+                              **safe_settings(s))
         t0 = time.perf_counter()
         fitted = fit_micro_batch(s, n, cfg)  # planned at 61.2 GiB for 4 x 2 without Liger: kept on an 80 GB H100
         r = run_sft_dist(s, n, cfg, t - (time.perf_counter() - t0), warmup=max(1, s.warmup - 1))
-        r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted]))
+        training = cfg["training"]
+        left = t - (time.perf_counter() - t0)
+        if r.get("out_of_memory") and training["per_device_train_batch_size"] > 1 and left > 60:
+            # the plan was wrong for this GPU: once more at half the micro-batch (same global batch)
+            tried = f"{training['per_device_train_batch_size']} x {training['gradient_accumulation_steps']}"
+            training["per_device_train_batch_size"] //= 2
+            training["gradient_accumulation_steps"] *= 2
+            r = run_sft_dist(s, n, cfg, left, warmup=max(1, s.warmup - 1))
+            fitted = (f"{tried} ran out of GPU memory; rerun at {training['per_device_train_batch_size']} x "
+                      f"{training['gradient_accumulation_steps']}")
+        r["note"] = "; ".join(filter(None, ["init_config; first_step_s is the start-up goal (<= 60 s)", fitted,
+                                            _safe_note(s)]))
         return r
 
     def qlora(n: str, rows: int, accumulation: int, checkpointing: bool = True, **policy):
@@ -535,11 +574,11 @@ def steps() -> list[Step]:
                                                        "training.per_device_train_batch_size": rows,
                                                        "training.gradient_accumulation_steps": accumulation,
                                                        "training.activation_checkpointing": checkpointing, **policy,
-                                                       "training.max_steps": s.steps - 4})
+                                                       "training.max_steps": s.steps - 4, **safe_settings(s)})
             r = run_sft_dist(s, n, cfg, t, warmup=max(1, s.warmup - 1))
             ckpt = f"checkpointing {policy}" if policy else "checkpointing" if checkpointing else "no checkpointing"
-            r["note"] = (f"init_config quantized from memory, {rows} x {accumulation}, {ckpt}; goals: >= 8k tokens/s "
-                         "at <= 24 GiB")
+            r["note"] = "; ".join(filter(None, [f"init_config quantized from memory, {rows} x {accumulation}, {ckpt}; "
+                                                "goals: >= 8k tokens/s at <= 24 GiB", _safe_note(s)]))
             return r
         return run
 
@@ -552,7 +591,9 @@ def steps() -> list[Step]:
         attn = "flash_attention_2" if _flash() and not s.tiny else ("sdpa" if s.tiny else "flex_attention")
         liger = not s.tiny and importlib.util.find_spec("liger_kernel") is not None
         t0 = time.perf_counter()
-        r = run_trl(s, "trl_fastest", t, attn=attn, checkpointing=False, liger=liger)
+        # flex attention compiles (again for each new row width): its try leaves the sdpa fallback its time
+        first = min(t, max(120.0, t - 120.0)) if attn == "flex_attention" else t
+        r = run_trl(s, "trl_fastest", first, attn=attn, checkpointing=False, liger=liger)
         failed = None
         left = t - (time.perf_counter() - t0)
         if r["status"] != "ok" and attn == "flex_attention" and left > 60:
@@ -566,6 +607,15 @@ def steps() -> list[Step]:
         return r
 
     prep = _need("prepare")
+
+    def data(s: Setup) -> str | None:  # the 8B steps build their model: the data is all they need from `prepare`
+        return None if s.data is not None and s.data.exists() else "needs the prepare step's data, which is missing"
+
+    def safe_ready(s: Setup) -> str | None:
+        if s.results.get("sft_dist", {}).get("status") in ("ok", None, "skipped"):
+            return "the sft_dist step did not fail"
+        return prep(s)
+
     # Most important first: the goals of issue 17 (1.5B and 8B throughput, start-up, QLoRA, sft_dist against
     # plain TRL's fastest correct setting), then packing isolation on this GPU's kernels, plain TRL's defaults,
     # then each speed feature alone. Estimates: what a step needs on an H200 / on 2 idle CPU cores.
@@ -574,11 +624,13 @@ def steps() -> list[Step]:
              step_prepare, None, 240),
         Step("sft_dist", "sft_dist defaults (attention auto, Liger auto), bf16, LoRA r16, packed 8 x seq",
              60, 25, sft("sft_dist"), prep, 300),
-        Step("trl_fastest", "plain TRL, fastest setting that keeps documents apart", 90, 25, trl_fastest, prep, 300),
+        Step("sft_dist_safe", "only where the sft_dist step failed: the same on sdpa, without Liger and the fused "
+             "LoRA forward (the 8B steps then run so too)", 60, 25, sft("sft_dist_safe", **SAFE), safe_ready, 300),
         Step("llama8b", "Llama-3-8B shape from init_config, LoRA r16, packed 4 x seq x 2 accumulation", 120, 25,
-             llama8b, prep, 420),
+             llama8b, data, 420),
         Step("llama8b_qlora", "Llama-3-8B shape, QLoRA 4-bit, 1 x seq x 8, no activation checkpointing", 110, 25,
-             qlora("llama8b_qlora", 1, 8, checkpointing=False), _has("bitsandbytes", "QLoRA"), 420),
+             qlora("llama8b_qlora", 1, 8, checkpointing=False), _has("bitsandbytes", "QLoRA", data), 420),
+        Step("trl_fastest", "plain TRL, fastest setting that keeps documents apart", 90, 25, trl_fastest, prep, 300),
         Step("isolation", "packed rows vs documents alone, per attention implementation", 90, 25, step_isolation,
              None, 180),
         Step("trl_default", "plain TRL SFTTrainer, its defaults (bfd padding-free, activation checkpointing)", 70, 25,
@@ -605,11 +657,11 @@ def steps() -> list[Step]:
              sft("lora_dropout_005", **{"lora.dropout": 0.05}),
              prep, 300),
         Step("llama8b_qlora_ckpt", "the QLoRA step at 4 x 2, every decoder layer checkpointed", 150, 25,
-             qlora("llama8b_qlora_ckpt", 4, 2), _has("bitsandbytes", "QLoRA"), 420),
+             qlora("llama8b_qlora_ckpt", 4, 2), _has("bitsandbytes", "QLoRA", data), 420),
         Step("llama8b_qlora_every2", "the QLoRA step at 2 x 4, checkpointing one decoder layer in two", 150, 25,
              qlora("llama8b_qlora_every2", 2, 4,
                    **{"training.activation_checkpointing_kwargs": {"every_n_layers": 2}}),
-             _has("bitsandbytes", "QLoRA"), 420),
+             _has("bitsandbytes", "QLoRA", data), 420),
         Step("trl_wrapped", "plain TRL, packing_strategy=wrapped (documents attend to each other: not correct)",
              70, 25, lambda s, t: run_trl(s, "trl_wrapped", t, attn="sdpa", strategy="wrapped"), prep, 300),
     ]

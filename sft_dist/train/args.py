@@ -155,6 +155,14 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
         raise ConfigError(f"training: {e}") from None
 
 
+def one_gpu(args) -> None:
+    """A run of one worker on a machine with several visible GPUs: the Trainer would wrap the model in
+    nn.DataParallel over all of them (TRL's SFTTrainer refuses that: "does not support nn.DataParallel"). It
+    trains on its own GPU, as each worker of a larger run does; more GPUs take launcher.num_workers."""
+    _ = args.device  # the Trainer's arguments count the visible GPUs when they first resolve the device
+    args._n_gpu = 1  # what the Trainer itself sets for a model it must not replicate (model parallel)
+
+
 def validate_sft_config(cfg: Config, *, device: str) -> None:
     """Check the training arguments as a whole in a process that will not train (the launcher)."""
     build_sft_config(cfg, device=device)

@@ -105,7 +105,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     from sft_dist.backends.verify import shard_report, trainable_digest
     from sft_dist.distributed.heartbeat import Heartbeat
     from sft_dist.model.tokenizer import build_tokenizer
-    from sft_dist.train.args import build_sft_config
+    from sft_dist.train.args import build_sft_config, one_gpu
     from sft_dist.train.trackers import set_local_dirs
 
     out = Path(cfg.output_dir)
@@ -113,6 +113,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         out.mkdir(parents=True, exist_ok=True)
     resume, cfg = _resume_point(cfg, backend, env=env)  # on another world size: the accumulation that keeps the batch
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
+    if device == "cuda" and env.world_size == 1:
+        one_gpu(args)
     set_local_dirs(cfg.training, out)
     if cfg.training.logging_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.training.logging_dir).expanduser().resolve())

@@ -130,3 +130,24 @@ def test_torch_compile_passes_through_to_the_trainer_arguments(tmp_path):
         args = build_sft_config(cfg(tmp_path, "training.torch_compile=true"), device="cpu")
     assert args.torch_compile is True and args.use_liger_kernel is False
     assert torch.device(args.device).type == "cpu"
+
+
+def test_one_worker_on_a_machine_with_several_gpus_trains_on_its_own(tmp_path, monkeypatch):
+    """One worker, 4 visible GPUs, no process group: the Trainer's arguments count 4 GPUs (it would wrap the model in
+    nn.DataParallel, which TRL's SFTTrainer refuses); sft_dist's worker keeps it on its own GPU."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from sft_dist.train.args import one_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    try:
+        args = build_sft_config(cfg(tmp_path, "training.bf16=false"), device="cuda")
+        assert args.device == torch.device("cuda", 0) and args.n_gpu == 4  # what the Trainer would replicate over
+        one_gpu(args)
+        assert args.device == torch.device("cuda", 0) and args.n_gpu == 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
