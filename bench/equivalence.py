@@ -82,6 +82,19 @@ def run(name: str, overrides: list[str], out: Path, steps: int, *, fresh: bool =
     return {"name": name, "dir": str(run_dir), "seconds": round(time.perf_counter() - t0, 1), "summary": summary}
 
 
+def same_base(ref: str, run_dir: str) -> bool | None:
+    """Whether a run wrote the random base (base_model/) the DDP run wrote, tensor for tensor (None: none written).
+    Each backend builds it its own way (whole, a layer at a time, rank 0 alone, partitioned under zero.Init)."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = [Path(d) / "base_model" / "model.safetensors" for d in (ref, run_dir)]
+    if not all(f.is_file() for f in files):
+        return None
+    a, b = (load_file(f) for f in files)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def resume(name: str, source: dict, extra: list[str], out: Path, steps: int, matrix: dict) -> dict:
     """Continue a copy of `source` from its middle checkpoint, as if it had stopped there."""
     run_dir = out / name
@@ -141,7 +154,7 @@ def main() -> int:
                "weights_rel_l2": dev.weights_rel_l2, "weights_max_rel": dev.weights_max_rel, "steps": dev.steps, "seconds": res["seconds"],
                "bitwise": dev.bitwise, "resumed_step": s.get("resumed_step"),
                "checkpoint_bytes": s.get("checkpoint_bytes"), "adapter_bytes": s.get("adapter_bytes"),
-               "ok": dev.within(args.tol)}
+               "base_model_as_ddp": same_base(dirs["ddp"], res["dir"]), "ok": dev.within(args.tol)}
         rows.append(row)
         wrapper = str(row["wrapper"]) + (f" z{row['zero_stage']}" if row["zero_stage"] is not None else "")
         print(f"{row['run']:<20} {wrapper:<24} {row['param_numel_rank0']:>11,} "

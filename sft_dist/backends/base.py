@@ -109,6 +109,10 @@ class Backend:
         shards from the host layer by layer, as it does a checkpoint (FSDP2)."""
         return quantized or sharding.weights > 1 or sharding.offload_param
 
+    def random_base_partitioned(self, sharding: Sharding, *, quantized: bool) -> bool:
+        """Whether every rank builds only its partition of an `init_config` base (ZeRO-3's zero.Init)."""
+        return False
+
     def random_base_from_rank0(self, sharding: Sharding, *, quantized: bool) -> bool:
         """Whether the strategy fills every rank's shards of an `init_config` base from rank 0's weights, so that
         only rank 0 builds them (the others keep their parameters on the meta device: model/build.py)."""

@@ -138,6 +138,11 @@ class DeepSpeed(Backend):
     def random_base_on_host(self, sharding: Sharding, *, quantized: bool) -> bool:
         return quantized  # the engine moves a module built outside zero.Init whole to the GPU anyway
 
+    def random_base_partitioned(self, sharding: Sharding, *, quantized: bool) -> bool:
+        # ZeRO-3 over several ranks builds it under zero.Init, as transformers loads a checkpoint (a quantized base
+        # is not: transformers does not quantize under zero.Init)
+        return sharding.weights > 1 and not quantized
+
     def join_process_group(self, env, *, device: str) -> None:
         import deepspeed
 

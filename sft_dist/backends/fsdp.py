@@ -197,7 +197,7 @@ class FSDP2(Backend):
 
     def after_accelerator(self, trainer, *, world_size: int, local_world_size: int) -> None:
         enable_fsdp(trainer, mesh=hybrid_mesh(self.settings, world_size=world_size, local_world_size=local_world_size))
-        if getattr(trainer.model, "sft_dist_weights_from_rank0", False):
+        if getattr(trainer.model, "sft_dist_random_base", None) in ("send", "receive"):
             # accelerate's load from rank 0: every rank's model goes to the meta device, is sharded there, and
             # receives its shards of rank 0's weights (fsdp2_prepare_model); the other ranks built none
             trainer.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True

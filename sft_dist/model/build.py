@@ -46,25 +46,21 @@ def build_model(
     device: str,
     to_device: bool = False,
     compute_dtype: torch.dtype | None = None,
-    layerwise: bool = False,
-    broadcast: str | None = None,
+    random_base: str = "device",
 ):
     """The model to train: seeded random weights from `init_config`, or `from_pretrained`, with the attention
     implementation chosen (`attention.choose`) and the embedding fitted to the tokenizer (`fit_vocab`).
     `to_device`: load a checkpoint's weights straight onto this rank's GPU (where every rank holds the whole
     model anyway) instead of into host memory first. `compute_dtype`: the training's 16-bit dtype (bf16/fp16)
-    when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them. `layerwise`: an
-    `init_config` base is initialised on the device one decoder layer at a time and kept in host memory.
-    `broadcast`: the strategy fills every rank's shards of an `init_config` base from rank 0's weights (FSDP2):
-    "send" on rank 0, which builds them, "receive" on the others, which leave their parameters on the meta device
-    (`model.sft_dist_weights_from_rank0` says whether that applies: `_from_config`)."""
+    when fp32 weights compute in it, which lets `auto` pick a 16-bit attention kernel for them. `random_base`:
+    where an `init_config` base is built (RANDOM_BASE)."""
     from transformers import AutoModelForCausalLM
 
     from sft_dist.model import attention
 
     if cfg.init_config is not None:
         model = _from_config(cfg, tokenizer=tokenizer, dtype=dtype, seed=seed, device=device,
-                             attn_dtype=attention_dtype(dtype, compute_dtype), layerwise=layerwise, broadcast=broadcast)
+                             attn_dtype=attention_dtype(dtype, compute_dtype), random_base=random_base)
         fit_vocab(model, tokenizer, where="model.init_config")
         return model
     kwargs: dict[str, Any] = dict(
@@ -121,7 +117,7 @@ def quantize_in_memory(model, *, quant: QuantizationConfig, dtype: torch.dtype, 
     """`model` (random weights in the load dtype) loaded again through transformers' bitsandbytes quantizer from
     memory: the weights a `from_pretrained` of its saved copy would give, without writing and reading the file
     (16 GB for an 8B shape in bf16). Returns (quantized, host): the unquantized model is on the host (built there
-    layer by layer: build_model's `layerwise`; else moved there first), 2 bytes a parameter in bf16, so the GPU
+    layer by layer: build_model's `random_base="host"`; else moved there first), 2 bytes a parameter in bf16, so the GPU
     never holds it whole next to the quantized one, and it stays there for the base to be written from."""
     host = model.to("cpu")
     kwargs: dict[str, Any] = dict(config=host.config, state_dict=dict(host.state_dict()), dtype=dtype,
@@ -142,8 +138,20 @@ def attention_dtype(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> to
     return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+# Where a rank builds an `init_config` base (train/run.py: the strategy decides):
+RANDOM_BASE = {
+    "device": "whole on the device, where it trains (DDP, ZeRO-1/2, one rank)",
+    "host": "initialised on the device one decoder layer at a time into host memory (model/layerwise.py): to be "
+            "quantized from there, or sharded from there by FSDP2",
+    "send": "as `host`, on the rank FSDP2 sends every rank's shards from (rank 0)",
+    "receive": "only the buffers: FSDP2 fills the parameters from rank 0's (left uninitialised on the host)",
+    "partitioned": "under deepspeed.zero.Init, each rank holding its partition; each module gathered in turn while "
+                   "transformers initialises it on rank 0 (ZeRO-3)",
+}
+
+
 def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, device: str,
-                 attn_dtype: torch.dtype, layerwise: bool = False, broadcast: str | None = None):
+                 attn_dtype: torch.dtype, random_base: str = "device"):
     from transformers import AutoConfig
 
     from sft_dist.model import attention
@@ -165,21 +173,47 @@ def _from_config(cfg: ModelConfig, *, tokenizer, dtype: torch.dtype, seed: int, 
     choice = attention.choose(cfg.attn_implementation, attention.causal_lm_class(config), model_type=model_type,
                               device=device, dtype=attn_dtype, config=config)
     log.info(choice.describe())
+    if random_base not in RANDOM_BASE:
+        raise ValueError(f"random_base: {random_base!r} is not one of {sorted(RANDOM_BASE)}")
+    if random_base == "partitioned":
+        model = _init_partitioned(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name)
+        model.sft_dist_random_base = random_base
+        return model
     # On a CPU the host is the device: the same code path, the same weights, nothing moves.
-    host = torch.device("cpu") if layerwise or broadcast else None
-    if broadcast == "receive":
+    host = None if random_base == "device" else torch.device("cpu")
+    if random_base == "receive":
         log.info("model.init_config: the weights come from rank 0 as FSDP2 shards them: only the buffers are built here")
-    elif layerwise and device == "cuda":
+    elif host is not None and device == "cuda":
         log.info("model.init_config: initialised on the GPU one decoder layer at a time into host memory (the GPU "
                  "never holds the base whole)")
     with without_zero3_init():
         model = init_random(config, dtype=dtype, seed=seed, device=target_device(device), attn=choice.name, host=host,
-                            weights=broadcast != "receive")
+                            weights=random_base != "receive")
     kept = persistent_buffers(model)
-    if broadcast == "send" and kept:
+    if random_base == "send" and kept:
         log.info("model.init_config: %s has persistent buffers (%s, ...), which FSDP2's load from rank 0 does not take: "
                  "every rank built the random base", type(model).__name__, kept[0])
-    model.sft_dist_weights_from_rank0 = bool(broadcast) and not kept
+    # what this rank did: a model FSDP2 cannot fill from rank 0 was built here (`host`, as every rank)
+    model.sft_dist_random_base = "host" if random_base in ("send", "receive") and kept else random_base
+    return model
+
+
+def _init_partitioned(config, *, dtype: torch.dtype, seed: int, device: torch.device, attn: str | None):
+    """ZeRO-3: the seeded random base built by transformers under deepspeed.zero.Init (each rank keeps its
+    partition from the start; no rank holds the model whole) and initialised module by module, each gathered while
+    rank 0 draws into it (`initialize_weights_zero3`) and partitioned again: the same draws in the same order as the
+    whole build, so the same weights as DDP's (tests/e2e/test_backends.py)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        raise RuntimeError("a partitioned random base needs the run's ZeRO-3 config to be active (TrainingArguments)")
+    kwargs = {"attn_implementation": attn} if attn else {}
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    model.tie_weights()
+    log.info("model.init_config: built under deepspeed.zero.Init, each rank holding its partition")
     return model
 
 

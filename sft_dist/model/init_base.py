@@ -7,7 +7,8 @@ mid-write never leaves a base that loads wrong (a stale temp directory is remove
 In the background where nothing can change it while it is written: a LoRA base (frozen; peft, Liger and the
 wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), or the
 16-bit host copy a quantized base was made from (model/build.py: quantize_in_memory; training holds only the
-quantized one). The weights are written
+quantized one), or the host copy rank 0 gathers of a ZeRO-3 base built partitioned (`gathered_state`). The weights
+are written
 from a second, meta-built module tree that shares the model's tensors, through transformers' own
 `save_pretrained`, so peft wrapping the model meanwhile changes nothing that is read (16 GB for an 8B shape;
 the first step no longer waits for it, which on a 2-core CPU gained little since the write competes for the
@@ -44,18 +45,19 @@ class BaseWrite:
             raise SftDistError(f"writing the random base to {self.path} failed: {self.error}")
 
 
-def write_base(model, tokenizer, path: Path, *, background: bool) -> BaseWrite:
-    """Write `model` (seeded random weights) and `tokenizer` to `path`; in a thread when `background`."""
+def write_base(model, tokenizer, path: Path, *, background: bool, state: dict | None = None) -> BaseWrite:
+    """Write `model` (seeded random weights) and `tokenizer` to `path`; in a thread when `background`. `state`:
+    the weights to write instead of the model's own (a ZeRO-3 model's, gathered: `gathered_state`)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     for stale in path.parent.glob(f"{path.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
     if not background:
         job = BaseWrite(path)
-        _write(job, model, tmp)
+        _write(job, model if state is None else _shadow(model, state), tmp)
         job.wait()
         return job
-    shadow = _shadow(model)
+    shadow = _shadow(model, state)
     job = BaseWrite(path)
     job._thread = threading.Thread(target=_write, args=(job, shadow, tmp), name="sft-dist-base-write", daemon=False)
     job._thread.start()
@@ -63,8 +65,31 @@ def write_base(model, tokenizer, path: Path, *, background: bool) -> BaseWrite:
     return job
 
 
-def _shadow(model):
-    """A second module tree of the same class and config whose tensors are the model's own (no copy)."""
+def gathered_state(model, *, keep: bool) -> dict | None:
+    """A ZeRO-3 model's state dict, whole, in host memory on the rank that `keep`s it (rank 0; the others get None):
+    each parameter gathered in turn (a collective: every rank calls this), copied to the host, partitioned again.
+    The GPU holds one whole parameter at a time beside the partitions; rank 0's host the whole base, which is then
+    written from this copy, in the background (nothing changes it)."""
+    import deepspeed
+
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    state: dict = {}
+    for _, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if keep:
+                whole = p.detach().to("cpu", copy=True)
+                state.update({n: whole for n in names[id(p)]})  # tied names share the one copy
+    if not keep:
+        return None
+    persistent = set(model.state_dict())
+    state.update({n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers() if n in persistent})
+    return state
+
+
+def _shadow(model, state: dict | None = None):
+    """A second module tree of the same class and config whose tensors are the model's own (no copy), or `state`'s."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +98,8 @@ def _shadow(model):
     # a plain tree on rank 0 alone, even under a ZeRO-3 config (zero.Init's partitioning is collective)
     with without_zero3_init(), torch.device("meta"):
         shadow = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
     shadow.load_state_dict(state, assign=True, strict=True)
     shadow.tie_weights()
     if getattr(model, "generation_config", None) is not None:

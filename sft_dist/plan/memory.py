@@ -160,9 +160,11 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "backend_extra": extra,
         "load_peak": load,
         # host memory a rank holds while a random base is built there: to be quantized from (train/run.py
-        # takes turns) or sharded from by FSDP2 (rank 0 alone, which sends the others their shards)
-        "host_load_peak": (counts["base_numel"] * _bytes(dtype) if cfg.model.init_config is not None
-                           and backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None) else 0),
+        # takes turns) or sharded from by FSDP2 (rank 0 alone, which sends the others their shards); or rank 0's
+        # gathered copy of a ZeRO-3 base built partitioned, to write it from
+        "host_load_peak": (counts["base_numel"] * _bytes(dtype) if cfg.model.init_config is not None and (
+            backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None)
+            or cfg.model.save_init_base and backend.random_base_partitioned(shard, quantized=False)) else 0),
         "peak": max(total, load),
         "activation_share": round(activations / max(1, total), 3),
     }
@@ -278,6 +280,10 @@ def _count(model, cfg: Config, *, dtype: torch.dtype) -> dict[str, int]:
     c["largest_layer_bytes"] = _largest_layer_bytes(model, quantized, bits)
     c["base_numel"] = sum(p.numel() for n, p in model.named_parameters() if _in_base(n))
     c["layers_numel"], c["largest_layer_numel"] = _layer_numels(model)
+    # ZeRO-3's partitioned init gathers a module's parameters with its children's: at most a decoder layer, or one
+    # tensor outside them (the embedding, the head)
+    c["largest_gather_numel"] = max([c["largest_layer_numel"]] + [p.numel() for n, p in model.named_parameters()
+                                                                   if _in_base(n)])
     c["persistent_buffers"] = bool(persistent_buffers(model))  # FSDP2 then builds a random base on every rank
     c["quantized_ids"] = sorted(quantized)
     head = model.get_output_embeddings()
@@ -781,6 +787,9 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
         # the whole quantized base on every rank (device_map), each weight quantized from 16 bit on the GPU
         reload = quantized + counts["largest_quantized_numel"] * _bytes(dtype)
         if cfg.model.init_config is not None:
+            if backend.random_base_partitioned(shard, quantized=cfg.quantization.bits is not None):
+                # built under zero.Init: the rank's partition, and the module being initialised gathered whole
+                return _div(full, shard.weights) + counts["largest_gather_numel"] * _bytes(dtype)
             if not backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None):
                 return full  # built whole on the GPU
             # initialised on the GPU one decoder layer at a time into host memory (model/layerwise.py): the GPU
@@ -795,6 +804,11 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
     # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
     mapped = full
     if cfg.model.init_config is not None:
+        if backend.random_base_partitioned(shard, quantized=cfg.quantization.bits is not None):
+            # built under zero.Init (the partition, a module gathered at a time); rank 0 gathers a whole host copy
+            # to write the base from (model.save_init_base)
+            partition = _div(full, shard.weights) + counts["largest_gather_numel"] * _bytes(dtype)
+            return partition + (full if cfg.model.save_init_base else 0)
         # The random base is built whole in the load dtype (model/build.py); a quantized run keeps it while its
         # quantized copy is loaded from it (model/build.py: quantize_in_memory).
         return full + quantized if cfg.quantization.bits is not None else full
@@ -855,6 +869,11 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
         who, each = ("on rank 0", "") if from_rank0 else ("on every rank", " per rank")
         notes.append(f"init_config: the random base is built in host memory {who} ({format_bytes(host)}{each} there"
                      f"{gpu}) and {then}")
+    if cfg.model.init_config is not None and backend.random_base_partitioned(shard, quantized=quantized):
+        write = (f"; rank 0 gathers a host copy ({format_bytes(counts['base_numel'] * _bytes(load_dtype))}) to write "
+                 "base_model from (model.save_init_base)" if cfg.model.save_init_base else "")
+        notes.append(f"init_config: the random base is built under deepspeed.zero.Init, each rank holding its "
+                     f"partition, each module gathered whole while it is initialised{write}")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "

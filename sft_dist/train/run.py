@@ -137,9 +137,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
                                                out=out, host_need=host_need)
     build_peak = _build_peak(device)
-    # where this rank's random base came from (FSDP2: only rank 0 builds it; the others receive their shards)
-    random_base = None if cfg.model.init_config is None else (
-        "from rank 0" if getattr(model, "sft_dist_weights_from_rank0", False) and not env.is_main else "built")
+    # where this rank built its random base (model/build.py: RANDOM_BASE)
+    random_base = getattr(model, "sft_dist_random_base", None) if cfg.model.init_config is not None else None
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
     # leave a finished run's config.yaml, plan.json and workers/ as they were).
     if env.is_main:
@@ -433,9 +432,10 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     build = dict(quant=quant, tokenizer=tokenizer, dtype=dtype, seed=args.seed, device=device, compute_dtype=compute)
     base_dir, base_write = None, None
     quantized_random = cfg.model.init_config is not None and cfg.quantization.bits is not None
-    # A random base that ends on the host (to be quantized from, or sharded from by FSDP2) is initialised on the
-    # GPU one decoder layer at a time: the GPU never holds it whole (model/layerwise.py).
-    build["layerwise"] = backend.random_base_on_host(sharding, quantized=quantized_random)
+    # Where this rank builds a random base (model/build.py: RANDOM_BASE): whole on the GPU, a decoder layer at a time
+    # into host memory (to be quantized from, or sharded from by FSDP2), only on rank 0 (FSDP2 sends the shards), or
+    # partitioned under zero.Init (ZeRO-3).
+    build["random_base"] = random_base = _random_base(backend, sharding, quantized=quantized_random, is_main=env.is_main)
     if quantized_random:
         # Random weights to quantize: built in 16 bit (the seed gives every rank the same), kept on the host and
         # loaded again quantized from memory; no file is written unless the base is kept. The ranks of a node
@@ -450,23 +450,22 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
         turns = _broadcast(env, _host_turns(env, host_need, keep=cfg.model.save_init_base) if env.is_main else None)
         model, base = in_turns(turns, local_rank=env.local_rank, step=quantize, barrier=lambda: _barrier(env))
     else:
-        # FSDP2: only rank 0 builds the random weights; the others receive their shards from it as it wraps
-        from_rank0 = cfg.model.init_config is not None and backend.random_base_from_rank0(sharding, quantized=False)
-        if from_rank0:
-            build["broadcast"] = "send" if env.is_main else "receive"
-        if build["layerwise"] and env.is_main and device == "cuda":
-            _host_fits(env, host_need, ranks=1 if from_rank0 else env.local_world_size)
+        if random_base in ("host", "send") and env.is_main and device == "cuda":
+            _host_fits(env, host_need, ranks=1 if random_base == "send" else env.local_world_size)
         model = base = build_model(cfg.model, **build, to_device=sharding.weights == 1 and not sharding.offload_param)
     if cfg.model.init_config is not None and cfg.model.save_init_base:
         # A random base exists only in memory: save it so the adapter can be loaded, exported and served later;
         # behind the first steps where nothing can change it (model/init_base.py: a frozen LoRA base held whole,
-        # or the 16-bit host copy a quantized base was made from), else before them.
-        from sft_dist.model.init_base import write_base
+        # the 16-bit host copy a quantized base was made from, or rank 0's gathered copy of a partitioned one),
+        # else before them.
+        from sft_dist.model.init_base import gathered_state, write_base
 
         base_dir = out / "base_model"
-        background = quantized_random or (cfg.lora.enabled and sharding.weights == 1)
+        partitioned = random_base == "partitioned"  # every rank takes part in gathering it; rank 0 keeps a copy
+        state = gathered_state(base, keep=env.is_main) if partitioned else None
+        background = quantized_random or partitioned or (cfg.lora.enabled and sharding.weights == 1)
         if env.is_main:
-            base_write = write_base(base, tokenizer, base_dir, background=background)
+            base_write = write_base(base, tokenizer, base_dir, background=background, state=state)
         if not background:
             _barrier(env)
     del base  # a quantized run's 16-bit host copy: freed here, or by the base's writer once written
@@ -483,6 +482,15 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
              type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
     return model, base_dir, base_write
+
+
+def _random_base(backend: Backend, sharding, *, quantized: bool, is_main: bool) -> str:
+    """Where this rank builds an `init_config` base (model/build.py: RANDOM_BASE), as the strategy decides."""
+    if backend.random_base_partitioned(sharding, quantized=quantized):
+        return "partitioned"
+    if backend.random_base_from_rank0(sharding, quantized=quantized):
+        return "send" if is_main else "receive"
+    return "host" if backend.random_base_on_host(sharding, quantized=quantized) else "device"
 
 
 def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:

@@ -115,14 +115,17 @@ def test_each_rank_holds_only_its_shard(matrix, run, params_sharded, optim_shard
     assert row["optimizer_state_numel_rank0"] == pytest.approx(expect_optim, rel=0.02)
 
 
-@pytest.mark.parametrize("run, sources", [
-    ("ddp", ["built"] * 2), ("zero3", ["built"] * 2), ("fsdp_full_shard", ["built", "from rank 0"]),
-    ("fsdp_hybrid_shard", ["built"] + ["from rank 0"] * 3), ("resume_fsdp_2to4", ["built"] + ["from rank 0"] * 3),
+@pytest.mark.parametrize("run, placements", [
+    ("ddp", ["device"] * 2), ("zero3", ["partitioned"] * 2), ("zero3_offload", ["partitioned"] * 2),
+    ("resume_zero3", ["partitioned"] * 2), ("fsdp_full_shard", ["send", "receive"]),
+    ("fsdp_hybrid_shard", ["send"] + ["receive"] * 3), ("resume_fsdp_2to4", ["send"] + ["receive"] * 3),
 ])
-def test_under_fsdp2_only_rank_0_builds_the_random_base(matrix, run, sources):
-    """FSDP2 fills the other ranks' shards from rank 0's random weights (they never build them, so a node holds one
-    host copy); the loss curves above equal DDP's, where every rank builds its own."""
-    assert matrix[0][run]["random_base"] == sources
+def test_no_sharded_rank_builds_the_whole_random_base_but_rank_0_under_fsdp2(matrix, run, placements):
+    """Where each rank built the random base (model/build.py: RANDOM_BASE): under ZeRO-3 every rank only its
+    partition (zero.Init); under FSDP2 rank 0 alone, which sends the other ranks their shards; DDP each whole. The
+    loss curves above equal DDP's all the same."""
+    assert matrix[0][run]["random_base"] == placements
+    assert matrix[0][run]["base_model_as_ddp"] is True  # the base each wrote: the same tensors as DDP's
 
 
 def test_hybrid_shard_builds_a_replicate_by_shard_mesh(matrix):

@@ -301,27 +301,37 @@ def test_a_quantized_random_base_is_counted_once_at_load():
     assert any(host in n and "one decoder layer at a time) and quantized" in n for n in e.notes), e.notes
 
 
-@pytest.mark.parametrize("backend, layerwise", [
-    ([], False),  # DDP: built whole on the GPU, where it trains
-    (["backend.type=fsdp", "backend.config=configs/fsdp/full_shard.yaml", "launcher.num_workers=2"], True),
-    (["backend.type=deepspeed", "backend.config=configs/deepspeed/zero3.json", "launcher.num_workers=2"], False),
+@pytest.mark.parametrize("backend, where", [
+    ([], "device"),  # DDP: built whole on the GPU, where it trains
+    (["backend.type=fsdp", "backend.config=configs/fsdp/full_shard.yaml", "launcher.num_workers=2"], "host"),
+    (["backend.type=deepspeed", "backend.config=configs/deepspeed/zero3.json", "launcher.num_workers=2"],
+     "partitioned"),
 ])
-def test_a_random_base_sharded_from_the_host_is_built_a_layer_at_a_time(backend, layerwise):
-    """init_config on GPUs: FSDP2 shards the model from host memory, so the base is initialised there a decoder
-    layer at a time (the GPU holds one), on rank 0 alone, which sends the other ranks their shards; DDP trains it
-    whole on the GPU, and DeepSpeed's engine moves a module built outside zero.Init whole to the GPU: built whole
-    there."""
+@pytest.mark.parametrize("save", [True, False])
+def test_where_a_random_base_is_built_on_gpus_is_what_its_load_peak_counts(backend, where, save):
+    """init_config on GPUs: DDP trains it whole on the GPU, where it is built; FSDP2 shards the model from host
+    memory, so the base is initialised there a decoder layer at a time (the GPU holds one), on rank 0 alone, which
+    sends the other ranks their shards; ZeRO-3 builds it under zero.Init (the rank's partition, plus the module being
+    initialised, gathered whole: a decoder layer at most here), and rank 0 gathers a host copy to write base_model."""
     shape = {**H200_SHAPE, "num_hidden_layers": 4, "vocab_size": 8000}
-    cfg = config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", *backend)
+    cfg = config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", f"model.save_init_base={str(save).lower()}",
+                 *backend)
     e = estimate_memory(cfg, world_size=cfg.launcher.num_workers, device="cuda")
     layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q,o k,v, MLP, norms: no LoRA yet
     outside = 2 * 8000 * 2048 + 2048
-    assert e.detail["load_peak"] == 2 * (outside + (1 if layerwise else 4) * layer)
-    assert e.detail["host_load_peak"] == (2 * (outside + 4 * layer) if layerwise else 0)  # the whole base, rank 0
-    sent = (f"in host memory on rank 0 ({format_bytes(2 * (outside + 4 * layer))} there, initialised on the GPU one "
+    whole = 2 * (outside + 4 * layer)
+    assert e.detail["load_peak"] == {"device": whole, "host": 2 * (outside + layer),
+                                     "partitioned": whole // 2 + 2 * layer}[where]
+    on_host = where == "host" or where == "partitioned" and save  # rank 0's host copy
+    assert e.detail["host_load_peak"] == (whole if on_host else 0)
+    sent = (f"in host memory on rank 0 ({format_bytes(whole)} there, initialised on the GPU one "
             "decoder layer at a time) and sent from there to every rank's shards by fsdp2 full_shard (the other ranks "
             "build none)")
-    assert any(sent in n for n in e.notes) == layerwise, e.notes
+    assert any(sent in n for n in e.notes) == (where == "host"), e.notes
+    partitioned = "init_config: the random base is built under deepspeed.zero.Init, each rank holding its partition"
+    assert any(n.startswith(partitioned) for n in e.notes) == (where == "partitioned"), e.notes
+    gathered = any(f"rank 0 gathers a host copy ({format_bytes(whole)}) to write base_model" in n for n in e.notes)
+    assert gathered == (where == "partitioned" and save)
 
 
 @pytest.mark.parametrize("upcast", ["null", "true"])
