@@ -115,7 +115,7 @@ class Backend:
 
     def random_base_from_rank0(self, sharding: Sharding, *, quantized: bool) -> bool:
         """Whether the strategy fills every rank's shards of an `init_config` base from rank 0's weights, so that
-        only rank 0 builds them (the others keep their parameters on the meta device: model/build.py)."""
+        only rank 0 builds them (the others build only the buffers: model/build.py, RANDOM_BASE)."""
         return False
 
     # --- at run time ---------------------------------------------------------------------------------------

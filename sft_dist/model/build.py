@@ -244,8 +244,8 @@ def init_random(config, *, dtype: torch.dtype, seed: int, device: torch.device, 
     base saved). The draws differ from that path's, so a seed gives other (equally distributed) weights.
 
     `host`: initialise one decoder layer at a time on `device` and keep the model on `host` (model/layerwise.py):
-    the same weights, while the device holds one layer at a time. `weights=False` (with `host`): the parameters
-    stay on the meta device and only the buffers are made (a rank that gets its weights from rank 0)."""
+    the same weights, while the device holds one layer at a time. `weights=False` (with `host`): only the buffers
+    are made, the parameters left uninitialised on `host` (a rank FSDP2 fills from rank 0's; model/layerwise.py)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 

@@ -7,7 +7,7 @@ The model is built on the meta device; transformers' own `initialize_weights` th
 `_init_weights` draws into them. The draws are the same, in the same order and on the same device, as those of
 the model built whole there (model/build.py: init_random), so the weights are the same bits.
 
-`weights=False` (the ranks FSDP2 fills from rank 0's weights, model/build.py: `broadcast`): only the buffers are
+`weights=False` (the ranks FSDP2 fills from rank 0's weights, model/build.py: RANDOM_BASE "receive"): only the buffers are
 made (RoPE's frequencies: FSDP2 does not send buffers); the parameters are left uninitialised on the host
 (`torch.empty`: no page is touched, so no memory is used, until FSDP2 moves the model to the meta device and
 fills its shards). Not meta tensors: accelerate tells parameters apart by their data pointers, all 0 on meta."""
