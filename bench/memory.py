@@ -2,7 +2,9 @@
 
 Trains a random-weight Llama of a few hundred MB (fp32) for a few steps with 2 gloo workers under DDP,
 ZeRO-1/2/3 and FSDP2, full fine-tuning and LoRA, and prints what rank 0 held: parameter, gradient and
-optimizer-state bytes, and its peak RSS. The formula column is the classic ZeRO estimate for fp32 Adam
+optimizer-state bytes, and its peak RSS; and what building the model added to each rank's RSS (a random base is
+built whole by DDP and ZeRO-1/2 on every rank, by FSDP2 on rank 0 alone, partitioned by ZeRO-3; rank 0 also holds a
+copy to write base_model from). The formula column is the classic ZeRO estimate for fp32 Adam
 with Ψ parameters (Ψ_t trainable) and N workers: params 4Ψ (ZeRO-3/FSDP: /N), gradients 4Ψ_t (ZeRO-2+: /N),
 Adam state 8Ψ_t (ZeRO-1+: /N). (With bf16 weights and fp32 master copies it is the paper's (2Ψ+2Ψ+12Ψ)/N.)
 
@@ -54,7 +56,7 @@ def main() -> int:
     rows = []
     names = [b for b in BACKENDS if not args.only or b in args.only.split(",")]
     print(f"{'run':<12} {'params MB':>10} {'(formula)':>10} {'grads MB':>9} {'(formula)':>10} {'optim MB':>9} "
-          f"{'(formula)':>10} {'peak RSS MB':>12} {'s':>5}")
+          f"{'(formula)':>10} {'peak RSS MB':>12} {'built MB per rank':>18} {'s':>5}")
     for mode, mode_args in MODES.items():
         for name in names:
             overrides, shard = BACKENDS[name]
@@ -76,12 +78,15 @@ def main() -> int:
                    "param_bytes": rank0["param_bytes_local"], "grad_bytes": rank0["grad_bytes_local"],
                    "optimizer_state_bytes": rank0["optimizer_state_bytes_local"],
                    "peak_rss_bytes": max(x["peak_rss_bytes"] for x in s["ranks"]),
+                   "built_rss_bytes": [x["rss_after_model_bytes"] - x["rss_before_model_bytes"] for x in s["ranks"]],
+                   "random_base": [x["random_base"] for x in s["ranks"]],
                    "formula_bytes": f, "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             grads = f"{row['grad_bytes'] / MB:9.1f}" if row["grad_bytes"] is not None else f"{'n/a':>9}"
             print(f"{row['run']:<12} {row['param_bytes'] / MB:10.1f} {f['params'] / MB:10.1f} {grads} "
                   f"{f['grads'] / MB:10.1f} {row['optimizer_state_bytes'] / MB:9.1f} {f['optim'] / MB:10.1f} "
-                  f"{row['peak_rss_bytes'] / MB:12.0f} {row['seconds']:5.0f}", flush=True)
+                  f"{row['peak_rss_bytes'] / MB:12.0f} {' / '.join(f'{b / MB:.0f}' for b in row['built_rss_bytes']):>18} "
+                  f"{row['seconds']:5.0f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(rows, indent=2))
     print(f"model: {rows[0]['total_params']:,} parameters ({rows[0]['total_params'] * 4 / MB:.0f} MB fp32); "

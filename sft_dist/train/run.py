@@ -137,6 +137,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
                                                out=out, host_need=host_need)
     build_peak = _build_peak(device)
+    rss_after_model = _current_rss()  # the host memory the model build left (a rank that built no base: little)
     # where this rank built its random base (model/build.py: RANDOM_BASE)
     random_base = getattr(model, "sft_dist_random_base", None) if cfg.model.init_config is not None else None
     # Every check has passed: only now does this run describe itself in output_dir (a refused re-run must
@@ -202,7 +203,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     save_final(trainer, final_dir)
     digests = _gather(env, trainable_digest(trainer.model))
     shards = _gather(env, {**shard_report(trainer), "rss_before_model_bytes": rss_before_model,
-                           "build_peak_mem_bytes": build_peak, "random_base": random_base})
+                           "rss_after_model_bytes": rss_after_model, "build_peak_mem_bytes": build_peak,
+                           "random_base": random_base})
     if len(set(digests)) != 1:
         raise SftDistError(
             f"the ranks finished with different weights (digests {digests}): data parallel training diverged"
