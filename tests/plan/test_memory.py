@@ -303,7 +303,7 @@ def test_a_quantized_random_base_is_counted_once_at_load():
 
 @pytest.mark.parametrize("backend, where", [
     ([], "device"),  # DDP: built whole on the GPU, where it trains
-    (["backend.type=fsdp", "backend.config=configs/fsdp/full_shard.yaml", "launcher.num_workers=2"], "host"),
+    (["backend.type=fsdp", "backend.config=configs/fsdp/full_shard.yaml", "launcher.num_workers=2"], "send"),
     (["backend.type=deepspeed", "backend.config=configs/deepspeed/zero3.json", "launcher.num_workers=2"],
      "partitioned"),
 ])
@@ -320,14 +320,14 @@ def test_where_a_random_base_is_built_on_gpus_is_what_its_load_peak_counts(backe
     layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048  # q,o k,v, MLP, norms: no LoRA yet
     outside = 2 * 8000 * 2048 + 2048
     whole = 2 * (outside + 4 * layer)
-    assert e.detail["load_peak"] == {"device": whole, "host": 2 * (outside + layer),
+    assert e.detail["load_peak"] == {"device": whole, "send": 2 * (outside + layer),
                                      "partitioned": whole // 2 + 2 * layer}[where]
-    on_host = where == "host" or where == "partitioned" and save  # rank 0's host copy
+    on_host = where == "send" or where == "partitioned" and save  # rank 0's host copy
     assert e.detail["host_load_peak"] == (whole if on_host else 0)
     sent = (f"in host memory on rank 0 ({format_bytes(whole)} there, initialised on the GPU one "
             "decoder layer at a time) and sent from there to every rank's shards by fsdp2 full_shard (the other ranks "
             "build none)")
-    assert any(sent in n for n in e.notes) == (where == "host"), e.notes
+    assert any(sent in n for n in e.notes) == (where == "send"), e.notes
     partitioned = "init_config: the random base is built under deepspeed.zero.Init, each rank holding its partition"
     assert any(n.startswith(partitioned) for n in e.notes) == (where == "partitioned"), e.notes
     gathered = any(f"rank 0 gathers a host copy ({format_bytes(whole)}) to write base_model" in n for n in e.notes)
