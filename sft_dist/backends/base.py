@@ -109,6 +109,14 @@ class Backend:
         shards from the host layer by layer, as it does a checkpoint (FSDP2)."""
         return quantized or sharding.weights > 1 or sharding.offload_param
 
+    def random_base(self, sharding: Sharding, *, quantized: bool, is_main: bool) -> str:
+        """Where this rank builds an `init_config` base (model/build.py: RANDOM_BASE), from the predicates below."""
+        if self.random_base_partitioned(sharding, quantized=quantized):
+            return "partitioned"
+        if self.random_base_from_rank0(sharding, quantized=quantized):
+            return "send" if is_main else "receive"
+        return "host" if self.random_base_on_host(sharding, quantized=quantized) else "device"
+
     def random_base_partitioned(self, sharding: Sharding, *, quantized: bool) -> bool:
         """Whether every rank builds only its partition of an `init_config` base (ZeRO-3's zero.Init)."""
         return False

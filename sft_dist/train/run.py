@@ -437,7 +437,7 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     # Where this rank builds a random base (model/build.py: RANDOM_BASE): whole on the GPU, a decoder layer at a time
     # into host memory (to be quantized from, or sharded from by FSDP2), only on rank 0 (FSDP2 sends the shards), or
     # partitioned under zero.Init (ZeRO-3).
-    build["random_base"] = random_base = _random_base(backend, sharding, quantized=quantized_random, is_main=env.is_main)
+    build["random_base"] = random_base = backend.random_base(sharding, quantized=quantized_random, is_main=env.is_main)
     if quantized_random:
         # Random weights to quantize: built in 16 bit (the seed gives every rank the same), kept on the host and
         # loaded again quantized from memory; no file is written unless the base is kept. The ranks of a node
@@ -484,15 +484,6 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
     log.info("model: %s, %s params, %s trainable (%.3f%%), dtype %s",
              type(model).__name__, f"{total:,}", f"{trainable:,}", 100 * trainable / max(1, total), dtype)
     return model, base_dir, base_write
-
-
-def _random_base(backend: Backend, sharding, *, quantized: bool, is_main: bool) -> str:
-    """Where this rank builds an `init_config` base (model/build.py: RANDOM_BASE), as the strategy decides."""
-    if backend.random_base_partitioned(sharding, quantized=quantized):
-        return "partitioned"
-    if backend.random_base_from_rank0(sharding, quantized=quantized):
-        return "send" if is_main else "receive"
-    return "host" if backend.random_base_on_host(sharding, quantized=quantized) else "device"
 
 
 def _host_turns(env: DistEnv, need: int, *, keep: bool) -> int:

@@ -86,5 +86,16 @@ TIED = "model.init_config={model_type: qwen2, hidden_size: 64, intermediate_size
 def test_fsdp2_sends_a_random_base_from_rank_0_where_its_load_can_take_it(overrides, world, quantized, expected):
     b = backend("backend.type=fsdp", f"backend.config={FSDP / 'full_shard.yaml'}", *overrides)
     assert b.random_base_from_rank0(b.sharding(world), quantized=quantized) is expected
+    placements = {b.random_base(b.sharding(world), quantized=quantized, is_main=main) for main in (True, False)}
+    assert placements == ({"send", "receive"} if expected else {"host"} if quantized or world > 1 else {"device"})
     ddp = backend(*overrides)
-    assert ddp.random_base_from_rank0(ddp.sharding(world), quantized=quantized) is False
+    assert ddp.random_base(ddp.sharding(world), quantized=quantized, is_main=False) == ("host" if quantized else "device")
+
+
+def test_zero3_builds_a_random_base_partitioned_over_several_ranks_only():
+    b = backend("backend.type=deepspeed", f"backend.config={DS / 'zero3.json'}")
+    assert b.random_base(b.sharding(2), quantized=False, is_main=False) == "partitioned"
+    assert b.random_base(b.sharding(1), quantized=False, is_main=True) == "device"  # one rank: nothing to partition
+    assert b.random_base(b.sharding(2), quantized=True, is_main=True) == "host"  # quantized from host memory
+    z2 = backend("backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}")
+    assert z2.random_base(z2.sharding(2), quantized=False, is_main=True) == "device"
