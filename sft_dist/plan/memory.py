@@ -126,9 +126,12 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     total = (0 if shard.offload_param else weights) + gradients + (0 if shard.offload_optimizer else optimizer)
     total += activations + transient
 
-    load = _load_peak(cfg, counts, backend=backend, shard=shard, dtype=dtype, world_size=world_size, device=device)
+    part_dtype = partition_dtype(backend, dtype=dtype, compute=compute)
+    load = _load_peak(cfg, counts, backend=backend, shard=shard, dtype=dtype, world_size=world_size, device=device,
+                      part_dtype=part_dtype)
     notes += _notes(cfg, backend=backend, shard=shard, counts=counts, batch=batch, length=length, checkpointing=checkpointing,
-                    compute=compute, load=load, load_dtype=dtype, optimizer=optimizer, world_size=world_size,
+                    compute=compute, load=load, load_dtype=dtype, part_dtype=part_dtype, optimizer=optimizer,
+                    world_size=world_size,
                     attention=attention, mixed=_mixed_precision(backend, compute),
                     liger=_liger(cfg, model, device=device) is not None, device=device)
     detail = {
@@ -159,12 +162,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "transient": transient,
         "backend_extra": extra,
         "load_peak": load,
-        # host memory a rank holds while a random base is built there: to be quantized from (train/run.py
-        # takes turns) or sharded from by FSDP2 (rank 0 alone, which sends the others their shards); or rank 0's
-        # gathered copy of a ZeRO-3 base built partitioned, to write it from
-        "host_load_peak": (counts["base_numel"] * _bytes(dtype) if cfg.model.init_config is not None and (
-            backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None)
-            or cfg.model.save_init_base and backend.random_base_partitioned(shard, quantized=False)) else 0),
+        "host_load_peak": _host_load_peak(cfg, counts, backend=backend, shard=shard, dtype=dtype,
+                                          part_dtype=part_dtype),
         "peak": max(total, load),
         "activation_share": round(activations / max(1, total), 3),
     }
@@ -777,10 +776,35 @@ def _offload_checkpointed_inputs(base) -> None:
 
 # --- loading and notes ----------------------------------------------------------------------------------------
 
+def partition_dtype(backend: Backend, *, dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype of a base loaded or built partitioned: deepspeed.zero.Init makes every parameter it creates in
+    the dtype the engine trains in (bf16/fp16 in the DeepSpeed config), whatever the model's dtype; else `dtype`."""
+    return compute if backend.loads_partitioned() and _mixed_precision(backend, compute) == "cast" else dtype
+
+
+def _host_load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, dtype: torch.dtype,
+                    part_dtype: torch.dtype) -> int:
+    """Host memory a rank holds while a random base is built there: to be quantized from (train/run.py takes
+    turns) or sharded from by FSDP2 (rank 0 alone, which sends the others their shards); or rank 0's gathered copy
+    of a ZeRO-3 base built partitioned (in the partitions' dtype), to write it from."""
+    if cfg.model.init_config is None:
+        return 0
+    quantized = cfg.quantization.bits is not None
+    if backend.random_base_on_host(shard, quantized=quantized):
+        return counts["base_numel"] * _bytes(dtype)
+    if cfg.model.save_init_base and backend.random_base_partitioned(shard, quantized=quantized):
+        return counts["base_numel"] * _bytes(part_dtype)
+    return 0
+
+
 def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, dtype: torch.dtype, world_size: int,
-               device: str) -> int:
-    """Bytes a rank holds on its device while the model loads, before any backend shards it."""
+               device: str, part_dtype: torch.dtype) -> int:
+    """Bytes a rank holds on its device while the model loads, before any backend shards it. `part_dtype`: the
+    dtype of what zero.Init partitions (`partition_dtype`)."""
     full = counts["base_numel"] * _bytes(dtype)
+    # partitioned under zero.Init: the rank's partition, and the module being initialised gathered whole
+    partition = _div(counts["base_numel"] * _bytes(part_dtype), shard.weights) \
+        + counts["largest_gather_numel"] * _bytes(part_dtype)
     quantized = counts["param_bytes"] + counts["quant_state_bytes"] + counts["buffer_bytes"]
     if device == "cuda":
         # from_pretrained reads the file into host memory; what reaches the GPU is the rank's part
@@ -788,8 +812,7 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
         reload = quantized + counts["largest_quantized_numel"] * _bytes(dtype)
         if cfg.model.init_config is not None:
             if backend.random_base_partitioned(shard, quantized=cfg.quantization.bits is not None):
-                # built under zero.Init: the rank's partition, and the module being initialised gathered whole
-                return _div(full, shard.weights) + counts["largest_gather_numel"] * _bytes(dtype)
+                return partition
             if not backend.random_base_on_host(shard, quantized=cfg.quantization.bits is not None):
                 return full  # built whole on the GPU
             # initialised on the GPU one decoder layer at a time into host memory (model/layerwise.py): the GPU
@@ -798,8 +821,10 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
             return max(layerwise, reload) if cfg.quantization.bits is not None else layerwise
         if cfg.quantization.bits is not None:
             return reload
+        if shard.weights > 1 and backend.loads_partitioned():
+            return _div(counts["base_numel"] * _bytes(part_dtype), shard.weights)  # loaded under zero.Init
         if shard.weights > 1:
-            return _div(full, shard.weights)  # zero.Init / fully_shard move only the rank's shard to the GPU
+            return _div(full, shard.weights)  # fully_shard moves only the rank's shard to the GPU
         return full
     # from_pretrained maps the safetensors file: its pages count as resident while the weights load.
     mapped = full
@@ -807,15 +832,14 @@ def _load_peak(cfg: Config, counts: dict, *, backend: Backend, shard: Sharding, 
         if backend.random_base_partitioned(shard, quantized=cfg.quantization.bits is not None):
             # built under zero.Init (the partition, a module gathered at a time); rank 0 gathers a whole host copy
             # to write the base from (model.save_init_base)
-            partition = _div(full, shard.weights) + counts["largest_gather_numel"] * _bytes(dtype)
-            return partition + (full if cfg.model.save_init_base else 0)
+            return partition + (counts["base_numel"] * _bytes(part_dtype) if cfg.model.save_init_base else 0)
         # The random base is built whole in the load dtype (model/build.py); a quantized run keeps it while its
         # quantized copy is loaded from it (model/build.py: quantize_in_memory).
         return full + quantized if cfg.quantization.bits is not None else full
     if cfg.quantization.bits is not None:
         return mapped + quantized  # every rank loads the whole quantized base, whatever the backend
     if shard.weights > 1 and backend.loads_partitioned():
-        return _div(full, shard.weights)  # transformers loads under deepspeed.zero.Init
+        return _div(counts["base_numel"] * _bytes(part_dtype), shard.weights)  # transformers loads under zero.Init
     return mapped + full
 
 
@@ -834,7 +858,8 @@ def _checkpointing_note(cfg: Config) -> str:
 
 
 def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batch: int, length: int, checkpointing: bool,
-           compute: torch.dtype, load: int, load_dtype: torch.dtype, optimizer: int, world_size: int, attention: str,
+           compute: torch.dtype, load: int, load_dtype: torch.dtype, part_dtype: torch.dtype, optimizer: int,
+           world_size: int, attention: str,
            mixed: str, liger: bool, device: str) -> list[str]:
     dtype = str(compute).removeprefix("torch.")
     notes = [f"activations: one micro-batch of {batch} x {length} tokens (batches padded to data.max_length; "
@@ -870,10 +895,11 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
         notes.append(f"init_config: the random base is built in host memory {who} ({format_bytes(host)}{each} there"
                      f"{gpu}) and {then}")
     if cfg.model.init_config is not None and backend.random_base_partitioned(shard, quantized=quantized):
-        write = (f"; rank 0 gathers a host copy ({format_bytes(counts['base_numel'] * _bytes(load_dtype))}) to write "
+        write = (f"; rank 0 gathers a host copy ({format_bytes(counts['base_numel'] * _bytes(part_dtype))}) to write "
                  "base_model from (model.save_init_base)" if cfg.model.save_init_base else "")
-        notes.append(f"init_config: the random base is built under deepspeed.zero.Init, each rank holding its "
-                     f"partition, each module gathered whole while it is initialised{write}")
+        in_dtype = f" in {str(part_dtype).removeprefix('torch.')}" if part_dtype != load_dtype else ""
+        notes.append(f"init_config: the random base is built under deepspeed.zero.Init{in_dtype}, each rank holding "
+                     f"its partition, each module gathered whole while it is initialised{write}")
     if counts["quantized_numel"]:
         notes.append(f"{counts['quantized_numel']:,} parameters quantized to {cfg.quantization.bits} bits "
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "

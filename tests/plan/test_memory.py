@@ -334,6 +334,28 @@ def test_where_a_random_base_is_built_on_gpus_is_what_its_load_peak_counts(backe
     assert gathered == (where == "partitioned" and save)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_zero3_partitioned_base_is_counted_in_the_dtype_deepspeed_trains_in(device, bf16):
+    """deepspeed.zero.Init makes the parameters it partitions in the engine's dtype: an fp32 model under bf16
+    ZeRO-3 (full fine-tuning's dtype on a GPU) is built, held and gathered for base_model in bf16, half of what
+    its fp32 dtype would say; fp32 training keeps fp32."""
+    shape = {**H200_SHAPE, "num_hidden_layers": 2, "vocab_size": 8000}
+    cfg = config(*H200_REFERENCE, f"model.init_config={json.dumps(shape)}", "model.dtype=float32",
+                 f"training.bf16={str(bf16).lower()}", "model.save_init_base=true", "backend.type=deepspeed",
+                 "backend.config=configs/deepspeed/zero3.json", "launcher.num_workers=2")
+    e = estimate_memory(cfg, world_size=2, device=device)
+    size = 2 if bf16 else 4
+    layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
+    base = 2 * 8000 * 2048 + 2048 + 2 * layer
+    partition = size * base // 2 + size * layer
+    assert e.detail["load_dtype"] == "float32"
+    assert e.detail["load_peak"] == (partition if device == "cuda" else partition + size * base)
+    assert e.detail["host_load_peak"] == size * base
+    assert any(f"rank 0 gathers a host copy ({format_bytes(size * base)})" in n for n in e.notes), e.notes
+    assert any(("deepspeed.zero.Init in bfloat16," in n) == bf16 for n in e.notes if "zero.Init" in n), e.notes
+
+
 @pytest.mark.parametrize("upcast", ["null", "true"])
 def test_counts_match_the_real_bf16_4bit_model_with_and_without_the_upcast(upcast):
     """A bfloat16 QLoRA base keeps its unquantized weights in bfloat16 unless quantization.upcast_unquantized asks
