@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import ROOT, machine
+from gpu_goals import summary
 
 HERE = ROOT / "bench" / "gpu"
 LLAMA_1B5 = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -703,7 +704,7 @@ def table(s: Setup, meta: dict) -> str:
     return (f"{meta['machine']}; {meta['date']}; {meta['versions']}\n"
             f"{'TINY MODELS ON A CPU: checks the script, the figures mean nothing' if s.tiny else ''}\n"
             f"{s.steps} steps of {s.rows} x {s.seq} tokens, the first {s.warmup} not counted; {mfu}; "
-            f"budget {meta['budget_s']:.0f} s\n\n" + "\n".join(lines) + "\n")
+            f"budget {meta['budget_s']:.0f} s\n\n" + "\n".join(lines) + "\n" + summary(s.results))
 
 
 def versions() -> str:
