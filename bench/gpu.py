@@ -499,6 +499,12 @@ def _default_liger_on(s: Setup) -> bool:
         "Liger off" not in s.results["sft_dist"]["kernels"]
 
 
+def torch_version() -> str:
+    import importlib.metadata as md
+
+    return md.version("torch").split("+")[0]
+
+
 def _flash() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -523,7 +529,7 @@ def steps() -> list[Step]:
             if attn == "flash_attention_2" and (s.tiny or not _flash()):
                 return "flash-attn is not installed" if not s.tiny else "flash attention needs CUDA"
             if attn == "flex_attention" and s.tiny:
-                return "FlexAttention has no backward on a CPU (torch 2.13: NotImplementedError)"
+                return f"FlexAttention has no backward on a CPU (torch {torch_version()}: NotImplementedError)"
             if _default_attn(s) == attn:
                 return f"the sft_dist step already ran {attn} (attention auto)"
             return _need("prepare")(s)  # not the sft_dist step: where it failed, the variants show which part did
