@@ -55,6 +55,8 @@ def goals(results: dict) -> list[str]:
             continue
         met = value >= threshold if op == ">=" else value <= threshold
         lines.append(f"- {what} {goal}: {_fmt(value, unit)}, {'met' if met else 'NOT met'}")
+    lines.append(_isolation(results.get("isolation") or {}))
+    lines.append(_same_curve(results))
     mine, trl = results.get("sft_dist") or {}, results.get("trl_fastest") or {}
     if mine.get("tokens_per_s") and trl.get("tokens_per_s") and trl.get("status") == "ok":
         ratio = mine["tokens_per_s"] / trl["tokens_per_s"]
@@ -63,6 +65,36 @@ def goals(results: dict) -> list[str]:
     else:
         lines.append("- sft_dist >= 1.0x plain TRL's fastest correct setting: unmeasured")
     return lines
+
+
+def _isolation(r: dict) -> str:
+    """Packing isolation on this device's kernels (bench/gpu/isolation.py): every packed document's logits equal
+    the document run alone, for each attention implementation, within its dtype's tolerance."""
+    cases = r.get("cases") or []
+    if not cases:
+        return f"- packing isolation (a packed document's logits = the document alone): unmeasured " \
+               f"({r.get('reason') or r.get('status') or 'not run'})"
+    wrong = [c for c in cases if not c.get("ok")]
+    auto = [c for c in wrong if c.get("auto")]
+    checked = f"{len(cases)} cases ({', '.join(sorted({c['attn'] for c in cases}))})"
+    if not wrong:
+        return f"- packing isolation (a packed document's logits = the document alone): {checked}, met"
+    names = "; ".join(f"{c.get('arch', 'llama')} {c['attn']} {c['dtype']}: "
+                      + (f"{c['max_abs_diff']:.1e}" if "max_abs_diff" in c else c.get("error", "?")) for c in wrong)
+    return (f"- packing isolation: {checked}, {len(wrong)} wrong"
+            + (" (INCLUDING what auto picks: NOT met)" if auto else " (none of them auto's pick)") + f": {names}")[:400]
+
+
+def _same_curve(results: dict) -> str:
+    """The 1.5B step's loss curve against the 2026-12-04 default's (sdpa with the packed block mask): the goal
+    asks for equal curves within bf16 noise."""
+    ref = results.get("sft_dist_sdpa") or {}
+    if ref.get("status") == "ok" and ref.get("max_dloss") is not None:
+        return (f"- 1.5B loss curve against the 2026-12-04 default (sdpa with the packed block mask): largest "
+                f"difference {ref['max_dloss']:.4f} over {min(len(ref.get('losses') or []), 99)} steps")
+    if "already ran sdpa" in (ref.get("reason") or ""):
+        return "- 1.5B loss curve against the 2026-12-04 default: the same run (auto picked sdpa)"
+    return "- 1.5B loss curve against the 2026-12-04 default (sdpa with the packed block mask): unmeasured"
 
 
 def variants(results: dict) -> list[str]:
