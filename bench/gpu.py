@@ -46,7 +46,8 @@ counted the same way, bench/gpu/trl_run.py), peak allocated GPU memory, mean ste
 to its first optimizer step, and, for sft_dist variants, the largest loss difference from the sft_dist step
 (same weights, data and seed: a correct speed feature stays within bf16 noise).
 
-On the GPU machine (no network; wheels made here with `bash bench/gpu/wheels.sh`, see FIELD-NOTES "On a GPU"):
+On the GPU machine (no network; wheels made here with `bash bench/gpu/wheels.sh`, see FIELD-NOTES "On a GPU"),
+`bash bench/gpu/run.sh [arguments]` does this:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \\

@@ -8,7 +8,7 @@
 # triton already there. What travels: trl, datasets (+ dill, multiprocess), liger-kernel, and transformers
 # and peft at the versions sft_dist is tested with (~17 MB), and bitsandbytes for QLoRA and paged_adamw_8bit
 # (43 MB, CUDA 11.8 to 13.2 builds inside; --no-bnb leaves it out). All of it: 58 MB.
-# On the GPU machine, from the checkout:
+# On the GPU machine, from the checkout: `bash bench/gpu/run.sh`, which does
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 #     PYTHONUNBUFFERED=1 python3 bench/gpu.py --out "$OUT"
