@@ -285,7 +285,8 @@ def _launch(cfg, args, warm) -> int:
 
 
 def _worker(cfg) -> int:
-    from sft_dist.distributed.lifecycle import StoppedDuringStartup, die_with_parent, stop_on_sigterm_during_startup
+    from sft_dist.distributed.lifecycle import (StoppedDuringStartup, die_with_parent, startup_stop_pending,
+                                                stop_on_sigterm_during_startup)
 
     if os.environ.get("SFT_DIST_LAUNCHER") == "local" or "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()  # the local launcher or torchrun's agent: not a shell the user started us from
@@ -297,15 +298,23 @@ def _worker(cfg) -> int:
         _skip_final_gc()
         return 0
     except StoppedDuringStartup as e:
-        print(f"sft-dist: {e} before training started: stopped (nothing to checkpoint yet)", file=sys.stderr)
-        _skip_final_gc()
-        return 0
-    except SftDistError as e:
-        return _report(e)
+        return _stopped_during_startup(str(e))
     except KeyboardInterrupt:
         return 130
     except BaseException as e:  # noqa: BLE001 - the launcher needs every failure reported
-        return _report(e, unexpected=True)
+        if startup_stop_pending():
+            # a peer that stopped on the same SIGTERM left this rank's collective without it: the stop, not a failure
+            return _stopped_during_startup(startup_stop_pending(), after=e)
+        return _report(e) if isinstance(e, SftDistError) else _report(e, unexpected=True)
+
+
+def _stopped_during_startup(signal_name: str, *, after: BaseException | None = None) -> int:
+    why = f" ({type(after).__name__} on the way out: {str(after).splitlines()[0][:200] if str(after) else ''})" \
+        if after is not None else ""
+    print(f"sft-dist: {signal_name} before training started: stopped (nothing to checkpoint yet){why}",
+          file=sys.stderr)
+    _skip_final_gc()
+    return 0
 
 
 def _skip_final_gc() -> None:

@@ -52,8 +52,30 @@ def die_with_parent(*, sig: int = signal.SIGKILL, watchdog: bool = True) -> None
     threading.Thread(target=watch, name="sft-dist-parent-watch", daemon=True).start()
 
 
+# The signal's name once SIGTERM arrived during start-up. The handler's exception alone is not enough: raised while
+# the interpreter runs a finalizer (a __del__ during garbage collection, a weakref callback), it is printed as
+# "Exception ignored in ..." and lost, and start-up would go on into training (seen under load: the launcher
+# waited on a rank that had swallowed it). `check_startup_stop` raises it again at the next phase boundary.
+_pending: list[str] = []
+
+
 def _stop_now(signum, _frame) -> None:
-    raise StoppedDuringStartup(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if not _pending:
+        _pending.append(name)
+    raise StoppedDuringStartup(name)
+
+
+def startup_stop_pending() -> str | None:
+    """The signal that asked this worker to stop during start-up, or None."""
+    return _pending[0] if _pending else None
+
+
+def check_startup_stop() -> None:
+    """Raise StoppedDuringStartup again where the handler's one was swallowed (see `_pending`): called between
+    the phases of start-up, and last before training takes SIGTERM over."""
+    if _pending:
+        raise StoppedDuringStartup(_pending[0])
 
 
 def stop_on_sigterm_during_startup() -> bool:

@@ -26,7 +26,7 @@ from sft_dist.distributed.env import (
     shutdown_distributed,
 )
 from sft_dist.distributed.health import diagnose
-from sft_dist.distributed.lifecycle import default_sigterm
+from sft_dist.distributed.lifecycle import check_startup_stop, default_sigterm
 from sft_dist.distributed.turns import SHARE, available_host_memory, host_turns, in_turns
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.model.build import count_parameters
@@ -128,14 +128,17 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
                  cfg.launcher.num_workers, env.launched_by, env.world_size)
 
     plan = _preflight(cfg, env=env, device=device)
+    check_startup_stop()  # a SIGTERM so far whose exception a finalizer swallowed (distributed/lifecycle.py)
     tokenizer = build_tokenizer(cfg.model)
     data = _datasets(cfg, env=env, tokenizer=tokenizer, seed=args.seed)
+    check_startup_stop()
     for name, stats in data.stats.items():
         log.info("data %s", stats.describe(name, cfg.data.max_length))
     rss_before_model = _current_rss()  # what the model, optimizer and activations add is measured from here
     host_need = ((plan.get("memory_per_rank") or {}).get("detail") or {}).get("host_load_peak", 0)
     model, base_dir, base_write = _build_model(cfg, backend, env=env, device=device, tokenizer=tokenizer, args=args,
                                                out=out, host_need=host_need)
+    check_startup_stop()
     build_peak = _build_peak(device)
     rss_after_model = _current_rss()  # the host memory the model build left (a rank that built no base: little)
     # where this rank built its random base (model/build.py: RANDOM_BASE)
@@ -164,6 +167,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         if env.is_main and resume is None:
             (out / "samples.jsonl").unlink(missing_ok=True)
     trainer.checkpointing = _checkpointing(cfg, backend, env=env)
+    check_startup_stop()  # last: from here on SIGTERM means "checkpoint and stop" (train/stop.py)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
     trainer.add_callback(Heartbeat())
