@@ -52,7 +52,7 @@ from sft_dist.data.build import (
     warn_cut,
 )
 from sft_dist.data.cache_key import FORMAT, cache_key, default_cache_dir
-from sft_dist.distributed.lifecycle import pid_alive
+from sft_dist.distributed.lifecycle import check_startup_stop, pid_alive
 from sft_dist.errors import BadRow, ConfigError, DataError, SftDistError
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ def _check_shared(build: Path, rank: int) -> None:
                 f"data.cache_dir: rank {rank} cannot see {build}, which rank 0 created: the cache directory must be "
                 "shared by every node of the job; point data.cache_dir at a shared filesystem, or set data.cache=false"
             )
+        check_startup_stop()  # asked to stop (its peers too): do not wait for them
         time.sleep(POLL_S)
 
 
@@ -245,6 +246,7 @@ def _wait_parts(build: Path, splits, mine: dict[str, Dataset], *, world_size: in
                 f"launcher.timeout_s={timeout_s:g} s (no {build}/part-r{missing[0]}.json); a rank is stuck or "
                 "died: see its log, or raise launcher.timeout_s for very large data"
             )
+        check_startup_stop()  # asked to stop (its peers too): do not wait for them
         time.sleep(POLL_S)
     out = {}
     for s in splits:
@@ -265,6 +267,7 @@ def _wait_published(entry: Path, build: Path, *, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise SftDistError(f"data: rank 0 did not publish the tokenized data at {entry} within "
                                f"launcher.timeout_s={timeout_s:g} s; see rank 0's log, or raise launcher.timeout_s")
+        check_startup_stop()  # asked to stop (its peers too): do not wait for them
         time.sleep(POLL_S)
 
 

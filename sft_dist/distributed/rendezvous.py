@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sft_dist.distributed.lifecycle import check_startup_stop
 from sft_dist.errors import ConfigError, SftDistError
 
 
@@ -262,6 +263,7 @@ def _announce_and_wait(rdzv: Rendezvous, me: Member, *, deadline: float) -> None
             arrived = [m for k in keys if (m := _read_member(store, k)) is not None]
             raise SftDistError(missing_message(rank=rank, world_size=world_size, arrived=arrived,
                                                timeout_s=rdzv.timeout_s, addr=rdzv.addr, port=rdzv.port))
+        check_startup_stop()  # this worker was asked to stop (a swallowed SIGTERM: lifecycle.py): no more waiting
         time.sleep(0.1 if world_size <= 64 else 0.5)  # every rank polls the one store
     rdzv.members = {r: Member(r, **json.loads(v)) for r, v in enumerate(store.multi_get(keys))}
 

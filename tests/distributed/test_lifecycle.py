@@ -6,6 +6,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 # A child process: the start-up handler installed, then SIGTERM delivered while a __del__ runs (its exception
 # is "ignored" by the interpreter), as seen under load during the suite with regex's SetBase.__del__.
@@ -79,3 +82,18 @@ def test_a_failure_after_a_swallowed_start_up_sigterm_is_reported_as_the_stop():
     assert ("sft-dist: SIGTERM before training started: stopped (nothing to checkpoint yet) (RuntimeError on the "
             "way out: Connection closed by peer") in r.stderr, r.stderr
     assert r.stderr.count("Traceback (most recent call last)") == 1  # only the finalizer's, which was ignored
+
+
+def test_a_worker_asked_to_stop_does_not_wait_in_the_rendezvous_for_a_peer_that_stopped(monkeypatch):
+    """Rank 0 with a (swallowed) start-up SIGTERM, its peer gone: it leaves the named join at its next poll
+    instead of waiting launcher.timeout_s for a rank that will never come."""
+    from sft_dist.distributed import lifecycle
+    from sft_dist.distributed.local import free_port
+    from sft_dist.distributed.rendezvous import join
+
+    monkeypatch.setattr(lifecycle, "_pending", ["SIGTERM"])
+    t0 = time.monotonic()
+    with pytest.raises(lifecycle.StoppedDuringStartup):
+        join(rank=0, world_size=2, addr="127.0.0.1", port=free_port("127.0.0.1"), timeout_s=60, agent_store=False,
+             prefix="t/")
+    assert time.monotonic() - t0 < 10
