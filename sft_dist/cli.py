@@ -115,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     g.add_argument("--input", default="", help="alpaca `input` field for every prompt")
     g.add_argument("--max-new-tokens", type=int, default=48)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=None, help="sampling: nucleus (0, 1] (default off: 1)")
+    g.add_argument("--top-k", type=int, default=None, help="sampling: the k likeliest tokens only (default off)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy: 1)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default none)")
+    g.add_argument("--seed", type=int, default=None, help="sampling: the same seed gives the same completions")
+    g.add_argument("--stream", action="store_true", help="print each completion token by token as it is generated")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to generate (cuda: this process's GPU, in bf16; default cpu)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the run's template")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model that needs code from its repository to run it (never taken from the run's "
@@ -453,17 +461,25 @@ def _run_report(args) -> int:
 
 
 def _generate(args) -> int:
-    from sft_dist.generate import generate
+    from sft_dist.generate import Decoding, generate
 
-    outputs = generate(
-        args.run_dir,
-        args.prompt,
-        input=args.input,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        raw=args.raw,
-        trust_remote_code=args.trust_remote_code,
-    )
+    if args.stream and args.json:
+        raise SftDistError("--stream prints text as it comes; --json prints one JSON line per completion: pick one")
+    decoding = Decoding(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    decoding.check(stream=args.stream)  # before the model loads
+
+    def stream(i, prompt, tokenizer):
+        from transformers import TextStreamer
+
+        print(f"{chr(10) if i else ''}>>> {prompt}", flush=True)
+        return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    outputs = generate(args.run_dir, args.prompt, input=args.input, max_new_tokens=args.max_new_tokens,
+                       raw=args.raw, trust_remote_code=args.trust_remote_code, decoding=decoding,
+                       device=args.device, stream=stream if args.stream else None)
+    if args.stream:
+        return 0  # printed as it was generated
     for prompt, text in zip(args.prompt, outputs):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))

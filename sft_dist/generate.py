@@ -17,6 +17,50 @@ from sft_dist.data.formats import CHAT_FORMATS
 from sft_dist.errors import SftDistError
 
 REMOTE_CODE_FLAG = "--trust-remote-code"
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How tokens are picked: greedy (temperature 0, one beam), beam search, or sampling (temperature > 0, with
+    top_p / top_k); `seed` makes sampling repeatable. The command line's names, checked before any model loads."""
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int = 1
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def check(self, *, stream: bool = False) -> None:
+        if self.temperature < 0:
+            raise SftDistError(f"--temperature: got {self.temperature}; must be >= 0 (0 = greedy)")
+        sampling = self.temperature > 0
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SftDistError(f"--top-p: got {self.top_p}; must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise SftDistError(f"--top-k: got {self.top_k}; must be >= 1")
+        for flag, value in (("--top-p", self.top_p), ("--top-k", self.top_k)):
+            if value is not None and not sampling:
+                raise SftDistError(f"{flag} applies to sampling: give --temperature > 0 with it (0 is greedy)")
+        if self.num_beams < 1:
+            raise SftDistError(f"--num-beams: got {self.num_beams}; must be >= 1")
+        if self.num_beams > 1 and sampling:
+            raise SftDistError("--num-beams with --temperature > 0: choose beam search or sampling")
+        if self.num_beams > 1 and stream:
+            raise SftDistError("--stream shows one sequence as it grows; beam search keeps several: drop --stream "
+                               "or --num-beams")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise SftDistError(f"--repetition-penalty: got {self.repetition_penalty}; must be > 0 (1 = none)")
+
+    def generate_kwargs(self) -> dict:
+        kw: dict = {"do_sample": self.temperature > 0, "num_beams": self.num_beams}
+        if self.temperature > 0:
+            kw.update(temperature=self.temperature, top_p=self.top_p if self.top_p is not None else 1.0,
+                      top_k=self.top_k if self.top_k is not None else 0)  # the model's generation_config: not ours
+        if self.repetition_penalty is not None:
+            kw["repetition_penalty"] = self.repetition_penalty
+        return kw
 
 
 def _read_run_config(run_dir: Path) -> dict:
@@ -38,23 +82,34 @@ def _needs_remote_code(e: Exception) -> bool:
     return "trust_remote_code" in str(e)
 
 
-def load_trained(run_dir: str | Path, *, trust_remote_code: bool = False):
-    """(model, tokenizer, run config) for a finished run, on CPU in eval mode. `trust_remote_code` comes from
-    the caller only, never from the run's config.yaml."""
+def load_trained(run_dir: str | Path, *, trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer, run config) for a finished run, in eval mode, on `device` (cpu, or cuda: this process's
+    GPU, in bf16 where it has it, else fp16). `trust_remote_code` comes from the caller only, never from the run's
+    config.yaml."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_dist.quiet import quiet_libraries
 
     quiet_libraries()
     run_dir = Path(run_dir)
+    if device not in DEVICES:
+        raise SftDistError(f"--device: got {device!r}; expected one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SftDistError("--device cuda: no CUDA device is visible to this process; use --device cpu")
     cfg = _read_run_config(run_dir)
     model_cfg = cfg.get("model", {})
     asked = bool(model_cfg.get("trust_remote_code", False))
     adapter, full = run_dir / "adapter", run_dir / "model"
+    on_gpu: dict = {}
+    if device == "cuda":  # straight onto this GPU in 16 bit (an 8B model is 16 GB there, not 32 GB of host fp32)
+        on_gpu = {"device_map": {"": torch.cuda.current_device()},
+                  "dtype": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
 
     def load(path, **kwargs):
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **on_gpu,
+                                                        **kwargs)
         except (OSError, ValueError) as e:
             if _needs_remote_code(e) and not trust_remote_code:
                 raise remote_code_refused(str(path), run_dir if asked else None) from None
@@ -121,33 +176,40 @@ class Completion:
 
 
 def complete(run_dir, prompts: list[str], *, input: str = "", max_new_tokens: int = 48, temperature: float = 0.0,
-             raw: bool = False, trust_remote_code: bool = False) -> list[Completion]:
-    """Complete each prompt; an empty completion carries the reason it is empty."""
+             raw: bool = False, trust_remote_code: bool = False, decoding: Decoding | None = None,
+             device: str = "cpu", stream=None) -> list[Completion]:
+    """Complete each prompt; an empty completion carries the reason it is empty. `decoding` (else greedy, or
+    sampling at `temperature`); `stream(i, prompt, tokenizer)`: a transformers streamer for prompt i, which is
+    handed each new token as it is generated (or None)."""
     import torch
 
+    decoding = decoding or Decoding(temperature=temperature)
+    decoding.check(stream=stream is not None)
     if max_new_tokens < 0:
         raise SftDistError(f"--max-new-tokens: got {max_new_tokens}; must be >= 0")
-    model, tok, cfg = load_trained(run_dir, trust_remote_code=trust_remote_code)
+    model, tok, cfg = load_trained(run_dir, trust_remote_code=trust_remote_code, device=device)
     fmt = cfg.get("data", {}).get("format", "alpaca")
     stop = [tok.eos_token_id, *(i for i in end_of_turn_ids(tok) if i != tok.eos_token_id)]
     limit = _max_positions(model)
     outputs = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         text = prompt if raw else format_prompt(cfg, tok, prompt, input)
         # Chat templates render their own BOS; plain prompts get the tokenizer's specials, as in training.
-        enc = tok(text, return_tensors="pt", add_special_tokens=not (fmt in CHAT_FORMATS and not raw))
+        enc = tok(text, return_tensors="pt", add_special_tokens=not (fmt in CHAT_FORMATS and not raw)).to(model.device)
         n = int(enc["input_ids"].shape[1])
         budget = max_new_tokens if limit is None else min(max_new_tokens, max(0, limit - n))
+        streamer = stream(i, prompt, tok) if stream is not None else None
         new: list[int] = []
         if budget > 0:
-            kwargs = dict(max_new_tokens=budget, eos_token_id=stop, pad_token_id=tok.pad_token_id)
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature)
-            else:
-                kwargs.update(do_sample=False)
+            kwargs = dict(max_new_tokens=budget, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                          **decoding.generate_kwargs())
+            if decoding.seed is not None:  # each prompt from the same seed: its completion alone is repeatable
+                torch.manual_seed(decoding.seed)
             with torch.no_grad():
-                out = model.generate(**enc, **kwargs)
+                out = model.generate(**enc, **kwargs, streamer=streamer)
             new = out[0, n:].tolist()
+        elif streamer is not None:
+            streamer.end()
         c = Completion(tok.decode(new, skip_special_tokens=True).strip(), n, new)
         if not c.text:
             c.why_empty = _why_empty(c, tok, stop=stop, max_new_tokens=max_new_tokens, limit=limit)
@@ -156,10 +218,11 @@ def complete(run_dir, prompts: list[str], *, input: str = "", max_new_tokens: in
 
 
 def generate(run_dir, prompts: list[str], *, input: str = "", max_new_tokens: int = 48,
-             temperature: float = 0.0, raw: bool = False, trust_remote_code: bool = False) -> list[str]:
+             temperature: float = 0.0, raw: bool = False, trust_remote_code: bool = False,
+             decoding: Decoding | None = None, device: str = "cpu", stream=None) -> list[str]:
     """The completions' texts; why any of them is empty goes to stderr, one line each."""
     outputs = complete(run_dir, prompts, input=input, max_new_tokens=max_new_tokens, temperature=temperature,
-                       raw=raw, trust_remote_code=trust_remote_code)
+                       raw=raw, trust_remote_code=trust_remote_code, decoding=decoding, device=device, stream=stream)
     for i, c in enumerate(outputs, 1):
         if c.why_empty:
             print(f"sft-dist: note: prompt {i} got an empty completion: {c.why_empty}", file=sys.stderr)

@@ -171,3 +171,100 @@ def test_export_takes_remote_code_from_its_command_line_only(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "exported full model" in r.stdout and (tmp_path / "ran.txt").exists()
     assert (tmp_path / "out" / "modeling_tiny_remote.py").is_file()  # the merged model loads next to its code
+
+
+def random_run(tmp_path: Path) -> Path:
+    """A run whose model has random weights: many tokens likely at every step, for sampling and beams."""
+    run = run_dir(tmp_path, favour=40, name="random")
+    config = AutoConfig.from_pretrained(run / "model")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # a spread of likely tokens, not one that dominates
+    model.save_pretrained(run / "model")
+    return run
+
+
+def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy(tmp_path):
+    from sft_dist.generate import Decoding
+
+    run = random_run(tmp_path)
+    prompts = ["What is 2 + 2?", "Hi"]
+    greedy = [c.new_tokens for c in complete(run, prompts, max_new_tokens=12)]
+    seeded = [[c.new_tokens for c in complete(run, prompts, max_new_tokens=12,
+                                              decoding=Decoding(temperature=1.5, seed=s))] for s in (7, 7, 8)]
+    assert seeded[0] == seeded[1]  # the same seed: the same completions
+    assert seeded[0] != seeded[2] and seeded[0] != greedy  # sampling really samples here
+    # the likeliest token only, sampled: greedy decoding, whatever the temperature and seed
+    top1 = complete(run, prompts, max_new_tokens=12, decoding=Decoding(temperature=2.0, top_k=1, seed=3))
+    assert [c.new_tokens for c in top1] == greedy
+    # a nucleus too small to hold a second token: greedy as well
+    nucleus = complete(run, prompts, max_new_tokens=12, decoding=Decoding(temperature=1.0, top_p=1e-6, seed=5))
+    assert [c.new_tokens for c in nucleus] == greedy
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy(tmp_path):
+    """Beam search returns the most likely sequence of those it kept: here one greedy's first choices missed."""
+    from sft_dist.generate import Decoding, load_trained
+
+    run = random_run(tmp_path)
+    model, tok, cfg = load_trained(run)
+    from sft_dist.generate import format_prompt
+
+    enc = tok(format_prompt(cfg, tok, "Hi"), return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+
+    def logprob(new: list[int]) -> float:
+        ids = torch.cat([enc["input_ids"], torch.tensor([new])], dim=1)
+        with torch.no_grad():
+            logp = model(ids).logits[0, n - 1:-1].log_softmax(-1)
+        return float(logp.gather(1, torch.tensor(new)[:, None]).sum())
+
+    [greedy] = complete(run, ["Hi"], max_new_tokens=6)
+    [beam] = complete(run, ["Hi"], max_new_tokens=6, decoding=Decoding(num_beams=4))
+    assert len(beam.new_tokens) == len(greedy.new_tokens) == 6  # no stop token met: equal lengths compare
+    assert beam.new_tokens != greedy.new_tokens  # greedy's first choices lead to a less likely sequence here
+    assert logprob(beam.new_tokens) > logprob(greedy.new_tokens)
+
+
+@pytest.mark.parametrize("decoding, message", [
+    (dict(top_p=0.9), "--top-p applies to sampling: give --temperature > 0 with it"),
+    (dict(top_k=5), "--top-k applies to sampling"),
+    (dict(temperature=1.0, top_p=1.5), "--top-p: got 1.5; must be in (0, 1]"),
+    (dict(temperature=1.0, top_k=0), "--top-k: got 0; must be >= 1"),
+    (dict(temperature=-1.0), "--temperature: got -1.0; must be >= 0"),
+    (dict(num_beams=0), "--num-beams: got 0"),
+    (dict(num_beams=2, temperature=0.7), "--num-beams with --temperature > 0: choose beam search or sampling"),
+    (dict(repetition_penalty=0.0), "--repetition-penalty: got 0.0"),
+])
+def test_bad_decoding_options_are_refused_before_the_model_loads(tmp_path, decoding, message):
+    from sft_dist.generate import Decoding
+
+    with pytest.raises(SftDistError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+                       .replace("+", r"\+")):
+        complete(tmp_path / "no-such-run", ["x"], decoding=Decoding(**decoding))
+
+
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(SftDistError, match="^--device cuda: no CUDA device is visible to this process"):
+        complete(run_dir(tmp_path, favour=40), ["x"], device="cuda")
+
+
+@pytest.mark.slow
+def test_the_cli_streams_the_completion_it_would_print_whole(tmp_path):
+    run = random_run(tmp_path)
+    base = [str(BIN / "sft-dist"), "generate", str(run), "--prompt", "What is 2 + 2?", "--prompt", "Hi",
+            "--max-new-tokens", "10", "--temperature", "1.2", "--seed", "4"]
+    whole = subprocess.run([*base, "--json"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    texts = [json.loads(line)["completion"] for line in whole.stdout.strip().splitlines()]
+    streamed = subprocess.run([*base, "--stream"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    blocks = streamed.stdout.split(">>> ")[1:]
+    assert [b.split("\n", 1)[0] for b in blocks] == ["What is 2 + 2?", "Hi"]
+    assert [b.split("\n", 1)[1].strip() for b in blocks] == texts and any(texts)
+    bad = subprocess.run([*base, "--stream", "--json"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--stream prints text as it comes; --json prints one JSON line per completion: pick one" in bad.stderr
