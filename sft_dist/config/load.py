@@ -242,6 +242,10 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         p.append(f"metrics.peak_tflops: got {cfg.metrics.peak_tflops}; must be > 0 (TFLOP/s of one device)")
     if not 1 <= cfg.metrics.generate_max_new_tokens <= 4096:
         p.append(f"metrics.generate_max_new_tokens: got {cfg.metrics.generate_max_new_tokens}; must be in 1..4096")
+    if cfg.metrics.generate_eval_rows < 0:
+        p.append(f"metrics.generate_eval_rows: got {cfg.metrics.generate_eval_rows}; must be >= 0 (0: off)")
+    if not 1 <= cfg.metrics.generate_num_beams <= 32:
+        p.append(f"metrics.generate_num_beams: got {cfg.metrics.generate_num_beams}; must be in 1..32 (1: greedy)")
     if la.timeout_s < 10:
         p.append(f"launcher.timeout_s: got {la.timeout_s}; must be >= 10")
     if la.max_failures < -1:

@@ -231,6 +231,12 @@ class MetricsConfig:
     # written to output_dir/samples.jsonl and the report.
     generate_prompts: list[str] | None = None
     generate_max_new_tokens: int = 32
+    # At each evaluation: the model answers the prompts of the first N eval rows and each answer is scored against
+    # the row's own answer (eval_exact_match, eval_token_f1, eval_rouge_l: metrics/text.py), which
+    # training.metric_for_best_model may name; the answers go to output_dir/eval_generations.jsonl. 0: off.
+    generate_eval_rows: int = 0
+    # Beam search for these generations and the prompts' (1: greedy).
+    generate_num_beams: int = 1
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ CHARTS = [
     ("memory", "Peak memory per rank (max over ranks)", "GiB", [("peak_mem_bytes", "peak memory", "-")]),
     ("mfu", "Model FLOPs utilisation", "MFU", [("mfu", "MFU", "-")]),
     ("learning_rate", "Learning rate", "lr", [("learning_rate", "learning rate", "-")]),
+    ("eval_answers", "Eval rows answered (metrics.generate_eval_rows)", "score against the reference",
+     [("eval_exact_match", "exact match", "o-"), ("eval_token_f1", "token F1", "o-"),
+      ("eval_rouge_l", "ROUGE-L", "o-")]),
 ]
 SCALE = {"peak_mem_bytes": 1 / GIB}
 STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:64em}table{border-collapse:collapse}"
@@ -104,6 +107,7 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
     e = html.escape
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
+    answered = [r for r in evals if "eval_rouge_l" in r]
     facts = [
         ("status", "finished" if summary else "no run_summary.json (stopped or still running)"),
         ("workers", (f"{summary.get('world_size', '?')} ({summary.get('launched_by', '?')}), device "
@@ -114,6 +118,10 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
         ("train loss", f"{train[0]['loss']:.4f} → {train[-1]['loss']:.4f}" if train else "none logged"),
         ("eval loss", (f"{evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} (perplexity "
                        f"{evals[-1].get('eval_perplexity', float('nan')):.2f})") if evals else "no eval"),
+        *([("eval answers", f"exact match {answered[-1]['eval_exact_match']:.3f}, token F1 "
+                            f"{answered[-1]['eval_token_f1']:.3f}, ROUGE-L {answered[-1]['eval_rouge_l']:.3f} over "
+                            f"{answered[-1]['eval_generated']} rows at step {answered[-1]['step']}")]
+          if answered else []),
         ("loss-carrying tokens", f"{summary.get('loss_tokens', '?')}"),
         ("parameters", f"{summary.get('trainable_params', '?')} trainable of {summary.get('total_params', '?')}"),
         ("resumed from", summary.get("resumed_from") or "—"),

@@ -58,6 +58,9 @@ class Facts:
     eval_strategy: str = "no"
     load_best: bool = False
     has_eval_data: bool = False
+    best_metric: str | None = None  # training.metric_for_best_model as given (None: unset)
+    greater_is_better: bool | None = None  # training.greater_is_better as given
+    generate_eval_rows: int = 0  # metrics.generate_eval_rows
 
     @property
     def global_batch(self) -> int:
@@ -112,6 +115,11 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
     f.eval_strategy = t.eval_strategy
     f.load_best = bool(t.value("load_best_model_at_end"))
+    best = t.get("metric_for_best_model")
+    f.best_metric = str(best) if best is not None else None
+    given = t.get("greater_is_better")
+    f.greater_is_better = None if given is None else bool(given)
+    f.generate_eval_rows = cfg.metrics.generate_eval_rows
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
     for name, value in backend.plan_facts().items():

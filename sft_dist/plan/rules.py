@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sft_dist.metrics.eval_names import bare, choices, greater_is_better
 from sft_dist.plan.facts import Facts
 
 FLOATS = ("float32", "bfloat16", "float16")
@@ -53,6 +54,11 @@ def _derived(f: Facts) -> dict:
     return {"global_batch": f.global_batch, "per_step": per_step,
             "reason": ("training.eval_strategy is 'no': no eval ever runs" if f.eval_strategy == "no"
                        else "there is no eval data (data.eval_files, data.eval_split or data.eval_split_ratio)"),
+            "best_choices": ", ".join(choices(f.generate_eval_rows)),
+            "text_hint": ("" if f.generate_eval_rows > 0 else
+                          " (exact_match, token_f1 and rouge_l need metrics.generate_eval_rows > 0)"),
+            "worst": "highest" if f.greater_is_better else "lowest",
+            "right": str(not f.greater_is_better).lower(),
             "saved": f" and the modules_to_save copies ({', '.join(f.modules_to_save)})" if f.modules_to_save else "",
             "accum_fix": (f"gradient_accumulation_steps: {f.ds_train_batch_size // per_step}"
                           if isinstance(f.ds_train_batch_size, int) and f.ds_train_batch_size % per_step == 0
@@ -139,6 +145,23 @@ RULES: tuple[Rule, ...] = (
          "{reason}",
          "set training.eval_strategy (steps or epoch, like save_strategy) and data.eval_files / "
          "data.eval_split_ratio, or remove training.load_best_model_at_end"),
+    Rule("generated-eval-without-eval", "error", ("metrics.generate_eval_rows", "training.eval_strategy",
+                                                  "data.eval_files"),
+         lambda f: f.generate_eval_rows > 0 and (f.eval_strategy == "no" or not f.has_eval_data),
+         "metrics.generate_eval_rows={f.generate_eval_rows} answers eval rows at each evaluation, but {reason}",
+         "set training.eval_strategy (steps or epoch) and data.eval_files / data.eval_split_ratio, or "
+         "metrics.generate_eval_rows: 0"),
+    Rule("best-metric-unknown", "error", ("training.metric_for_best_model",),
+         lambda f: f.best_metric is not None and bare(f.best_metric) not in choices(f.generate_eval_rows),
+         "{f.best_metric!r} is not a metric this run's evaluation reports: the Trainer would fail at the first "
+         "evaluation, after training up to it",
+         "name one of {best_choices}{text_hint}"),
+    Rule("best-metric-direction", "warning", ("training.metric_for_best_model", "training.greater_is_better"),
+         lambda f: (f.best_metric is not None and f.greater_is_better is not None
+                    and greater_is_better(f.best_metric) not in (None, f.greater_is_better)),
+         "training.greater_is_better={f.greater_is_better} keeps the checkpoint with the "
+         "{worst} {f.best_metric}",
+         "remove training.greater_is_better (sft_dist sets it from the metric) or set it to {right}"),
     Rule("global-batch-not-divisible", "error", ("backend.config: train_batch_size",
                                                  "training.per_device_train_batch_size",
                                                  "training.gradient_accumulation_steps", "launcher.num_workers"),

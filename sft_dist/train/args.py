@@ -20,6 +20,7 @@ from typing import Any
 from sft_dist.backends import get_backend
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
+from sft_dist.metrics.eval_names import greater_is_better
 
 # What sft_dist turns on; `training.liger_kernel_config` may switch each off. Liger's apply functions take the
 # ones that fit the architecture (swiglu for Llama-like MLPs, geglu for Gemma).
@@ -133,6 +134,11 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     if cfg.checkpoint.keep_best and cfg.training.eval_strategy != "no":
         # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it.
         training.setdefault("metric_for_best_model", "loss")
+    if training.get("metric_for_best_model") is not None and training.get("greater_is_better") is None:
+        # HF guesses "greater is better" for any name not ending in "loss": the worst checkpoint by perplexity
+        better = greater_is_better(training["metric_for_best_model"])
+        if better is not None:
+            training["greater_is_better"] = better
     cpu = device == "cpu"
     if world_size > 1:  # naming a backend makes accelerate expect an initialised process group
         training["ddp_backend"] = "gloo" if cpu else "nccl"

@@ -1,6 +1,7 @@
 """Evaluation during training: the eval loss over the whole eval split, split across ranks and reduced
 as one token-weighted mean (not a mean of per-batch means, no sample counted twice), its perplexity and
-next-token accuracy; and greedy completions of fixed prompts, written to output_dir/samples.jsonl.
+next-token accuracy; greedy completions of fixed prompts, written to output_dir/samples.jsonl; and the eval rows'
+prompts answered and scored against their answers (exact match, token F1, ROUGE-L: `EvalGenerations`).
 
 Every rank runs the same number of forward passes (ZeRO-3 and FSDP2 gather weights inside forward, so a
 rank that stopped early would hang the others): shards are padded with placeholder rows that carry no
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sft_dist.data.sampler import PLACEHOLDER, WithPlaceholder
+from sft_dist.errors import SftDistError
 
 NOT_MODEL_INPUTS = ("sample_ids", "input_tokens", "completion_mask", "assistant_masks", "seq_lengths")
 
@@ -73,13 +75,14 @@ def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
 
 
 class Samples:
-    """Greedy completions of fixed prompts at each evaluation (formatted as the run's data is)."""
+    """Greedy (or beam search) completions of fixed prompts at each evaluation (formatted as the run's data is)."""
 
     def __init__(self, prompts: list[str], *, data_cfg: dict, tokenizer, max_new_tokens: int, path: Path | None,
-                 sync: bool):
+                 sync: bool, num_beams: int = 1):
         from sft_dist.generate import format_prompt
 
         self.prompts, self.tok, self.max_new_tokens, self.path, self.sync = prompts, tokenizer, max_new_tokens, path, sync
+        self.num_beams = num_beams
         fmt = data_cfg.get("format", "alpaca")
         self.texts = [format_prompt({"data": data_cfg}, tokenizer, p) for p in prompts]
         from sft_dist.data.formats import CHAT_FORMATS
@@ -94,6 +97,7 @@ class Samples:
             for prompt, text in zip(self.prompts, self.texts):
                 enc = self.tok(text, return_tensors="pt", add_special_tokens=self.add_special).to(device)
                 ids = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                     num_beams=self.num_beams,
                                      pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id,
                                      eos_token_id=self.tok.eos_token_id, synced_gpus=self.sync)
                 completion = self.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -103,3 +107,98 @@ class Samples:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
         return out
+
+
+class EvalGenerations:
+    """`metrics.generate_eval_rows`: at each evaluation the model answers the prompts of the first N eval rows that
+    have one (greedy, or beam search), and each answer is scored against the row's own answer (metrics/text.py).
+
+    A row's prompt is its tokens before the first loss-carrying token, its answer the loss-carrying tokens that
+    follow (a chat row's first assistant turn). The rows are split across ranks as the eval loss's are, every rank
+    calling `generate` as many times (a placeholder answers a dummy prompt: ZeRO-3 and FSDP2 gather weights inside
+    each forward, `synced_gpus`), and the scores are summed over all ranks. Each answer may run to twice its
+    reference's length plus 8 tokens (a longer one is wrong anyway), within the model's positions. Rank 0 appends
+    every answer, with its scores, to output_dir/eval_generations.jsonl."""
+
+    def __init__(self, *, rows: int, tokenizer, num_beams: int, path: Path | None, sync: bool):
+        from sft_dist.data.chat_templates import end_of_turn_ids
+
+        self.rows, self.tok, self.num_beams, self.path, self.sync = rows, tokenizer, num_beams, path, sync
+        self.stop = [tokenizer.eos_token_id, *(i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_token_id)]
+        self._items: dict[int, list[tuple[int, list[int], list[int]]]] = {}
+
+    def items(self, dataset, max_positions: int | None) -> list[tuple[int, list[int], list[int]]]:
+        """(row index, prompt ids, reference ids) of the first `rows` eval rows with a prompt and room to answer."""
+        key = id(dataset)
+        if key not in self._items:
+            out = []
+            for i in range(len(dataset)):
+                if len(out) == self.rows:
+                    break
+                split = prompt_and_answer(dataset[i]["input_ids"], dataset[i]["labels"])
+                if split and (max_positions is None or len(split[0]) < max_positions):
+                    out.append((i, *split))
+            if not out:
+                raise SftDistError(
+                    "metrics.generate_eval_rows: none of the eval rows has a prompt to answer (every token carries "
+                    "loss, as in data.format text): set metrics.generate_eval_rows: 0, or use a format with prompts")
+            self._items[key] = out
+        return self._items[key]
+
+    def __call__(self, trainer, dataset, *, step: int, prefix: str = "eval") -> dict[str, float]:
+        from sft_dist.metrics.text import NAMES, scores
+
+        args, model = trainer.args, trainer.model
+        limit = _max_positions(model)
+        items = self.items(dataset, limit)
+        mine = shard(len(items), args.world_size, args.process_index)
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(1 + len(NAMES), dtype=torch.float64, device=args.device)
+        written = []
+        with torch.no_grad():
+            for k in mine:
+                row, prompt, reference = items[0 if k == PLACEHOLDER else k]
+                budget = 1 if k == PLACEHOLDER else 2 * len(reference) + 8
+                if limit is not None:
+                    budget = max(1, min(budget, limit - len(prompt)))
+                ids = torch.tensor([prompt], device=args.device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                                     do_sample=False, num_beams=self.num_beams, eos_token_id=self.stop,
+                                     pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None
+                                     else self.tok.eos_token_id, synced_gpus=self.sync)
+                if k == PLACEHOLDER:
+                    continue
+                answer = self.tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+                ref = self.tok.decode(reference, skip_special_tokens=True).strip()
+                s = scores(answer, ref)
+                totals += torch.tensor([1.0, *(s[n] for n in NAMES)], dtype=torch.float64, device=args.device)
+                written.append({"step": step, "row": row, "prompt": self.tok.decode(prompt, skip_special_tokens=True),
+                                "reference": ref, "answer": answer, **s})
+        model.train(was_training)
+        if args.world_size > 1:
+            torch.distributed.all_reduce(totals)
+            gathered: list = [None] * args.world_size
+            torch.distributed.all_gather_object(gathered, written)
+            written = sorted((r for part in gathered for r in part), key=lambda r: r["row"])
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in written)
+        n, *sums = totals.tolist()
+        return {f"{prefix}_generated": int(n), **{f"{prefix}_{name}": v / max(n, 1) for name, v in zip(NAMES, sums)}}
+
+
+def prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
+    """A tokenized row's prompt (the tokens before the first one that carries loss) and its answer (the run of
+    loss-carrying tokens from there); None for a row without a prompt or without an answer."""
+    start = next((i for i, t in enumerate(labels) if t != -100), None)
+    if not start:  # None: no answer; 0: no prompt (every token carries loss)
+        return None
+    end = next((i for i in range(start, len(labels)) if labels[i] == -100), len(labels))
+    return list(input_ids[:start]), list(input_ids[start:end])
+
+
+def _max_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None

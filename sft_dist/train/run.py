@@ -163,9 +163,19 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         trainer.samples = Samples(cfg.metrics.generate_prompts, data_cfg=config_to_dict(cfg)["data"],
                                   tokenizer=tokenizer, max_new_tokens=cfg.metrics.generate_max_new_tokens,
                                   path=out / "samples.jsonl" if env.is_main else None,
-                                  sync=sharded and env.world_size > 1)
+                                  sync=sharded and env.world_size > 1, num_beams=cfg.metrics.generate_num_beams)
         if env.is_main and resume is None:
             (out / "samples.jsonl").unlink(missing_ok=True)
+    if cfg.metrics.generate_eval_rows and trainer.eval_dataset is not None:
+        from sft_dist.train.evaluation import EvalGenerations
+
+        trainer.eval_generations = EvalGenerations(
+            rows=cfg.metrics.generate_eval_rows, tokenizer=tokenizer, num_beams=cfg.metrics.generate_num_beams,
+            path=out / "eval_generations.jsonl" if env.is_main else None,
+            sync=backend.shards_weights(trainer) and env.world_size > 1)
+        trainer.eval_generations.items(trainer.eval_dataset, None)  # a run with nothing to answer stops here
+        if env.is_main and resume is None:
+            (out / "eval_generations.jsonl").unlink(missing_ok=True)
     trainer.checkpointing = _checkpointing(cfg, backend, env=env)
     check_startup_stop()  # last: from here on SIGTERM means "checkpoint and stop" (train/stop.py)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))

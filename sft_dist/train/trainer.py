@@ -48,6 +48,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self.total_loss_tokens = 0
         self.peak_tflops: float | None = None  # set by the run (metrics.peak_tflops or the device table)
         self.samples = None  # train/evaluation.Samples when metrics.generate_prompts is set
+        self.eval_generations = None  # train/evaluation.EvalGenerations when metrics.generate_eval_rows is set
         self.eval_samples: list[dict] = []
         self._flops = None
         # [real tokens, tokens the model processed (padding included)] over ranks: this window, this run
@@ -159,6 +160,9 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         try:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             metrics = eval_loss(self, dataset, metric_key_prefix)
+            if self.eval_generations is not None:
+                metrics.update(self.eval_generations(self, dataset, step=self.state.global_step,
+                                                     prefix=metric_key_prefix))
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - t0, 4)
             if self.samples is not None:
                 for s in self.samples(self.model, step=self.state.global_step, device=self.args.device):

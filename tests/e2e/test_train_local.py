@@ -159,6 +159,49 @@ def test_generate_uses_the_trained_adapter(local_run):
         assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-3)
 
 
+def test_eval_rows_are_answered_scored_and_pick_the_best_checkpoint(tmp_path):
+    """metrics.generate_eval_rows over 2 ranks: each eval row answered once (the ranks split them), the logged
+    metrics the mean of the rows' scores, the best checkpoint chosen by ROUGE-L; and the answers at the best step
+    are what the saved adapter answers greedily from the same prompt tokens."""
+    from sft_dist.config.load import load_config
+    from sft_dist.data.build import build_datasets
+    from sft_dist.generate import load_trained
+    from sft_dist.metrics.text import scores
+    from sft_dist.train.evaluation import prompt_and_answer
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "training.max_steps=100", "training.eval_steps=50", "training.save_strategy=steps",
+                 "training.save_steps=50", "metrics.generate_eval_rows=12", "training.load_best_model_at_end=true",
+                 "training.metric_for_best_model=rouge_l"]
+    r = sft_dist("train", QUICKSTART, *overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
+    answers = [json.loads(x) for x in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [50, 100]
+    for e in evals:
+        mine = [a for a in answers if a["step"] == e["step"]]
+        assert [a["row"] for a in mine] == list(range(12)) and e["eval_generated"] == 12  # every row once
+        for a in mine:
+            assert {k: a[k] for k in ("exact_match", "token_f1", "rouge_l")} == scores(a["answer"], a["reference"])
+        for name in ("exact_match", "token_f1", "rouge_l"):
+            assert e[f"eval_{name}"] == pytest.approx(sum(a[name] for a in mine) / 12)
+    assert max(e["eval_rouge_l"] for e in evals) > 0  # 100 steps answer some rows partly right
+    best = max(evals, key=lambda e: (e["eval_rouge_l"], -e["step"]))  # the Trainer keeps the first of equals
+    assert f"loading the best checkpoint {out}/checkpoints/checkpoint-{best['step']} (rouge_l " in r.stderr
+    # the adapter saved at the end is the best one: its greedy answers from the rows' own prompt tokens
+    cfg = load_config(QUICKSTART, overrides)
+    model, tok, _ = load_trained(out)
+    rows = build_datasets(cfg.data, tok, seed=cfg.training.seed).eval
+    for a in (a for a in answers if a["step"] == best["step"]):
+        prompt, reference = prompt_and_answer(rows[a["row"]]["input_ids"], rows[a["row"]]["labels"])
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=2 * len(reference) + 8, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)[0, len(prompt):]
+        assert tok.decode(new, skip_special_tokens=True).strip() == a["answer"], a
+
+
 def test_torchrun_gives_the_same_loss_curve_as_local(local_run, tmp_path):
     out, _ = local_run
     tr = tmp_path / "torchrun"

@@ -89,3 +89,14 @@ def test_a_stopped_run_without_summary_still_gets_a_report(run):
     write_report(run)
     assert "no run_summary.json (stopped or still running)" in (run / "report.html").read_text()
     assert check_report(run)
+
+
+def test_scored_eval_answers_get_their_chart_and_summary_line(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r, (em, f1, rl) in zip((r for r in rows if "eval_loss" in r), ((0.0, 0.1, 0.1), (0.25, 0.5, 0.4))):
+        r.update(eval_generated=4, eval_exact_match=em, eval_token_f1=f1, eval_rouge_l=rl)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(run)
+    charts = check_report(run)
+    assert share_of(charts["eval_answers"], BLUE) > 0.0005 and share_of(charts["eval_answers"], ORANGE) > 0.0005
+    assert "exact match 0.250, token F1 0.500, ROUGE-L 0.400 over 4 rows at step 20" in (run / "report.html").read_text()

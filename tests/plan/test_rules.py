@@ -111,6 +111,42 @@ def test_load_best_model_without_eval():
     assert "there is no eval data" in f.message
 
 
+def test_generated_eval_rows_need_an_evaluation():
+    f = fires("generated-eval-without-eval", ["metrics.generate_eval_rows=8", "training.eval_strategy=no"],
+              ["metrics.generate_eval_rows=8"])
+    assert "metrics.generate_eval_rows=8 answers eval rows at each evaluation" in f.message
+    assert "eval_strategy is 'no'" in f.message
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_refused():
+    f = fires("best-metric-unknown", ["training.metric_for_best_model=eval_bleu"],
+              ["training.metric_for_best_model=eval_perplexity"])
+    assert f.message.startswith("'eval_bleu' is not a metric this run's evaluation reports")
+    assert f.fix == ("name one of loss, perplexity, mean_token_accuracy (exact_match, token_f1 and rouge_l need "
+                     "metrics.generate_eval_rows > 0)")
+    # the text metrics exist where the eval rows are answered
+    assert "best-metric-unknown" in findings("training.metric_for_best_model=rouge_l")
+    assert "best-metric-unknown" not in findings("training.metric_for_best_model=rouge_l",
+                                                 "metrics.generate_eval_rows=4")
+
+
+def test_greater_is_better_against_the_metric_warns_and_is_set_from_it_when_unset():
+    f = fires("best-metric-direction", ["training.metric_for_best_model=perplexity", "training.greater_is_better=true"],
+              ["training.metric_for_best_model=perplexity"], severity="warning")
+    assert f.message == "training.greater_is_better=True keeps the checkpoint with the highest perplexity"
+    from sft_dist.train.args import build_sft_config
+
+    # HF alone would guess "greater is better" for any name not ending in "loss"
+    for metric, better in (("perplexity", False), ("eval_perplexity", False), ("loss", False),
+                           ("mean_token_accuracy", True), ("rouge_l", True), ("eval_exact_match", True)):
+        args = build_sft_config(load_config(QUICKSTART, [f"training.metric_for_best_model={metric}",
+                                                         "metrics.generate_eval_rows=4"]), device="cpu")
+        assert args.greater_is_better is better, metric
+    args = build_sft_config(load_config(QUICKSTART, ["training.metric_for_best_model=perplexity",
+                                                     "training.greater_is_better=true"]), device="cpu")
+    assert args.greater_is_better is True  # given: kept (the warning says what it does)
+
+
 def test_global_batch_not_divisible(tmp_path):
     def ds(train_batch_size):
         cfg = json.loads((DS / "zero2.json").read_text())
@@ -162,6 +198,7 @@ REFUSED = [
     ("dora-quantized-zero3", ["quantization.bits=4", "lora.use_dora=true", *ZERO3]),
     ("fp16-on-cpu", ["training.fp16=true"]),
     ("best-model-without-eval", ["training.load_best_model_at_end=true", "training.eval_strategy=no"]),
+    ("best-metric-unknown", ["training.metric_for_best_model=eval_bleu"]),
     ("max-length-beyond-positions", ["data.max_length=1024"]),
     ("reentrant-checkpointing-lora", ["training.activation_checkpointing=true",
                                       "training.gradient_checkpointing_kwargs={use_reentrant: true}",
