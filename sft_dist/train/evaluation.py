@@ -127,8 +127,9 @@ class EvalGenerations:
         self.stop = [tokenizer.eos_token_id, *(i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_token_id)]
         self._items: dict[int, list[tuple[int, list[int], list[int]]]] = {}
 
-    def items(self, dataset, max_positions: int | None) -> list[tuple[int, list[int], list[int]]]:
-        """(row index, prompt ids, reference ids) of the first `rows` eval rows with a prompt and room to answer."""
+    def items(self, dataset) -> list[tuple[int, list[int], list[int]]]:
+        """(row index, prompt ids, reference ids) of the first `rows` eval rows with a prompt and an answer (rows are
+        cut to data.max_length, which the plan keeps within the model's positions)."""
         key = id(dataset)
         if key not in self._items:
             out = []
@@ -136,7 +137,7 @@ class EvalGenerations:
                 if len(out) == self.rows:
                     break
                 split = prompt_and_answer(dataset[i]["input_ids"], dataset[i]["labels"])
-                if split and (max_positions is None or len(split[0]) < max_positions):
+                if split:
                     out.append((i, *split))
             if not out:
                 raise SftDistError(
@@ -150,7 +151,7 @@ class EvalGenerations:
 
         args, model = trainer.args, trainer.model
         limit = _max_positions(model)
-        items = self.items(dataset, limit)
+        items = self.items(dataset)
         mine = shard(len(items), args.world_size, args.process_index)
         was_training = model.training
         model.eval()

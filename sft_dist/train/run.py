@@ -173,7 +173,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
             rows=cfg.metrics.generate_eval_rows, tokenizer=tokenizer, num_beams=cfg.metrics.generate_num_beams,
             path=out / "eval_generations.jsonl" if env.is_main else None,
             sync=backend.shards_weights(trainer) and env.world_size > 1)
-        trainer.eval_generations.items(trainer.eval_dataset, None)  # a run with nothing to answer stops here
+        trainer.eval_generations.items(trainer.eval_dataset)  # a run with nothing to answer stops here
         if env.is_main and resume is None:
             (out / "eval_generations.jsonl").unlink(missing_ok=True)
     trainer.checkpointing = _checkpointing(cfg, backend, env=env)

@@ -41,3 +41,21 @@ def test_a_row_splits_into_its_prompt_and_its_first_answer():
     assert prompt_and_answer(ids, labels) == ([1, 10, 11, 12], [20, 21, 2])
     assert prompt_and_answer([1, 5, 6], [1, 5, 6]) is None  # every token carries loss (data.format text)
     assert prompt_and_answer([1, 5, 6], [-100, -100, -100]) is None  # no answer
+
+
+def test_eval_rows_without_prompts_stop_the_run_before_training():
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from sft_dist.config.load import builtin_path
+    from sft_dist.errors import SftDistError
+    from sft_dist.train.evaluation import EvalGenerations
+
+    tok = AutoTokenizer.from_pretrained(str(builtin_path("tokenizer")))
+    gen = EvalGenerations(rows=4, tokenizer=tok, num_beams=1, path=None, sync=False)
+    text_only = Dataset.from_dict({"input_ids": [[1, 5, 6], [1, 7]], "labels": [[1, 5, 6], [1, 7]]})
+    with pytest.raises(SftDistError, match="^metrics.generate_eval_rows: none of the eval rows has a prompt"):
+        gen.items(text_only)
+    mixed = Dataset.from_dict({"input_ids": [[1, 5, 6], [1, 7, 8, 2], [1, 9, 3, 2]],
+                               "labels": [[1, 5, 6], [-100, -100, 8, 2], [-100, -100, 3, 2]]})
+    assert gen.items(mixed) == [(1, [1, 7], [8, 2]), (2, [1, 9], [3, 2])]  # the rows with a prompt, in order
