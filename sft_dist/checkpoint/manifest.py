@@ -113,7 +113,7 @@ ASSETS = "/sft_dist/assets/"
 # a checkpoint from before them still resumes (a run they would have stopped never wrote one).
 LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "right", "mixture": None,
                   "mixture_rows": None, "streaming": False, "shuffle_window": 10000, "role_key": None,
-                  "content_key": None, "roles": None}
+                  "content_key": None, "roles": None, "split_overlap": 0}
 RENAMED = {("truncation", "truncate"): "right"}  # old spellings of the same value
 # Model keys that choose how the weights are computed or stored, never what they are.
 MODEL_NOT_IDENTITY = ("attn_implementation", "save_init_base")

@@ -213,6 +213,11 @@ def _check_cross_fields(cfg: Config) -> list[str]:
             p += _check_files(key, spec)
     if d.max_length < 8:
         p.append(f"data.max_length: got {d.max_length}; must be >= 8")
+    if not 0 <= d.split_overlap <= d.max_length // 2:
+        p.append(f"data.split_overlap: got {d.split_overlap}; must be in 0..{d.max_length // 2} (half of "
+                 "data.max_length at most: every window must move on by more than it repeats)")
+    elif d.split_overlap and d.truncation != "split":
+        p.append("data.split_overlap: applies to data.truncation=split only; set that, or leave split_overlap at 0")
     if not 0.0 <= d.eval_split_ratio < 1.0:
         p.append(f"data.eval_split_ratio: got {d.eval_split_ratio}; must be in [0, 1)")
     if d.eval_split_ratio > 0 and (d.eval_files is not None or d.eval_split is not None):
@@ -369,6 +374,9 @@ def _check_streaming(cfg: Config) -> list[str]:
     p = []
     if cfg.training.max_steps <= 0:
         p.append("data.streaming: needs `training.max_steps` (> 0): a stream has no length to count epochs by")
+    if d.truncation == "split":
+        p.append("data.truncation: split is not supported with data.streaming (one streamed row is one example); "
+                 "use right, left_prompt or drop, or split the rows ahead of time")
     for key, why in (("packing", "pack ahead of time"), ("mixture", "mix the files ahead of time"),
                      ("id_column", "unset it"), ("eval_split_ratio", "give data.eval_files")):
         if getattr(d, key) not in (None, False, 0, 0.0):

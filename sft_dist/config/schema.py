@@ -121,8 +121,12 @@ class DataConfig:
     # `left_prompt` removes prompt tokens from the left (after BOS and the template's header; chat formats: the
     # earliest whole exchanges, after the system turn) so the answer stays whole, and cuts on the right only a row
     # whose answer alone does not fit; `drop` leaves such rows out. The log counts each, with a warning when
-    # many rows lose their answer (build.CUT_WARNING_FRACTION). `truncate`: the old name of `right`.
-    truncation: Literal["right", "left_prompt", "drop", "truncate"] = "right"
+    # many rows lose their answer (build.CUT_WARNING_FRACTION). `split` makes such a row several rows of up to
+    # max_length tokens, consecutive windows of it (every token trained on; a window without a loss-carrying token
+    # is left out); each window after the first starts with the last `split_overlap` tokens of the one before, as
+    # context that carries no loss (each token's loss counts once). `truncate`: the old name of `right`.
+    truncation: Literal["right", "left_prompt", "drop", "split", "truncate"] = "right"
+    split_overlap: int = 0
     # None: on for alpaca / prompt_completion / messages / sharegpt (loss on the response only), off for text.
     completion_only_loss: bool | None = None
     eval_files: str | list[str] | None = None

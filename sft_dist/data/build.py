@@ -34,6 +34,8 @@ class SplitStats:
     truncated: int = 0  # cut on the right: the end of the answer lost
     prompt_cut: int = 0  # with data.truncation=left_prompt: prompt cut from the left, the answer whole
     dropped_long: int = 0  # with data.truncation=drop
+    split: int = 0  # with data.truncation=split: rows longer than max_length, made windows of it
+    windows: int = 0  # the rows (windows) they became, before any without a loss-carrying token was left out
     dropped_no_loss: int = 0
     loss_tokens: int = 0
     tokens: int = 0
@@ -48,6 +50,9 @@ class SplitStats:
                 else f"{self.truncated} truncated to data.max_length={max_length}")
         if self.prompt_cut:
             long += f" ({self.prompt_cut} more had their prompt cut from the left, the answer kept)"
+        if self.split:
+            long = (f"{self.split} longer than data.max_length={max_length} split into {self.windows} windows "
+                    f"(counted in the rows)")
         packed = (f"; packed into {self.packed_rows} rows of {max_length} ({100 * self.fill:.1f}% filled)"
                   if self.packed_rows else "")
         return (
@@ -57,6 +62,8 @@ class SplitStats:
 
     def warning(self, name: str, max_length: int, truncation: str) -> str | None:
         """A warning when more than CUT_WARNING_FRACTION of the rows lost their answer, else None."""
+        if truncation == "split":
+            return None  # no answer is cut: a long row's windows hold all of it (one of prompt alone is context)
         # A row left without a loss-carrying token was cut on the right (counted in both) or dropped as too long.
         lost = self.dropped_long + max(self.truncated, self.dropped_no_loss)
         if not self.rows or lost <= CUT_WARNING_FRACTION * self.rows:
@@ -285,19 +292,28 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
                 out, e_kind = {"input_ids": [], "labels": []}, out.kind
             else:
                 e_kind = ""
+            if out.get("_cut") == "split":  # data.truncation=split: a row of each window, the sample's id on each
+                for j, (ids, labels) in enumerate(split_windows(out["input_ids"], out["labels"], max_length,
+                                                                cfg.split_overlap)):
+                    add(cols, row, ids, labels, length=len(ids), cut="split" if j == 0 else "window", bad=e_kind)
+                continue
             # The Tokenizer fit the row to max_length (data.truncation); the slices only guard that.
-            labels = out["labels"][:max_length]
-            cols["input_ids"].append(out["input_ids"][:max_length])
-            cols["labels"].append(labels)
-            cols["_tokens"].append(len(labels))
-            cols["sample_id"].append(row["sample_id"])
-            cols[ORIGIN].append(row[ORIGIN])
-            cols["_length"].append(out.get("_length", len(out["input_ids"])))
-            cols["_cut"].append(out.get("_cut", "right" if len(out["input_ids"]) > max_length else ""))
-            # labels[0] never carries loss: the model predicts token t from tokens < t.
-            cols["_loss_tokens"].append(sum(1 for t in labels[1:] if t != IGNORE))
-            cols["_bad"].append(e_kind)
+            add(cols, row, out["input_ids"][:max_length], out["labels"][:max_length],
+                length=out.get("_length", len(out["input_ids"])),
+                cut=out.get("_cut", "right" if len(out["input_ids"]) > max_length else ""), bad=e_kind)
         return cols
+
+    def add(cols, row, ids, labels, *, length: int, cut: str, bad: str) -> None:
+        cols["input_ids"].append(ids)
+        cols["labels"].append(labels)
+        cols["_tokens"].append(len(labels))
+        cols["sample_id"].append(row["sample_id"])
+        cols[ORIGIN].append(row[ORIGIN])
+        cols["_length"].append(length)
+        cols["_cut"].append(cut)
+        # labels[0] never carries loss: the model predicts token t from tokens < t.
+        cols["_loss_tokens"].append(sum(1 for t in labels[1:] if t != IGNORE))
+        cols["_bad"].append(bad)
 
     return raw.map(
         fn,
@@ -308,6 +324,22 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
         num_proc=cfg.num_proc,
         desc=f"Tokenizing {name}",
     )
+
+
+def split_windows(ids: list[int], labels: list[int], max_length: int, overlap: int) -> list[tuple[list, list]]:
+    """data.truncation=split: a row longer than max_length as consecutive windows of at most max_length tokens.
+    A window after the first starts `overlap` tokens before the previous one ended; those tokens are its context
+    and carry no loss there (they did in the window before), so every token's loss counts once. With overlap 0, a
+    later window's first token has nothing before it to be predicted from (labels[0] never carries loss)."""
+    out, start = [], 0
+    while True:
+        w_ids, w_labels = ids[start:start + max_length], labels[start:start + max_length]
+        if start:
+            w_labels = [IGNORE] * overlap + w_labels[overlap:]
+        out.append((w_ids, w_labels))
+        if start + max_length >= len(ids):
+            return out
+        start += max_length - overlap
 
 
 def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Dataset, SplitStats]:
@@ -326,6 +358,8 @@ def _finish_split(cfg: DataConfig, split: RawSplit, mapped: Dataset) -> tuple[Da
         rows=sum(good),
         truncated=0 if drop else sum(1 for ok, c in zip(good, cuts) if ok and c == "right"),
         prompt_cut=0 if drop else sum(1 for ok, c in zip(good, cuts) if ok and c == "prompt"),
+        split=sum(1 for ok, c in zip(good, cuts) if ok and c == "split"),
+        windows=sum(1 for ok, c in zip(good, cuts) if ok and c in ("split", "window")),
         dropped_long=len(truncated) if drop else 0,
         dropped_no_loss=sum(1 for ok, n, full in zip(good, n_loss, lengths)
                             if ok and n == 0 and not (drop and full > max_length)),

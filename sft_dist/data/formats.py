@@ -146,8 +146,9 @@ def row_check(fmt: str, *, template: str = "", chat: ChatSpec | None = None) -> 
 class Tokenizer:
     """Tokenizes rows of one format into {input_ids, labels}, with the loss mask the format implies.
 
-    With `max_length`, rows are also fit to it (`truncation`: right / left_prompt / drop, see `_fit`) and the
-    output has `_length` (tokens before fitting) and `_cut` ("", "right" or "prompt")."""
+    With `max_length`, rows are also fit to it (`truncation`: right / left_prompt / drop, see `_fit`; `split`
+    leaves a longer row whole, for data/build.py to make windows of) and the output has `_length` (tokens before
+    fitting) and `_cut` ("", "right", "prompt" or "split")."""
 
     def __init__(self, tokenizer, *, fmt: str, template: str, completion_only_loss: bool, chat: ChatSpec | None = None,
                  max_length: int | None = None, truncation: str = "right"):
@@ -233,7 +234,9 @@ class Tokenizer:
             t = len(self._tail)
             tail = t if 0 < t <= prompt - head and ids[prompt - t : prompt] == self._tail else 0
             k = n - m
-            if self.truncation == "left_prompt" and 0 < k <= prompt - head - tail:
+            if self.truncation == "split":
+                cut = "split"  # whole: data/build.py makes it windows of max_length (split_windows)
+            elif self.truncation == "left_prompt" and 0 < k <= prompt - head - tail:
                 ids, loss, cut = ids[:head] + ids[head + k:], loss[:head] + loss[head + k:], "prompt"
             else:
                 ids, loss, cut = ids[:m], loss[:m], "right"
@@ -256,6 +259,8 @@ class Tokenizer:
         if self.max_length is None:
             return self._labels(ids, loss)
         n, m, cut = len(ids), self.max_length, ""
+        if n > m and self.truncation == "split":
+            return {**self._labels(ids, loss), "_length": n, "_cut": "split"}  # windows: data/build.py
         if n > m:
             cut = "right"
             if self.truncation == "left_prompt":

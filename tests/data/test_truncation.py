@@ -1,5 +1,5 @@
 """`data.truncation` on rows longer than `data.max_length`: right (cut the end), left_prompt (cut the prompt from the
-left, the answer whole), drop; the counts, and the warning when many rows lose their answer."""
+left, the answer whole), drop, split (windows of it); the counts, and the warning when many rows lose their answer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from sft_dist.config.load import builtin_path, load_config
 from sft_dist.config.schema import DataConfig
-from sft_dist.data.build import CUT_WARNING_FRACTION, build_datasets, row_tokenizer
+from sft_dist.data.build import CUT_WARNING_FRACTION, build_datasets, row_tokenizer, split_windows
+from sft_dist.errors import ConfigError
 from sft_dist.data.formats import IGNORE
 from tests.conftest import QUICKSTART
 
@@ -113,6 +114,52 @@ def test_left_prompt_drops_the_earliest_exchanges_of_a_conversation(tok):
     assert (out["input_ids"], out["labels"]) == (last_two["input_ids"], last_two["labels"])
     assert tok.decode([t for t in out["labels"] if t != IGNORE]) == "Resposta 2.<|im_end|>Resposta 3.<|im_end|>"
     assert tok.decode(out["input_ids"]).startswith("<s><|im_start|>system\nSeja breve.<|im_end|>")
+
+
+@pytest.mark.parametrize("n, overlap", [(10, 0), (10, 1), (10, 2), (8, 0), (8, 2), (3, 2), (17, 5)])
+def test_split_windows_cover_every_token_once(n, overlap):
+    m = 4 if overlap < 3 else 10
+    ids, labels = list(range(100, 100 + n)), [IGNORE, IGNORE] + list(range(102, 100 + n))  # a 2-token prompt
+    windows = split_windows(ids, labels, m, overlap)
+    assert all(len(w) <= m and len(w) == len(lab) for w, lab in windows)
+    rebuilt = windows[0][0] + [t for w, _ in windows[1:] for t in w[overlap:]]
+    assert rebuilt == ids  # consecutive: each window goes on where the one before ended, after its context
+    for (w, _), (nxt, _) in zip(windows, windows[1:]):
+        assert nxt[:overlap] == w[len(w) - overlap:]  # a window's context: the end of the one before
+    # every loss-carrying position carries loss in exactly one window
+    trained = [t for w, lab in windows for t in lab if t != IGNORE]
+    assert trained == [t for t in labels if t != IGNORE] and len(set(trained)) == len(trained)
+
+
+def test_split_trains_every_token_of_a_long_row(tmp_path, tok, caplog):
+    caplog.set_level(logging.INFO, logger="sft_dist.data.build")
+    text = "um dois três quatro cinco seis sete oito nove dez " * 6
+    f = write(tmp_path / "d.jsonl", [{"text": text}, {"text": "curta"}])
+    whole = tok(text)["input_ids"] + [tok.eos_token_id]
+    assert len(whole) > 2 * 16
+    ds = build_datasets(DataConfig(train_files=[f], format="text", max_length=16, truncation="split", split_overlap=4,
+                                   cache=False), tok, seed=0)
+    st = ds.stats["train"]
+    windows = [r for r in ds.train if r["sample_id"] == 0]
+    assert len(windows) == st.windows == 1 + -(-(len(whole) - 16) // 12) and st.split == 1
+    assert windows[0]["input_ids"] + [t for r in windows[1:] for t in r["input_ids"][4:]] == whole
+    assert all(r["labels"][:4] == [IGNORE] * 4 for r in windows[1:])
+    short = len(tok("curta")["input_ids"])  # + EOS - the first token
+    assert st.loss_tokens == len(whole) - 1 + short  # every token but a row's first carries loss once, EOS too
+    assert st.rows == len(ds.train) == len(windows) + 1 and st.truncated == 0
+    assert f"1 longer than data.max_length=16 split into {st.windows} windows" in st.describe("train", 16)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.truncation=split", "data.split_overlap=65"], "data.split_overlap: got 65; must be in 0..64"),
+    (["data.split_overlap=4"], "data.split_overlap: applies to data.truncation=split only"),
+    (["data.truncation=split", "data.streaming=true", "training.max_steps=10", "data.eval_files=null"],
+     "data.truncation: split is not supported with data.streaming"),
+])
+def test_split_options_are_checked_with_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(QUICKSTART, overrides)
 
 
 def test_warning_threshold(tmp_path, tok, caplog):
