@@ -190,7 +190,7 @@ def complete(run_dir, prompts: list[str], *, input: str = "", max_new_tokens: in
     model, tok, cfg = load_trained(run_dir, trust_remote_code=trust_remote_code, device=device)
     fmt = cfg.get("data", {}).get("format", "alpaca")
     stop = [tok.eos_token_id, *(i for i in end_of_turn_ids(tok) if i != tok.eos_token_id)]
-    limit = _max_positions(model)
+    limit = max_positions(model)
     outputs = []
     for i, prompt in enumerate(prompts):
         text = prompt if raw else format_prompt(cfg, tok, prompt, input)
@@ -229,7 +229,7 @@ def generate(run_dir, prompts: list[str], *, input: str = "", max_new_tokens: in
     return [c.text for c in outputs]
 
 
-def _max_positions(model) -> int | None:
+def max_positions(model) -> int | None:
     config = model.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)

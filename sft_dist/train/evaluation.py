@@ -147,10 +147,11 @@ class EvalGenerations:
         return self._items[key]
 
     def __call__(self, trainer, dataset, *, step: int, prefix: str = "eval") -> dict[str, float]:
+        from sft_dist.generate import max_positions
         from sft_dist.metrics.text import NAMES, scores
 
         args, model = trainer.args, trainer.model
-        limit = _max_positions(model)
+        limit = max_positions(model)
         items = self.items(dataset)
         mine = shard(len(items), args.world_size, args.process_index)
         was_training = model.training
@@ -197,9 +198,3 @@ def prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int
         return None
     end = next((i for i in range(start, len(labels)) if labels[i] == -100), len(labels))
     return list(input_ids[:start]), list(input_ids[start:end])
-
-
-def _max_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None

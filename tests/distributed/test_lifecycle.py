@@ -48,9 +48,8 @@ def test_without_a_signal_the_boundary_check_does_nothing():
     from sft_dist.distributed import lifecycle
 
     assert lifecycle.startup_stop_pending() is None
-    lifecycle.check_startup_stop()
+    lifecycle.check_startup_stop()  # raises nothing
     gc.collect()
-    assert os.getpid() > 0 and signal.getsignal(signal.SIGTERM) is not lifecycle._stop_now
 
 
 # The rank that swallowed it goes on into a collective its stopped peer never joins, which fails: that failure is
