@@ -61,6 +61,8 @@ class Facts:
     best_metric: str | None = None  # training.metric_for_best_model as given (None: unset)
     greater_is_better: bool | None = None  # training.greater_is_better as given
     generate_eval_rows: int = 0  # metrics.generate_eval_rows
+    push_to_hub: bool = False
+    hub_strategy: str = "every_save"
 
     @property
     def global_batch(self) -> int:
@@ -120,6 +122,8 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     given = t.get("greater_is_better")
     f.greater_is_better = None if given is None else bool(given)
     f.generate_eval_rows = cfg.metrics.generate_eval_rows
+    f.push_to_hub = bool(t.get("push_to_hub"))
+    f.hub_strategy = str(t.get("hub_strategy") or "every_save")
     d = cfg.data
     f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
     for name, value in backend.plan_facts().items():

@@ -162,6 +162,12 @@ RULES: tuple[Rule, ...] = (
          "training.greater_is_better={f.greater_is_better} keeps the checkpoint with the "
          "{worst} {f.best_metric}",
          "remove training.greater_is_better (sft_dist sets it from the metric) or set it to {right}"),
+    Rule("hub-strategy-checkpoints", "error", ("training.push_to_hub", "training.hub_strategy"),
+         lambda f: f.push_to_hub and f.hub_strategy in ("checkpoint", "all_checkpoints"),
+         "hub_strategy={f.hub_strategy} would push resumable checkpoints, and sft_dist's are its own sharded "
+         "format (checkpoint.dir), not a model a Hub repo serves; sft_dist pushes the final adapter or model, once, "
+         "at the end",
+         "remove training.hub_strategy (or set it to end); resume from checkpoint.dir (a shared path or s3://)"),
     Rule("global-batch-not-divisible", "error", ("backend.config: train_batch_size",
                                                  "training.per_device_train_batch_size",
                                                  "training.gradient_accumulation_steps", "launcher.num_workers"),

@@ -147,6 +147,13 @@ def test_greater_is_better_against_the_metric_warns_and_is_set_from_it_when_unse
     assert args.greater_is_better is True  # given: kept (the warning says what it does)
 
 
+def test_pushing_checkpoints_to_the_hub_is_refused():
+    f = fires("hub-strategy-checkpoints", ["training.push_to_hub=true", "training.hub_strategy=checkpoint"],
+              ["training.push_to_hub=true", "training.hub_strategy=end"])
+    assert "sft_dist pushes the final adapter or model, once, at the end" in f.message
+    assert "hub-strategy-checkpoints" not in findings("training.push_to_hub=true")  # HF's default every_save
+
+
 def test_global_batch_not_divisible(tmp_path):
     def ds(train_batch_size):
         cfg = json.loads((DS / "zero2.json").read_text())
