@@ -120,10 +120,12 @@ class EvalGenerations:
     reference's length plus 8 tokens (a longer one is wrong anyway), within the model's positions. Rank 0 appends
     every answer, with its scores, to output_dir/eval_generations.jsonl."""
 
-    def __init__(self, *, rows: int, tokenizer, num_beams: int, path: Path | None, sync: bool):
+    def __init__(self, *, rows: int, tokenizer, num_beams: int, path: Path | None, sync: bool,
+                 continued: frozenset[int] = frozenset()):
         from sft_dist.data.chat_templates import end_of_turn_ids
 
         self.rows, self.tok, self.num_beams, self.path, self.sync = rows, tokenizer, num_beams, path, sync
+        self.continued = continued  # rows that go on from the row before (data.truncation=split): no prompt of theirs
         self.stop = [tokenizer.eos_token_id, *(i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_token_id)]
         self._items: dict[int, list[tuple[int, list[int], list[int]]]] = {}
 
@@ -136,6 +138,8 @@ class EvalGenerations:
             for i in range(len(dataset)):
                 if len(out) == self.rows:
                     break
+                if i in self.continued:
+                    continue
                 split = prompt_and_answer(dataset[i]["input_ids"], dataset[i]["labels"])
                 if split:
                     out.append((i, *split))

@@ -170,10 +170,12 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     if cfg.metrics.generate_eval_rows and trainer.eval_dataset is not None:
         from sft_dist.train.evaluation import EvalGenerations
 
+        ids = data.eval["sample_id"]  # a split row's windows follow each other with its sample_id (data/build.py)
         trainer.eval_generations = EvalGenerations(
             rows=cfg.metrics.generate_eval_rows, tokenizer=tokenizer, num_beams=cfg.metrics.generate_num_beams,
             path=out / "eval_generations.jsonl" if env.is_main else None,
-            sync=backend.shards_weights(trainer) and env.world_size > 1)
+            sync=backend.shards_weights(trainer) and env.world_size > 1,
+            continued=frozenset(i for i in range(1, len(ids)) if ids[i] == ids[i - 1]))
         trainer.eval_generations.items(trainer.eval_dataset)  # a run with nothing to answer stops here
         if env.is_main and resume is None:
             (out / "eval_generations.jsonl").unlink(missing_ok=True)
