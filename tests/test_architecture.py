@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "": 0, "config": 0, "errors": 0, "redact": 0, "quiet": 0, "sizes": 0, "digest": 0,
     # the pieces of a run; the strategies (Backend objects), which plan asks for their memory model
     "distributed": 1, "data": 1, "model": 1, "metrics": 1, "plan": 1, "rundir": 1, "generate": 1, "compare": 1,
+    "hub": 1,
     "backends": 1,
     # the checkpoints, and the config checks that need the layers above config
     "checkpoint": 2, "validate": 2,

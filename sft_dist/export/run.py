@@ -68,6 +68,9 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a base model that needs code from its repository to run it (never taken from the "
                         "run's config.yaml)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload --output to this Hugging Face Hub repo (created if missing; token: HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     return p
 
 
@@ -77,6 +80,8 @@ def run_export(args: argparse.Namespace) -> int:
     from sft_dist.export.source import locate
 
     t0 = time.perf_counter()
+    if getattr(args, "private", False) and not getattr(args, "push_to_hub", None):
+        raise SftDistError("--private applies to the repo --push-to-hub creates: give --push-to-hub REPO with it")
     out = Path(args.output).expanduser().resolve()
     _check_output(out, overwrite=args.overwrite)
     max_shard = parse_size(args.max_shard_size, flag="--max-shard-size")
@@ -98,6 +103,11 @@ def run_export(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(_summary(record, out))
+    if getattr(args, "push_to_hub", None):
+        from sft_dist.hub import HubPush
+
+        push = HubPush(repo_id=args.push_to_hub, private=True if args.private else None, revision=None)
+        print(f"pushed: {push.upload(out, message=f'sft_dist export: {kind} of {args.source}', key='--push-to-hub')}")
     return 0
 
 

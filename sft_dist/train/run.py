@@ -27,9 +27,9 @@ from sft_dist.distributed.env import (
 )
 from sft_dist.distributed.health import diagnose
 from sft_dist.distributed.lifecycle import check_startup_stop, default_sigterm
-from sft_dist.train.hub import hub_push
 from sft_dist.distributed.turns import SHARE, available_host_memory, host_turns, in_turns
 from sft_dist.errors import ConfigError, SftDistError
+from sft_dist.hub import hub_push
 from sft_dist.model.build import count_parameters
 from sft_dist.quiet import quiet_libraries
 from sft_dist.sizes import format_bytes
@@ -269,7 +269,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     _barrier(env)
     push = hub_push(cfg.training, cfg.output_dir) if env.is_main else None
     if push is not None:  # after everything is saved: a failed upload leaves the run whole
-        push.upload(final_dir, what="adapter" if cfg.lora.enabled else "model", step=trainer.state.global_step)
+        push.upload(final_dir, message=f"sft_dist: {'adapter' if cfg.lora.enabled else 'model'} after step "
+                                       f"{trainer.state.global_step}")
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
 
 

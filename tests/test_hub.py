@@ -1,4 +1,4 @@
-"""training.push_to_hub: the Trainer's own push is off (it would upload the whole output_dir: checkpoints, base
+"""training.push_to_hub and `sft-dist export --push-to-hub`: the Trainer's own push is off (it would upload the whole output_dir: checkpoints, base
 model, data trace); rank 0 uploads the final directory once the run is saved, and a failed upload leaves the run
 whole and says how to finish it by hand. No Hub here: the failure path runs for real (huggingface_hub offline)."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from sft_dist.config.load import load_config
 from sft_dist.train.args import build_sft_config
-from sft_dist.train.hub import HubPush, hub_push
+from sft_dist.hub import HubPush, hub_push
 from tests.conftest import BIN, QUICKSTART, cli_env
 
 
@@ -34,7 +34,7 @@ def test_a_failed_push_leaves_the_run_saved_and_says_how_to_upload_it(tmp_path):
                         "training.hub_model_id=someone/sft-dist-test"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert (f"training.push_to_hub: the run finished and is saved in {out / 'adapter'}, but uploading it to the Hub "
+    assert (f"training.push_to_hub: {out / 'adapter'} is written, but uploading it to the Hub "
             "repo 'someone/sft-dist-test' failed (OfflineModeIsEnabled") in r.stderr
     assert f"huggingface-cli upload someone/sft-dist-test {out / 'adapter'} ." in r.stderr
     assert "Traceback" not in r.stderr
@@ -42,3 +42,15 @@ def test_a_failed_push_leaves_the_run_saved_and_says_how_to_upload_it(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "tokenizer.json").is_file()
     assert json.loads((out / "run_summary.json").read_text())["global_step"] == 2
     assert not (out / "adapter_model.safetensors").exists() and not (out / "training_args.bin").exists()
+    # sft-dist export --push-to-hub: the export is written, then the same upload fails the same way
+    exported = tmp_path / "exported"
+    r = subprocess.run([str(BIN / "sft-dist"), "export", str(out), "--output", str(exported), "--push-to-hub",
+                        "someone/sft-dist-export", "--private"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"--push-to-hub: {exported} is written, but uploading it to the Hub repo 'someone/sft-dist-export' "
+            "failed (OfflineModeIsEnabled") in r.stderr
+    assert (exported / "adapter_model.safetensors").is_file() and (exported / "export.json").is_file()
+    r = subprocess.run([str(BIN / "sft-dist"), "export", str(out), "--output", str(tmp_path / "x"), "--private"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "--private applies to the repo --push-to-hub creates" in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""`training.push_to_hub`: the final adapter (or model) with its tokenizer, uploaded once, when the run is done.
+"""Pushing to the Hugging Face Hub: a run's final adapter (or model) with its tokenizer, uploaded once when the run
+is done (`training.push_to_hub`), and an export (`sft-dist export --push-to-hub REPO`).
 
 HF's Trainer would push from its own checkpoint and save methods: sft_dist replaces the first (its sharded
 checkpoints), so nothing was pushed during training, and its final `save_model` then uploaded the whole
@@ -28,8 +29,9 @@ class HubPush:
     private: bool | None
     revision: str | None
 
-    def upload(self, folder: Path, *, what: str, step: int) -> str:
-        """Create the repo if needed and upload `folder`'s files to its root; the commit's URL."""
+    def upload(self, folder: Path, *, message: str, key: str = "training.push_to_hub") -> str:
+        """Create the repo if needed and upload `folder`'s files to its root; the commit's URL. `key`: the option
+        that asked for it, named in the error."""
         from huggingface_hub import HfApi
 
         api = HfApi()
@@ -38,13 +40,13 @@ class HubPush:
             if self.revision:
                 api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
             info = api.upload_folder(repo_id=self.repo_id, folder_path=str(folder), revision=self.revision,
-                                     commit_message=f"sft_dist: {what} after step {step}")
+                                     commit_message=message)
         except Exception as e:  # noqa: BLE001 - any failure: the run is saved; say how to finish by hand
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise SftDistError(
-                f"training.push_to_hub: the run finished and is saved in {folder}, but uploading it to the Hub repo "
-                f"{self.repo_id!r} failed ({type(e).__name__}: {first}). Check HF_TOKEN (or training.hub_token) "
-                f"and the network, then upload it with: huggingface-cli upload {self.repo_id} {folder} .") from None
+                f"{key}: {folder} is written, but uploading it to the Hub repo {self.repo_id!r} failed "
+                f"({type(e).__name__}: {first}). Check HF_TOKEN (or training.hub_token) and the network, then upload "
+                f"it with: huggingface-cli upload {self.repo_id} {folder} .") from None
         url = getattr(info, "commit_url", None) or str(info)
         log.info("pushed %s to the Hub: %s", folder, url)
         return url
