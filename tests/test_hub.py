@@ -25,6 +25,14 @@ def test_the_trainer_never_pushes_and_the_repo_is_named_as_the_trainer_would():
     assert hub_push(load_config(QUICKSTART, []).training, "x") is None
 
 
+def test_private_without_a_repo_is_refused_before_anything_is_written(tmp_path, capsys):
+    from sft_dist.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "--output", str(tmp_path / "x"), "--private"]) == 1
+    assert "--private applies to the repo --push-to-hub creates" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_a_failed_push_leaves_the_run_saved_and_says_how_to_upload_it(tmp_path):
     out = tmp_path / "run"
@@ -50,7 +58,3 @@ def test_a_failed_push_leaves_the_run_saved_and_says_how_to_upload_it(tmp_path):
     assert (f"--push-to-hub: {exported} is written, but uploading it to the Hub repo 'someone/sft-dist-export' "
             "failed (OfflineModeIsEnabled") in r.stderr
     assert (exported / "adapter_model.safetensors").is_file() and (exported / "export.json").is_file()
-    r = subprocess.run([str(BIN / "sft-dist"), "export", str(out), "--output", str(tmp_path / "x"), "--private"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 1 and "--private applies to the repo --push-to-hub creates" in r.stderr
-    assert not (tmp_path / "x").exists()
