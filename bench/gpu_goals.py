@@ -30,7 +30,6 @@ VARIANTS = [
     ("paged_adamw_8bit", "sft_dist", "training.optim: paged_adamw_8bit"),
     ("sft_dist_compile", "sft_dist", "training.torch_compile: true"),
     ("lora_dropout_005", "sft_dist", "lora.dropout: 0.05 (sft_dist's default and the presets')"),
-    ("sft_dist_safe", "sft_dist", "sdpa, no Liger, no fused LoRA forward"),
     ("llama8b_qlora_ckpt", "llama8b_qlora", "QLoRA at 4 x 2, every decoder layer checkpointed"),
     ("llama8b_qlora_every2", "llama8b_qlora", "QLoRA at 2 x 4, one decoder layer in two checkpointed"),
 ]

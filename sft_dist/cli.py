@@ -317,8 +317,9 @@ def _worker(cfg) -> int:
 
 
 def _stopped_during_startup(signal_name: str, *, after: BaseException | None = None) -> int:
-    why = f" ({type(after).__name__} on the way out: {str(after).splitlines()[0][:200] if str(after) else ''})" \
-        if after is not None else ""
+    why = ""
+    if after is not None:
+        why = f" ({type(after).__name__} on the way out: {(str(after).splitlines() or [''])[0][:200]})"
     print(f"sft-dist: {signal_name} before training started: stopped (nothing to checkpoint yet){why}",
           file=sys.stderr)
     _skip_final_gc()
@@ -466,8 +467,7 @@ def _generate(args) -> int:
     if args.stream and args.json:
         raise SftDistError("--stream prints text as it comes; --json prints one JSON line per completion: pick one")
     decoding = Decoding(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams,
-                        repetition_penalty=args.repetition_penalty, seed=args.seed)
-    decoding.check(stream=args.stream)  # before the model loads
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)  # checked before the model loads
 
     def stream(i, prompt, tokenizer):
         from transformers import TextStreamer

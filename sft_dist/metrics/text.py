@@ -30,23 +30,21 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def token_f1(prediction: str, reference: str) -> float:
     pred, ref = words(prediction), words(reference)
-    if not pred or not ref:
-        return float(pred == ref)  # both empty: a match; one empty: nothing in common
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(sum((Counter(pred) & Counter(ref)).values()) if pred and ref else 0, pred, ref)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     pred, ref = words(prediction), words(reference)
+    return _f_measure(_lcs(pred, ref) if pred and ref else 0, pred, ref)
+
+
+def _f_measure(common: int, pred: list[str], ref: list[str]) -> float:
+    """The harmonic mean of precision common/len(pred) and recall common/len(ref); two empty texts match."""
     if not pred or not ref:
         return float(pred == ref)
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
+    if common == 0:
         return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
+    precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
 
 

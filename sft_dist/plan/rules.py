@@ -153,8 +153,9 @@ RULES: tuple[Rule, ...] = (
          "metrics.generate_eval_rows: 0"),
     Rule("best-metric-unknown", "error", ("training.metric_for_best_model",),
          lambda f: f.best_metric is not None and bare(f.best_metric) not in choices(f.generate_eval_rows),
-         "{f.best_metric!r} is not a metric this run's evaluation reports: the Trainer would fail at the first "
-         "evaluation, after training up to it",
+         "{f.best_metric!r} is not a metric this run's evaluation reports a best checkpoint can be chosen by: the "
+         "Trainer would fail (or keep checkpoints by, e.g., eval_runtime) at the first evaluation, after training "
+         "up to it",
          "name one of {best_choices}{text_hint}"),
     Rule("best-metric-direction", "warning", ("training.metric_for_best_model", "training.greater_is_better"),
          lambda f: (f.best_metric is not None and f.greater_is_better is not None

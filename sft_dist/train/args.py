@@ -131,8 +131,8 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     token = training.pop("hub_token", None)
     if token:
         os.environ["HF_TOKEN"] = token
-    # The Trainer's own push would upload the whole output_dir (checkpoints, base model): train/hub.py pushes the
-    # final directory instead, once the run is done.
+    # The Trainer's own push would upload the whole output_dir (checkpoints, base model): sft_dist/hub.py pushes
+    # the final directory instead, once the run is done (train/run.py).
     training.pop("push_to_hub", None)
     if cfg.checkpoint.keep_best and cfg.training.eval_strategy != "no":
         # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it.
