@@ -23,6 +23,7 @@ EPILOG = """examples:
   sft-dist train configs/examples/quickstart.yaml launcher.type=ray launcher.max_failures=2
   ray job submit --address http://HEAD:8265 -- sft-dist train CONFIG launcher.type=ray
   sft-dist generate outputs/quickstart --prompt "Qual é a capital de Portugal?"
+  sft-dist evaluate outputs/quickstart data.eval_files=test.jsonl
   sft-dist export outputs/quickstart --output outputs/quickstart-merged --merge
   sft-dist warm &   # then: export SFT_DIST_WARM=<the socket it prints>; local workers start pre-imported
 """
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
             "launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), this process trains as that rank."
         ),
     )
+    ev = sub.add_parser(
+        "evaluate", help="evaluate a trained run (or a config's model) on eval data: loss, perplexity, answers",
+        description="Evaluate without training, on the same launcher and backend a training run would use: the "
+        "token-weighted eval loss, perplexity and token accuracy over all ranks, and with metrics.generate_eval_rows "
+        "the answers' exact match, token F1 and ROUGE-L. TARGET is a finished run's output_dir (its config, its "
+        "trained adapter or model, its eval data; results in RUN/eval) or a YAML config (its model as configured, "
+        "e.g. lora.init_adapter=DIR; results in its output_dir). Writes eval_results.json and metrics.jsonl.",
+        epilog=OVERRIDES + "\nexamples:\n  sft-dist evaluate outputs/quickstart\n  sft-dist evaluate outputs/quickstart "
+        "data.eval_files=test.jsonl output_dir=outputs/quickstart-test metrics.generate_eval_rows=50",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("target", help="a run's output_dir, or a YAML config")
+    ev.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (they win)")
     plan = sub.add_parser(
         "plan", help="preflight a config: changes from defaults, batch geometry, compatibility, memory per rank",
         description="Resolve a config the way `train` will, without loading any weight: print what it changes "
@@ -151,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The commands that import torch and transformers in this process: with a warm template they run forked from it.
-WARM_COMMANDS = frozenset({"train", "plan", "preprocess", "generate", "export"})
+WARM_COMMANDS = frozenset({"train", "evaluate", "plan", "preprocess", "generate", "export"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         if args.command == "config":
             return _config(args)
         if args.command == "plan":
@@ -224,12 +239,28 @@ def _train(args) -> int:
             warm.stop()
 
 
+def _evaluate(args) -> int:
+    """`train` with the evaluation's config and overrides (train/evaluate_only.py: target): the workers a
+    launcher starts get the same."""
+    from sft_dist.train.evaluate_only import target
+
+    try:
+        args.config, args.overrides = target(args.target, args.overrides)
+    except SftDistError as e:
+        return _report(e)
+    return _train(args)
+
+
 def _check_and_launch(cfg, args, warm) -> int:
     try:  # before any worker or cluster starts: a setup the rules refuse costs seconds, not a launch
         from sft_dist.plan import check
         from sft_dist.train.trackers import check_installed
 
         check_installed(cfg.training)
+        if cfg.training.eval_only:
+            from sft_dist.train.evaluate_only import refuse_training_dir
+
+            refuse_training_dir(Path(cfg.output_dir))
         for warning in check(cfg):
             print(f"sft-dist: warning: {warning.describe()}", file=sys.stderr)
         _precheck_data(cfg)

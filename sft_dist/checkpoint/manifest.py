@@ -114,6 +114,7 @@ ASSETS = "/sft_dist/assets/"
 LATER_DEFAULTS = {"on_bad_row": "error", "id_column": None, "truncation": "right", "mixture": None,
                   "mixture_rows": None, "streaming": False, "shuffle_window": 10000, "role_key": None,
                   "content_key": None, "roles": None, "split_overlap": 0}
+LORA_LATER_DEFAULTS = {"init_adapter": None}  # the same for the lora section
 RENAMED = {("truncation", "truncate"): "right"}  # old spellings of the same value
 # Model keys that choose how the weights are computed or stored, never what they are.
 MODEL_NOT_IDENTITY = ("attn_implementation", "save_init_base")
@@ -128,7 +129,7 @@ def config_identity(d: dict) -> dict:
             if k not in NOT_IDENTITY and not (k in LATER_DEFAULTS and _renamed(k, v) == LATER_DEFAULTS[k])}
     return {
         "model": {k: _builtin(v) for k, v in d["model"].items() if k not in MODEL_NOT_IDENTITY},
-        "lora": d["lora"],
+        "lora": {k: v for k, v in d["lora"].items() if not (k in LORA_LATER_DEFAULTS and v == LORA_LATER_DEFAULTS[k])},
         "quantization": d["quantization"],
         "data": data,
         "seed": d["training"].get("seed", 42),

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from sft_dist.config.adapter import take_shape
 from sft_dist.config.coerce import TypeProblem, closest, coerce
 from sft_dist.config.schema import SECTIONS, Config
 from sft_dist.config.training import DEFAULTS, Training
@@ -81,6 +82,10 @@ def build_config(raw: dict[str, Any], *, checks: Checks | None = None) -> Config
             if section is not None:
                 parts[key] = section
     cfg = Config(**parts)
+    if not problems and cfg.lora.init_adapter:  # the adapter's shape, before the checks that read the section
+        given = raw.get("lora") if isinstance(raw.get("lora"), dict) else {}
+        lora, errs = take_shape(cfg.lora, set(given))
+        cfg, problems = dataclasses.replace(cfg, lora=lora), problems + errs
     if cfg.backend.config is not None:  # the backend's checks read it (`builtin:` paths too)
         cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, config=str(_resolve(cfg.backend.config))))
     if not problems:

@@ -55,6 +55,10 @@ class LoraConfig:
     # Where the step computes in 16 bit, the adapted layers skip peft's fp32 round trip of their input under
     # autocast and add the scaled adapter output in one addmm (model/lora_forward.py). false: peft's own forward.
     fused_forward: bool = True
+    # A trained peft LoRA adapter to start from: a directory with adapter_config.json and adapter_model.safetensors,
+    # or a sft_dist run directory (its adapter/). Its shape (r, alpha, target_modules, ...) is taken into this
+    # section (config/adapter.py), its tensors into the new adapter; then it trains further, or is evaluated.
+    init_adapter: str | None = None
 
 
 @dataclass(frozen=True)

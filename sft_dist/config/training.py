@@ -107,6 +107,12 @@ class Training(Mapping):
         return int(self._values.get("max_steps") or -1)
 
     @property
+    def eval_only(self) -> bool:
+        """`do_train: false` given: evaluate the model once and train nothing (`sft-dist evaluate`). HF's default
+        for it (False) means nothing to its Trainer, so only a false the config gives itself counts."""
+        return self._values.get("do_train") is False
+
+    @property
     def eval_strategy(self) -> str:
         return _text(self.value("eval_strategy"))
 

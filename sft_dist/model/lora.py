@@ -15,6 +15,12 @@ def peft_config(cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
+    if cfg.init_adapter:
+        # the trained adapter's own config (JSON): peft rebuilds the same adapter, including what it derived and the
+        # lora section does not show (config/adapter.py); the dropout is this run's
+        own = PeftLoraConfig.from_pretrained(cfg.init_adapter)
+        own.lora_dropout, own.inference_mode = cfg.dropout, False
+        return own
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.r,

@@ -58,6 +58,7 @@ class Facts:
     eval_strategy: str = "no"
     load_best: bool = False
     has_eval_data: bool = False
+    eval_only: bool = False  # training.do_train: false (sft-dist evaluate)
     best_metric: str | None = None  # training.metric_for_best_model as given (None: unset)
     greater_is_better: bool | None = None  # training.greater_is_better as given
     generate_eval_rows: int = 0  # metrics.generate_eval_rows
@@ -116,6 +117,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.checkpoint_every, f.checkpoint_offload = checkpoint_policy(cfg)
     f.ddp_find_unused = bool(t.get("ddp_find_unused_parameters"))
     f.eval_strategy = t.eval_strategy
+    f.eval_only = t.eval_only
     f.load_best = bool(t.value("load_best_model_at_end"))
     best = t.get("metric_for_best_model")
     f.best_metric = str(best) if best is not None else None

@@ -52,7 +52,7 @@ class Finding:
 def _derived(f: Facts) -> dict:
     per_step = f.micro_batch * f.world_size
     return {"global_batch": f.global_batch, "per_step": per_step,
-            "reason": ("training.eval_strategy is 'no': no eval ever runs" if f.eval_strategy == "no"
+            "reason": ("training.eval_strategy is 'no': no eval ever runs" if f.eval_strategy == "no" and not f.eval_only
                        else "there is no eval data (data.eval_files, data.eval_split or data.eval_split_ratio)"),
             "best_choices": ", ".join(choices(f.generate_eval_rows)),
             "text_hint": ("" if f.generate_eval_rows > 0 else
@@ -145,9 +145,15 @@ RULES: tuple[Rule, ...] = (
          "{reason}",
          "set training.eval_strategy (steps or epoch, like save_strategy) and data.eval_files / "
          "data.eval_split_ratio, or remove training.load_best_model_at_end"),
+    Rule("evaluate-without-eval-data", "error", ("training.do_train", "data.eval_files"),
+         lambda f: f.eval_only and not f.has_eval_data,
+         "training.do_train=false evaluates the model on the eval data and trains nothing, but there is no eval "
+         "data (data.eval_files, data.eval_split or data.eval_split_ratio)",
+         "give the data to evaluate on as data.eval_files (e.g. `sft-dist evaluate RUN data.eval_files=test.jsonl`), "
+         "or remove training.do_train to train"),
     Rule("generated-eval-without-eval", "error", ("metrics.generate_eval_rows", "training.eval_strategy",
                                                   "data.eval_files"),
-         lambda f: f.generate_eval_rows > 0 and (f.eval_strategy == "no" or not f.has_eval_data),
+         lambda f: f.generate_eval_rows > 0 and ((f.eval_strategy == "no" and not f.eval_only) or not f.has_eval_data),
          "metrics.generate_eval_rows={f.generate_eval_rows} answers eval rows at each evaluation, but {reason}",
          "set training.eval_strategy (steps or epoch) and data.eval_files / data.eval_split_ratio, or "
          "metrics.generate_eval_rows: 0"),

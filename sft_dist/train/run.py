@@ -5,6 +5,7 @@ setup (process group, tokenizer, data, model, LoRA) -> train (TRL SFTTrainer) ->
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -112,7 +113,13 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     out = Path(cfg.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    resume, cfg = _resume_point(cfg, backend, env=env)  # on another world size: the accumulation that keeps the batch
+    eval_only = cfg.training.eval_only  # training.do_train: false (train/evaluate_only.py)
+    if eval_only:
+        _refuse_training_dir(env, out)
+        # nothing trains, so nothing resumes, and a random base needs no copy on disk
+        resume, cfg = None, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, save_init_base=False))
+    else:
+        resume, cfg = _resume_point(cfg, backend, env=env)  # on another world size: the accumulation that keeps the batch
     args = build_sft_config(cfg, device=device, world_size=env.world_size)
     if device == "cuda" and env.world_size == 1:
         one_gpu(args)
@@ -179,6 +186,8 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         trainer.eval_generations.items(trainer.eval_dataset)  # a run with nothing to answer stops here
         if env.is_main and resume is None:
             (out / "eval_generations.jsonl").unlink(missing_ok=True)
+    if eval_only:
+        return _evaluate_only(cfg, backend, trainer, env=env, out=out, device=device)
     trainer.checkpointing = _checkpointing(cfg, backend, env=env)
     check_startup_stop()  # last: from here on SIGTERM means "checkpoint and stop" (train/stop.py)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
@@ -272,6 +281,42 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         push.upload(final_dir, message=f"sft_dist: {'adapter' if cfg.lora.enabled else 'model'} after step "
                                        f"{trainer.state.global_step}")
     return RunResult(out, final_dir, trainer.state.global_step, env.world_size)
+
+
+def _refuse_training_dir(env: DistEnv, out: Path) -> None:
+    """Rank 0 looks, every rank refuses alike: an evaluation does not write over a training run's output_dir."""
+    from sft_dist.train.evaluate_only import refuse_training_dir
+
+    why = None
+    if env.is_main:
+        try:
+            refuse_training_dir(out)
+        except SftDistError as e:
+            why = str(e)
+    why = _broadcast(env, why)
+    if why:
+        raise SftDistError(why)
+
+
+def _evaluate_only(cfg: Config, backend: Backend, trainer, *, env: DistEnv, out: Path, device: str) -> RunResult:
+    from sft_dist.train import evaluate_only
+
+    m = cfg.model
+    weights = (cfg.lora.init_adapter and f"adapter {cfg.lora.init_adapter}") or (
+        f"{m.name_or_path or 'model.init_config (seed ' + str(cfg.training.seed) + ')'}"
+        + (", with a new LoRA adapter (which changes nothing yet)" if cfg.lora.enabled else ""))
+    log.info("training.do_train=false: evaluating %s, training nothing", weights)
+    summary = {"world_size": env.world_size, "launched_by": env.launched_by, "device": device,
+               "backend": backend.name, "weights": weights}
+    try:
+        evaluate_only.evaluate(trainer, zero_stage=backend.zero_stage, out=out, is_main=env.is_main, summary=summary,
+                               gather=lambda value: _gather(env, value))
+    finally:
+        default_sigterm()
+    if env.is_main:
+        _write_report(out)
+    _barrier(env)
+    return RunResult(out, out, 0, env.world_size)
 
 
 def _mfu_peak(cfg: Config, *, device: str, args) -> float | None:
@@ -499,6 +544,10 @@ def _build_model(cfg: Config, backend: Backend, *, env: DistEnv, device: str, to
                            upcast=cfg.quantization.upcasts(str(dtype).removeprefix("torch.")),
                            gradient_checkpointing=bool(args.activation_checkpointing),
                            separate_tied=backend.separates_tied_weights)
+        if cfg.lora.init_adapter:  # a trained adapter's tensors into the one just built from its shape
+            from sft_dist.model.adapter_init import load_weights
+
+            log.info(load_weights(model, cfg.lora.init_adapter))
         if base_dir is not None:
             model.peft_config["default"].base_model_name_or_path = str(base_dir)
     trainable, total = count_parameters(model)

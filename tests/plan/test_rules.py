@@ -118,6 +118,17 @@ def test_generated_eval_rows_need_an_evaluation():
     assert "eval_strategy is 'no'" in f.message
 
 
+def test_an_evaluation_needs_eval_data_and_no_eval_strategy():
+    f = fires("evaluate-without-eval-data", ["training.do_train=false", "data.eval_files=null"],
+              ["training.do_train=false"])
+    assert f.message.startswith("training.do_train=false evaluates the model on the eval data")
+    assert "data.eval_files=test.jsonl" in f.fix
+    # evaluating once needs no eval_strategy: the answers' scores are not refused for the lack of one
+    assert "generated-eval-without-eval" not in findings("training.do_train=false", "training.eval_strategy=no",
+                                                         "metrics.generate_eval_rows=4")
+    assert "evaluate-without-eval-data" not in findings("data.eval_files=null")  # training: no eval needed
+
+
 def test_a_best_metric_the_evaluation_does_not_report_is_refused():
     f = fires("best-metric-unknown", ["training.metric_for_best_model=eval_bleu"],
               ["training.metric_for_best_model=eval_perplexity"])

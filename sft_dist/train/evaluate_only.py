@@ -1,0 +1,113 @@
+"""Evaluation without training (`training.do_train: false`, what `sft-dist evaluate` runs).
+
+The same run as training up to the first step: config, plan, data, model (a trained adapter through
+`lora.init_adapter`, or a full model through `model.name_or_path`), Trainer and backend. Then the model is wrapped
+as HF's evaluation loop wraps it before any training step (ZeRO-3 as a DeepSpeed inference engine, FSDP2 sharded,
+DDP with autocast), evaluated once on the eval data by sft_dist's evaluation (train/evaluation.py: the
+token-weighted loss, perplexity and token accuracy over all ranks, and the generated answers' scores where
+`metrics.generate_eval_rows` asks), and the results written. No optimizer, no checkpoint, no saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from sft_dist.errors import SftDistError
+
+log = logging.getLogger("sft_dist")
+
+RESULTS = "eval_results.json"
+# Files a training run leaves in its output_dir: an evaluation there would overwrite the run's own config.yaml,
+# metrics.jsonl and report.
+TRAINING_MARKS = ("run_summary.json", "checkpoints", "adapter", "model")
+
+
+def refuse_training_dir(out: Path) -> None:
+    """An output_dir that holds a training run is not written over by an evaluation."""
+    found = [name for name in TRAINING_MARKS if (out / name).exists()]
+    if found:
+        raise SftDistError(f"output_dir={str(out)!r} holds a training run ({', '.join(found)}); an evaluation writes "
+                           f"its own config.yaml and metrics.jsonl: give it another output_dir (`sft-dist evaluate "
+                           f"RUN` writes to RUN/eval)")
+
+
+def prepare(trainer, *, zero_stage: int | None) -> None:
+    """The model wrapped for evaluation as HF's `evaluation_loop` does before a first training step, except where
+    that fails: ZeRO-1/2, whose every rank holds the whole weights, evaluate the module as it is (HF refuses a
+    DeepSpeed inference engine below stage 3), and FSDP2 is sharded as for training (accelerate refuses a model
+    without an optimizer)."""
+    if trainer.is_deepspeed_enabled:
+        if zero_stage == 3:
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(trainer, num_training_steps=0, inference=True)
+            trainer.model_wrapped = trainer.deepspeed = trainer.accelerator.prepare(trainer.model)
+        return
+    if trainer.is_fsdp_enabled:
+        import torch
+
+        # accelerate shards an FSDP2 model only together with an optimizer (it maps the optimizer's parameters
+        # onto the sharded ones): a plain SGD, which keeps no state, stands in for the one training would build
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        stand_in = torch.optim.SGD(trained or [torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        model, _ = trainer.accelerator.prepare(trainer.model, stand_in)
+        trainer.model = trainer.model_wrapped = model
+    else:
+        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
+
+
+def evaluate(trainer, *, zero_stage: int | None, out: Path, is_main: bool, summary: dict, gather) -> dict:
+    """Evaluate once; rank 0 writes `eval_results.json`: the metrics, `summary`, and what each rank held
+    (`gather`: every rank's value, in rank order). Returns the metrics."""
+    from sft_dist.backends.verify import shard_report
+
+    if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0:
+        raise SftDistError("training.do_train=false: the eval data is empty; give rows to evaluate on as "
+                           "data.eval_files")
+    prepare(trainer, zero_stage=zero_stage)
+    t0 = time.perf_counter()
+    metrics = trainer.evaluate()
+    seconds = time.perf_counter() - t0
+    report = shard_report(trainer)
+    ranks = gather({k: report[k] for k in ("param_numel_local", "param_bytes_local", "peak_rss_bytes")})
+    if is_main:
+        results = {**summary, "eval_rows": len(trainer.eval_dataset), "eval_seconds": round(seconds, 3),
+                   "metrics": metrics, "ranks": ranks}
+        (out / RESULTS).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        shown = ", ".join(f"{k.removeprefix('eval_')} {v:.6g}" for k, v in metrics.items()
+                          if isinstance(v, float) and k not in ("eval_runtime",))
+        log.info("evaluated %d rows in %.1f s: %s (%s)", len(trainer.eval_dataset), seconds, shown, out / RESULTS)
+    return metrics
+
+
+def target(value: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """`sft-dist evaluate TARGET [overrides]` as the config and overrides a run takes. A YAML config: itself, with
+    `training.do_train=false`. A run directory: its config.yaml with its trained weights (adapter/, or model/ for a
+    full fine-tune), its saved random base (base_model/) where it has one, and output_dir RUN/eval. The user's
+    overrides come last, so they win (another eval set: `data.eval_files=test.jsonl`)."""
+    import yaml
+
+    path = Path(value)
+    if not path.is_dir():
+        return value, ["training.do_train=false", *overrides]
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise SftDistError(f"{value}: not a sft_dist run directory (no config.yaml); pass a run's output_dir or a "
+                           "YAML config")
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    lora = (raw.get("lora") or {}).get("enabled", True)
+    trained = path / ("adapter" if lora else "model")
+    if not trained.is_dir():
+        raise SftDistError(f"{value}: no {trained.name}/ yet, so its training has not finished; evaluate a finished "
+                           "run (a stopped one: resume it first, `sft-dist train` with its config)")
+    own = ["training.do_train=false", f"output_dir={path / 'eval'}"]
+    if lora:
+        own.append(f"lora.init_adapter={trained}")
+    if not lora:
+        own += [f"model.name_or_path={trained}", "model.init_config=null"]
+    elif (raw.get("model") or {}).get("init_config") is not None and (path / "base_model").is_dir():
+        own += [f"model.name_or_path={path / 'base_model'}", "model.init_config=null"]  # the random base as saved
+    return str(config), own + list(overrides)

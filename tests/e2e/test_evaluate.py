@@ -1,0 +1,92 @@
+"""`sft-dist evaluate` and `lora.init_adapter`, end to end: a finished run (the shared `checkpointed_run`, 2 workers,
+20 steps, evaluated at step 20) evaluated again without training gives the eval loss its training gave at its last
+step, under DDP and under the sharding backends; and a run started from its adapter begins from its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, QUICKSTART, backend, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def sft_dist(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "sft-dist"), *args], capture_output=True, text=True, timeout=600, env=cli_env())
+
+
+def final_eval(run: Path) -> dict:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r][-1]
+
+
+def digests(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["zero3", "full_shard"])
+def test_evaluate_a_run_under_a_sharding_backend(checkpointed_run, tmp_path, name):
+    out = tmp_path / "eval"
+    r = sft_dist("evaluate", str(checkpointed_run), f"output_dir={out}", *backend(name))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["metrics"]["eval_loss"] == pytest.approx(final_eval(checkpointed_run)["eval_loss"], rel=1e-5)
+    # each rank held half of the weights while it evaluated (the tiny model's layers shard evenly)
+    held = [rank["param_numel_local"] for rank in results["ranks"]]
+    assert len(held) == 2 and max(held) < 0.6 * sum(held), held
+    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+
+
+def test_evaluate_a_run_in_its_own_directory(checkpointed_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = digests(run)
+    r = sft_dist("evaluate", str(run), "metrics.generate_eval_rows=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run / "eval"
+    results = json.loads((out / "eval_results.json").read_text())
+    trained = final_eval(run)
+    metrics = results["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
+    assert metrics["eval_tokens"] == trained["eval_tokens"] and metrics["eval_generated"] == 4
+    assert 0.0 <= metrics["eval_rouge_l"] <= 1.0 and results["eval_rows"] == 48
+    assert results["weights"] == f"adapter {run / 'adapter'}"
+    assert len((out / "eval_generations.jsonl").read_text().splitlines()) == 4
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["eval_loss"] for x in logged if "eval_loss" in x] == [metrics["eval_loss"]]
+    assert not any("loss" in x for x in logged)  # nothing trained
+    # the training run's own files are untouched
+    assert {k: v for k, v in digests(run).items() if not k.startswith("eval/")} == before
+    # an evaluation never writes over a training run's output_dir
+    r = sft_dist("evaluate", str(run), f"output_dir={run}")
+    assert r.returncode == 1 and "holds a training run (run_summary.json, adapter)" in r.stderr, r.stderr[-2000:]
+    assert {k: v for k, v in digests(run).items() if not k.startswith("eval/")} == before
+    # nothing to evaluate on: refused before any worker starts
+    r = sft_dist("evaluate", str(run), "data.eval_files=null", f"output_dir={tmp_path / 'none'}")
+    assert r.returncode == 1 and "evaluate-without-eval-data" in r.stderr, r.stderr[-2000:]
+
+
+def test_train_on_from_a_runs_adapter(checkpointed_run, tmp_path):
+    """With a learning rate far under fp32's resolution of the weights (a rate must be > 0) the steps change
+    nothing: the adapter saved is the one loaded, to the bit, and its head (modules_to_save) came along."""
+    out = tmp_path / "more"
+    r = sft_dist("train", str(QUICKSTART), f"output_dir={out}", f"lora.init_adapter={checkpointed_run}",
+                 "training.learning_rate=1e-30", "training.max_steps=2", "training.eval_strategy=no")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "lora.init_adapter: loaded 29 tensors" in r.stderr
+    before = load_file(str(checkpointed_run / "adapter" / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sorted(before) == sorted(after) and any("lm_head" in k for k in after)
+    for key, t in before.items():
+        assert torch.equal(after[key], t), key
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    trained_first = json.loads((checkpointed_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < 0.7 * trained_first["loss"]  # the same first batch, on trained weights
