@@ -34,9 +34,9 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self.backend_info: dict = {}
         self.grad_bytes_seen: int | None = None  # max gradient bytes held before an optimizer step
         model = kwargs.get("model")
-        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
+        originals = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
         super().__init__(*args, **kwargs)
-        _restore_trainable_dtypes(self.model, dtypes)
+        _restore_trainable(self.model, originals)
         self._trace = None
         if trace_path is not None:
             trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,12 +237,15 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         return int(peak)
 
 
-def _restore_trainable_dtypes(model, dtypes: dict) -> None:
-    """Undo TRL's cast of a quantized model's trainable parameters to bf16: they stay in the dtype peft gave
-    them (fp32 masters, as for every LoRA run). In bf16 the small updates of the adapter are rounded away, a
-    trainable head (`modules_to_save`) no longer matches fp32 activations, and FSDP2 would shard bf16 masters."""
+def _restore_trainable(model, originals: dict) -> None:
+    """Undo TRL's cast of a quantized model's trainable parameters to bf16: they stay the tensors peft gave them
+    (fp32 masters, as for every LoRA run), values included: a cast back would keep them rounded to bf16 (a loaded
+    `lora.init_adapter`, the random init). In bf16 the small updates of the adapter are rounded away, a trainable
+    head (`modules_to_save`) no longer matches fp32 activations, and FSDP2 would shard bf16 masters."""
     for name, param in model.named_parameters():
-        want = dtypes.get(name)
-        if want is not None and param.dtype != want:
-            param.data = param.data.to(want)
+        want = originals.get(name)
+        if want is None or param.dtype == want.dtype:
+            continue
+        # the original tensor where it is still on the parameter's device, else a cast of what is there
+        param.data = want if want.device == param.device else param.data.to(want.dtype)
 

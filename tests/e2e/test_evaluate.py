@@ -90,3 +90,16 @@ def test_train_on_from_a_runs_adapter(checkpointed_run, tmp_path):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     trained_first = json.loads((checkpointed_run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] < 0.7 * trained_first["loss"]  # the same first batch, on trained weights
+
+
+def test_a_4bit_run_evaluated_again_gives_its_eval_loss(tmp_path):
+    """QLoRA: TRL casts a quantized model's trained parameters to bf16, and sft_dist puts peft's fp32 tensors back,
+    values included; a cast back would leave the loaded adapter rounded to bf16 (measured: 1.1e-5 off)."""
+    run = tmp_path / "q4"
+    r = sft_dist("train", str(QUICKSTART), f"output_dir={run}", "quantization.bits=4", "training.max_steps=6",
+                 "training.eval_steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = sft_dist("evaluate", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((run / "eval" / "eval_results.json").read_text())
+    assert results["metrics"]["eval_loss"] == pytest.approx(final_eval(run)["eval_loss"], rel=1e-9)
