@@ -11,7 +11,9 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 
-CELLS = ("ddp", "zero2", "zero3", "fsdp", "qlora")
+# ZeRO-2 holds the whole weights on every rank, as DDP does, and shards only the optimizer state: the bench runs it
+# for every family, the suite for the quickstart's Llama (tests/e2e/test_backends.py), not here again (4 runs).
+CELLS = ("ddp", "zero3", "fsdp", "qlora")
 # The families whose architecture differs from the quickstart's Llama, which tests/e2e/test_backends.py runs under
 # every backend with resumes: Gemma 2 (tied head, soft-capping, sliding window), Phi-3 (fused qkv and gate_up,
 # sliding window), Qwen2 (qkv bias, 7:1 head grouping), Qwen3-MoE (routed experts, qk-norm). The bench runs all.
