@@ -25,6 +25,14 @@ RESULTS = "eval_results.json"
 TRAINING_MARKS = ("run_summary.json", "checkpoints", "adapter", "model")
 
 
+def weights(cfg) -> str:
+    """What is evaluated, in words: the adapter, else the model (a new LoRA adapter leaves its output as it is)."""
+    if cfg.lora.init_adapter:
+        return f"adapter {cfg.lora.init_adapter}"
+    model = cfg.model.name_or_path or f"model.init_config (seed {cfg.training.seed})"
+    return model + (", with a new LoRA adapter (which changes nothing yet)" if cfg.lora.enabled else "")
+
+
 def refuse_training_dir(out: Path) -> None:
     """An output_dir that holds a training run is not written over by an evaluation."""
     found = [name for name in TRAINING_MARKS if (out / name).exists()]

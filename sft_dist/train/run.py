@@ -301,10 +301,7 @@ def _refuse_training_dir(env: DistEnv, out: Path) -> None:
 def _evaluate_only(cfg: Config, backend: Backend, trainer, *, env: DistEnv, out: Path, device: str) -> RunResult:
     from sft_dist.train import evaluate_only
 
-    m = cfg.model
-    weights = (cfg.lora.init_adapter and f"adapter {cfg.lora.init_adapter}") or (
-        f"{m.name_or_path or 'model.init_config (seed ' + str(cfg.training.seed) + ')'}"
-        + (", with a new LoRA adapter (which changes nothing yet)" if cfg.lora.enabled else ""))
+    weights = evaluate_only.weights(cfg)
     log.info("training.do_train=false: evaluating %s, training nothing", weights)
     summary = {"world_size": env.world_size, "launched_by": env.launched_by, "device": device,
                "backend": backend.name, "weights": weights}
