@@ -61,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate without training, on the same launcher and backend a training run would use: the "
         "token-weighted eval loss, perplexity and token accuracy over all ranks, and with metrics.generate_eval_rows "
         "the answers' exact match, token F1 and ROUGE-L. TARGET is a finished run's output_dir (its config, its "
-        "trained adapter or model, its eval data; results in RUN/eval) or a YAML config (its model as configured, "
-        "e.g. lora.init_adapter=DIR; results in its output_dir). Writes eval_results.json and metrics.jsonl.",
+        "trained adapter or model, its eval data; results in RUN/eval), one of its checkpoint-<step> directories "
+        "(exported first, into RUN/eval-checkpoint-<step>/weights; results there) or a YAML config (its model as "
+        "configured, e.g. lora.init_adapter=DIR; results in its output_dir). Writes eval_results.json and "
+        "metrics.jsonl. A run's config.yaml never turns remote code on: only model.trust_remote_code=true here does.",
         epilog=OVERRIDES + "\nexamples:\n  sft-dist evaluate outputs/quickstart\n  sft-dist evaluate outputs/quickstart "
-        "data.eval_files=test.jsonl output_dir=outputs/quickstart-test metrics.generate_eval_rows=50",
+        "data.eval_files=test.jsonl output_dir=outputs/quickstart-test metrics.generate_eval_rows=50\n"
+        "  sft-dist evaluate outputs/run/checkpoints/checkpoint-200",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("target", help="a run's output_dir, or a YAML config")
+    ev.add_argument("target", help="a run's output_dir, a checkpoint-<step> directory, or a YAML config")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (they win)")
     plan = sub.add_parser(
         "plan", help="preflight a config: changes from defaults, batch geometry, compatibility, memory per rank",

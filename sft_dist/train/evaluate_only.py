@@ -92,30 +92,58 @@ def evaluate(trainer, *, zero_stage: int | None, out: Path, is_main: bool, summa
 
 
 def target(value: str, overrides: list[str]) -> tuple[str, list[str]]:
-    """`sft-dist evaluate TARGET [overrides]` as the config and overrides a run takes. A YAML config: itself, with
-    `training.do_train=false`. A run directory: its config.yaml with its trained weights (adapter/, or model/ for a
-    full fine-tune), its saved random base (base_model/) where it has one, and output_dir RUN/eval. The user's
-    overrides come last, so they win (another eval set: `data.eval_files=test.jsonl`)."""
+    """`sft-dist evaluate TARGET [overrides]` as the config and overrides a run takes.
+
+    - A YAML config: itself, with `training.do_train=false`.
+    - A run directory: its config.yaml with its trained weights (adapter/, or model/ for a full fine-tune), its
+      saved random base (base_model/) where it has one, and output_dir RUN/eval.
+    - A checkpoint directory (checkpoint-<step>, with its manifest): its weights exported as `sft-dist export`
+      writes them into RUN/eval-checkpoint-<step>/weights, evaluated with the config that wrote it, into that
+      directory.
+    A run directory is data someone may hand over: its config.yaml never turns on remote code (as for generate
+    and export); only an override on this command line does. The user's overrides come last, so they win
+    (another eval set: `data.eval_files=test.jsonl`)."""
     import yaml
 
-    path = Path(value)
+    from sft_dist.checkpoint.manifest import MANIFEST, NAME
+
+    path = Path(value).expanduser().resolve()
     if not path.is_dir():
         return value, ["training.do_train=false", *overrides]
     config = path / "config.yaml"
     if not config.is_file():
-        raise SftDistError(f"{value}: not a sft_dist run directory (no config.yaml); pass a run's output_dir or a "
-                           "YAML config")
+        raise SftDistError(f"{value}: not a sft_dist run or checkpoint directory (no config.yaml); pass a run's "
+                           "output_dir, a checkpoint-<step> directory or a YAML config")
     raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     lora = (raw.get("lora") or {}).get("enabled", True)
-    trained = path / ("adapter" if lora else "model")
-    if not trained.is_dir():
-        raise SftDistError(f"{value}: no {trained.name}/ yet, so its training has not finished; evaluate a finished "
-                           "run (a stopped one: resume it first, `sft-dist train` with its config)")
-    own = ["training.do_train=false", f"output_dir={path / 'eval'}"]
-    if lora:
-        own.append(f"lora.init_adapter={trained}")
+    if NAME.match(path.name) and (path / MANIFEST).is_file():
+        # its run: where the default layout puts it (<run>/checkpoints/checkpoint-<step>), else the config's
+        run = path.parent.parent if (path.parent.parent / "config.yaml").is_file() else Path(raw.get("output_dir", "."))
+        out = run / f"eval-{path.name}"
+        trained = _export(path, out / "weights")
+    else:
+        run, out, trained = path, path / "eval", path / ("adapter" if lora else "model")
+        if not trained.is_dir():
+            raise SftDistError(f"{value}: no {trained.name}/ yet, so its training has not finished; evaluate one of "
+                               "its checkpoints (checkpoints/checkpoint-<step>), or resume it first")
+    own = ["training.do_train=false", f"output_dir={out}", "model.trust_remote_code=false"]
     if not lora:
         own += [f"model.name_or_path={trained}", "model.init_config=null"]
-    elif (raw.get("model") or {}).get("init_config") is not None and (path / "base_model").is_dir():
-        own += [f"model.name_or_path={path / 'base_model'}", "model.init_config=null"]  # the random base as saved
+    else:
+        own.append(f"lora.init_adapter={trained}")
+        if (raw.get("model") or {}).get("init_config") is not None and (run / "base_model").is_dir():
+            own += [f"model.name_or_path={run / 'base_model'}", "model.init_config=null"]  # the random base as saved
     return str(config), own + list(overrides)
+
+
+def _export(checkpoint: Path, weights: Path) -> Path:
+    """The checkpoint's trained weights as `sft-dist export CHECKPOINT --output WEIGHTS` writes them (an adapter, or
+    the full model), replacing an earlier export there."""
+    import argparse
+
+    from sft_dist.export.run import DEFAULT_SHARD, run_export
+
+    run_export(argparse.Namespace(source=str(checkpoint), output=str(weights), merge=False, dequantize=False,
+                                  dtype="auto", max_shard_size=DEFAULT_SHARD, overwrite=True, trust_remote_code=False,
+                                  push_to_hub=None, private=False))
+    return weights

@@ -74,6 +74,22 @@ def test_evaluate_a_run_in_its_own_directory(checkpointed_run, tmp_path):
     assert r.returncode == 1 and "evaluate-without-eval-data" in r.stderr, r.stderr[-2000:]
 
 
+def test_evaluate_a_checkpoint(checkpointed_run, tmp_path):
+    """A checkpoint's weights are exported (as `sft-dist export` writes them) and evaluated with the config that
+    wrote it: the eval loss its run logged at that step."""
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    r = sft_dist("evaluate", str(run / "checkpoints" / "checkpoint-10"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run / "eval-checkpoint-10"
+    assert (out / "weights" / "adapter_model.safetensors").is_file()
+    results = json.loads((out / "eval_results.json").read_text())
+    at_10 = [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if x.get("step") == 10
+             and "eval_loss" in x][0]
+    assert results["metrics"]["eval_loss"] == pytest.approx(at_10["eval_loss"], rel=1e-6)
+    assert results["metrics"]["eval_loss"] != pytest.approx(final_eval(run)["eval_loss"], rel=1e-3)  # not step 20's
+
+
 def test_train_on_from_a_runs_adapter(checkpointed_run, tmp_path):
     """With a learning rate far under fp32's resolution of the weights (a rate must be > 0) the steps change
     nothing: the adapter saved is the one loaded, to the bit, and its head (modules_to_save) came along."""
