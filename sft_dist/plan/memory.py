@@ -82,26 +82,32 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
     weights_full = counts["param_bytes"] + counts["buffer_bytes"] + counts["quant_state_bytes"]
     weights = _div(weights_full, shard.weights)
     lora = _div(trainable_bytes, shard.weights)
-    gradients = _div(trainable_bytes, shard.gradients)
-    optimizer_full, opt_note = _optimizer_bytes(cfg, model, backend)
+    evaluating = facts.eval_only  # training.do_train: false: no gradients, optimizer state or backward
+    gradients = 0 if evaluating else _div(trainable_bytes, shard.gradients)
+    optimizer_full, opt_note = (0, None) if evaluating else _optimizer_bytes(cfg, model, backend)
     optimizer = _div(optimizer_full, shard.optimizer)
-    master = _div(counts["trainable_numel"] * 4, shard.optimizer) if shard.master_copy else 0
+    master = _div(counts["trainable_numel"] * 4, shard.optimizer) if shard.master_copy and not evaluating else 0
     optimizer += master
+    if evaluating:
+        notes.append("training.do_train=false: an evaluation holds the weights and runs one forward at a time under "
+                     "no_grad (training.per_device_eval_batch_size rows): no gradients, optimizer state or "
+                     "activations kept for a backward")
     if opt_note:
         notes.append(opt_note)
 
-    batch = cfg.training.micro_batch
+    batch = int(cfg.training.get("per_device_eval_batch_size") or 8) if evaluating else cfg.training.micro_batch
     length = cfg.data.max_length
-    checkpointing = activation_checkpointing(cfg, backend)
+    checkpointing = activation_checkpointing(cfg, backend) and not evaluating
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
                          plain_loss=backend.plain_loss(), attention=attention,
-                         mixed=_mixed_precision(backend, compute), quantized=set(counts["quantized_ids"]), device=device)
+                         mixed=_mixed_precision(backend, compute), quantized=set(counts["quantized_ids"]), device=device,
+                         train=not evaluating)
     activations = step["activations"]
     # Under sharded gradients a rank keeps only its shard; the full gradients of the step exist one bucket or
     # layer at a time. Under DDP / ZeRO-1 they pile up in backward, as the profile saw them.
     backward_peak = step["peak_with_grads"] if shard.gradients == 1 else step["peak_without_grads"] + gradients
     extra = 0
-    if shard.ddp_buckets and world_size > 1:
+    if shard.ddp_buckets and world_size > 1 and not evaluating:
         extra += trainable_bytes
         notes.append(f"DDP: the reducer's gradient buckets hold another copy of the gradients "
                      f"({format_bytes(trainable_bytes)})")
@@ -166,6 +172,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
                                           part_dtype=part_dtype),
         "peak": max(total, load),
         "activation_share": round(activations / max(1, total), 3),
+        "evaluation": evaluating,
     }
     hints = _hints(cfg, facts, activations=activations, total=total, checkpointing=checkpointing, batch=batch,
                    model=model, compute=compute, autocast=detail["mixed_precision"] == "autocast")
@@ -463,7 +470,9 @@ class _DeviceOps(TorchFunctionMode):
         super().__init__()
         self.dtype = autocast
         self.fused_dropout = fused_dropout
-        self.cache: dict[int, torch.Tensor] | None = {}
+        # id -> (the tensor cast, its cast): the tensor is held, so its id cannot come back for another one (under
+        # no_grad a view of a weight is a leaf that requires grad too, and a short-lived one)
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -488,11 +497,11 @@ class _DeviceOps(TorchFunctionMode):
         if dtype != torch.float32 and t.dtype != torch.float32:
             return t  # autocast lowers fp32 only
         cacheable = self.cache is not None and t.is_leaf and t.requires_grad
-        if cacheable and id(t) in self.cache:
-            return self.cache[id(t)]
+        if cacheable and id(t) in self.cache and self.cache[id(t)][0] is t:
+            return self.cache[id(t)][1]
         out = t.to(dtype)
         if cacheable:
-            self.cache[id(t)] = out
+            self.cache[id(t)] = (t, out)
         return out
 
     def end_forward(self) -> None:
@@ -702,8 +711,9 @@ def _device_loss_kernels(device: str):
 
 def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch.dtype, checkpointing: bool,
                   plain_loss: bool, attention: str, mixed: str, quantized: set,
-                  device: str) -> dict[str, int]:
-    """Run forward + backward of one micro-batch on the meta model; bytes of activations and step peaks."""
+                  device: str, train: bool = True) -> dict[str, int]:
+    """Run forward + backward of one micro-batch on the meta model; bytes of activations and step peaks.
+    `train` false: one forward under no_grad in eval mode, as an evaluation runs it (nothing kept for backward)."""
     if quantized and _upcasts(cfg, model):
         # peft's kbit preparation: every weight bitsandbytes leaves unquantized (embeddings, norms, the head) is
         # fp32 (the 4/8-bit layers themselves run as 16-bit matmuls after dequantizing: see backend extras)
@@ -731,12 +741,17 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
             _offload_checkpointed_inputs(base)
         if cfg.lora.enabled:
             base.enable_input_require_grads()
-    model.train()
+    model.train(train)
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
     inputs: dict[str, Any] = {"input_ids": ids, "labels": ids, "use_cache": False}
     if not plain_loss:
         inputs["fused_lm_head"] = True
     tracker = _LiveStorages(skip)
+    if not train:
+        with _meta_autocast(ops.dtype, device), _device_loss_kernels(device), tracker, ops, torch.no_grad():
+            model(**inputs)
+            peak = tracker.peak(set())
+        return {"activations": 0, "forward_peak": peak, "peak_with_grads": peak, "peak_without_grads": peak}
     with _meta_autocast(ops.dtype, device), _device_loss_kernels(device), tracker, ops:
         loss = model(**inputs).loss
         ops.end_forward()

@@ -40,8 +40,10 @@ def memory_lines(plan: Plan) -> list[str]:
            f"  weights      {format_bytes(m.weights):>11}   (trainable {format_bytes(m.lora)})",
            f"  gradients    {format_bytes(m.gradients):>11}",
            f"  optimizer    {format_bytes(m.optimizer):>11}",
-           f"  activations  {format_bytes(m.activations):>11}   (one micro-batch)",
-           f"  total        {format_bytes(m.total):>11}   (training peak)"]
+           f"  activations  {format_bytes(m.activations):>11}   "
+           + ("(none kept: evaluation)" if m.detail.get("evaluation") else "(one micro-batch)"),
+           f"  total        {format_bytes(m.total):>11}   "
+           + ("(evaluation peak)" if m.detail.get("evaluation") else "(training peak)")]
     load_peak = m.detail.get("load_peak") or 0
     if load_peak > m.total:
         out.append(f"  load peak    {format_bytes(load_peak):>11}   (while the model is built, above the training "

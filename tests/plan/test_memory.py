@@ -180,6 +180,26 @@ def test_gpu_estimate_is_within_15_percent_of_the_h200_run(liger, measured):
     assert abs(peak / measured - 1) <= 0.15
 
 
+def test_an_evaluation_is_planned_as_one_forward_under_no_grad(capsys):
+    """training.do_train=false: the weights and one forward of per_device_eval_batch_size rows, nothing else. On a
+    GPU the LoRA layers' casts under autocast are cached per weight; the forward under no_grad made short-lived
+    views of weights that look like weights to that cache (a stale hit broke the estimate: fixed)."""
+    over = [*H200_REFERENCE, "data.eval_files=builtin:data/alpaca_demo_eval.jsonl",
+            "training.per_device_eval_batch_size=8"]
+    train = estimate_memory(config(*over), world_size=1, device="cuda")
+    evaluate = estimate_memory(config(*over, "training.do_train=false"), world_size=1, device="cuda")
+    assert (evaluate.gradients, evaluate.optimizer, evaluate.activations) == (0, 0, 0)
+    assert evaluate.weights == train.weights and evaluate.detail["evaluation"] is True
+    assert train.weights < evaluate.total < train.total / 4  # 4.1 against 32.9 GB
+    assert evaluate.detail["forward_peak"] < train.detail["forward_peak"]  # nothing saved for backward
+    assert not evaluate.hints
+    from sft_dist.cli import main
+
+    assert main(["plan", str(QUICKSTART), "training.do_train=false"]) == 0
+    out = capsys.readouterr().out
+    assert "(evaluation peak)" in out and "(none kept: evaluation)" in out
+
+
 def test_weights_are_counted_in_the_dtype_the_setup_names(capsys):
     """model.dtype auto planned for cuda on a host without a GPU: the setup line said bfloat16 while the weights
     were counted in fp32 (the estimate asked this host's torch whether it has bf16)."""
