@@ -44,7 +44,8 @@ def read_adapter_config(value: str) -> tuple[Path, dict, list[str]]:
                           f"download ORG/NAME --local-dir DIR`)"]
     if not (path / CONFIG_FILE).is_file():
         return path, {}, [f"{KEY}: {str(path)!r} has no {CONFIG_FILE}: pass a peft adapter directory or a sft_dist "
-                          f"run directory (its adapter/), not a checkpoint (for that, resume the run)"]
+                          f"run directory (its adapter/); a checkpoint: export its adapter first (`sft-dist export "
+                          f"CHECKPOINT --output DIR`)"]
     if not (path / WEIGHTS_FILE).is_file():
         pickled = " (its adapter_model.bin is a pickle, which sft_dist does not load: convert it once with peft, " \
                   "`PeftModel.from_pretrained(...).save_pretrained(DIR)` saves safetensors)" \

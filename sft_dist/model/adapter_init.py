@@ -1,8 +1,9 @@
 """Load a trained LoRA adapter's tensors into the new one (`lora.init_adapter`): train it further, or evaluate it.
 
-peft builds the adapter from the shape the config took from the adapter (config/adapter.py); its tensors come from
-adapter_model.safetensors, and each must land on a trained parameter of its own shape, and every trained parameter
-must get one: a different base is refused, not half-loaded.
+peft builds the new adapter from the trained one's own config (model/lora.py: `peft_config`; the config took its
+shape in, config/adapter.py); its tensors come from adapter_model.safetensors, and each must land on a trained
+parameter of its own shape, none on a frozen base weight, and every trained parameter must get one: a different
+base is refused, not half-loaded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ UNNAMED = "a base its adapter_config.json does not name"
 
 
 def load_weights(model, value: str) -> str:
-    """Load the adapter's tensors into the peft `model` (built from the adapter's shape); returns the log line.
-    Every tensor must land on a parameter of its shape and every trained parameter must get one."""
+    """Load the adapter's tensors into the peft `model` (built from the adapter's config); returns the log line."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file

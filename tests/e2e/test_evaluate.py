@@ -108,12 +108,17 @@ def test_train_on_from_a_runs_adapter(checkpointed_run, tmp_path):
     assert first["loss"] < 0.7 * trained_first["loss"]  # the same first batch, on trained weights
 
 
-def test_a_4bit_run_evaluated_again_gives_its_eval_loss(tmp_path):
-    """QLoRA: TRL casts a quantized model's trained parameters to bf16, and sft_dist puts peft's fp32 tensors back,
-    values included; a cast back would leave the loaded adapter rounded to bf16 (measured: 1.1e-5 off)."""
-    run = tmp_path / "q4"
-    r = sft_dist("train", str(QUICKSTART), f"output_dir={run}", "quantization.bits=4", "training.max_steps=6",
-                 "training.eval_steps=6")
+@pytest.mark.parametrize("setup", [
+    # TRL casts a quantized model's trained parameters to bf16, and sft_dist puts peft's fp32 tensors back, values
+    # included; a cast back left the loaded adapter rounded to bf16 (measured: 1.1e-5 off)
+    ["quantization.bits=4"],
+    # a bf16 base under ZeRO-2: the engine computes in bf16 while training; evaluated without it, under autocast
+    # (without: 1e-5 off)
+    ["model.dtype=bfloat16", "training.bf16=true", *backend("zero2")],
+], ids=["qlora", "zero2-bf16"])
+def test_a_run_evaluated_again_gives_its_eval_loss_exactly(tmp_path, setup):
+    run = tmp_path / "run"
+    r = sft_dist("train", str(QUICKSTART), f"output_dir={run}", *setup, "training.max_steps=6", "training.eval_steps=6")
     assert r.returncode == 0, r.stderr[-3000:]
     r = sft_dist("evaluate", str(run))
     assert r.returncode == 0, r.stderr[-3000:]
