@@ -98,8 +98,9 @@ def launch_ray(cfg: Config, warm: WarmRayWorkers | None) -> int:
         if warm is not None:  # Ray ends the run's workers, not the caller stopping the template they forked from
             ray.shutdown()
     m = result.metrics or {}
-    log.info("Ray Train run %r finished: Result.metrics at step %s (loss %s), Result.checkpoint %s", name,
-             m.get("step"), m.get("loss"), result.checkpoint.path if result.checkpoint else "(none)")
+    loss = f"loss {m.get('loss')}" if "loss" in m or "eval_loss" not in m else f"eval_loss {m['eval_loss']}"
+    log.info("Ray Train run %r finished: Result.metrics at step %s (%s), Result.checkpoint %s", name,
+             m.get("step"), loss, result.checkpoint.path if result.checkpoint else "(none)")
     return 0
 
 

@@ -877,7 +877,8 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
            world_size: int, attention: str,
            mixed: str, liger: bool, device: str) -> list[str]:
     dtype = str(compute).removeprefix("torch.")
-    notes = [f"activations: one micro-batch of {batch} x {length} tokens (batches padded to data.max_length; "
+    what = "forward under no_grad: one eval batch" if cfg.training.eval_only else "activations: one micro-batch"
+    notes = [f"{what} of {batch} x {length} tokens (batches padded to data.max_length; "
              f"shorter batches need less), {_MIXED[mixed].format(dtype=dtype)}, attention {_ATTENTION[attention]}"
              + (" with the packed rows' block mask" if attention == "sdpa" and cfg.data.packing else "")
              + (", Liger kernels" if liger else "")

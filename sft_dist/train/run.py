@@ -187,7 +187,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         if env.is_main and resume is None:
             (out / "eval_generations.jsonl").unlink(missing_ok=True)
     if eval_only:
-        return _evaluate_only(cfg, backend, trainer, env=env, out=out, device=device)
+        return _evaluate_only(cfg, backend, trainer, env=env, out=out, device=device, callbacks=callbacks)
     trainer.checkpointing = _checkpointing(cfg, backend, env=env)
     check_startup_stop()  # last: from here on SIGTERM means "checkpoint and stop" (train/stop.py)
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
@@ -298,9 +298,14 @@ def _refuse_training_dir(env: DistEnv, out: Path) -> None:
         raise SftDistError(why)
 
 
-def _evaluate_only(cfg: Config, backend: Backend, trainer, *, env: DistEnv, out: Path, device: str) -> RunResult:
+def _evaluate_only(cfg: Config, backend: Backend, trainer, *, env: DistEnv, out: Path, device: str,
+                   callbacks: list) -> RunResult:
     from sft_dist.train import evaluate_only
 
+    for cb in callbacks:  # the launcher's (Ray's report): they see the evaluation's metrics logged
+        trainer.add_callback(cb)
+        if hasattr(cb, "attach"):
+            cb.attach(trainer)
     weights = evaluate_only.weights(cfg)
     log.info("training.do_train=false: evaluating %s, training nothing", weights)
     summary = {"world_size": env.world_size, "launched_by": env.launched_by, "device": device,
