@@ -248,10 +248,17 @@ def _evaluate(args) -> int:
     from sft_dist.train.evaluate_only import target
 
     try:
+        args.user_overrides = list(args.overrides)
         args.config, args.overrides = target(args.target, args.overrides)
     except SftDistError as e:
         return _report(e)
     return _train(args)
+
+
+def _command(args, *, overrides: bool = False) -> str:
+    """The command as the user typed it (`evaluate` keeps its target; its workers get `train` with its config)."""
+    head = ["sft-dist", "evaluate", args.target] if args.command == "evaluate" else ["sft-dist", "train", args.config]
+    return " ".join(head + (list(getattr(args, "user_overrides", args.overrides)) if overrides else []))
 
 
 def _check_and_launch(cfg, args, warm) -> int:
@@ -272,7 +279,7 @@ def _check_and_launch(cfg, args, warm) -> int:
     if cfg.launcher.type == "torchrun":
         raise SftDistError(
             "launcher.type is 'torchrun' but RANK/WORLD_SIZE are not set: start with "
-            f"`torchrun --nproc-per-node N --no-python sft-dist train {args.config}`"
+            f"`torchrun --nproc-per-node N --no-python {_command(args)}`"
         )
     return _launch_locked(cfg, args, warm)
 
@@ -292,7 +299,7 @@ def _launch_locked(cfg, args, warm) -> int:
     from sft_dist.rundir.lock import TOKEN_ENV, RunLock
 
     try:
-        lock = RunLock(cfg.output_dir, command=" ".join(["sft-dist", "train", args.config, *args.overrides]))
+        lock = RunLock(cfg.output_dir, command=_command(args, overrides=True))
         lock.acquire()
     except SftDistError as e:
         return _report(e)
