@@ -921,7 +921,8 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
                      f"(the embeddings, norms and lm_head stay unquantized, in {counts['unquantized_dtype']}: "
                      "quantization.upcast_unquantized)")
     if world_size > 1 and shard.weights == 1 and shard.gradients == 1 and shard.optimizer == 1:
-        notes.append("nothing is sharded: every rank holds the whole model, gradients and optimizer state")
+        notes.append("nothing is sharded: every rank holds the whole model" + (
+            "" if cfg.training.eval_only else ", gradients and optimizer state"))
     return notes
 
 

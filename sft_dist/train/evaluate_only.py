@@ -44,9 +44,9 @@ def refuse_training_dir(out: Path) -> None:
 
 def prepare(trainer, *, zero_stage: int | None) -> None:
     """The model wrapped for evaluation as HF's `evaluation_loop` does before a first training step, except where
-    that fails: ZeRO-1/2, whose every rank holds the whole weights, evaluate the module as it is, under autocast
-    where the run computes in 16 bit (HF refuses a DeepSpeed inference engine below stage 3, and accelerate leaves
-    a DeepSpeed model's precision to the engine), and FSDP2 is sharded as for training (accelerate refuses a model
+    that fails: ZeRO-1/2, whose every rank holds the whole weights, evaluate the module without an engine, under
+    autocast where the run computes in 16 bit (HF refuses a DeepSpeed inference engine below stage 3, and
+    accelerate leaves a DeepSpeed model's precision to the engine, which would cast the module), and FSDP2 is sharded as for training (accelerate refuses a model
     without an optimizer)."""
     import torch
 
@@ -57,16 +57,16 @@ def prepare(trainer, *, zero_stage: int | None) -> None:
             deepspeed_init(trainer, num_training_steps=0, inference=True)
             trainer.model_wrapped = trainer.deepspeed = trainer.accelerator.prepare(trainer.model)
         elif trainer.args.bf16 or trainer.args.fp16:
-            # the engine would have cast the module to 16 bit; fp32 LoRA matrices and trained copies meet 16-bit
-            # activations here, as under accelerate's autocast for the other backends
+            # no engine casts the module to 16 bit here: autocast lets its fp32 LoRA matrices and trained copies
+            # meet 16-bit activations, as accelerate's autocast does for the other backends
             half = torch.bfloat16 if trainer.args.bf16 else torch.float16
             trainer.model.forward = torch.autocast(trainer.args.device.type, dtype=half)(trainer.model.forward)
         return
     if trainer.is_fsdp_enabled:
         # accelerate shards an FSDP2 model only together with an optimizer (it maps the optimizer's parameters
-        # onto the sharded ones): a plain SGD, which keeps no state, stands in for the one training would build
-        trained = [p for p in trainer.model.parameters() if p.requires_grad]
-        stand_in = torch.optim.SGD(trained or [torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        # onto the sharded ones): a plain SGD over the trained parameters, which keeps no state, stands in for the
+        # one training would build
+        stand_in = torch.optim.SGD([p for p in trainer.model.parameters() if p.requires_grad], lr=0.0)
         model, _ = trainer.accelerator.prepare(trainer.model, stand_in)
         trainer.model = trainer.model_wrapped = model
     else:
