@@ -213,9 +213,9 @@ def _check_cross_fields(cfg: Config) -> list[str]:
                  "`data.mixture` (weighted sources)")
     p += _check_mixture(d)
     p += _check_streaming(cfg)
-    for key, spec in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
-        if spec is not None:
-            p += _check_files(key, spec)
+    if d.train_files is not None:
+        p += _check_files("data.train_files", d.train_files)
+    p += _check_eval_sets(d.eval_files)
     if d.max_length < 8:
         p.append(f"data.max_length: got {d.max_length}; must be >= 8")
     if not 0 <= d.split_overlap <= d.max_length // 2:
@@ -393,6 +393,24 @@ def _check_streaming(cfg: Config) -> list[str]:
     return p
 
 
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
+
+
+def _check_eval_sets(spec) -> list[str]:
+    """`data.eval_files`: files, or named sets whose names make metric names (eval_<name>_loss)."""
+    if not isinstance(spec, dict):
+        return _check_files("data.eval_files", spec) if spec is not None else []
+    if not spec:
+        return ["data.eval_files: an empty mapping; give {name: files} for each eval set, or leave it unset"]
+    p: list[str] = []
+    for name, files in spec.items():
+        if not EVAL_SET_NAME.fullmatch(str(name)):  # it names metrics: eval_<name>_loss
+            p.append(f"data.eval_files.{name}: an eval set's name is letters and digits, words joined by single "
+                     "underscores (e.g. `pt`, `held_out`)")
+        p += _check_files(f"data.eval_files.{name}", files)
+    return p
+
+
 def _check_files(key: str, spec: str | list[str]) -> list[str]:
     _, missing = _expand(spec)
     return [f"{key}: {m!r} matches no file (relative paths are taken from the current directory)" for m in missing]
@@ -405,7 +423,8 @@ def _resolve_paths(cfg: Config) -> Config:
     data = dataclasses.replace(
         d, train_files=_expand(d.train_files)[0] if d.train_files is not None else None,
         mixture=[{**src, "files": _expand(src["files"])[0]} for src in d.mixture] if d.mixture is not None else None,
-        eval_files=_expand(d.eval_files)[0] if d.eval_files is not None else None,
+        eval_files=({name: _expand(spec)[0] for name, spec in d.eval_files.items()} if isinstance(d.eval_files, dict)
+                    else _expand(d.eval_files)[0] if d.eval_files is not None else None),
         cache_dir=str(Path(d.cache_dir).expanduser().resolve()) if d.cache_dir else d.cache_dir)
     training = cfg.training
     resume = training.get("resume_from_checkpoint")

@@ -133,7 +133,9 @@ class DataConfig:
     split_overlap: int = 0
     # None: on for alpaca / prompt_completion / messages / sharegpt (loss on the response only), off for text.
     completion_only_loss: bool | None = None
-    eval_files: str | list[str] | None = None
+    # Files (path, glob or list), or named eval sets {name: files}: each is evaluated on its own
+    # (eval_<name>_loss, ...) and all together (eval_loss, ...), as HF's Trainer does a dict of eval datasets.
+    eval_files: str | list[str] | dict[str, str | list[str]] | None = None
     eval_split: str | None = None
     # Hold out this fraction of the training rows for eval (fixed seed) when no eval set is given.
     eval_split_ratio: float = 0.0
@@ -163,6 +165,11 @@ class DataConfig:
     def __post_init__(self):
         if self.truncation == "truncate":
             object.__setattr__(self, "truncation", "right")
+
+    @property
+    def eval_sets(self) -> tuple[str, ...]:
+        """The names of the named eval sets (`eval_files: {name: files}`), in the config's order; () otherwise."""
+        return tuple(self.eval_files) if isinstance(self.eval_files, dict) else ()
 
 
 @dataclass(frozen=True)

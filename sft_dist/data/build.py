@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from sft_dist.config.schema import DataConfig
 from sft_dist.data.bad_rows import BadRows
@@ -22,6 +22,8 @@ from sft_dist.errors import BadRow, DataError
 
 log = logging.getLogger(__name__)
 
+# With named eval sets, each eval row's set (its index in data.eval_files); kept in the built (and cached) split.
+EVAL_SET = "eval_set"
 INSTRUCTION_FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 # More than this fraction of a split's rows losing their answer (cut on the right, dropped as too long, or left
 # without a loss-carrying token) is logged as a warning, with the counts and what to change.
@@ -167,8 +169,7 @@ def _streaming(cfg: DataConfig, tok: Tokenizer, seed: int) -> Datasets:
     hub = None if cfg.train_files is not None else (cfg.dataset, cfg.dataset_config, cfg.train_split)
     train = StreamSource(RowStream(cfg.train_files, hub), tok, max_length=cfg.max_length,
                          skip_bad=cfg.on_bad_row == "skip", seed=seed, window=cfg.shuffle_window)
-    splits = [_read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", "eval", BadRows(skip=cfg.on_bad_row == "skip"))
-              ] if cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None) else []
+    splits = [_read_eval(cfg, BadRows(skip=cfg.on_bad_row == "skip"))] if _has_eval(cfg) else []
     out = finalize(cfg, splits, {s.name: tokenize_rows(cfg, tok, s) for s in splits})
     out.train = train
     return out
@@ -181,8 +182,8 @@ def read_splits(cfg: DataConfig, *, seed: int) -> list[RawSplit]:
         train = _read_mixture(cfg, BadRows(skip=skip), seed)
     else:
         train = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", "train", BadRows(skip=skip))
-    if cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None):
-        return [train, _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", "eval", BadRows(skip=skip))]
+    if _has_eval(cfg):
+        return [train, _read_eval(cfg, BadRows(skip=skip))]
     if cfg.eval_split_ratio > 0:
         if len(train.rows) < 2:
             raise DataError("data.eval_split_ratio: need at least 2 training rows to hold some out")
@@ -190,6 +191,35 @@ def read_splits(cfg: DataConfig, *, seed: int) -> list[RawSplit]:
         return [RawSplit("train", train.rows.select(keep), train.source, train.bad, train.origins),
                 RawSplit("eval", train.rows.select(held), train.source, BadRows(skip=skip), train.origins)]
     return [train]
+
+
+def _has_eval(cfg: DataConfig) -> bool:
+    return cfg.eval_files is not None or (cfg.dataset is not None and cfg.eval_split is not None)
+
+
+def _read_eval(cfg: DataConfig, bad: BadRows) -> RawSplit:
+    """The eval split. Named eval sets (`data.eval_files: {name: files}`) are read one by one, each row named by its
+    file and line, into one split whose EVAL_SET column holds the set's index (`by_set` parts them again)."""
+    if not cfg.eval_sets:
+        return _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", "eval", bad)
+    parts, sources, origins = [], [], Origins()  # one Origins: the sets' row codes must not collide
+    for name, files in cfg.eval_files.items():
+        raw = _read(cfg, files, None, f"data.eval_files.{name}", "eval", bad, origins=origins)
+        parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
+        sources.append(raw.source)
+    # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"
+    rows = concatenate_datasets([ds.add_column(EVAL_SET, [i] * len(ds)).add_column("sample_id", list(range(len(ds))))
+                                 for i, ds in enumerate(parts)])
+    return RawSplit("eval", rows, "; ".join(sources), bad, origins)
+
+
+def by_set(ds: Dataset | None, names: tuple[str, ...]) -> Dataset | dict[str, Dataset] | None:
+    """The eval split as HF's Trainer takes it: one dataset, or with named eval sets {name: that set's rows}."""
+    if ds is None or not names:
+        return ds
+    codes = ds[EVAL_SET]
+    return {name: ds.select([i for i, c in enumerate(codes) if c == k]).remove_columns(EVAL_SET)
+            for k, name in enumerate(names)}
 
 
 def finalize(cfg: DataConfig, splits: list[RawSplit], tokenized: dict[str, Dataset]) -> Datasets:
@@ -208,6 +238,13 @@ def finalize(cfg: DataConfig, splits: list[RawSplit], tokenized: dict[str, Datas
             out.stats[s.name].sources = [vars(x) for x in s.shares]
             log.info("data mixture: %d samples per epoch from %d sources: %s", len(s.rows), len(s.shares),
                      "; ".join(x.describe() for x in s.shares))
+    if cfg.eval_sets and out.eval is not None:
+        left = set(out.eval[EVAL_SET])
+        for k, name in enumerate(cfg.eval_sets):
+            if k not in left:
+                raise DataError(f"data.eval_files.{name}: no row of this eval set is left with a loss-carrying token "
+                                f"within data.max_length={cfg.max_length}; raise data.max_length, or fix or drop "
+                                "the set")
     if cfg.packing and out.train is not None:
         # Train only: eval rows are scored one by one (train/evaluation.py), packed or not.
         out.train = pack_dataset(out.train, cfg.max_length)
@@ -248,19 +285,22 @@ def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> RawSplit:
     for i, src in enumerate(cfg.mixture):
         raw = _read(cfg, src["files"], None, f"data.mixture[{i}].files", "train", bad,
                     columns=src.get("columns") or {}, origins=origins)
-        ds = raw.rows
-        keep = [c for c in REQUIRED[cfg.format] + OPTIONAL.get(cfg.format, ()) if c in ds.column_names]
-        ds = ds.select_columns(keep + [ORIGIN] + ([cfg.id_column] if cfg.id_column else []))
-        for col in OPTIONAL.get(cfg.format, ()):
-            if col not in ds.column_names:  # e.g. one alpaca source without `input`: the same as an empty one
-                ds = ds.add_column(col, [""] * len(ds))
-        if parts:
-            ds = ds.select_columns(parts[0].column_names).cast(parts[0].features)
-        parts.append(ds)
+        parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
         names.append(raw.source)
     mixed, shares = mix(parts, names, [float(s["weight"]) for s in cfg.mixture], total=cfg.mixture_rows, seed=seed)
     mixed = mixed.add_column("sample_id", list(range(len(mixed))))
     return RawSplit("train", mixed, "data.mixture", bad, origins, shares)
+
+
+def _format_columns(ds: Dataset, cfg: DataConfig, *, like: Dataset | None) -> Dataset:
+    """`ds` cut to the format's columns (and where each row came from), in `like`'s columns and types, so that
+    sources read from different files concatenate."""
+    keep = [c for c in REQUIRED[cfg.format] + OPTIONAL.get(cfg.format, ()) if c in ds.column_names]
+    ds = ds.select_columns(keep + [ORIGIN] + ([cfg.id_column] if cfg.id_column else []))
+    for col in OPTIONAL.get(cfg.format, ()):
+        if col not in ds.column_names:  # e.g. one alpaca source without `input`: the same as an empty one
+            ds = ds.add_column(col, [""] * len(ds))
+    return ds if like is None else ds.select_columns(like.column_names).cast(like.features)
 
 
 def _map_columns(ds: Dataset, cfg: DataConfig, source: str, mapping: dict | None) -> Dataset:
@@ -275,15 +315,16 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
     """Tokenize `split`'s rows (all, or the `rows` slice: a rank's share of a parallel build). A bad row raises
     BadRow naming file:line, or with `data.on_bad_row: skip` stays as an empty row marked `_bad` with its kind;
     `finalize` counts and drops those."""
-    max_length, name, origins, skip = cfg.max_length, split.name, split.origins, split.bad.skip
+    max_length, name, origins, skip, sets = cfg.max_length, split.name, split.origins, split.bad.skip, cfg.eval_sets
     raw = split.rows if rows is None else split.rows.select(rows)
 
     def fn(batch):
         n = len(batch["sample_id"])
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-        wheres = [f"{origins.where(r[ORIGIN])} ({name} sample_id {r['sample_id']})" for r in rows]
+        wheres = [f"{origins.where(r[ORIGIN])} ({name}{f' {sets[r[EVAL_SET]]}' if EVAL_SET in r else ''} sample_id "
+                  f"{r['sample_id']})" for r in rows]
         cols = {k: [] for k in ("input_ids", "labels", "sample_id", ORIGIN, "_length", "_cut", "_tokens",
-                                "_loss_tokens", "_bad")}
+                                "_loss_tokens", "_bad", *([EVAL_SET] if EVAL_SET in batch else []))}
         for row, out in zip(rows, tok.batch(rows, wheres)):
             if isinstance(out, BadRow):
                 if not skip:
@@ -314,6 +355,8 @@ def tokenize_rows(cfg: DataConfig, tok: Tokenizer, split: RawSplit, rows: range 
         # labels[0] never carries loss: the model predicts token t from tokens < t.
         cols["_loss_tokens"].append(sum(1 for t in labels[1:] if t != IGNORE))
         cols["_bad"].append(bad)
+        if EVAL_SET in cols:
+            cols[EVAL_SET].append(row[EVAL_SET])
 
     return raw.map(
         fn,

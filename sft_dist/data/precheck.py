@@ -141,8 +141,10 @@ def _check(cfg: DataConfig, *, seed: int, report: PrecheckReport) -> None:
                      (_Split("eval", train.source, train.rows, train.codes, train.renames, BadRows(skip=skip)), held)]
         else:
             rows.append((train, range(len(train.rows))))
-    if cfg.eval_files is not None:
-        ev = _read(cfg, _expand(cfg.eval_files, "data.eval_files"), "data.eval_files", "eval", BadRows(skip=skip),
+    sets = cfg.eval_files if isinstance(cfg.eval_files, dict) else {None: cfg.eval_files} if cfg.eval_files else {}
+    for name, files in sets.items():  # named eval sets (data.eval_files: {name: files}): each its own split
+        key = "data.eval_files" if name is None else f"data.eval_files.{name}"
+        ev = _read(cfg, _expand(files, key), key, "eval" if name is None else f"eval {name}", BadRows(skip=skip),
                    origins, cfg.columns, report)
         rows.append((ev, range(len(ev.rows))))
     for item in rows:

@@ -19,11 +19,13 @@ def bare(name: str) -> str:
     return name.removeprefix("eval_")
 
 
-def choices(generate_eval_rows: int) -> dict[str, bool]:
-    """The metrics an evaluation of this run reports that a best checkpoint can be chosen by."""
-    return {**FROM_LOSS, **(FROM_GENERATION if generate_eval_rows > 0 else {})}
+def choices(generate_eval_rows: int, sets: tuple[str, ...] = ()) -> dict[str, bool]:
+    """The metrics an evaluation of this run reports that a best checkpoint can be chosen by: over all eval rows,
+    and per named eval set (`data.eval_files: {name: files}`) as `<name>_<metric>`."""
+    base = {**FROM_LOSS, **(FROM_GENERATION if generate_eval_rows > 0 else {})}
+    return {**base, **{f"{s}_{m}": better for s in sets for m, better in base.items()}}
 
 
-def greater_is_better(name: str) -> bool | None:
+def greater_is_better(name: str, sets: tuple[str, ...] = ()) -> bool | None:
     """Which way `name` is better, or None for a name sft_dist does not report."""
-    return {**FROM_LOSS, **FROM_GENERATION}.get(bare(name))
+    return {**FROM_LOSS, **FROM_GENERATION, **choices(1, sets)}.get(bare(name))

@@ -42,6 +42,12 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def set_losses(rows: list[dict]) -> list[str]:
+    """The named eval sets' loss keys (eval_<name>_loss), in the order they were first logged."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("eval_") and k.endswith("_loss")
+                              and k != "eval_loss"))
+
+
 def render_charts(rows: list[dict]) -> dict[str, bytes]:
     """PNG bytes per chart that has data."""
     import matplotlib
@@ -51,6 +57,8 @@ def render_charts(rows: list[dict]) -> dict[str, bytes]:
 
     charts = {}
     for name, title, ylabel, series in CHARTS:
+        if name == "loss":  # and each named eval set's (data.eval_files: {name: files})
+            series = series + [(k, f"eval loss: {k[5:-5]}", "o--") for k in set_losses(rows)]
         lines = [(key, label, style, [(r["step"], r[key] * SCALE.get(key, 1)) for r in rows
                                       if isinstance(r.get(key), (int, float))])
                  for key, label, style in series]
@@ -118,6 +126,8 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
         ("train loss", f"{train[0]['loss']:.4f} → {train[-1]['loss']:.4f}" if train else "none logged"),
         ("eval loss", (f"{evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} (perplexity "
                        f"{evals[-1].get('eval_perplexity', float('nan')):.2f})") if evals else "no eval"),
+        *((f"eval loss: {k[5:-5]}", f"{evals[0].get(k, float('nan')):.4f} → {evals[-1].get(k, float('nan')):.4f}")
+          for k in set_losses(evals)),
         *([("eval answers", f"exact match {answered[-1]['eval_exact_match']:.3f}, token F1 "
                             f"{answered[-1]['eval_token_f1']:.3f}, ROUGE-L {answered[-1]['eval_rouge_l']:.3f} over "
                             f"{answered[-1]['eval_generated']} rows at step {answered[-1]['step']}")]

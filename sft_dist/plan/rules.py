@@ -54,7 +54,7 @@ def _derived(f: Facts) -> dict:
     return {"global_batch": f.global_batch, "per_step": per_step,
             "reason": ("training.eval_strategy is 'no': no eval ever runs" if f.eval_strategy == "no" and not f.eval_only
                        else "there is no eval data (data.eval_files, data.eval_split or data.eval_split_ratio)"),
-            "best_choices": ", ".join(choices(f.generate_eval_rows)),
+            "best_choices": ", ".join(choices(f.generate_eval_rows, f.eval_sets)),
             "text_hint": ("" if f.generate_eval_rows > 0 else
                           " (exact_match, token_f1 and rouge_l need metrics.generate_eval_rows > 0)"),
             "worst": "highest" if f.greater_is_better else "lowest",
@@ -158,7 +158,8 @@ RULES: tuple[Rule, ...] = (
          "set training.eval_strategy (steps or epoch) and data.eval_files / data.eval_split_ratio, or "
          "metrics.generate_eval_rows: 0"),
     Rule("best-metric-unknown", "error", ("training.metric_for_best_model",),
-         lambda f: f.best_metric is not None and bare(f.best_metric) not in choices(f.generate_eval_rows),
+         lambda f: f.best_metric is not None and bare(f.best_metric) not in choices(f.generate_eval_rows,
+                                                                                    f.eval_sets),
          "{f.best_metric!r} is not a metric this run's evaluation reports a best checkpoint can be chosen by: the "
          "Trainer would fail (or keep checkpoints by, e.g., eval_runtime) at the first evaluation, after training "
          "up to it",

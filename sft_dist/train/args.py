@@ -139,7 +139,7 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
         training.setdefault("metric_for_best_model", "loss")
     if training.get("metric_for_best_model") is not None and training.get("greater_is_better") is None:
         # HF guesses "greater is better" for any name not ending in "loss": the worst checkpoint by perplexity
-        better = greater_is_better(training["metric_for_best_model"])
+        better = greater_is_better(training["metric_for_best_model"], cfg.data.eval_sets)
         if better is not None:
             training["greater_is_better"] = better
     cpu = device == "cpu"

@@ -92,6 +92,10 @@ class Progress(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.enabled and state.is_world_process_zero and metrics and "eval_loss" in metrics:
             msg = f"eval at step {state.global_step}: loss {metrics['eval_loss']:.4f}"
+            sets = [f"{k[5:-5]} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and k.endswith("_loss")
+                    and k != "eval_loss"]  # named eval sets: eval_<name>_loss
+            if sets:
+                msg += f" ({', '.join(sets)})"
             (self.bar.write if self.bar is not None else lambda m: print(m, file=self.stream, flush=True))(msg)
 
     def on_train_end(self, args, state, control, **kwargs):

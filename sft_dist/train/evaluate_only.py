@@ -77,8 +77,11 @@ def evaluate(trainer, *, zero_stage: int | None, out: Path, is_main: bool, summa
     """Evaluate once; rank 0 writes `eval_results.json`: the metrics, `summary`, and what each rank held
     (`gather`: every rank's value, in rank order). Returns the metrics."""
     from sft_dist.backends.verify import shard_report
+    from sft_dist.train.evaluation import eval_sets
 
-    if trainer.eval_dataset is None or len(trainer.eval_dataset) == 0:
+    sets = eval_sets(trainer.eval_dataset)
+    rows = {prefix: len(ds) for prefix, ds in sets.items()}
+    if not sum(rows.values()):
         raise SftDistError("training.do_train=false: the eval data is empty; give rows to evaluate on as "
                            "data.eval_files")
     prepare(trainer, zero_stage=zero_stage)
@@ -88,12 +91,13 @@ def evaluate(trainer, *, zero_stage: int | None, out: Path, is_main: bool, summa
     report = shard_report(trainer)
     ranks = gather({k: report[k] for k in ("param_numel_local", "param_bytes_local", "peak_rss_bytes")})
     if is_main:
-        results = {**summary, "eval_rows": len(trainer.eval_dataset), "eval_seconds": round(seconds, 3),
-                   "metrics": metrics, "ranks": ranks}
+        named = isinstance(trainer.eval_dataset, dict)  # rows per named eval set, by metric prefix
+        results = {**summary, "eval_rows": sum(rows.values()), **({"eval_set_rows": rows} if named else {}),
+                   "eval_seconds": round(seconds, 3), "metrics": metrics, "ranks": ranks}
         (out / RESULTS).write_text(json.dumps(results, indent=2), encoding="utf-8")
         shown = ", ".join(f"{k.removeprefix('eval_')} {v:.6g}" for k, v in metrics.items()
                           if isinstance(v, float) and k not in ("eval_runtime",))
-        log.info("evaluated %d rows in %.1f s: %s (%s)", len(trainer.eval_dataset), seconds, shown, out / RESULTS)
+        log.info("evaluated %d rows in %.1f s: %s (%s)", sum(rows.values()), seconds, shown, out / RESULTS)
     return metrics
 
 

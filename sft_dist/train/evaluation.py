@@ -28,6 +28,21 @@ def shard(n: int, world: int, rank: int) -> list[int]:
     return mine + [PLACEHOLDER] * (math.ceil(n / world) - len(mine))
 
 
+def eval_sets(dataset, prefix: str = "eval") -> dict:
+    """{metric prefix: dataset}: the eval dataset, or each named eval set (`data.eval_files: {name: files}`) under
+    `<prefix>_<name>`, as HF's Trainer names a dict of eval datasets' metrics."""
+    if isinstance(dataset, dict):
+        return {f"{prefix}_{name}": ds for name, ds in dataset.items()}
+    return {prefix: dataset} if dataset is not None else {}
+
+
+def continued_rows(dataset) -> frozenset[int]:
+    """The rows that go on from the row before: the windows of a row of data.truncation=split follow each other with
+    its sample_id (data/build.py); they have no prompt of their own to answer."""
+    ids = dataset["sample_id"]
+    return frozenset(i for i in range(1, len(ids)) if ids[i] == ids[i - 1])
+
+
 def fused_head(trainer) -> bool:
     """Whether the model scores through TRL's fused LM head (SFTTrainer adds it), as the training step does; not
     where training itself uses the model's own loss (FSDP2 with the output head a unit of its own)."""
@@ -35,6 +50,11 @@ def fused_head(trainer) -> bool:
 
 
 def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
+    return loss_metrics(eval_totals(trainer, dataset), prefix)
+
+
+def eval_totals(trainer, dataset) -> list[float]:
+    """[summed loss, loss tokens, correct top-1 predictions] over the whole dataset, summed over all ranks."""
     args = trainer.args
     model = trainer.model
     was_training = model.training
@@ -68,10 +88,29 @@ def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
     if args.world_size > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
-    loss_sum, tokens, correct = totals.tolist()
+    return totals.tolist()
+
+
+def loss_metrics(totals: list[float], prefix: str) -> dict[str, float]:
+    loss_sum, tokens, correct = totals
     loss = loss_sum / max(tokens, 1)
     return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 50.0)),
             f"{prefix}_mean_token_accuracy": correct / max(tokens, 1), f"{prefix}_tokens": int(tokens)}
+
+
+def combined(metrics: dict[str, float], totals: dict[str, list[float]], prefix: str) -> dict[str, float]:
+    """The metrics of named eval sets all together: the loss of their union (token-weighted), and the answers'
+    scores as a mean over every answer (`metrics` holds each set's, under the keys of `totals`)."""
+    from sft_dist.metrics.text import NAMES
+
+    out = loss_metrics([sum(col) for col in zip(*totals.values())], prefix)
+    answered = {p: metrics[f"{p}_generated"] for p in totals if f"{p}_generated" in metrics}
+    if answered:
+        n = sum(answered.values())
+        out[f"{prefix}_generated"] = n
+        out.update({f"{prefix}_{name}": sum(metrics[f"{p}_{name}"] * k for p, k in answered.items()) / max(n, 1)
+                    for name in NAMES})
+    return out
 
 
 class Samples:
@@ -121,15 +160,16 @@ class EvalGenerations:
     every answer, with its scores, to output_dir/eval_generations.jsonl."""
 
     def __init__(self, *, rows: int, tokenizer, num_beams: int, path: Path | None, sync: bool,
-                 continued: frozenset[int] = frozenset()):
+                 continued: dict[str, frozenset[int]] | None = None):
         from sft_dist.data.chat_templates import end_of_turn_ids
 
         self.rows, self.tok, self.num_beams, self.path, self.sync = rows, tokenizer, num_beams, path, sync
-        self.continued = continued  # rows that go on from the row before (data.truncation=split): no prompt of theirs
+        # per eval set (by metric prefix): rows that go on from the row before (data.truncation=split), without a prompt
+        self.continued = continued or {}
         self.stop = [tokenizer.eos_token_id, *(i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_token_id)]
         self._items: dict[int, list[tuple[int, list[int], list[int]]]] = {}
 
-    def items(self, dataset) -> list[tuple[int, list[int], list[int]]]:
+    def items(self, dataset, prefix: str = "eval") -> list[tuple[int, list[int], list[int]]]:
         """(row index, prompt ids, reference ids) of the first `rows` eval rows with a prompt and an answer (rows are
         cut to data.max_length, which the plan keeps within the model's positions)."""
         key = id(dataset)
@@ -138,14 +178,15 @@ class EvalGenerations:
             for i in range(len(dataset)):
                 if len(out) == self.rows:
                     break
-                if i in self.continued:
+                if i in self.continued.get(prefix, ()):
                     continue
                 split = prompt_and_answer(dataset[i]["input_ids"], dataset[i]["labels"])
                 if split:
                     out.append((i, *split))
             if not out:
+                rows = "the eval rows" if prefix == "eval" else f"the rows of eval set {prefix.removeprefix('eval_')}"
                 raise SftDistError(
-                    "metrics.generate_eval_rows: none of the eval rows has a prompt to answer (every token carries "
+                    f"metrics.generate_eval_rows: none of {rows} has a prompt to answer (every token carries "
                     "loss, as in data.format text): set metrics.generate_eval_rows: 0, or use a format with prompts")
             self._items[key] = out
         return self._items[key]
@@ -156,7 +197,7 @@ class EvalGenerations:
 
         args, model = trainer.args, trainer.model
         limit = max_positions(model)
-        items = self.items(dataset)
+        items = self.items(dataset, prefix)
         mine = shard(len(items), args.world_size, args.process_index)
         was_training = model.training
         model.eval()
@@ -179,7 +220,8 @@ class EvalGenerations:
                 ref = self.tok.decode(reference, skip_special_tokens=True).strip()
                 s = scores(answer, ref)
                 totals += torch.tensor([1.0, *(s[n] for n in NAMES)], dtype=torch.float64, device=args.device)
-                written.append({"step": step, "row": row, "prompt": self.tok.decode(prompt, skip_special_tokens=True),
+                written.append({"step": step, **({"eval_set": prefix[5:]} if prefix.startswith("eval_") else {}),
+                                "row": row, "prompt": self.tok.decode(prompt, skip_special_tokens=True),
                                 "reference": ref, "answer": answer, **s})
         model.train(was_training)
         if args.world_size > 1:

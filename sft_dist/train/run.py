@@ -175,15 +175,17 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
         if env.is_main and resume is None:
             (out / "samples.jsonl").unlink(missing_ok=True)
     if cfg.metrics.generate_eval_rows and trainer.eval_dataset is not None:
-        from sft_dist.train.evaluation import EvalGenerations
+        from sft_dist.data.build import by_set
+        from sft_dist.train.evaluation import EvalGenerations, continued_rows, eval_sets
 
-        ids = data.eval["sample_id"]  # a split row's windows follow each other with its sample_id (data/build.py)
         trainer.eval_generations = EvalGenerations(
             rows=cfg.metrics.generate_eval_rows, tokenizer=tokenizer, num_beams=cfg.metrics.generate_num_beams,
             path=out / "eval_generations.jsonl" if env.is_main else None,
             sync=backend.shards_weights(trainer) and env.world_size > 1,
-            continued=frozenset(i for i in range(1, len(ids)) if ids[i] == ids[i - 1]))
-        trainer.eval_generations.items(trainer.eval_dataset)  # a run with nothing to answer stops here
+            continued={prefix: continued_rows(ds) for prefix, ds in eval_sets(by_set(data.eval,
+                                                                                    cfg.data.eval_sets)).items()})
+        for prefix, dataset in eval_sets(trainer.eval_dataset).items():
+            trainer.eval_generations.items(dataset, prefix)  # a run with nothing to answer stops here
         if env.is_main and resume is None:
             (out / "eval_generations.jsonl").unlink(missing_ok=True)
     if eval_only:
@@ -605,6 +607,7 @@ def _build_peak(device: str) -> int | None:
 def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from sft_dist.data.build import by_set
     from sft_dist.train.trainer import SFTDistTrainer
 
     trace_path = Path(cfg.output_dir) / "trace" / f"samples.rank{env.rank}.jsonl" if cfg.data.trace_samples else None
@@ -620,7 +623,8 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
         model=model,
         args=args,
         train_dataset=data.train,
-        eval_dataset=data.eval.remove_columns(["sample_id"]) if data.eval is not None else None,
+        eval_dataset=by_set(data.eval.remove_columns(["sample_id"]) if data.eval is not None else None,
+                            cfg.data.eval_sets),
         processing_class=tokenizer,
         callbacks=[metrics, Progress(enabled=not cfg.training.disable_tqdm)],
     )

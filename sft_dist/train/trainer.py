@@ -153,16 +153,25 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """sft_dist's evaluation (train/evaluation.py): one token-weighted eval loss over all ranks, and the
-        generation samples. Evaluation time is not training step time: the window start moves past it."""
-        from sft_dist.train.evaluation import eval_loss
+        generation samples. Named eval sets (a dict, as HF's Trainer takes them) are each scored under
+        `<prefix>_<name>`, and all together under `<prefix>`. Evaluation time is not training step time: the window
+        start moves past it."""
+        from sft_dist.train.evaluation import combined, eval_sets, eval_totals, loss_metrics
 
         t0 = time.perf_counter()
         try:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            metrics = eval_loss(self, dataset, metric_key_prefix)
-            if self.eval_generations is not None:
-                metrics.update(self.eval_generations(self, dataset, step=self.state.global_step,
-                                                     prefix=metric_key_prefix))
+            together = isinstance(dataset, dict)  # named eval sets: each, and all of them together
+            if isinstance(dataset, str):  # HF's Trainer names one of a dict of eval datasets
+                dataset = {dataset: self.eval_dataset[dataset]}
+            sets, metrics, totals = eval_sets(dataset, metric_key_prefix), {}, {}
+            for prefix, ds in sets.items():
+                totals[prefix] = eval_totals(self, ds)
+                metrics.update(loss_metrics(totals[prefix], prefix))
+                if self.eval_generations is not None:
+                    metrics.update(self.eval_generations(self, ds, step=self.state.global_step, prefix=prefix))
+            if together:
+                metrics = {**combined(metrics, totals, metric_key_prefix), **metrics}
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - t0, 4)
             if self.samples is not None:
                 for s in self.samples(self.model, step=self.state.global_step, device=self.args.device):

@@ -124,3 +124,34 @@ def test_a_run_evaluated_again_gives_its_eval_loss_exactly(tmp_path, setup):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((run / "eval" / "eval_results.json").read_text())
     assert results["metrics"]["eval_loss"] == pytest.approx(final_eval(run)["eval_loss"], rel=1e-9)
+
+
+def test_named_eval_sets(checkpointed_run, tmp_path):
+    """`data.eval_files: {name: files}`: each set scored on its own (eval_<name>_*) and all together (eval_*). The
+    run's eval file split in two: together they give the run's own eval loss, and each set the loss it gives alone."""
+    lines = (Path(__file__).parents[2] / "sft_dist/assets/data/alpaca_demo_eval.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[30:]) + "\n")
+    out = tmp_path / "both"
+    r = sft_dist("evaluate", str(checkpointed_run), f"output_dir={out}", "metrics.generate_eval_rows=2",
+                 f"data.eval_files={{first: {tmp_path / 'a.jsonl'}, rest: {tmp_path / 'b.jsonl'}}}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    m = results["metrics"]
+    assert m["eval_loss"] == pytest.approx(final_eval(checkpointed_run)["eval_loss"], rel=1e-6)
+    assert m["eval_first_tokens"] + m["eval_rest_tokens"] == m["eval_tokens"]
+    assert m["eval_tokens"] == final_eval(checkpointed_run)["eval_tokens"]
+    assert results["eval_rows"] == 48 and results["eval_set_rows"] == {"eval_first": 30, "eval_rest": 18}
+    assert m["eval_first_loss"] != pytest.approx(m["eval_rest_loss"], rel=1e-3)
+    # answers: 2 per set, each named by its set; the mean over all four
+    answers = [json.loads(x) for x in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert [(a["eval_set"], a["row"]) for a in answers] == [("first", 0), ("first", 1), ("rest", 0), ("rest", 1)]
+    assert m["eval_generated"] == 4 and m["eval_rouge_l"] == pytest.approx(
+        (m["eval_first_rouge_l"] + m["eval_rest_rouge_l"]) / 2)
+    # the second set alone gives the loss it was given as a named set
+    alone = tmp_path / "alone"
+    r = sft_dist("evaluate", str(checkpointed_run), f"output_dir={alone}", f"data.eval_files={tmp_path / 'b.jsonl'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = json.loads((alone / "eval_results.json").read_text())["metrics"]
+    assert single["eval_loss"] == pytest.approx(m["eval_rest_loss"], rel=1e-6)
+    assert single["eval_tokens"] == m["eval_rest_tokens"] and "eval_set_rows" not in single

@@ -60,5 +60,6 @@ def test_eval_rows_without_prompts_stop_the_run_before_training():
                                "labels": [[1, 5, 6], [-100, -100, 8, 2], [-100, -100, 3, 2]]})
     assert gen.items(mixed) == [(1, [1, 7], [8, 2]), (2, [1, 9], [3, 2])]  # the rows with a prompt, in order
     # data.truncation=split: a window that goes on from the row before has only context for a prompt
-    windows = EvalGenerations(rows=4, tokenizer=tok, num_beams=1, path=None, sync=False, continued=frozenset({2}))
+    windows = EvalGenerations(rows=4, tokenizer=tok, num_beams=1, path=None, sync=False,
+                              continued={"eval": frozenset({2})})
     assert windows.items(mixed) == [(1, [1, 7], [8, 2])]
