@@ -215,7 +215,7 @@ def _check_cross_fields(cfg: Config) -> list[str]:
     p += _check_streaming(cfg)
     if d.train_files is not None:
         p += _check_files("data.train_files", d.train_files)
-    p += _check_eval_sets(d.eval_files)
+    p += _check_eval_sets(d)
     if d.max_length < 8:
         p.append(f"data.max_length: got {d.max_length}; must be >= 8")
     if not 0 <= d.split_overlap <= d.max_length // 2:
@@ -396,18 +396,26 @@ def _check_streaming(cfg: Config) -> list[str]:
 EVAL_SET_NAME = re.compile(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*")
 
 
-def _check_eval_sets(spec) -> list[str]:
-    """`data.eval_files`: files, or named sets whose names make metric names (eval_<name>_loss)."""
+def _check_eval_sets(d) -> list[str]:
+    """`data.eval_files` (files) or `data.eval_split` (a hub dataset's split), or named sets of either, whose names
+    make metric names (eval_<name>_loss)."""
+    if d.eval_files is not None and d.eval_split is not None:
+        return ["data.eval_split: set it only when no `data.eval_files` is given (the files would be evaluated on, "
+                "the split not)"]
+    if d.eval_split is not None and d.dataset is None:
+        return ["data.eval_split: a split of `data.dataset`; give local eval data as data.eval_files"]
+    key, spec = ("data.eval_files", d.eval_files) if d.eval_split is None else ("data.eval_split", d.eval_split)
     if not isinstance(spec, dict):
-        return _check_files("data.eval_files", spec) if spec is not None else []
+        return _check_files(key, spec) if key == "data.eval_files" and spec is not None else []
     if not spec:
-        return ["data.eval_files: an empty mapping; give {name: files} for each eval set, or leave it unset"]
+        return [f"{key}: an empty mapping; give {{name: {key[10:]}}} for each eval set, or leave it unset"]
     p: list[str] = []
-    for name, files in spec.items():
+    for name, value in spec.items():
         if not EVAL_SET_NAME.fullmatch(str(name)):  # it names metrics: eval_<name>_loss
-            p.append(f"data.eval_files.{name}: an eval set's name is letters and digits, words joined by single "
+            p.append(f"{key}.{name}: an eval set's name is letters and digits, words joined by single "
                      "underscores (e.g. `pt`, `held_out`)")
-        p += _check_files(f"data.eval_files.{name}", files)
+        if key == "data.eval_files":
+            p += _check_files(f"{key}.{name}", value)
     return p
 
 

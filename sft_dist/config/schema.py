@@ -136,7 +136,8 @@ class DataConfig:
     # Files (path, glob or list), or named eval sets {name: files}: each is evaluated on its own
     # (eval_<name>_loss, ...) and all together (eval_loss, ...), as HF's Trainer does a dict of eval datasets.
     eval_files: str | list[str] | dict[str, str | list[str]] | None = None
-    eval_split: str | None = None
+    # With `dataset`: the split to evaluate on, or named eval sets {name: split} (e.g. {val: validation, test: test}).
+    eval_split: str | dict[str, str] | None = None
     # Hold out this fraction of the training rows for eval (fixed seed) when no eval set is given.
     eval_split_ratio: float = 0.0
     # Pack the training rows, best-fit decreasing, into rows of max_length tokens (sft_dist/data/packing.py);
@@ -168,8 +169,10 @@ class DataConfig:
 
     @property
     def eval_sets(self) -> tuple[str, ...]:
-        """The names of the named eval sets (`eval_files: {name: files}`), in the config's order; () otherwise."""
-        return tuple(self.eval_files) if isinstance(self.eval_files, dict) else ()
+        """The names of the named eval sets (`eval_files: {name: files}` or `eval_split: {name: split}`), in the
+        config's order; () otherwise."""
+        named = self.eval_files if self.eval_files is not None else self.eval_split
+        return tuple(named) if isinstance(named, dict) else ()
 
 
 @dataclass(frozen=True)

@@ -202,9 +202,11 @@ def _read_eval(cfg: DataConfig, bad: BadRows) -> RawSplit:
     file and line, into one split whose EVAL_SET column holds the set's index (`by_set` parts them again)."""
     if not cfg.eval_sets:
         return _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", "eval", bad)
+    files = isinstance(cfg.eval_files, dict)  # else a hub dataset's splits: data.eval_split: {name: split}
     parts, sources, origins = [], [], Origins()  # one Origins: the sets' row codes must not collide
-    for name, files in cfg.eval_files.items():
-        raw = _read(cfg, files, None, f"data.eval_files.{name}", "eval", bad, origins=origins)
+    for name, spec in (cfg.eval_files if files else cfg.eval_split).items():
+        raw = _read(cfg, spec if files else None, None if files else spec,
+                    f"data.eval_{'files' if files else 'split'}.{name}", "eval", bad, origins=origins)
         parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
         sources.append(raw.source)
     # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"
@@ -239,12 +241,11 @@ def finalize(cfg: DataConfig, splits: list[RawSplit], tokenized: dict[str, Datas
             log.info("data mixture: %d samples per epoch from %d sources: %s", len(s.rows), len(s.shares),
                      "; ".join(x.describe() for x in s.shares))
     if cfg.eval_sets and out.eval is not None:
-        left = set(out.eval[EVAL_SET])
+        left, key = set(out.eval[EVAL_SET]), "data.eval_files" if cfg.eval_files is not None else "data.eval_split"
         for k, name in enumerate(cfg.eval_sets):
             if k not in left:
-                raise DataError(f"data.eval_files.{name}: no row of this eval set is left with a loss-carrying token "
-                                f"within data.max_length={cfg.max_length}; raise data.max_length, or fix or drop "
-                                "the set")
+                raise DataError(f"{key}.{name}: no row of this eval set is left with a loss-carrying token within "
+                                f"data.max_length={cfg.max_length}; raise data.max_length, or fix or drop the set")
     if cfg.packing and out.train is not None:
         # Train only: eval rows are scored one by one (train/evaluation.py), packed or not.
         out.train = pack_dataset(out.train, cfg.max_length)
@@ -300,7 +301,10 @@ def _format_columns(ds: Dataset, cfg: DataConfig, *, like: Dataset | None) -> Da
     for col in OPTIONAL.get(cfg.format, ()):
         if col not in ds.column_names:  # e.g. one alpaca source without `input`: the same as an empty one
             ds = ds.add_column(col, [""] * len(ds))
-    return ds if like is None else ds.select_columns(like.column_names).cast(like.features)
+    if like is None:
+        return ds
+    ds = ds.select_columns(like.column_names)
+    return ds if ds.features == like.features else ds.cast(like.features)
 
 
 def _map_columns(ds: Dataset, cfg: DataConfig, source: str, mapping: dict | None) -> Dataset:

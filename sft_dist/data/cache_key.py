@@ -98,7 +98,8 @@ def _hub_fingerprints(cfg: DataConfig) -> dict[str, str]:
     from datasets import load_dataset
 
     out = {}
-    for split in filter(None, (cfg.train_split, cfg.eval_split)):
+    named = list(cfg.eval_split.values()) if isinstance(cfg.eval_split, dict) else [cfg.eval_split]
+    for split in filter(None, (cfg.train_split, *named)):
         try:
             out[split] = load_dataset(cfg.dataset, cfg.dataset_config, split=split)._fingerprint
         except Exception as e:  # noqa: BLE001 - reported as the read would report it

@@ -158,3 +158,36 @@ def test_progress_and_report_show_each_sets_loss(capsys):
     assert capsys.readouterr().err.strip() == "eval at step 7: loss 2.0000 (pt 1.5000, en 2.2500)"
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.0, "eval_pt_loss": 1.5, "eval_held_out_loss": 2.5}]
     assert set_losses(rows) == ["eval_pt_loss", "eval_held_out_loss"]
+
+
+def test_a_hub_datasets_splits_as_named_sets(tmp_path, tok, monkeypatch):
+    """`data.eval_split: {name: split}`: the splits of `data.dataset` (a local dataset directory goes through
+    `load_dataset` like a hub name, offline), each its own set; the cache key follows each split's fingerprint."""
+    from sft_dist.data.cache_key import cache_key
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    d = tmp_path / "my_dataset"
+    d.mkdir()
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        jsonl(d / f"{split}.jsonl", [{"instruction": f"{split}{i}", "output": f"{split[0]}{i}"} for i in range(n)])
+    cfg = DataConfig(dataset=str(d), eval_split={"val": "validation", "test": "test"}, max_length=64, cache=False)
+    assert cfg.eval_sets == ("val", "test")
+    sets = by_set(build_datasets(cfg, tok, seed=0).eval, cfg.eval_sets)
+    assert answers(tok, sets["val"]) == ["v0", "v1"] and answers(tok, sets["test"]) == ["t0", "t1", "t2"]
+    assert list(cache_key(cfg, tok, seed=0)[1]["data"]["dataset_fingerprints"]) == ["train", "validation", "test"]
+
+
+def test_eval_split_is_a_datasets_split():
+    for overrides, message in (
+            (["data.eval_split=test"], "data.eval_split: set it only when no `data.eval_files` is given"),
+            (["data.eval_files=null", "data.eval_split={val: validation}"], "data.eval_split: a split of `data.dataset`"),
+            (["data.eval_files=null", "data.train_files=null", "data.dataset=org/name", "data.eval_split={}"],
+             "data.eval_split: an empty mapping; give {name: split} for each eval set"),
+            (["data.eval_files=null", "data.train_files=null", "data.dataset=org/name", "data.eval_split={v-1: val}"],
+             "data.eval_split.v-1: an eval set's name")):
+        with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")):
+            load_config(QUICKSTART, overrides)
+    cfg = load_config(QUICKSTART, ["data.eval_files=null", "data.train_files=null", "data.dataset=org/name",
+                                   "data.eval_split={val: validation, test: test}"])
+    assert cfg.data.eval_sets == ("val", "test")

@@ -202,6 +202,31 @@ def test_eval_rows_are_answered_scored_and_pick_the_best_checkpoint(tmp_path):
         assert tok.decode(new, skip_special_tokens=True).strip() == a["answer"], a
 
 
+def test_named_eval_sets_during_training_and_the_best_checkpoint_by_one(tmp_path):
+    """`data.eval_files: {name: files}` while training on 2 ranks: each evaluation logs every set's metrics and their
+    union's, and the best checkpoint is the one with the lowest loss on the set `metric_for_best_model` names."""
+    lines = (Path(__file__).parents[2] / "sft_dist/assets/data/alpaca_demo_eval.jsonl").read_text().splitlines()
+    (tmp_path / "pt.jsonl").write_text("\n".join(lines[::2]) + "\n")
+    (tmp_path / "en.jsonl").write_text("\n".join(lines[1::2]) + "\n")
+    out = tmp_path / "run"
+    r = sft_dist("train", QUICKSTART, f"output_dir={out}", "training.max_steps=60", "training.eval_steps=20",
+                 "training.save_strategy=steps", "training.save_steps=20", "training.load_best_model_at_end=true",
+                 "training.metric_for_best_model=eval_en_loss",
+                 f"data.eval_files={{pt: {tmp_path / 'pt.jsonl'}, en: {tmp_path / 'en.jsonl'}}}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
+    assert [e["step"] for e in evals] == [20, 40, 60]
+    for e in evals:
+        assert e["eval_pt_tokens"] + e["eval_en_tokens"] == e["eval_tokens"]
+        union = (e["eval_pt_loss"] * e["eval_pt_tokens"] + e["eval_en_loss"] * e["eval_en_tokens"]) / e["eval_tokens"]
+        assert e["eval_loss"] == pytest.approx(union, rel=1e-9)
+        assert f"eval at step {e['step']}: loss {e['eval_loss']:.4f} (pt {e['eval_pt_loss']:.4f}, en " in r.stderr
+    best = min(evals, key=lambda e: (e["eval_en_loss"], e["step"]))
+    assert (f"loading the best checkpoint {out}/checkpoints/checkpoint-{best['step']} (eval_en_loss "
+            f"{best['eval_en_loss']}" in r.stderr), r.stderr[-3000:]
+    assert "eval loss: en" in (out / "report.html").read_text()
+
+
 def test_torchrun_gives_the_same_loss_curve_as_local(local_run, tmp_path):
     out, _ = local_run
     tr = tmp_path / "torchrun"
