@@ -103,7 +103,7 @@ def save_checkpoint(trainer, ck: CheckpointManager, *, train_state: dict) -> str
                  len(files), format_bytes(total), total / max(1, trainable), time.perf_counter() - t0,
                  f"; removed {', '.join(removed)}" if removed else "")
     _barrier(ck.world_size)
-    _set_best(trainer, ck)  # on every rank: loading the best model at the end is collective
+    set_best(trainer, ck)  # on every rank: loading the best model at the end is collective
     if not store.local:
         shutil.rmtree(local_dir, ignore_errors=True)
     ck.saved.append(name)
@@ -158,12 +158,15 @@ def _manifest(trainer, ck: CheckpointManager, step: int, files: dict, train_stat
     }
 
 
-def _set_best(trainer, ck: CheckpointManager) -> None:
+def set_best(trainer, ck: CheckpointManager) -> None:
+    """`state.best_model_checkpoint`: the complete checkpoint of `state.best_global_step` in this run's store. Also
+    on resume: a checkpoint's trainer_state.json is written before the checkpoint is complete, so it names the best
+    before it even where it is the best itself (and a copied run's names the original's directory). None where this
+    store has no such checkpoint: never another run's."""
     best = trainer.state.best_global_step
-    if best:
-        name = checkpoint_name(best)
-        if ck.store.exists(name, MANIFEST):
-            trainer.state.best_model_checkpoint = ck.store.display(name)
+    name = checkpoint_name(best) if best else None
+    trainer.state.best_model_checkpoint = (ck.store.display(name) if name and ck.store.exists(name, MANIFEST)
+                                           else None)
 
 
 def _retain(trainer, ck: CheckpointManager, *, current: str) -> list[str]:

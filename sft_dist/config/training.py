@@ -169,6 +169,17 @@ class Training(Mapping):
         return self._values.get("logging_dir") or None
 
     @property
+    def early_stopping_patience(self) -> int | None:
+        """Evaluations without improvement of `metric_for_best_model` after which training stops; None: never."""
+        value = self._values.get("early_stopping_patience")
+        return None if value is None else int(value)
+
+    @property
+    def early_stopping_threshold(self) -> float:
+        """How much better than the best so far an evaluation must be to count as an improvement (absolute)."""
+        return float(self._values.get("early_stopping_threshold") or 0.0)
+
+    @property
     def train_sampling_strategy(self) -> Any:
         return self.value("train_sampling_strategy")
 

@@ -50,8 +50,9 @@ ALIASES: dict[str, str] = {"warmup_ratio": "warmup_steps", "evaluation_strategy"
                            "gradient_checkpointing": "activation_checkpointing"}
 
 # Fields sft_dist accepts beyond SFTConfig's own. logging_dir: where the TensorBoard tracker writes
-# (transformers 5 reads it from TENSORBOARD_LOGGING_DIR; sft_dist sets that on every rank).
-EXTRA: dict[str, Any] = {"logging_dir": str}
+# (transformers 5 reads it from TENSORBOARD_LOGGING_DIR; sft_dist sets that on every rank). early_stopping_*: HF's
+# EarlyStoppingCallback arguments, by their names there (train/early_stop.py).
+EXTRA: dict[str, Any] = {"logging_dir": str, "early_stopping_patience": int, "early_stopping_threshold": float}
 
 # (low, high, inclusive-low) bounds for common numeric fields; None = unbounded.
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
@@ -68,6 +69,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "logging_steps": (0.0, None, False),
     "eval_steps": (0.0, None, False),
     "save_steps": (0.0, None, False),
+    "early_stopping_patience": (1, None, True),
+    "early_stopping_threshold": (0.0, None, True),
 }
 
 

@@ -63,6 +63,7 @@ class Facts:
     greater_is_better: bool | None = None  # training.greater_is_better as given
     generate_eval_rows: int = 0  # metrics.generate_eval_rows
     eval_sets: tuple[str, ...] = ()  # the names of data.eval_files: {name: files}
+    early_stopping_patience: int | None = None  # training.early_stopping_patience
     push_to_hub: bool = False
     hub_strategy: str = "every_save"
 
@@ -126,6 +127,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.greater_is_better = None if given is None else bool(given)
     f.generate_eval_rows = cfg.metrics.generate_eval_rows
     f.eval_sets = cfg.data.eval_sets
+    f.early_stopping_patience = t.early_stopping_patience
     f.push_to_hub = bool(t.get("push_to_hub"))
     f.hub_strategy = str(t.get("hub_strategy") or "every_save")
     d = cfg.data

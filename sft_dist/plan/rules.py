@@ -145,6 +145,21 @@ RULES: tuple[Rule, ...] = (
          "{reason}",
          "set training.eval_strategy (steps or epoch, like save_strategy) and data.eval_files / "
          "data.eval_split_ratio, or remove training.load_best_model_at_end"),
+    Rule("early-stopping-without-eval", "error", ("training.early_stopping_patience", "training.eval_strategy",
+                                                  "data.eval_files"),
+         lambda f: f.early_stopping_patience is not None and (f.eval_strategy == "no" or not f.has_eval_data),
+         "training.early_stopping_patience stops training when the eval metric stops improving, but {reason}",
+         "set training.eval_strategy (steps or epoch) and data.eval_files / data.eval_split_ratio, or remove "
+         "training.early_stopping_patience"),
+    Rule("early-stopping-keeps-last", "warning", ("training.early_stopping_patience",
+                                                  "training.load_best_model_at_end"),
+         lambda f: f.early_stopping_patience is not None and f.eval_strategy != "no" and f.has_eval_data
+         and not f.load_best,
+         "training.early_stopping_patience={f.early_stopping_patience} stops {f.early_stopping_patience} "
+         "evaluations after the best one, and without training.load_best_model_at_end the saved adapter (or model) "
+         "is the last step's, not the best's",
+         "set training.load_best_model_at_end: true (with save_strategy and save_steps matching the evaluations), "
+         "or keep the last step's weights knowingly"),
     Rule("evaluate-without-eval-data", "error", ("training.do_train", "data.eval_files"),
          lambda f: f.eval_only and not f.has_eval_data,
          "training.do_train=false evaluates the model on the eval data and trains nothing, but there is no eval "
@@ -166,7 +181,7 @@ RULES: tuple[Rule, ...] = (
          "name one of {best_choices}{text_hint}"),
     Rule("best-metric-direction", "warning", ("training.metric_for_best_model", "training.greater_is_better"),
          lambda f: (f.best_metric is not None and f.greater_is_better is not None
-                    and greater_is_better(f.best_metric) not in (None, f.greater_is_better)),
+                    and greater_is_better(f.best_metric, f.eval_sets) not in (None, f.greater_is_better)),
          "training.greater_is_better={f.greater_is_better} keeps the checkpoint with the "
          "{worst} {f.best_metric}",
          "remove training.greater_is_better (sft_dist sets it from the metric) or set it to {right}"),

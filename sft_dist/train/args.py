@@ -126,6 +126,8 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     training.pop("disable_tqdm", None)  # sft_dist draws its own progress bar (train/callbacks.py)
     training.pop("resume_from_checkpoint", None)  # sft_dist picks and loads checkpoints (sft_dist/checkpoint)
     training.pop("logging_dir", None)  # applied as TENSORBOARD_LOGGING_DIR by the worker (train/run.py)
+    training.pop("early_stopping_patience", None)  # a callback of sft_dist's (train/early_stop.py)
+    training.pop("early_stopping_threshold", None)
     # The Trainer pickles its arguments into every checkpoint (training_args.bin): hand the hub token
     # over through the environment, where huggingface_hub reads it, so it is never written to disk.
     token = training.pop("hub_token", None)
@@ -134,8 +136,9 @@ def build_sft_config(cfg: Config, *, device: str, world_size: int = 1):
     # The Trainer's own push would upload the whole output_dir (checkpoints, base model): sft_dist/hub.py pushes
     # the final directory instead, once the run is done (train/run.py).
     training.pop("push_to_hub", None)
-    if cfg.checkpoint.keep_best and cfg.training.eval_strategy != "no":
-        # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it.
+    if (cfg.checkpoint.keep_best or cfg.training.early_stopping_patience) and cfg.training.eval_strategy != "no":
+        # Track the best checkpoint by eval loss (HF only does when asked), so retention can keep it and early
+        # stopping can tell an improvement.
         training.setdefault("metric_for_best_model", "loss")
     if training.get("metric_for_best_model") is not None and training.get("greater_is_better") is None:
         # HF guesses "greater is better" for any name not ending in "loss": the worst checkpoint by perplexity

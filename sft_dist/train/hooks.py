@@ -17,6 +17,7 @@ import transformers.trainer as hf_trainer
 from transformers.trainer_utils import seed_worker
 
 from sft_dist.checkpoint.manager import CheckpointManager
+from sft_dist.checkpoint.save import set_best
 from sft_dist.data.loader import Geometry, LoaderOptions, train_loader
 from sft_dist.data.sampler import CursorDataLoader, GlobalBatchSampler
 from sft_dist.data.stream import StreamingTrain, StreamLoader
@@ -92,6 +93,7 @@ class CheckpointHooks:
         t0 = time.perf_counter()
         m = self.resume_manifest
         self.checkpointing.restore(self, Path(checkpoint), m)
+        set_best(self, self.checkpointing)
         train_state = TrainState()
         train_state.load_state_dict(m)
         train_state.apply(self)

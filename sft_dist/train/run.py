@@ -195,6 +195,13 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     stopper = StopOnSignal(grace_s=cfg.checkpoint.stop_grace_s, world_size=env.world_size, device=str(args.device))
     trainer.add_callback(stopper)
     trainer.add_callback(Heartbeat())
+    if cfg.training.early_stopping_patience:
+        from sft_dist.train.early_stop import EarlyStopping
+
+        trainer.early_stopping = EarlyStopping(patience=cfg.training.early_stopping_patience,
+                                               threshold=cfg.training.early_stopping_threshold,
+                                               world_size=env.world_size, device=args.device)
+        trainer.add_callback(trainer.early_stopping)
     for cb in callbacks:
         trainer.add_callback(cb)
         if hasattr(cb, "attach"):
@@ -270,6 +277,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
             "last_loss": metrics.last.get("loss"),
             "first_eval_loss": metrics.first.get("eval_loss"),
             "last_eval_loss": metrics.last.get("eval_loss"),
+            "stopped_early": trainer.early_stopping.stopped if trainer.early_stopping is not None else None,
             "hf_summary": metrics.summary,
         }
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The manifest keys this state owns.
-KEYS = ("batch", "data_cursor", "tokens_seen", "tokens_processed", "trl_num_tokens")
+KEYS = ("batch", "data_cursor", "tokens_seen", "tokens_processed", "trl_num_tokens", "early_stopping_counter")
 
 
 @dataclass
@@ -22,6 +22,7 @@ class TrainState:
     trl_num_tokens: int = 0  # TRL's `num_tokens` metric (its private counter)
     data_cursor: dict[str, Any] = field(default_factory=dict)  # where the global sample order stands
     batch: dict[str, int] = field(default_factory=dict)  # per_device, accumulation, world_size, global
+    early_stopping_counter: int = 0  # evaluations in a row without improvement (train/early_stop.py)
 
     @classmethod
     def of(cls, trainer) -> TrainState:
@@ -35,11 +36,13 @@ class TrainState:
             data_cursor=sampler.cursor(step),
             batch={"per_device": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
                    "world_size": args.world_size, "global": sampler.global_batch},
+            early_stopping_counter=trainer.early_stopping.counter if trainer.early_stopping is not None else 0,
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {"batch": dict(self.batch), "data_cursor": dict(self.data_cursor), "tokens_seen": self.loss_tokens,
-                "tokens_processed": list(self.tokens_processed), "trl_num_tokens": self.trl_num_tokens}
+                "tokens_processed": list(self.tokens_processed), "trl_num_tokens": self.trl_num_tokens,
+                "early_stopping_counter": self.early_stopping_counter}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """From a manifest (older ones lack the counters added later: they start at 0)."""
@@ -49,6 +52,7 @@ class TrainState:
         self.loss_tokens = int(d.get("tokens_seen", 0))
         self.tokens_processed = [int(x) for x in d.get("tokens_processed", [0, 0])]
         self.trl_num_tokens = int(d.get("trl_num_tokens", 0))
+        self.early_stopping_counter = int(d.get("early_stopping_counter", 0))
 
     def apply(self, trainer) -> None:
         """Put the counters back into `trainer`: the run's padding fraction and TRL's num_tokens go on from the
@@ -57,6 +61,8 @@ class TrainState:
         trainer._total_seen = list(self.tokens_processed)
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = self.trl_num_tokens
+        if trainer.early_stopping is not None:
+            trainer.early_stopping.counter = self.early_stopping_counter
 
     def describe(self) -> str:
         c = self.data_cursor

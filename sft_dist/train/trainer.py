@@ -49,11 +49,19 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self.peak_tflops: float | None = None  # set by the run (metrics.peak_tflops or the device table)
         self.samples = None  # train/evaluation.Samples when metrics.generate_prompts is set
         self.eval_generations = None  # train/evaluation.EvalGenerations when metrics.generate_eval_rows is set
+        self.early_stopping = None  # train/early_stop.EarlyStopping when training.early_stopping_patience is set
         self.eval_samples: list[dict] = []
         self._flops = None
         # [real tokens, tokens the model processed (padding included)] over ranks: this window, this run
         self._window_seen = [0, 0]
         self._total_seen = [0, 0]
+
+    def _run_epoch(self, *args, **kwargs):
+        # HF checks should_training_stop only after a step: a run resumed from a checkpoint written once early
+        # stopping had stopped it (train/early_stop.py sets the flag at train begin) would train one step more.
+        if self.control.should_training_stop:
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()

@@ -36,3 +36,25 @@ def test_rng_streams_are_restored_per_rank_and_a_missing_rank_is_reported(tmp_pa
     assert manager(tmp_path, rank=1).restore_rng(tmp_path) is True
     assert torch.equal(torch.rand(4), want)
     assert manager(tmp_path, rank=0).restore_rng(tmp_path) is False  # written by a run without this rank
+
+
+def test_the_best_checkpoint_is_this_stores_checkpoint_of_the_best_step(tmp_path):
+    """On resume the best is found from the step: the checkpoint's trainer_state.json, written before its manifest
+    committed it, names the best before it (and a copied run's, the original's directory)."""
+    from types import SimpleNamespace
+
+    from sft_dist.checkpoint.manifest import MANIFEST
+    from sft_dist.checkpoint.save import set_best
+
+    for step in (20, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / MANIFEST).write_text("{}")
+    (tmp_path / "checkpoint-40").mkdir()  # not committed: no manifest
+    trainer = SimpleNamespace(state=SimpleNamespace(best_global_step=30,
+                                                    best_model_checkpoint="/elsewhere/checkpoint-20"))
+    set_best(trainer, manager(tmp_path))
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-30")
+    for step in (40, 50, None):
+        trainer.state.best_global_step = step
+        set_best(trainer, manager(tmp_path))
+        assert trainer.state.best_model_checkpoint is None, step

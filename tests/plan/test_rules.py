@@ -158,6 +158,18 @@ def test_greater_is_better_against_the_metric_warns_and_is_set_from_it_when_unse
     assert args.greater_is_better is True  # given: kept (the warning says what it does)
 
 
+def test_early_stopping_needs_evaluations_and_warns_without_the_best_at_the_end():
+    f = fires("early-stopping-without-eval", ["training.early_stopping_patience=3", "training.eval_strategy=no"],
+              ["training.early_stopping_patience=3"])
+    assert "training.eval_strategy is 'no'" in f.message
+    assert "early-stopping-without-eval" in findings("training.early_stopping_patience=3", "data.eval_files=null")
+    best = ["training.early_stopping_patience=3", "training.load_best_model_at_end=true",
+            "training.save_strategy=steps", "training.save_steps=50"]
+    f = fires("early-stopping-keeps-last", ["training.early_stopping_patience=3"], best, severity="warning")
+    assert "the saved adapter (or model) is the last step's, not the best's" in f.message
+    assert not {"early-stopping-keeps-last", "early-stopping-without-eval"} & set(findings(*best))
+
+
 def test_pushing_checkpoints_to_the_hub_is_refused():
     f = fires("hub-strategy-checkpoints", ["training.push_to_hub=true", "training.hub_strategy=checkpoint"],
               ["training.push_to_hub=true", "training.hub_strategy=end"])
@@ -216,6 +228,7 @@ REFUSED = [
     ("dora-quantized-zero3", ["quantization.bits=4", "lora.use_dora=true", *ZERO3]),
     ("fp16-on-cpu", ["training.fp16=true"]),
     ("best-model-without-eval", ["training.load_best_model_at_end=true", "training.eval_strategy=no"]),
+    ("early-stopping-without-eval", ["training.early_stopping_patience=3", "training.eval_strategy=no"]),
     ("best-metric-unknown", ["training.metric_for_best_model=eval_bleu"]),
     ("max-length-beyond-positions", ["data.max_length=1024"]),
     ("reentrant-checkpointing-lora", ["training.activation_checkpointing=true",

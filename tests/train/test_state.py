@@ -14,7 +14,7 @@ def trainer(step: int, **counters):
         args=SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=3, world_size=2),
         state=SimpleNamespace(global_step=step), train_sampler=sampler,
         total_loss_tokens=counters.get("loss", 0), _total_seen=counters.get("seen", [0, 0]),
-        _total_train_tokens=counters.get("trl", 0))
+        _total_train_tokens=counters.get("trl", 0), early_stopping=None)
 
 
 def test_state_round_trips_through_its_dict():
