@@ -283,10 +283,14 @@ def _check_checkpoint(cfg: Config) -> list[str]:
             except (ImportError, ValueError) as e:
                 p.append(f"{key}: {value!r} needs an fsspec filesystem for {protocol}:// ({e})")
     strategy = cfg.training.train_sampling_strategy
-    if strategy not in ("random", "sequential"):
+    if strategy not in ("random", "sequential", "batch_rebalance"):
         p.append(f"training.train_sampling_strategy: {strategy!r} is not supported: sft_dist's sample order is a "
                  "seeded permutation with a resumable cursor that does not depend on the number of workers; use "
-                 "`random` (default) or `sequential` (for less padding, data.packing)")
+                 "`random` (default), `batch_rebalance` (the same samples per step, divided among ranks and "
+                 "micro-batches by length: less padding, no rank waiting for another) or `sequential`")
+    elif strategy == "batch_rebalance" and cfg.data.streaming:
+        p.append("training.train_sampling_strategy: batch_rebalance divides each step's samples by their length, "
+                 "which a stream does not know before it reads them; use `random` with data.streaming")
     if resume is not None and not isinstance(resume, (str, bool)):
         p.append(f"training.resume_from_checkpoint: got {resume!r}; expected auto, never, or a checkpoint path")
     return p

@@ -19,6 +19,14 @@ from sft_dist.errors import SftDistError
 log = logging.getLogger("sft_dist")
 
 
+def token_lengths(dataset) -> list[int]:
+    """Each row's tokens, from the Arrow column (not row by row; through the dataset's indices, where a selection
+    left it some: its `.data` is the whole table)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Who this rank is in the batch: sequences per forward, micro-batches per step, ranks."""
@@ -41,8 +49,10 @@ class LoaderOptions:
 
 
 def train_loader(dataset, *, collate: Callable, geometry: Geometry, seed: int, shuffle: bool,
-                 options: LoaderOptions = LoaderOptions()) -> tuple[Any, GlobalBatchSampler | StreamingTrain]:
-    """(the loader, its position) for `dataset`: a datasets.Dataset or a `StreamSource`."""
+                 options: LoaderOptions = LoaderOptions(), rebalance_q: float | None = None
+                 ) -> tuple[Any, GlobalBatchSampler | StreamingTrain]:
+    """(the loader, its position) for `dataset`: a datasets.Dataset or a `StreamSource`. `rebalance_q`: divide each
+    step's samples among ranks and micro-batches by cost, with that quadratic weight (data/rebalance.py)."""
     g = geometry
     if isinstance(dataset, StreamSource):
         data = StreamingTrain(dataset, micro=g.micro, accum=g.accum, world=g.world, rank=g.rank)
@@ -50,7 +60,8 @@ def train_loader(dataset, *, collate: Callable, geometry: Geometry, seed: int, s
         return StreamLoader(data, collate_fn=collate, num_workers=options.num_workers,
                             pin_memory=options.pin_memory), data
     sampler = GlobalBatchSampler(len(dataset), micro=g.micro, accum=g.accum, world=g.world, rank=g.rank, seed=seed,
-                                 shuffle=shuffle)
+                                 shuffle=shuffle, lengths=token_lengths(dataset) if rebalance_q is not None else None,
+                                 q=rebalance_q or 0.0)
     if sampler.num_samples == 0:
         raise SftDistError("the training set has no samples")
     log.info("%s", sampler.describe())

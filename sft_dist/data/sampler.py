@@ -6,6 +6,9 @@ s*G + (m*world + r)*micro. The data position is therefore one number, the sample
 not depend on the world size: a resume starts the sampler there directly (no batches are replayed), and
 a resume on another number of workers trains on the same samples in every step.
 
+With `lengths` (train_sampling_strategy: batch_rebalance), each step's samples are the same, re-divided among the
+ranks and micro-batches by cost (data/rebalance.py).
+
 Every sample is trained on exactly once per epoch. When G does not divide the dataset, the epoch ends
 with a smaller step holding the remaining samples, spread evenly over the step's accum x world
 micro-batches; a micro-batch left without a sample gets PLACEHOLDER, a row whose labels carry no loss
@@ -15,18 +18,25 @@ loss-carrying tokens of the whole step, so that step is an ordinary, smaller bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from sft_dist.config.batch import global_batch
+from sft_dist.data.rebalance import assign
 
 PLACEHOLDER = -1
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, num_samples: int, *, micro: int, accum: int, world: int, rank: int, seed: int,
-                 shuffle: bool = True, start: int = 0):
+                 shuffle: bool = True, start: int = 0, lengths: Sequence[int] | None = None, q: float = 0.0):
         self.num_samples = num_samples
+        # batch_rebalance: each sample's tokens, and attention's quadratic weight in a micro-batch's cost
+        self.lengths, self.q = lengths, q
+        self.max_tokens = micro * max(lengths) if lengths else 0  # a random micro-batch's padded tokens at most
+        self._step: tuple[int, int, list[list[int]]] | None = None  # (epoch, step, its micro-batches by slot)
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
         self.global_batch = global_batch(micro, accum, world)
         self.seed = seed
@@ -82,11 +92,23 @@ class GlobalBatchSampler(Sampler[list[int]]):
         for b in range(start, len(self)):
             step, m = divmod(b, self.accum)
             slot = m * self.world + self.rank
-            if step < self.full_steps:
+            balanced = self._balanced(order, step) if self.lengths else None
+            if balanced is not None:
+                yield balanced[slot] or [PLACEHOLDER]
+            elif step < self.full_steps:
                 base = step * self.global_batch + slot * self.micro
                 yield order[base:base + self.micro]
             else:
                 yield self._tail_slot(order, slot)
+
+    def _balanced(self, order: list[int], step: int) -> list[list[int]] | None:
+        """The step's micro-batches by slot under batch_rebalance (None: the random order's), once per step."""
+        if self._step is None or self._step[:2] != (self.epoch, step):
+            begin = step * self.global_batch
+            samples = order[begin:min(begin + self.global_batch, self.num_samples)]
+            self._step = (self.epoch, step, assign(samples, self.lengths, world=self.world, accum=self.accum,
+                                                   q=self.q, max_tokens=self.max_tokens))
+        return self._step[2]
 
     def _tail_slot(self, order: list[int], slot: int) -> list[int]:
         q, extra = divmod(self.tail, self.accum * self.world)
@@ -96,11 +118,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def starting_at(self, batches: int) -> GlobalBatchSampler:
         """The same sampler, positioned after `batches` micro-batches of this rank in the current epoch."""
         s = GlobalBatchSampler(self.num_samples, micro=self.micro, accum=self.accum, world=self.world,
-                               rank=self.rank, seed=self.seed, shuffle=self.shuffle, start=batches)
+                               rank=self.rank, seed=self.seed, shuffle=self.shuffle, start=batches,
+                               lengths=self.lengths, q=self.q)
         s.epoch = self.epoch
         return s
 
     def describe(self) -> str:
+        rebalanced = ("; each step's samples divided among ranks and micro-batches by cost (batch_rebalance)"
+                      if self.lengths else "")
+        return self._describe() + rebalanced
+
+    def _describe(self) -> str:
         if not self.tail:
             return (f"data: {self.num_samples} samples per epoch = {self.full_steps} steps of {self.global_batch}; "
                     "each sample once per epoch")

@@ -38,6 +38,15 @@ def _patched(module, **names):
             setattr(module, k, v)
 
 
+def attention_weight(model) -> float:
+    """batch_rebalance's q (data/rebalance.py): attention's FLOPs per token pair over a decoder layer's matmul FLOPs
+    per token, about 1 / (6 * hidden size)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    return 1.0 / (6 * hidden) if hidden else 0.0
+
+
 class CheckpointHooks:
     checkpointing: CheckpointManager | None = None
     resume_manifest: dict | None = None
@@ -52,7 +61,8 @@ class CheckpointHooks:
             self.train_dataset, collate=self.data_collator,
             geometry=Geometry(micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
                               world=args.world_size, rank=args.process_index),
-            seed=args.data_seed if args.data_seed is not None else args.seed, shuffle=strategy == "random",
+            seed=args.data_seed if args.data_seed is not None else args.seed, shuffle=strategy != "sequential",
+            rebalance_q=attention_weight(self.model) if strategy == "batch_rebalance" else None,
             options=LoaderOptions(
                 num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                 persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
