@@ -27,6 +27,7 @@ SCRIPTS = {
     "vs_trl": ["--steps", "10", "--repeats", "1", "--only", "matched"],
     "scaling": ["--steps", "10", "--repeats", "1"],
     "packing": ["--steps", "10", "--repeats", "1"],
+    "rebalance": ["--steps", "8", "--repeats", "1"],
     "checkpoint_io": ["--steps", "2", "--repeats", "1"],
     "tokenize_cache": ["--rows", "5000", "--repeats", "1"],
 }
@@ -70,6 +71,16 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
                  f"no packing {off['loss_tokens_per_cpu_s']:.0f}", f"{d['speedup_cpu']:.2f}x"),
                 ("padding fraction with data.packing", f"{on['padding_fraction']:.3f}",
                  f"no packing {off['padding_fraction']:.3f}", f"{on['padding_fraction'] / off['padding_fraction']:.2f}x")]
+    if name == "rebalance":
+        out = []
+        for a in (1, 4):
+            on, off = d["rows"][f"batch_rebalance, accumulation {a}"], d["rows"][f"random, accumulation {a}"]
+            out.append((f"steps/s, train_sampling_strategy batch_rebalance, 2 workers, accumulation {a} (padding "
+                        f"{on['padding_fraction']:.2f}; loss max rel diff {on['loss_max_rel_diff']:.0e})",
+                        f"{1 / on['wall_s_per_step']:.2f}",
+                        f"random {1 / off['wall_s_per_step']:.2f} (padding {off['padding_fraction']:.2f})",
+                        f"{d['speedup'][str(a)]:.2f}x"))
+        return out
     if name == "tokenize_cache":
         c = {r["case"]: r for r in d["results"]}
         rows = d["setup"]["rows"]
