@@ -147,14 +147,15 @@ RULES: tuple[Rule, ...] = (
          "data.eval_split_ratio, or remove training.load_best_model_at_end"),
     Rule("early-stopping-without-eval", "error", ("training.early_stopping_patience", "training.eval_strategy",
                                                   "data.eval_files"),
-         lambda f: f.early_stopping_patience is not None and (f.eval_strategy == "no" or not f.has_eval_data),
+         lambda f: f.early_stopping_patience is not None and not f.eval_only
+         and (f.eval_strategy == "no" or not f.has_eval_data),
          "training.early_stopping_patience stops training when the eval metric stops improving, but {reason}",
          "set training.eval_strategy (steps or epoch) and data.eval_files / data.eval_split_ratio, or remove "
          "training.early_stopping_patience"),
     Rule("early-stopping-keeps-last", "warning", ("training.early_stopping_patience",
                                                   "training.load_best_model_at_end"),
-         lambda f: f.early_stopping_patience is not None and f.eval_strategy != "no" and f.has_eval_data
-         and not f.load_best,
+         lambda f: f.early_stopping_patience is not None and not f.eval_only and f.eval_strategy != "no"
+         and f.has_eval_data and not f.load_best,
          "training.early_stopping_patience={f.early_stopping_patience} stops {f.early_stopping_patience} "
          "evaluations after the best one, and without training.load_best_model_at_end the saved adapter (or model) "
          "is the last step's, not the best's",

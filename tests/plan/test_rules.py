@@ -168,6 +168,9 @@ def test_early_stopping_needs_evaluations_and_warns_without_the_best_at_the_end(
     f = fires("early-stopping-keeps-last", ["training.early_stopping_patience=3"], best, severity="warning")
     assert "the saved adapter (or model) is the last step's, not the best's" in f.message
     assert not {"early-stopping-keeps-last", "early-stopping-without-eval"} & set(findings(*best))
+    # `sft-dist evaluate` of a run that trained with it: nothing is trained, nothing to warn about
+    assert not {"early-stopping-keeps-last", "early-stopping-without-eval"} & set(findings(
+        "training.early_stopping_patience=3", "training.do_train=false"))
 
 
 def test_pushing_checkpoints_to_the_hub_is_refused():
