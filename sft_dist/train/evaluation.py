@@ -16,15 +16,19 @@ from pathlib import Path
 
 import torch
 
+from sft_dist.data.loader import token_lengths
 from sft_dist.data.sampler import PLACEHOLDER, WithPlaceholder
 from sft_dist.errors import SftDistError
 
 NOT_MODEL_INPUTS = ("sample_ids", "input_tokens", "completion_mask", "assistant_masks", "seq_lengths")
 
 
-def shard(n: int, world: int, rank: int) -> list[int]:
-    """Rank `rank`'s eval rows (every world-th), padded with PLACEHOLDER to the same count on every rank."""
-    mine = list(range(rank, n, world))
+def shard(n: int, world: int, rank: int, lengths: list[int] | None = None) -> list[int]:
+    """Rank `rank`'s eval rows, padded with PLACEHOLDER to the same count on every rank: every world-th row, or with
+    `lengths` every world-th of the rows sorted longest first, so that the ranks get about the same tokens and a
+    batch of consecutive rows little padding (the loss is a sum over rows: their order does not change it)."""
+    order = range(n) if lengths is None else sorted(range(n), key=lambda i: (-lengths[i], i))
+    mine = list(order[rank::world])
     return mine + [PLACEHOLDER] * (math.ceil(n / world) - len(mine))
 
 
@@ -59,7 +63,7 @@ def eval_totals(trainer, dataset) -> list[float]:
     model = trainer.model
     was_training = model.training
     model.eval()
-    rows = shard(len(dataset), args.world_size, args.process_index)
+    rows = shard(len(dataset), args.world_size, args.process_index, token_lengths(dataset))
     bs = args.per_device_eval_batch_size
     loader = torch.utils.data.DataLoader(WithPlaceholder(dataset), batch_sampler=[rows[i:i + bs] for i in
                                                                                  range(0, len(rows), bs)],

@@ -1,6 +1,6 @@
 """The eval loss scores through TRL's fused LM head, as training does: the same loss, accuracy and token count as
 the model's own forward, without ever building the (rows, tokens, vocabulary) logits; a batch of placeholders
-(a rank with fewer eval rows) adds nothing, and a NaN loss still shows."""
+(a rank with fewer eval rows) adds nothing, and a NaN loss still shows; each rank scores its rows longest first."""
 
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ def test_the_fused_head_scores_like_the_models_own_loss_without_the_logits(tmp_p
 
 def test_placeholder_rows_add_nothing_on_either_path_and_nan_still_shows(tmp_path, tok, model, monkeypatch):
     data = build(tmp_path, tok).train
+    monkeypatch.setattr(evaluation, "shard", lambda n, world, rank, lengths: list(range(n)))  # the rows in order
     want = {plain: eval_loss(trainer(model, tok, plain=plain), data) for plain in (False, True)}
     # a rank with fewer rows than the others: its shard padded with placeholders, whole batches of them
-    monkeypatch.setattr(evaluation, "shard", lambda n, world, rank: list(range(n)) + [PLACEHOLDER] * 7)
+    monkeypatch.setattr(evaluation, "shard", lambda n, world, rank, lengths: list(range(n)) + [PLACEHOLDER] * 7)
     for plain in (False, True):
         got = eval_loss(trainer(model, tok, plain=plain), data)
         assert got == pytest.approx(want[plain], rel=1e-8)  # the last real batch is padded wider: float noise
@@ -58,3 +59,22 @@ def test_placeholder_rows_add_nothing_on_either_path_and_nan_still_shows(tmp_pat
     for plain in (False, True):
         assert eval_loss(trainer(model, tok, plain=plain), data)["eval_loss"] != eval_loss(
             trainer(model, tok, plain=plain), data)["eval_loss"]  # NaN is not equal to itself
+
+
+def test_ranks_score_rows_sorted_by_length_each_once_with_like_tokens(tmp_path, tok, model, monkeypatch):
+    from sft_dist.train.evaluation import shard
+
+    lengths = [5, 90, 12, 64, 33, 7, 128, 50, 2, 71, 19]
+    parts = [shard(len(lengths), 3, r, lengths) for r in range(3)]
+    assert {len(p) for p in parts} == {4}  # the same count on every rank: the same forward passes
+    real = sorted(i for p in parts for i in p if i != PLACEHOLDER)
+    assert real == list(range(len(lengths)))
+    assert all([lengths[i] for i in p if i != PLACEHOLDER] == sorted((lengths[i] for i in p if i != PLACEHOLDER),
+                                                                     reverse=True) for p in parts)
+    tokens = [sum(lengths[i] for i in p if i != PLACEHOLDER) for p in parts]
+    assert max(tokens) - min(tokens) <= max(lengths)  # every world-th row: 164, 111, 216 tokens
+    # the loss does not depend on which batch a row is scored in
+    data = build(tmp_path, tok).train
+    sorted_loss = eval_loss(trainer(model, tok, plain=False), data)
+    monkeypatch.setattr(evaluation, "shard", lambda n, world, rank, lengths: shard(n, world, rank))
+    assert eval_loss(trainer(model, tok, plain=False), data) == pytest.approx(sorted_loss, rel=1e-7)
