@@ -83,6 +83,14 @@ def render_charts(rows: list[dict]) -> dict[str, bytes]:
     return charts
 
 
+def _stopped_early(s: dict) -> str:
+    """run_summary.json's `stopped_early` (train/early_stop.py) in words."""
+    best = f"{s['best']:.4f}" if isinstance(s.get("best"), (int, float)) else "?"
+    by = f" by more than {s['threshold']:g}" if s.get("threshold") else ""
+    return (f"at step {s['step']} of {s['max_steps']}: {s['metric']} not improved on {best} (step {s['best_step']}){by} "
+            f"for {s['patience']} evaluations (training.early_stopping_patience)")
+
+
 def write_report(out: Path) -> Path:
     out = Path(out)
     rows = read_metrics(out)
@@ -122,6 +130,7 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
                      f"{summary.get('device', '?')}, backend {summary.get('backend', '?')}")),
         ("steps", (f"{summary.get('global_step', train[-1]['step'] if train else 0)} of global batch "
                    f"{summary.get('global_batch', '?')}")),
+        *([("stopped early", _stopped_early(summary["stopped_early"]))] if summary.get("stopped_early") else []),
         ("train time", f"{summary['train_seconds']:.1f} s" if "train_seconds" in summary else "?"),
         ("train loss", f"{train[0]['loss']:.4f} → {train[-1]['loss']:.4f}" if train else "none logged"),
         ("eval loss", (f"{evals[0]['eval_loss']:.4f} → {evals[-1]['eval_loss']:.4f} (perplexity "

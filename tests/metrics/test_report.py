@@ -100,3 +100,22 @@ def test_scored_eval_answers_get_their_chart_and_summary_line(run):
     charts = check_report(run)
     assert share_of(charts["eval_answers"], BLUE) > 0.0005 and share_of(charts["eval_answers"], ORANGE) > 0.0005
     assert "exact match 0.250, token F1 0.500, ROUGE-L 0.400 over 4 rows at step 20" in (run / "report.html").read_text()
+
+
+def test_named_eval_sets_get_their_curves_and_an_early_stop_its_line(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r, (pt, en) in zip((r for r in rows if "eval_loss" in r), ((5.0, 6.0), (3.5, 4.5))):
+        r.update(eval_pt_loss=pt, eval_en_loss=en)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run / "run_summary.json").read_text())
+    summary["stopped_early"] = {"step": 20, "max_steps": 100, "metric": "eval_pt_loss", "best": 3.25, "best_step": 10,
+                                "last": 3.5, "patience": 1, "threshold": 0.0}
+    (run / "run_summary.json").write_text(json.dumps(summary))
+    write_report(run)
+    charts = check_report(run)
+    green = (0x2C, 0xA0, 0x2C)  # matplotlib's third series colour: the first named set's eval loss
+    assert share_of(charts["loss"], green) > 0.0005
+    page = (run / "report.html").read_text()
+    assert "<th>eval loss: pt</th><td>5.0000 → 3.5000</td>" in page and "eval loss: en" in page
+    assert ("at step 20 of 100: eval_pt_loss not improved on 3.2500 (step 10) for 1 evaluations "
+            "(training.early_stopping_patience)") in page
