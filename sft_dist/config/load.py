@@ -337,7 +337,7 @@ def _expand(spec: str | list[str]) -> tuple[list[str], list[str]]:
     return files, missing
 
 
-MIXTURE_KEYS = ("files", "weight", "columns")
+MIXTURE_KEYS = ("files", "weight", "columns", "name", "eval_split_ratio")
 
 
 def _check_mixture(d) -> list[str]:
@@ -366,11 +366,34 @@ def _check_mixture(d) -> list[str]:
         cols = src.get("columns")
         if cols is not None and not (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values())):
             p.append(f"{key}.columns: a mapping of this format's column names to the source's, got {cols!r:.60}")
+        p += _check_source_eval(key, src, d)
+    names = [src.get("name") for src in d.mixture if isinstance(src, dict) and src.get("name") is not None]
+    if len(set(names)) < len(names):
+        p.append(f"data.mixture: source names {names} repeat; give each source its own name")
     if d.mixture_rows is not None and d.mixture_rows < 1:
         p.append(f"data.mixture_rows: got {d.mixture_rows}; must be >= 1")
     if d.eval_split_ratio > 0:
         p.append("data.eval_split_ratio: cannot hold out rows of a mixture (a repeated row would be in both); "
-                 "give `data.eval_files`")
+                 "set `eval_split_ratio` (with a `name`) on the sources to hold out, or give `data.eval_files`")
+    return p
+
+
+def _check_source_eval(key: str, src: dict, d) -> list[str]:
+    """A mixture source's `name` and `eval_split_ratio`: rows held out of it before mixing, as its own eval set."""
+    p: list[str] = []
+    name, ratio = src.get("name"), src.get("eval_split_ratio")
+    if name is not None and not (isinstance(name, str) and EVAL_SET_NAME.fullmatch(name)):
+        p.append(f"{key}.name: {name!r}: a source's name is letters and digits, words joined by single underscores "
+                 "(it names the source's eval set: eval_<name>_loss)")
+    if ratio is None:
+        return p
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        p.append(f"{key}.eval_split_ratio: got {ratio!r}; a fraction in (0, 1) of the source's rows to hold out")
+    elif name is None:
+        p.append(f"{key}.eval_split_ratio: give the source a `name` too: its held-out rows are the eval set "
+                 "eval_<name>_loss is reported for")
+    if d.eval_files is not None or d.eval_split is not None:
+        p.append(f"{key}.eval_split_ratio: set it only when no `data.eval_files` / `data.eval_split` is given")
     return p
 
 

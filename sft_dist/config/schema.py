@@ -92,7 +92,8 @@ class DataConfig:
     # Instead of train_files: several sources mixed by weight, e.g.
     #   [{files: a.jsonl, weight: 3}, {files: "b/*.jsonl", weight: 1, columns: {output: answer}}]
     # A source's share of each epoch is weight / sum(weights) (repeated or subsampled, seeded); `columns`
-    # maps that source's names like data.columns. All sources share data.format.
+    # maps that source's names like data.columns. All sources share data.format. `eval_split_ratio` (with a
+    # `name`) holds that fraction of the source's rows out before mixing, as an eval set of its own (eval_<name>_*).
     mixture: list[dict[str, Any]] | None = None
     # Samples per epoch drawn from the mixture. None: the sources' rows added up.
     mixture_rows: int | None = None
@@ -172,7 +173,14 @@ class DataConfig:
         """The names of the named eval sets (`eval_files: {name: files}` or `eval_split: {name: split}`), in the
         config's order; () otherwise."""
         named = self.eval_files if self.eval_files is not None else self.eval_split
-        return tuple(named) if isinstance(named, dict) else ()
+        if isinstance(named, dict):
+            return tuple(named)
+        return tuple(src["name"] for src in self.mixture_holdouts)
+
+    @property
+    def mixture_holdouts(self) -> list[dict]:
+        """The mixture sources that hold rows out as an eval set of their own (`eval_split_ratio` and `name`)."""
+        return [src for src in self.mixture or () if src.get("eval_split_ratio")]
 
 
 @dataclass(frozen=True)

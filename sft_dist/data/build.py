@@ -179,7 +179,9 @@ def read_splits(cfg: DataConfig, *, seed: int) -> list[RawSplit]:
     """Read train (and eval) rows; `seed` shuffles the held-out eval rows of `data.eval_split_ratio`."""
     skip = cfg.on_bad_row == "skip"
     if cfg.mixture is not None:
-        train = _read_mixture(cfg, BadRows(skip=skip), seed)
+        train, held = _read_mixture(cfg, BadRows(skip=skip), seed)
+        if held is not None:
+            return [train, held]
     else:
         train = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", "train", BadRows(skip=skip))
     if _has_eval(cfg):
@@ -215,6 +217,16 @@ def _read_eval(cfg: DataConfig, bad: BadRows) -> RawSplit:
     return RawSplit("eval", rows, "; ".join(sources), bad, origins)
 
 
+def _set_key(cfg: DataConfig, name: str) -> str:
+    """The config key a named eval set comes from."""
+    if cfg.eval_files is not None:
+        return f"data.eval_files.{name}"
+    if cfg.eval_split is not None:
+        return f"data.eval_split.{name}"
+    i = next(i for i, src in enumerate(cfg.mixture) if src.get("name") == name)
+    return f"data.mixture[{i}] ({name})"
+
+
 def by_set(ds: Dataset | None, names: tuple[str, ...]) -> Dataset | dict[str, Dataset] | None:
     """The eval split as HF's Trainer takes it: one dataset, or with named eval sets {name: that set's rows}."""
     if ds is None or not names:
@@ -241,11 +253,12 @@ def finalize(cfg: DataConfig, splits: list[RawSplit], tokenized: dict[str, Datas
             log.info("data mixture: %d samples per epoch from %d sources: %s", len(s.rows), len(s.shares),
                      "; ".join(x.describe() for x in s.shares))
     if cfg.eval_sets and out.eval is not None:
-        left, key = set(out.eval[EVAL_SET]), "data.eval_files" if cfg.eval_files is not None else "data.eval_split"
+        left = set(out.eval[EVAL_SET])
         for k, name in enumerate(cfg.eval_sets):
             if k not in left:
-                raise DataError(f"{key}.{name}: no row of this eval set is left with a loss-carrying token within "
-                                f"data.max_length={cfg.max_length}; raise data.max_length, or fix or drop the set")
+                raise DataError(f"{_set_key(cfg, name)}: no row of this eval set is left with a loss-carrying token "
+                                f"within data.max_length={cfg.max_length}; raise data.max_length, or fix or drop the "
+                                "set")
     if cfg.packing and out.train is not None:
         # Train only: eval rows are scored one by one (train/evaluation.py), packed or not.
         out.train = pack_dataset(out.train, cfg.max_length)
@@ -280,17 +293,33 @@ def _drop_duplicate_ids(ds: Dataset, col: str, source: str, bad: BadRows, origin
     return ds.select([i for i in range(len(ds)) if i not in dropped]) if dropped else ds
 
 
-def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> RawSplit:
-    """Each source read (and checked) on its own, cut to the format's columns, then mixed by weight."""
-    parts, names, origins = [], [], Origins()  # one Origins: the sources' row codes must not collide
+def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> tuple[RawSplit, RawSplit | None]:
+    """Each source read (and checked) on its own, cut to the format's columns, then mixed by weight; with the eval
+    split of the rows the sources hold out before mixing (`eval_split_ratio`: a repeated row is never in both), each
+    source's an eval set of its own (EVAL_SET), or None."""
+    parts, names, held, origins = [], [], [], Origins()  # one Origins: the sources' row codes must not collide
     for i, src in enumerate(cfg.mixture):
         raw = _read(cfg, src["files"], None, f"data.mixture[{i}].files", "train", bad,
                     columns=src.get("columns") or {}, origins=origins)
-        parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
+        rows = _format_columns(raw.rows, cfg, like=parts[0] if parts else None)
+        if src.get("eval_split_ratio"):
+            if len(rows) < 2:
+                raise DataError(f"data.mixture[{i}].eval_split_ratio: {raw.source} has {len(rows)} row; need at "
+                                "least 2 to hold some out")
+            keep, out = holdout(len(rows), float(src["eval_split_ratio"]), seed=seed + i)
+            held.append(rows.select(out))
+            rows = rows.select(keep)
+        parts.append(rows)
         names.append(raw.source)
     mixed, shares = mix(parts, names, [float(s["weight"]) for s in cfg.mixture], total=cfg.mixture_rows, seed=seed)
     mixed = mixed.add_column("sample_id", list(range(len(mixed))))
-    return RawSplit("train", mixed, "data.mixture", bad, origins, shares)
+    train = RawSplit("train", mixed, "data.mixture", bad, origins, shares)
+    if not held:
+        return train, None
+    # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"
+    rows = concatenate_datasets([ds.add_column(EVAL_SET, [k] * len(ds)).add_column("sample_id", list(range(len(ds))))
+                                 for k, ds in enumerate(held)])
+    return train, RawSplit("eval", rows, "held out of data.mixture", BadRows(skip=bad.skip), origins)
 
 
 def _format_columns(ds: Dataset, cfg: DataConfig, *, like: Dataset | None) -> Dataset:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import glob
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -325,12 +326,17 @@ def _mixture(cfg: DataConfig, sources: list[_Split], check, origins: Origins, re
     from sft_dist.data.mixture import shares
 
     bad = sources[0].bad
-    sizes = [len(s.rows) for s in sources]
+    # a source's rows held out as its eval set (eval_split_ratio) leave the rest to be mixed
+    held = [math.ceil(float(src.get("eval_split_ratio") or 0) * len(s.rows)) for src, s in zip(cfg.mixture, sources)]
+    sizes = [len(s.rows) - h for s, h in zip(sources, held)]
     counts = shares(sizes, [float(s["weight"]) for s in cfg.mixture],
                     cfg.mixture_rows if cfg.mixture_rows is not None else sum(sizes))
     offset, good, checked = 0, 0, 0
-    for s, n in zip(sources, counts):
-        if n >= len(s.rows):
+    for s, n, h in zip(sources, counts, held):
+        if h:
+            report.notes.append(f"mixture source {s.source}: {h} of its {len(s.rows)} rows are held out for its eval "
+                                "set by the seed, their row checks (and the others') are left to the workers")
+        elif n >= len(s.rows):
             for i, (row, code) in enumerate(zip(s.rows, s.codes)):
                 if s.renames:
                     row = {**row, **{ours: row.get(theirs) for theirs, ours in s.renames.items()}}

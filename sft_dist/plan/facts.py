@@ -131,7 +131,8 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.push_to_hub = bool(t.get("push_to_hub"))
     f.hub_strategy = str(t.get("hub_strategy") or "every_save")
     d = cfg.data
-    f.has_eval_data = d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
+    f.has_eval_data = (d.eval_files is not None or d.eval_split is not None or d.eval_split_ratio > 0
+                       or bool(d.mixture_holdouts))
     for name, value in backend.plan_facts().items():
         setattr(f, name, value)
     return f

@@ -96,3 +96,52 @@ def test_config_errors_name_the_source(mixture, extra, problem):
 def test_mixture_and_train_files_are_exclusive():
     with pytest.raises(ConfigError, match="set exactly one of"):
         load_config(QUICKSTART, ['data.mixture=[{"files": "builtin:data/alpaca_demo_train.jsonl", "weight": 1}]'])
+
+
+def test_a_source_holds_rows_out_as_its_own_eval_set_before_mixing(tmp_path, tok):
+    from sft_dist.data.build import by_set
+
+    a = jsonl(tmp_path / "a.jsonl", [{"instruction": f"qa{i}", "output": f"a{i}"} for i in range(20)])
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"qb{i}", "output": f"b{i}"} for i in range(4)])
+    c = jsonl(tmp_path / "c.jsonl", [{"instruction": f"qc{i}", "output": f"c{i}"} for i in range(10)])
+    cfg = DataConfig(mixture=[{"files": [a], "weight": 2, "name": "a", "eval_split_ratio": 0.2},
+                              {"files": [b], "weight": 3},  # repeated: holding out of the mix would leak
+                              {"files": [c], "weight": 1, "name": "c", "eval_split_ratio": 0.3}],
+                     mixture_rows=60, max_length=64, cache=False)
+    assert cfg.eval_sets == ("a", "c")
+    out = build_datasets(cfg, tok, seed=0)
+
+    def answers(ds):
+        return [tok.decode([t for t in labels if t >= 0], skip_special_tokens=True).strip() for labels in ds["labels"]]
+
+    sets = by_set(out.eval, cfg.eval_sets)
+    held = {name: answers(ds) for name, ds in sets.items()}
+    assert len(held["a"]) == 4 and len(held["c"]) == 3
+    assert all(x.startswith("a") for x in held["a"]) and all(x.startswith("c") for x in held["c"])
+    train = Counter(answers(out.train))
+    assert not set(train) & set(held["a"] + held["c"])  # a held-out row is never trained on
+    # a's 16 rows left to mix are drawn whole (20 of the 60: weight 2 of 6), and with the 4 held out make the source
+    assert {x for x in train if x.startswith("a")} | set(held["a"]) == {f"a{i}" for i in range(20)}
+    assert len(out.train) == 60 and out.stats["train"].sources[0]["rows"] == 16  # the source's rows left to mix
+    again = build_datasets(cfg, tok, seed=0)
+    assert answers(again.eval) == answers(out.eval)  # seeded
+    assert answers(build_datasets(cfg, tok, seed=1).eval) != answers(out.eval)
+
+
+def test_a_sources_eval_set_needs_a_name_and_no_other_eval_data(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "a"}] * 4)
+    base = ["data.train_files=null", "data.eval_files=null"]
+    for source, extra, message in (
+            (f"{{files: {a}, weight: 1, eval_split_ratio: 0.1}}", [], r"eval_split_ratio: give the source a `name`"),
+            (f"{{files: {a}, weight: 1, name: a-b, eval_split_ratio: 0.1}}", [], r"\.name: 'a-b': a source's name"),
+            (f"{{files: {a}, weight: 1, name: a, eval_split_ratio: 1.5}}", [], r"eval_split_ratio: got 1\.5"),
+            (f"{{files: {a}, weight: 1, name: a, eval_split_ratio: 0.1}}", [f"data.eval_files={a}"],
+             r"eval_split_ratio: set it only when no `data.eval_files`"),
+            (f"{{files: {a}, weight: 1, name: a}}, {{files: {a}, weight: 1, name: a}}", [], r"source names .* repeat")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(QUICKSTART, [*base, f"data.mixture=[{source}]", *extra])
+    cfg = load_config(QUICKSTART, [*base, f"data.mixture=[{{files: {a}, weight: 1, name: a, eval_split_ratio: 0.25}}]"])
+    assert cfg.data.eval_sets == ("a",)
+    from sft_dist.plan.facts import gather_facts
+
+    assert gather_facts(cfg).has_eval_data
