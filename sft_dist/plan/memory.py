@@ -894,6 +894,9 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
                      "the device")
     if shard.offload_param:
         notes.append("parameters offloaded to host memory between uses")
+    if cfg.training.get("activation_offloading") and not cfg.training.eval_only:
+        notes.append("training.activation_offloading: TRL moves the saved activations of 1 KiB or more to pinned host "
+                     "memory during forward (a few kept for overlap); counted here on the device, an upper bound")
     if cfg.quantization.bits is not None and shard.weights > 1:
         notes.append(f"{shard.label} with a quantized base: transformers loads the whole {cfg.quantization.bits}-bit "
                      f"base on every rank before it is sharded: {format_bytes(load)} per rank at load")

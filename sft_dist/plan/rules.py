@@ -121,6 +121,12 @@ RULES: tuple[Rule, ...] = (
          "fp16 mixed precision needs a CUDA GPU (its loss scaling and fp16 autocast are GPU-only in the Trainer); "
          "the workers train on CPU",
          "set training.bf16: true (CPU autocast supports bf16) or neither, for fp32"),
+    Rule("activation-offloading-on-cpu", "error", ("training.activation_offloading", "launcher.device"),
+         lambda f: f.activation_offloading and f.device == "cpu",
+         "training.activation_offloading moves the activations saved for backward from the GPU to host memory (TRL's "
+         "OffloadActivations); the workers train on CPU, where there is no accelerator to move them from (TRL "
+         "fails at start)",
+         "remove training.activation_offloading on CPU (or use activation_checkpointing to save memory)"),
     Rule("bf16-without-hardware", "error", ("training.bf16", "model.dtype", "quantization.compute_dtype"),
          lambda f: f.device == "cuda" and f.bf16_hardware is False
          and (f.bf16 or "bfloat16" in (f.model_dtype, f.compute_dtype)),

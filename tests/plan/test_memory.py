@@ -435,3 +435,13 @@ def test_the_setup_line_names_the_checkpointing_policy(capsys):
     rc = main(["plan", str(QUICKSTART), "training.activation_checkpointing=true",
                'training.activation_checkpointing_kwargs="{every"'])
     assert rc != 0 and "training.activation_checkpointing_kwargs: '{every' is not JSON" in capsys.readouterr().err
+
+
+def test_activation_offloading_is_named_as_an_upper_bound():
+    from tests.conftest import QUICKSTART
+
+    on = estimate_memory(load_config(QUICKSTART, ["training.activation_offloading=true"]), world_size=1, device="cuda")
+    off = estimate_memory(load_config(QUICKSTART, []), world_size=1, device="cuda")
+    assert any(n.startswith("training.activation_offloading: TRL moves the saved activations") and "upper bound" in n
+               for n in on.notes)
+    assert not any("activation_offloading" in n for n in off.notes) and on.activations == off.activations

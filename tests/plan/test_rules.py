@@ -77,6 +77,9 @@ def test_dora_on_a_4bit_base_warns_about_its_cost():
 
 
 def test_fp16_on_cpu_is_refused():
+    f = fires("activation-offloading-on-cpu", ["training.activation_offloading=true"],
+              ["training.activation_checkpointing=true"])
+    assert "there is no accelerator to move them from" in f.message
     f = fires("fp16-on-cpu", ["training.fp16=true"], ["training.bf16=true"])
     assert "bf16: true" in f.fix
 
@@ -230,6 +233,7 @@ REFUSED = [
     ("dora-int8", ["quantization.bits=8", "lora.use_dora=true"]),
     ("dora-quantized-zero3", ["quantization.bits=4", "lora.use_dora=true", *ZERO3]),
     ("fp16-on-cpu", ["training.fp16=true"]),
+    ("activation-offloading-on-cpu", ["training.activation_offloading=true"]),
     ("best-model-without-eval", ["training.load_best_model_at_end=true", "training.eval_strategy=no"]),
     ("early-stopping-without-eval", ["training.early_stopping_patience=3", "training.eval_strategy=no"]),
     ("best-metric-unknown", ["training.metric_for_best_model=eval_bleu"]),
