@@ -9,8 +9,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-# Keys that HF/TRL put in the final summary log rather than a per-step line.
-SUMMARY_KEYS = ("train_runtime", "train_loss", "train_samples_per_second")
+# What marks HF's last log of a run, its summary (train_loss, train_runtime, ...), rather than a per-step line. Not
+# train_runtime: with include_num_input_tokens_seen every step's log carries it (and train_tokens_per_second) too.
+SUMMARY_KEYS = ("train_loss",)
 
 
 class MetricsFile(TrainerCallback):
@@ -34,7 +35,7 @@ class MetricsFile(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        if any(k in logs for k in SUMMARY_KEYS):
+        if any(k in logs for k in SUMMARY_KEYS) and "loss" not in logs:
             self.summary.update(logs)
             return
         record = {"step": state.global_step, **logs}
