@@ -50,6 +50,7 @@ class Facts:
     bf16: bool = False
     fp16: bool = False
     activation_offloading: bool = False  # training.activation_offloading (TRL's)
+    save_only_model: bool = False  # training.save_only_model (ignored: sft_dist's checkpoints always resume)
     optim: str = "adamw_torch"
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # training.activation_checkpointing_kwargs.every_n_layers
@@ -101,6 +102,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
         "bf16": bool(cfg.training.get("bf16", device == "cuda")), "fp16": bool(cfg.training.get("fp16", False))}
     f.bf16, f.fp16 = precision["bf16"], precision["fp16"]
     f.activation_offloading = bool(cfg.training.get("activation_offloading"))
+    f.save_only_model = bool(cfg.training.get("save_only_model"))
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled) if here else None
     f.model_dtype = _dtype_name(dtype) if dtype is not None else (
         cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" and cfg.lora.enabled

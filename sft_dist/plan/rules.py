@@ -198,6 +198,13 @@ RULES: tuple[Rule, ...] = (
          "format (checkpoint.dir), not a model a Hub repo serves; sft_dist pushes the final adapter or model, once, "
          "at the end",
          "remove training.hub_strategy (or set it to end); resume from checkpoint.dir (a shared path or s3://)"),
+    Rule("save-only-model-ignored", "warning", ("training.save_only_model",),
+         lambda f: f.save_only_model and not f.eval_only,
+         "training.save_only_model would leave the optimizer, scheduler and RNG state out of checkpoints; sft_dist's "
+         "checkpoints always hold them (only the trainable weights' shards, not the frozen base), so that a resume "
+         "continues exactly: the setting is ignored",
+         "remove training.save_only_model; to keep fewer checkpoints set save_total_limit (the best is kept with "
+         "checkpoint.keep_best)"),
     Rule("global-batch-not-divisible", "error", ("backend.config: train_batch_size",
                                                  "training.per_device_train_batch_size",
                                                  "training.gradient_accumulation_steps", "launcher.num_workers"),

@@ -176,6 +176,11 @@ def test_early_stopping_needs_evaluations_and_warns_without_the_best_at_the_end(
         "training.early_stopping_patience=3", "training.do_train=false"))
 
 
+def test_save_only_model_is_said_to_be_ignored():
+    f = fires("save-only-model-ignored", ["training.save_only_model=true"], [], severity="warning")
+    assert "the setting is ignored" in f.message
+
+
 def test_pushing_checkpoints_to_the_hub_is_refused():
     f = fires("hub-strategy-checkpoints", ["training.push_to_hub=true", "training.hub_strategy=checkpoint"],
               ["training.push_to_hub=true", "training.hub_strategy=end"])
