@@ -51,6 +51,7 @@ class Facts:
     fp16: bool = False
     activation_offloading: bool = False  # training.activation_offloading (TRL's)
     save_only_model: bool = False  # training.save_only_model (ignored: sft_dist's checkpoints always resume)
+    per_device_loss: bool = False  # training.average_tokens_across_devices: false
     optim: str = "adamw_torch"
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # training.activation_checkpointing_kwargs.every_n_layers
@@ -103,6 +104,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.bf16, f.fp16 = precision["bf16"], precision["fp16"]
     f.activation_offloading = bool(cfg.training.get("activation_offloading"))
     f.save_only_model = bool(cfg.training.get("save_only_model"))
+    f.per_device_loss = cfg.training.get("average_tokens_across_devices") is False
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled) if here else None
     f.model_dtype = _dtype_name(dtype) if dtype is not None else (
         cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" and cfg.lora.enabled

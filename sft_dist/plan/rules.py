@@ -198,6 +198,12 @@ RULES: tuple[Rule, ...] = (
          "format (checkpoint.dir), not a model a Hub repo serves; sft_dist pushes the final adapter or model, once, "
          "at the end",
          "remove training.hub_strategy (or set it to end); resume from checkpoint.dir (a shared path or s3://)"),
+    Rule("loss-per-device", "warning", ("training.average_tokens_across_devices",),
+         lambda f: f.per_device_loss and f.world_size > 1 and not f.eval_only,
+         "training.average_tokens_across_devices=false divides each rank's loss by that rank's own loss-carrying "
+         "tokens: a step's gradient is then a mean of per-rank means, not of its tokens, and depends on how the "
+         "tokens fall across the {f.world_size} ranks (another number of workers trains differently)",
+         "remove it: sft_dist's default (true) normalises by the step's loss-carrying tokens over all ranks"),
     Rule("save-only-model-ignored", "warning", ("training.save_only_model",),
          lambda f: f.save_only_model and not f.eval_only,
          "training.save_only_model would leave the optimizer, scheduler and RNG state out of checkpoints; sft_dist's "

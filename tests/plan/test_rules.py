@@ -176,6 +176,12 @@ def test_early_stopping_needs_evaluations_and_warns_without_the_best_at_the_end(
         "training.early_stopping_patience=3", "training.do_train=false"))
 
 
+def test_a_per_device_loss_is_named_for_what_it_does():
+    f = fires("loss-per-device", ["training.average_tokens_across_devices=false"],
+              ["training.average_tokens_across_devices=false", "launcher.num_workers=1"], severity="warning")
+    assert "a mean of per-rank means" in f.message and "2 ranks" in f.message
+
+
 def test_save_only_model_is_said_to_be_ignored():
     f = fires("save-only-model-ignored", ["training.save_only_model=true"], [], severity="warning")
     assert "the setting is ignored" in f.message
