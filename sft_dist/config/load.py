@@ -392,8 +392,6 @@ def _check_source_eval(key: str, src: dict, d) -> list[str]:
     elif name is None:
         p.append(f"{key}.eval_split_ratio: give the source a `name` too: its held-out rows are the eval set "
                  "eval_<name>_loss is reported for")
-    if d.eval_files is not None or d.eval_split is not None:
-        p.append(f"{key}.eval_split_ratio: set it only when no `data.eval_files` / `data.eval_split` is given")
     return p
 
 

@@ -93,7 +93,8 @@ class DataConfig:
     #   [{files: a.jsonl, weight: 3}, {files: "b/*.jsonl", weight: 1, columns: {output: answer}}]
     # A source's share of each epoch is weight / sum(weights) (repeated or subsampled, seeded); `columns`
     # maps that source's names like data.columns. All sources share data.format. `eval_split_ratio` (with a
-    # `name`) holds that fraction of the source's rows out before mixing, as an eval set of its own (eval_<name>_*).
+    # `name`) holds that fraction of the source's rows out before mixing, as an eval set of its own (eval_<name>_*;
+    # where data.eval_files is given, that is the eval data and the held-out rows only stay out of training).
     mixture: list[dict[str, Any]] | None = None
     # Samples per epoch drawn from the mixture. None: the sources' rows added up.
     mixture_rows: int | None = None
@@ -170,11 +171,11 @@ class DataConfig:
 
     @property
     def eval_sets(self) -> tuple[str, ...]:
-        """The names of the named eval sets (`eval_files: {name: files}` or `eval_split: {name: split}`), in the
-        config's order; () otherwise."""
+        """The names of the named eval sets (`eval_files: {name: files}`, `eval_split: {name: split}`, or without
+        either the mixture sources that hold rows out), in the config's order; () otherwise."""
         named = self.eval_files if self.eval_files is not None else self.eval_split
-        if isinstance(named, dict):
-            return tuple(named)
+        if named is not None:
+            return tuple(named) if isinstance(named, dict) else ()
         return tuple(src["name"] for src in self.mixture_holdouts)
 
     @property

@@ -180,7 +180,7 @@ def read_splits(cfg: DataConfig, *, seed: int) -> list[RawSplit]:
     skip = cfg.on_bad_row == "skip"
     if cfg.mixture is not None:
         train, held = _read_mixture(cfg, BadRows(skip=skip), seed)
-        if held is not None:
+        if held is not None and not _has_eval(cfg):  # given eval data wins; the held-out rows stay out of training
             return [train, held]
     else:
         train = _read(cfg, cfg.train_files, cfg.train_split, "data.train_files", "train", BadRows(skip=skip))

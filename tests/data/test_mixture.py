@@ -128,20 +128,31 @@ def test_a_source_holds_rows_out_as_its_own_eval_set_before_mixing(tmp_path, tok
     assert answers(build_datasets(cfg, tok, seed=1).eval) != answers(out.eval)
 
 
-def test_a_sources_eval_set_needs_a_name_and_no_other_eval_data(tmp_path):
+def test_a_sources_eval_set_needs_a_name(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "a"}] * 4)
     base = ["data.train_files=null", "data.eval_files=null"]
     for source, extra, message in (
             (f"{{files: {a}, weight: 1, eval_split_ratio: 0.1}}", [], r"eval_split_ratio: give the source a `name`"),
             (f"{{files: {a}, weight: 1, name: a-b, eval_split_ratio: 0.1}}", [], r"\.name: 'a-b': a source's name"),
             (f"{{files: {a}, weight: 1, name: a, eval_split_ratio: 1.5}}", [], r"eval_split_ratio: got 1\.5"),
-            (f"{{files: {a}, weight: 1, name: a, eval_split_ratio: 0.1}}", [f"data.eval_files={a}"],
-             r"eval_split_ratio: set it only when no `data.eval_files`"),
             (f"{{files: {a}, weight: 1, name: a}}, {{files: {a}, weight: 1, name: a}}", [], r"source names .* repeat")):
         with pytest.raises(ConfigError, match=message):
             load_config(QUICKSTART, [*base, f"data.mixture=[{source}]", *extra])
-    cfg = load_config(QUICKSTART, [*base, f"data.mixture=[{{files: {a}, weight: 1, name: a, eval_split_ratio: 0.25}}]"])
+    held = f"data.mixture=[{{files: {a}, weight: 1, name: a, eval_split_ratio: 0.25}}]"
+    cfg = load_config(QUICKSTART, [*base, held])
     assert cfg.data.eval_sets == ("a",)
+    # given eval data is the eval data (`sft-dist evaluate RUN data.eval_files=...` of such a run)
+    assert load_config(QUICKSTART, [*base, held, f"data.eval_files={a}"]).data.eval_sets == ()
     from sft_dist.plan.facts import gather_facts
 
     assert gather_facts(cfg).has_eval_data
+
+
+def test_given_eval_files_are_the_eval_data_and_held_out_rows_stay_out_of_training(tmp_path, tok):
+    a = jsonl(tmp_path / "a.jsonl", [{"instruction": f"qa{i}", "output": f"a{i}"} for i in range(10)])
+    e = jsonl(tmp_path / "e.jsonl", [{"instruction": "qe", "output": "e0"}])
+    cfg = DataConfig(mixture=[{"files": [a], "weight": 1, "name": "a", "eval_split_ratio": 0.2}], eval_files=[e],
+                     max_length=64, cache=False)
+    out = build_datasets(cfg, tok, seed=0)
+    assert len(out.eval) == 1 and "eval_set" not in out.eval.column_names
+    assert len(out.train) == 8  # the 2 held-out rows are not trained on
