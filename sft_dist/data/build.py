@@ -45,6 +45,7 @@ class SplitStats:
     sources: list[dict] | None = None  # with data.mixture: what each source gave (mixture.SourceShare)
     packed_rows: int = 0  # with data.packing: the rows of max_length the documents were packed into
     fill: float | None = None  # tokens / (packed_rows * max_length)
+    sets: dict[str, int] | None = None  # named eval sets: the rows of each
 
     def describe(self, name: str, max_length: int) -> str:
         skipped = f"; {self.skipped_bad} skipped as bad" if self.skipped_bad else ""
@@ -57,6 +58,8 @@ class SplitStats:
                     f"(counted in the rows)")
         packed = (f"; packed into {self.packed_rows} rows of {max_length} ({100 * self.fill:.1f}% filled)"
                   if self.packed_rows else "")
+        if self.sets:
+            packed += "; sets: " + ", ".join(f"{name} {n}" for name, n in self.sets.items())
         return (
             f"{name}: {self.rows} rows, {self.tokens} tokens ({self.loss_tokens} carry loss); {long}; "
             f"{self.dropped_no_loss} dropped (no loss-carrying token left){skipped}{packed}"
@@ -253,9 +256,10 @@ def finalize(cfg: DataConfig, splits: list[RawSplit], tokenized: dict[str, Datas
             log.info("data mixture: %d samples per epoch from %d sources: %s", len(s.rows), len(s.shares),
                      "; ".join(x.describe() for x in s.shares))
     if cfg.eval_sets and out.eval is not None:
-        left = set(out.eval[EVAL_SET])
+        codes = out.eval[EVAL_SET]
+        out.stats["eval"].sets = {name: codes.count(k) for k, name in enumerate(cfg.eval_sets)}
         for k, name in enumerate(cfg.eval_sets):
-            if k not in left:
+            if not out.stats["eval"].sets[name]:
                 raise DataError(f"{_set_key(cfg, name)}: no row of this eval set is left with a loss-carrying token "
                                 f"within data.max_length={cfg.max_length}; raise data.max_length, or fix or drop the "
                                 "set")

@@ -53,6 +53,8 @@ def test_each_set_is_its_own_eval_dataset_in_the_configs_order(tok, files):
     assert cfg.eval_sets == ("en", "pt")
     data = build_datasets(cfg, tok, seed=0)
     assert data.eval[EVAL_SET] == [0] * 5 + [1] * 3 and data.eval["sample_id"] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert data.stats["eval"].sets == {"en": 5, "pt": 3}
+    assert data.stats["eval"].describe("eval", 64).endswith("; sets: en 5, pt 3")
     sets = by_set(data.eval.remove_columns(["sample_id"]), cfg.eval_sets)
     assert list(sets) == ["en", "pt"] and sets["en"].column_names == ["input_ids", "labels"]
     assert answers(tok, sets["en"]) == [f"en{i}" for i in range(5)]
