@@ -52,6 +52,7 @@ class Facts:
     activation_offloading: bool = False  # training.activation_offloading (TRL's)
     save_only_model: bool = False  # training.save_only_model (ignored: sft_dist's checkpoints always resume)
     per_device_loss: bool = False  # training.average_tokens_across_devices: false
+    sampling: str = "random"  # training.train_sampling_strategy
     optim: str = "adamw_torch"
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # training.activation_checkpointing_kwargs.every_n_layers
@@ -105,6 +106,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f.activation_offloading = bool(cfg.training.get("activation_offloading"))
     f.save_only_model = bool(cfg.training.get("save_only_model"))
     f.per_device_loss = cfg.training.get("average_tokens_across_devices") is False
+    f.sampling = str(cfg.training.train_sampling_strategy)
     dtype = resolve_dtype(cfg.model.dtype, device=device, lora=cfg.lora.enabled) if here else None
     f.model_dtype = _dtype_name(dtype) if dtype is not None else (
         cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" and cfg.lora.enabled

@@ -23,6 +23,10 @@ def render(plan: Plan, *, diff: bool = True) -> str:
                  f"{g['world_size']} workers = {g['global_batch']} sequences per optimizer step, up to "
                  f"{g['tokens_per_step_max']:,} tokens (max_length {g['max_length']}"
                  f"{', packed' if g['packing'] else ''})")
+    if g["sampling"] == "batch_rebalance":
+        lines.append(f"  batch_rebalance: each step's {g['global_batch']} sequences re-divided by length: a micro-batch "
+                     f"holds more short rows or fewer long ones, never more padded tokens than "
+                     f"{g['micro_batch']} x the longest row")
     lines.append("rules:" if plan.findings else "rules: none fired (compatible)")
     for f in plan.findings:
         lines.append(f"  {f.severity:<7} [{f.rule}] {', '.join(f.keys)}")

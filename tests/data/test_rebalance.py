@@ -88,8 +88,13 @@ def test_the_same_on_every_rank_and_from_a_resume_point():
         103, micro=4, accum=2, world=2, rank=0, seed=1, lengths=lengths).describe()
 
 
-def test_the_strategy_is_checked_with_the_config():
+def test_the_strategy_is_checked_with_the_config(capsys):
+    from sft_dist.cli import main
+
     assert load_config(QUICKSTART, ["training.train_sampling_strategy=batch_rebalance"])
+    assert main(["plan", str(QUICKSTART), "training.train_sampling_strategy=batch_rebalance"]) == 0
+    assert ("batch_rebalance: each step's 16 sequences re-divided by length: a micro-batch holds more short rows or "
+            "fewer long ones, never more padded tokens than 8 x the longest row") in capsys.readouterr().out
     with pytest.raises(ConfigError, match="a stream does not know"):
         load_config(QUICKSTART, ["training.train_sampling_strategy=batch_rebalance", "data.streaming=true",
                                  "data.eval_files=null", "training.eval_strategy=no"])

@@ -274,7 +274,7 @@ def test_plan_json_for_a_compatible_qlora_fsdp_setup(capsys):
     assert rc == 0 and plan["verdict"] == "ok" and plan["rules"] == []
     assert plan["geometry"] == {"micro_batch": 8, "gradient_accumulation_steps": 1, "world_size": 2,
                                 "global_batch": 16, "max_length": 128, "tokens_per_step_max": 2048,
-                                "packing": False}
+                                "packing": False, "sampling": "random"}
     assert plan["setup"]["quantization"].startswith("4-bit bitsandbytes (storage float32")
     assert plan["config_diff"]["quantization.bits"] == {"value": 4, "default": None}
     assert plan["config_diff"]["training.learning_rate"] == {"value": 0.005, "default": 2e-05}
