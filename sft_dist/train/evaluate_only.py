@@ -98,7 +98,21 @@ def evaluate(trainer, *, zero_stage: int | None, out: Path, is_main: bool, summa
         shown = ", ".join(f"{k.removeprefix('eval_')} {v:.6g}" for k, v in metrics.items()
                           if isinstance(v, float) and k not in ("eval_runtime",))
         log.info("evaluated %d rows in %.1f s: %s (%s)", sum(rows.values()), seconds, shown, out / RESULTS)
+        for line in set_table(metrics, rows).splitlines() if named else ():
+            log.info("%s", line)
     return metrics
+
+
+def set_table(metrics: dict, rows: dict[str, int]) -> str:
+    """Named eval sets side by side, then all of them together (the metrics' `eval_<set>_` and `eval_` keys)."""
+    names = [("all", "eval", sum(rows.values())), *((p.removeprefix("eval_"), p, n) for p, n in rows.items())]
+    extra = [k for k in ("exact_match", "token_f1", "rouge_l") if f"eval_{k}" in metrics]
+    head = ["eval set", "rows", "tokens", "loss", "perplexity", "accuracy", *extra]
+    body = [[name, str(n), str(metrics[f"{p}_tokens"]), f"{metrics[f'{p}_loss']:.4f}",
+             f"{metrics[f'{p}_perplexity']:.2f}", f"{metrics[f'{p}_mean_token_accuracy']:.4f}",
+             *(f"{metrics[f'{p}_{k}']:.3f}" for k in extra)] for name, p, n in names]
+    width = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in [head, *body])
 
 
 def target(value: str, overrides: list[str]) -> tuple[str, list[str]]:

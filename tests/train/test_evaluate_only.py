@@ -75,3 +75,17 @@ def test_a_training_runs_output_dir_is_not_written_over(tmp_path):
     (run / "eval").mkdir()
     (run / "eval" / "eval_results.json").write_text("{}")
     refuse_training_dir(run / "eval")  # an earlier evaluation's: evaluated again
+
+
+def test_named_eval_sets_are_tabled_side_by_side():
+    from sft_dist.train.evaluate_only import set_table
+    from sft_dist.train.evaluation import combined, loss_metrics
+
+    totals = {"eval_pt": [6.0, 3.0, 2.0], "eval_en": [2.0, 1.0, 1.0]}
+    metrics = {**loss_metrics(totals["eval_pt"], "eval_pt"), **loss_metrics(totals["eval_en"], "eval_en")}
+    metrics = {**combined(metrics, totals, "eval"), **metrics}
+    assert set_table(metrics, {"eval_pt": 2, "eval_en": 1}).splitlines() == [
+        "eval set  rows  tokens  loss    perplexity  accuracy",
+        "all       3     4       2.0000  7.39        0.7500",
+        "pt        2     3       2.0000  7.39        0.6667",
+        "en        1     1       2.0000  7.39        1.0000"]
