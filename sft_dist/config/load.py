@@ -440,7 +440,22 @@ def _check_eval_sets(d) -> list[str]:
             p.append(f"{key}.{name}: an eval set's name is letters and digits, words joined by single "
                      "underscores (e.g. `pt`, `held_out`)")
         if key == "data.eval_files":
-            p += _check_files(f"{key}.{name}", value)
+            p += _check_eval_set_files(f"{key}.{name}", value)
+    return p
+
+
+def _check_eval_set_files(key: str, value) -> list[str]:
+    """A named eval set's files: a path, glob or list, or {files, columns} for a set whose columns differ."""
+    if not isinstance(value, dict):
+        return _check_files(key, value)
+    p = [f"{key}.{k}: unknown key; allowed: files, columns" for k in value if k not in ("files", "columns")]
+    files, cols = value.get("files"), value.get("columns")
+    if not (isinstance(files, str) or (isinstance(files, list) and files and all(isinstance(f, str) for f in files))):
+        p.append(f"{key}.files: required, a path, glob or list of them")
+    else:
+        p += _check_files(f"{key}.files", files)
+    if cols is not None and not (isinstance(cols, dict) and all(isinstance(v, str) for v in cols.values())):
+        p.append(f"{key}.columns: a mapping of this format's column names to the set's, got {cols!r:.60}")
     return p
 
 
@@ -456,7 +471,8 @@ def _resolve_paths(cfg: Config) -> Config:
     data = dataclasses.replace(
         d, train_files=_expand(d.train_files)[0] if d.train_files is not None else None,
         mixture=[{**src, "files": _expand(src["files"])[0]} for src in d.mixture] if d.mixture is not None else None,
-        eval_files=({name: _expand(spec)[0] for name, spec in d.eval_files.items()} if isinstance(d.eval_files, dict)
+        eval_files=({name: {**spec, "files": _expand(spec["files"])[0]} if isinstance(spec, dict) else _expand(spec)[0]
+                     for name, spec in d.eval_files.items()} if isinstance(d.eval_files, dict)
                     else _expand(d.eval_files)[0] if d.eval_files is not None else None),
         cache_dir=str(Path(d.cache_dir).expanduser().resolve()) if d.cache_dir else d.cache_dir)
     training = cfg.training

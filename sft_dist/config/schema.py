@@ -136,8 +136,9 @@ class DataConfig:
     # None: on for alpaca / prompt_completion / messages / sharegpt (loss on the response only), off for text.
     completion_only_loss: bool | None = None
     # Files (path, glob or list), or named eval sets {name: files}: each is evaluated on its own
-    # (eval_<name>_loss, ...) and all together (eval_loss, ...), as HF's Trainer does a dict of eval datasets.
-    eval_files: str | list[str] | dict[str, str | list[str]] | None = None
+    # (eval_<name>_loss, ...) and all together (eval_loss, ...), as HF's Trainer does a dict of eval datasets. A set
+    # whose columns are named otherwise: {name: {files: ..., columns: {output: answer}}}.
+    eval_files: str | list[str] | dict[str, str | list[str] | dict[str, Any]] | None = None
     # With `dataset`: the split to evaluate on, or named eval sets {name: split} (e.g. {val: validation, test: test}).
     eval_split: str | dict[str, str] | None = None
     # Hold out this fraction of the training rows for eval (fixed seed) when no eval set is given.
@@ -177,6 +178,13 @@ class DataConfig:
         if named is not None:
             return tuple(named) if isinstance(named, dict) else ()
         return tuple(src["name"] for src in self.mixture_holdouts)
+
+    def eval_set_files(self) -> dict[str, tuple[str | list[str], dict[str, str] | None]]:
+        """name -> (files, columns) of the named sets of `eval_files`; columns None: `data.columns`."""
+        if not isinstance(self.eval_files, dict):
+            return {}
+        return {name: (spec["files"], spec.get("columns")) if isinstance(spec, dict) else (spec, None)
+                for name, spec in self.eval_files.items()}
 
     @property
     def mixture_holdouts(self) -> list[dict]:

@@ -208,10 +208,12 @@ def _read_eval(cfg: DataConfig, bad: BadRows) -> RawSplit:
     if not cfg.eval_sets:
         return _read(cfg, cfg.eval_files, cfg.eval_split, "data.eval_files", "eval", bad)
     files = isinstance(cfg.eval_files, dict)  # else a hub dataset's splits: data.eval_split: {name: split}
+    sets = cfg.eval_set_files() if files else {name: (None, None) for name in cfg.eval_split}
     parts, sources, origins = [], [], Origins()  # one Origins: the sets' row codes must not collide
-    for name, spec in (cfg.eval_files if files else cfg.eval_split).items():
-        raw = _read(cfg, spec if files else None, None if files else spec,
-                    f"data.eval_{'files' if files else 'split'}.{name}", "eval", bad, origins=origins)
+    for name, (paths, columns) in sets.items():
+        key = f"data.eval_{'files' if files else 'split'}.{name}"
+        raw = _read(cfg, paths, None if files else cfg.eval_split[name], key, "eval", bad, columns=columns,
+                    origins=origins)
         parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
         sources.append(raw.source)
     # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"

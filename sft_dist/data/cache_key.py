@@ -44,7 +44,8 @@ def data_options(cfg: DataConfig) -> dict:
     their fingerprints in `cache_key`)."""
     options = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     options["train_files"] = _files(cfg.train_files, cfg.cache_fingerprint)
-    options["eval_files"] = ({name: _files(f, cfg.cache_fingerprint) for name, f in cfg.eval_files.items()}
+    options["eval_files"] = ({name: {"files": _files(f, cfg.cache_fingerprint), "columns": columns}
+                              for name, (f, columns) in cfg.eval_set_files().items()}
                              if isinstance(cfg.eval_files, dict) else _files(cfg.eval_files, cfg.cache_fingerprint))
     if cfg.mixture is not None:  # each source's files by identity too, not only by name
         options["mixture"] = [{**src, "files": _files(src.get("files"), cfg.cache_fingerprint)} for src in cfg.mixture]

@@ -142,11 +142,11 @@ def _check(cfg: DataConfig, *, seed: int, report: PrecheckReport) -> None:
                      (_Split("eval", train.source, train.rows, train.codes, train.renames, BadRows(skip=skip)), held)]
         else:
             rows.append((train, range(len(train.rows))))
-    sets = cfg.eval_files if isinstance(cfg.eval_files, dict) else {None: cfg.eval_files} if cfg.eval_files else {}
-    for name, files in sets.items():  # named eval sets (data.eval_files: {name: files}): each its own split
+    sets = cfg.eval_set_files() or ({None: (cfg.eval_files, None)} if cfg.eval_files else {})
+    for name, (files, columns) in sets.items():  # named eval sets (data.eval_files: {name: files}): each its own
         key = "data.eval_files" if name is None else f"data.eval_files.{name}"
         ev = _read(cfg, _expand(files, key), key, "eval" if name is None else f"eval {name}", BadRows(skip=skip),
-                   origins, cfg.columns, report)
+                   origins, cfg.columns if columns is None else columns, report)
         rows.append((ev, range(len(ev.rows))))
     for item in rows:
         if isinstance(item, list):

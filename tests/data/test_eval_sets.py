@@ -67,6 +67,23 @@ def test_each_set_is_its_own_eval_dataset_in_the_configs_order(tok, files):
     assert answers(tok, plain.eval) == answers(tok, sets["en"]) + answers(tok, sets["pt"])
 
 
+def test_a_set_with_columns_of_its_own(tok, files, tmp_path):
+    train, pt, _ = files
+    qa = jsonl(tmp_path / "qa.jsonl", [{"question": f"w{i}", "answer": f"qa{i}"} for i in range(2)])
+    cfg = load_config(QUICKSTART, [f"data.train_files={train}", "data.max_length=64", "data.cache=false",
+                                   f"data.eval_files={{pt: {pt}, qa: {{files: {qa}, columns: {{instruction: question, "
+                                   "output: answer}}}"])
+    assert cfg.data.eval_set_files() == {"pt": ([pt], None),
+                                         "qa": ([qa], {"instruction": "question", "output": "answer"})}
+    sets = by_set(build_datasets(cfg.data, tok, seed=0).eval, cfg.data.eval_sets)
+    assert answers(tok, sets["qa"]) == ["qa0", "qa1"] and answers(tok, sets["pt"]) == ["pt0", "pt1", "pt2"]
+    assert precheck(cfg.data, seed=0).rows == {"train": 8, "eval pt": 3, "eval qa": 2}
+    with pytest.raises(ConfigError, match=r"data\.eval_files\.qa\.files: required"):
+        load_config(QUICKSTART, [f"data.eval_files={{qa: {{columns: {{output: answer}}}}}}"])
+    with pytest.raises(ConfigError, match=r"data\.eval_files\.qa\.colums: unknown key; allowed: files, columns"):
+        load_config(QUICKSTART, [f"data.eval_files={{qa: {{files: {qa}, colums: {{output: answer}}}}}}"])
+
+
 def test_the_cache_keeps_the_sets(tok, files, tmp_path):
     train, pt, en = files
     cfg = DataConfig(train_files=[train], eval_files={"pt": [pt], "en": [en]}, max_length=64,
