@@ -53,10 +53,6 @@ def fused_head(trainer) -> bool:
     return not getattr(trainer, "_plain_lm_head_loss", False)
 
 
-def eval_loss(trainer, dataset, prefix: str = "eval") -> dict[str, float]:
-    return loss_metrics(eval_totals(trainer, dataset), prefix)
-
-
 def eval_totals(trainer, dataset) -> list[float]:
     """[summed loss, loss tokens, correct top-1 predictions] over the whole dataset, summed over all ranks."""
     args = trainer.args

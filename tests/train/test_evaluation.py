@@ -12,8 +12,13 @@ from trl.trainer.utils import add_fused_lm_head
 
 from sft_dist.data.sampler import PLACEHOLDER
 from sft_dist.train import evaluation
-from sft_dist.train.evaluation import eval_loss
+from sft_dist.train.evaluation import eval_totals, loss_metrics
 from tests.data.test_packing import build, collator, tiny_llama, tok  # noqa: F401 - tok is a fixture
+
+
+def eval_loss(trainer, dataset) -> dict[str, float]:
+    """The eval metrics of `dataset`, as the trainer's evaluate computes them for one set."""
+    return loss_metrics(eval_totals(trainer, dataset), "eval")
 
 
 def trainer(model, tok, *, plain: bool):
