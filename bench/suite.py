@@ -28,6 +28,7 @@ SCRIPTS = {
     "scaling": ["--steps", "10", "--repeats", "1"],
     "packing": ["--steps", "10", "--repeats", "1"],
     "rebalance": ["--steps", "8", "--repeats", "1"],
+    "eval_order": ["--repeats", "1"],
     "checkpoint_io": ["--steps", "2", "--repeats", "1"],
     "tokenize_cache": ["--rows", "5000", "--repeats", "1"],
 }
@@ -81,6 +82,11 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
                         f"random {1 / off['wall_s_per_step']:.2f} (padding {off['padding_fraction']:.2f})",
                         f"{d['speedup'][str(a)]:.2f}x"))
         return out
+    if name == "eval_order":
+        m = d["median_s"]
+        return [(f"eval seconds, {d['setup']['rows']} long-tailed rows, rows sorted longest first (1 worker; loss "
+                 f"rel diff {d['loss_rel_diff']:.0e})", f"{m['sorted']:.2f} s", f"file order {m['file']:.2f} s",
+                 f"{d['speedup']:.2f}x faster")]
     if name == "tokenize_cache":
         c = {r["case"]: r for r in d["results"]}
         rows = d["setup"]["rows"]
