@@ -216,10 +216,14 @@ def _read_eval(cfg: DataConfig, bad: BadRows) -> RawSplit:
                     origins=origins)
         parts.append(_format_columns(raw.rows, cfg, like=parts[0] if parts else None))
         sources.append(raw.source)
-    # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"
-    rows = concatenate_datasets([ds.add_column(EVAL_SET, [i] * len(ds)).add_column("sample_id", list(range(len(ds))))
-                                 for i, ds in enumerate(parts)])
-    return RawSplit("eval", rows, "; ".join(sources), bad, origins)
+    return RawSplit("eval", _as_sets(parts), "; ".join(sources), bad, origins)
+
+
+def _as_sets(parts: list[Dataset]) -> Dataset:
+    """Named eval sets' rows as one split, each row's set index in EVAL_SET and its index in its set as its sample_id
+    (as its messages say: "<file>:<line> (eval <set> sample_id <i>)")."""
+    return concatenate_datasets([ds.add_column(EVAL_SET, [k] * len(ds)).add_column("sample_id", list(range(len(ds))))
+                                 for k, ds in enumerate(parts)])
 
 
 def _set_key(cfg: DataConfig, name: str) -> str:
@@ -322,10 +326,7 @@ def _read_mixture(cfg: DataConfig, bad: BadRows, seed: int) -> tuple[RawSplit, R
     train = RawSplit("train", mixed, "data.mixture", bad, origins, shares)
     if not held:
         return train, None
-    # a row's sample_id is its index in its set, as its messages say: "<file>:<line> (eval <set> sample_id <i>)"
-    rows = concatenate_datasets([ds.add_column(EVAL_SET, [k] * len(ds)).add_column("sample_id", list(range(len(ds))))
-                                 for k, ds in enumerate(held)])
-    return train, RawSplit("eval", rows, "held out of data.mixture", BadRows(skip=bad.skip), origins)
+    return train, RawSplit("eval", _as_sets(held), "held out of data.mixture", BadRows(skip=bad.skip), origins)
 
 
 def _format_columns(ds: Dataset, cfg: DataConfig, *, like: Dataset | None) -> Dataset:

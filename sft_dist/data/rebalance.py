@@ -9,8 +9,8 @@ the long samples no longer keeps the others waiting at the gradient all-reduce, 
 holds more of them, one of long samples fewer.
 
 A micro-batch of n rows padded to L tokens costs n*c(L), c(L) = L + q*L^2: the matmuls over its tokens, and
-attention's quadratic part, with q = 1 / (6 * hidden size) (attention's score and value FLOPs per token pair over a
-decoder layer's matmul FLOPs per token). The step's samples, longest first, are cut into world x accum consecutive
+attention's quadratic part, q by the FLOP count MFU uses (metrics/flops.py: attention's 12 x layers x hidden FLOPs
+per token pair over the matmuls' FLOPs per token, about 1 / (6 * hidden) for LoRA on a Llama). The step's samples, longest first, are cut into world x accum consecutive
 groups that keep the largest cost as low as possible (for this cost, the best partition: a group's cost is set by
 its longest row), none over `micro * max_length` padded tokens (what a micro-batch of the random order may hold, and
 what `sft-dist plan` counts). The groups then go, dearest first, each to the least loaded rank that has a

@@ -39,12 +39,13 @@ def _patched(module, **names):
 
 
 def attention_weight(model) -> float:
-    """batch_rebalance's q (data/rebalance.py): attention's FLOPs per token pair over a decoder layer's matmul FLOPs
-    per token, about 1 / (6 * hidden size)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None)
-    return 1.0 / (6 * hidden) if hidden else 0.0
+    """batch_rebalance's q (data/rebalance.py): by the FLOP count MFU uses (metrics/flops.py), attention's FLOPs per
+    token pair over the matmuls' FLOPs per token."""
+    from sft_dist.metrics.flops import model_flops
+
+    flops = model_flops(model)
+    matmul = flops.per_token(0)
+    return (flops.per_token(1) - matmul) / matmul if matmul else 0.0
 
 
 class CheckpointHooks:

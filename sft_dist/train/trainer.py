@@ -169,16 +169,13 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         t0 = time.perf_counter()
         try:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            together = isinstance(dataset, dict)  # named eval sets: each, and all of them together
-            if isinstance(dataset, str):  # HF's Trainer names one of a dict of eval datasets
-                dataset = {dataset: self.eval_dataset[dataset]}
             sets, metrics, totals = eval_sets(dataset, metric_key_prefix), {}, {}
             for prefix, ds in sets.items():
                 totals[prefix] = eval_totals(self, ds)
                 metrics.update(loss_metrics(totals[prefix], prefix))
                 if self.eval_generations is not None:
                     metrics.update(self.eval_generations(self, ds, step=self.state.global_step, prefix=prefix))
-            if together:
+            if isinstance(dataset, dict):  # named eval sets: each, and all of them together
                 metrics = {**combined(metrics, totals, metric_key_prefix), **metrics}
             metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - t0, 4)
             if self.samples is not None:
