@@ -1,0 +1,100 @@
+"""Sequence parallelism (model/ulysses.py) against the unsplit model: real ranks over gloo on 127.0.0.1, each
+holding a slice of two packed rows. The slices' logits put together, the loss and the gradients summed over ranks
+are the unsplit forward's, for each attention implementation that runs on a CPU, with k/v heads split or
+repeated, a sliding window, and rows that need padding to split evenly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_dist.distributed.local import free_port
+from sft_dist.model import ulysses
+from tests.model.ulysses_worker import model_and_batch
+
+WORKER = Path(__file__).with_name("ulysses_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_ranks(world: int, inner: str, kv_heads: int, window: int = 0) -> list[dict]:
+    port = free_port("127.0.0.1")
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), inner, str(kv_heads), str(window)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=180)
+        assert p.returncode == 0, stderr[-3000:]
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def reference(inner: str, kv_heads: int, window: int = 0) -> dict:
+    """The unsplit model: transformers' own packed-row mask on sdpa (the CPU reference of every path)."""
+    model, batch = model_and_batch("sdpa", kv_heads, window or None)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    tokens = int(labels.ne(-100).sum())
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                             reduction="sum") / tokens
+    loss.backward()
+    return {"logits": logits.detach(), "loss": float(loss.detach()),
+            "grads": {n: p.grad.flatten()[:64] for n, p in model.named_parameters()},
+            "grad_norm": float(torch.stack([p.grad.norm() for p in model.parameters()]).norm())}
+
+
+@pytest.mark.parametrize("inner,kv_heads,window", [
+    ("sdpa", 2, 0),  # k/v heads split 2 ways
+    ("sdpa", 1, 0),  # one k/v head: repeated to split
+    ("eager", 2, 0),
+    ("varlen_attention", 2, 0),  # flattened rows and their boundaries (the per-document sdpa on a CPU)
+    ("sdpa", 2, 4),  # a sliding window of 4 tokens (Mistral)
+])
+def test_split_equals_unsplit(inner, kv_heads, window):
+    ranks = run_ranks(2, inner, kv_heads, window)
+    ref = reference(inner, kv_heads, window)
+    assert all(r["attn"] == ulysses.NAME for r in ranks)
+    got = torch.cat([torch.tensor(r["logits"]) for r in ranks], dim=1)  # (rows, 14 with padding, vocab)
+    if inner in ulysses.FLASH_LIKE:  # one flattened row of 2 x 13 tokens
+        got = got.reshape(1, -1, got.shape[-1])[:, :26].reshape(2, 13, -1)
+    else:
+        got = got[:, :13]  # 13 tokens padded to 14 to split in 2
+    assert torch.allclose(got, ref["logits"], atol=1e-5), (got - ref["logits"]).abs().max()
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    assert abs(ranks[0]["loss"] - ref["loss"]) < 1e-6
+    assert abs(ranks[0]["grad_norm"] - ref["grad_norm"]) < 1e-5 * ref["grad_norm"]
+    for name, g in ranks[0]["grads"].items():
+        assert torch.allclose(torch.tensor(g), ref["grads"][name], atol=1e-6), name
+
+
+def test_split_rows():
+    """The slices: padded to a multiple of the group, labels shifted across the slice boundary, padding a
+    document of its own with no label."""
+    batch = {"input_ids": torch.arange(1, 8)[None], "labels": torch.tensor([[-100, 2, 3, 4, 5, -100, 7]]),
+             "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1]])}
+    layouts = [ulysses.Layout.of(r, 6, 3) for r in range(3)]
+    pieces = [ulysses.split(batch, lay, flat=False) for lay in layouts]
+    assert [p["input_ids"].tolist() for p, _ in pieces] == [[[1, 2, 3]], [[4, 5, 6]], [[7, 0, 0]]]
+    assert [p["shift_labels"].tolist() for p, _ in pieces] == [[[2, 3, 4]], [[5, -100, 7]], [[-100, -100, -100]]]
+    assert [p["position_ids"].tolist() for p, _ in pieces] == [[[0, 1, 2]], [[3, 4, 0]], [[1, 0, 0]]]
+    rows = pieces[0][1]
+    allowed = rows.mask("sdpa", torch.float32, None)[0, 0]
+    assert allowed.shape == (9, 9)
+    assert allowed[4, :5].all() and not allowed[5, 4] and allowed[6, 5] and not allowed[7, 6] and allowed[8, 8]
+    flat, rows = ulysses.split(dict(batch, input_ids=batch["input_ids"].repeat(2, 1),
+                                    labels=batch["labels"].repeat(2, 1),
+                                    position_ids=batch["position_ids"].repeat(2, 1)), layouts[1], flat=True)
+    assert flat["input_ids"].shape == (1, 5)  # 2 x 7 = 14 tokens padded to 15, in 3 slices
+    assert rows.boundaries["cu_seq_lens_q"].tolist() == [0, 5, 7, 12, 14, 15]
+    assert [ulysses.Layout.of(r, 4, 2) for r in (0, 3)] == [ulysses.Layout(2, 0, 0, 2), ulysses.Layout(2, 1, 1, 2)]
+    with pytest.raises(ValueError, match="does not divide"):
+        ulysses.Layout.of(0, 3, 2)
