@@ -23,7 +23,7 @@ from sft_dist.checkpoint.manifest import (
     verify,
 )
 from sft_dist.checkpoint.store import Store
-from sft_dist.config.batch import global_batch
+from sft_dist.config.batch import data_world, global_batch
 from sft_dist.config.training import SFT_DEFAULTS
 from sft_dist.errors import ConfigError
 
@@ -106,24 +106,27 @@ def check_fit(point: ResumePoint, cfg, *, world_size: int, shard_format: str,
                 f"state per worker: it cannot be loaded by {world_size}. Resume with "
                 f"launcher.num_workers={m['world_size']}, or use backend ddp/fsdp (their checkpoints re-shard).")
     micro, accum = cfg.training.micro_batch, cfg.training.accumulation
-    want, have = m["batch"]["global"], global_batch(micro, accum, world_size)
+    # the data-parallel ranks: workers / backend.sequence_parallel_size (each group trains the same rows)
+    ranks = data_world(world_size, cfg.backend.sequence_parallel_size)
+    what = "workers" if ranks == world_size else f"data-parallel groups of {world_size // ranks} workers"
+    want, have = m["batch"]["global"], global_batch(micro, accum, ranks)
     if have == want:
         return None
-    if m["world_size"] == world_size:
+    if want == global_batch(m["batch"]["per_device"], m["batch"]["accumulation"], ranks):
         raise ConfigError(
             f"{where} trained with a global batch of {want} ({m['batch']['per_device']} per device x "
-            f"{m['batch']['accumulation']} accumulation x {world_size} workers); this run has "
+            f"{m['batch']['accumulation']} accumulation x {ranks} {what}); this run has "
             f"{have}. The data position is counted in global batches: keep the batch "
             "settings, or start a new run.")
-    if want % (micro * world_size):
+    if want % (micro * ranks):
         raise ConfigError(
-            f"{where} trained with a global batch of {want}; with {world_size} workers and "
+            f"{where} trained with a global batch of {want}; with {ranks} {what} and "
             f"per_device_train_batch_size={micro} no gradient accumulation gives that. Set "
-            f"training.per_device_train_batch_size to a divisor of {want // world_size if want % world_size == 0 else want}"
+            f"training.per_device_train_batch_size to a divisor of {want // ranks if want % ranks == 0 else want}"
             " or resume with the original worker count.")
-    new_accum = want // (micro * world_size)
-    log.info("resuming on %d workers (checkpoint: %d): gradient_accumulation_steps %d -> %d keeps the global "
-             "batch of %d", world_size, m["world_size"], accum, new_accum, want)
+    new_accum = want // (micro * ranks)
+    log.info("resuming on %d %s (checkpoint: %d workers): gradient_accumulation_steps %d -> %d keeps the global "
+             "batch of %d", ranks, what, m["world_size"], accum, new_accum, want)
     return new_accum
 
 

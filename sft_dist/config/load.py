@@ -264,6 +264,41 @@ def _check_cross_fields(cfg: Config) -> list[str]:
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             p.append(f"launcher.resources_per_worker.{name}: got {amount!r}; must be a number >= 0")
     p += _check_checkpoint(cfg)
+    p += _check_sequence_parallel(cfg)
+    return p
+
+
+def _check_sequence_parallel(cfg: Config) -> list[str]:
+    """backend.sequence_parallel_size against what model/ulysses.py can split (the model's heads are checked where
+    its config is known: here for init_config, else where it loads)."""
+    size, key = cfg.backend.sequence_parallel_size, "backend.sequence_parallel_size"
+    if size < 1:
+        return [f"{key}: got {size}; must be >= 1 (1: off)"]
+    if size == 1:
+        return []
+    p, t = [], cfg.training
+    if cfg.launcher.type != "torchrun" and cfg.launcher.num_workers % size:
+        p.append(f"{key}: {size} does not divide launcher.num_workers={cfg.launcher.num_workers}; each group of {size} "
+                 "workers trains the same rows")
+    attn = cfg.model.attn_implementation
+    if attn == "flex_attention" or (attn and "/" in attn):
+        p.append(f"{key}: model.attn_implementation {attn} cannot be split across workers; use auto, sdpa, eager, "
+                 "varlen_attention or flash attention")
+    if t.get("torch_compile"):
+        p.append(f"{key}: training.torch_compile with sequence parallelism is not supported yet (its all-to-alls "
+                 "are untested under the compiler); turn one of them off")
+    if t.get("label_smoothing_factor"):
+        p.append(f"{key}: training.label_smoothing_factor needs every row's whole logits on one rank; with "
+                 "sequence parallelism each rank has a slice. Turn one of them off")
+    if t.get("average_tokens_across_devices") is False:
+        p.append(f"{key}: needs training.average_tokens_across_devices: true (a slice's loss is divided by the step's "
+                 "loss tokens over all ranks, so the group's gradients add up to the whole row's)")
+    if cfg.model.init_config:
+        heads = cfg.model.init_config.get("num_attention_heads") or (
+            cfg.model.init_config.get("text_config") or {}).get("num_attention_heads")
+        if isinstance(heads, int) and heads % size:
+            p.append(f"{key}: {size} does not divide the model's {heads} attention heads (model.init_config); each "
+                     "rank of a group attends with heads / size of them")
     return p
 
 

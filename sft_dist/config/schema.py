@@ -200,6 +200,11 @@ class BackendConfig:
     # Keys merged over the file's (nested mappings merged key by key), e.g. {shard_size: 2} or
     # {zero_optimization: {reduce_bucket_size: 5.0e7}}: tweak a shipped file from the command line.
     options: dict[str, Any] | None = None
+    # Sequence parallelism (DeepSpeed-Ulysses' scheme, model/ulysses.py): groups of this many consecutive workers
+    # train the same rows, each holding 1/size of their tokens (activations 1/size as large: rows size times
+    # longer); attention trades token slices for head slices by all-to-all. Must divide the workers and the
+    # model's attention heads. With any backend; the data-parallel ranks are workers / size.
+    sequence_parallel_size: int = 1
 
 
 @dataclass(frozen=True)

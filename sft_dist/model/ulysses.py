@@ -197,6 +197,12 @@ def _boundaries(pos: torch.Tensor, given: dict, pad: int) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def inner_reads_boundaries() -> bool:
+    """Whether the attention inside reads document boundaries (flash-like) rather than a mask: its rows are
+    flattened into one."""
+    return _STATE.inner in FLASH_LIKE
+
+
 @contextlib.contextmanager
 def active(rows: Rows):
     """The forward (and backward: activation checkpointing runs the attention again) of a split batch."""

@@ -10,6 +10,7 @@ loss, and generation keeps finished ranks stepping (`synced_gpus`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from sft_dist.data.loader import token_lengths
 from sft_dist.data.sampler import PLACEHOLDER, WithPlaceholder
 from sft_dist.errors import SftDistError
+from sft_dist.model import ulysses
 
 NOT_MODEL_INPUTS = ("sample_ids", "input_tokens", "completion_mask", "assistant_masks", "seq_lengths")
 
@@ -59,7 +61,10 @@ def eval_totals(trainer, dataset) -> list[float]:
     model = trainer.model
     was_training = model.training
     model.eval()
-    rows = shard(len(dataset), args.world_size, args.process_index, token_lengths(dataset))
+    sequence = getattr(trainer, "sequence", None)  # sequence parallelism: a group's ranks score the same rows
+    world, rank = (args.world_size, args.process_index) if sequence is None else (sequence.dp_world,
+                                                                                  sequence.dp_rank)
+    rows = shard(len(dataset), world, rank, token_lengths(dataset))
     bs = args.per_device_eval_batch_size
     loader = torch.utils.data.DataLoader(WithPlaceholder(dataset), batch_sampler=[rows[i:i + bs] for i in
                                                                                  range(0, len(rows), bs)],
@@ -71,19 +76,28 @@ def eval_totals(trainer, dataset) -> list[float]:
             batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                      if k not in NOT_MODEL_INPUTS}
             batch["use_cache"] = False  # a KV cache would also join packed documents (data/packing.py)
-            labels = batch["labels"][..., 1:]
-            mask = labels.ne(-100)
-            if fused:
-                # TRL's fused LM head, as the training step: per-token log-probabilities and top-1 hits computed
-                # in tiles, never the (rows, tokens, vocabulary) logits that the model's own forward builds and its
-                # loss upcasts (8 x 2048 tokens x 128,256 vocabulary x 4 bytes: 7.8 GiB, over what training needed)
-                out = model(**batch, fused_lm_head=True)
-                nll, correct = -out.log_probs.double().sum(), out.is_top1.sum()
+            scope = contextlib.nullcontext()
+            if sequence is not None:  # this rank's slice, its labels already shifted across slices
+                batch, whole = trainer.split(batch)
+                scope = ulysses.active(whole)
+                labels = batch["shift_labels"]
             else:
-                out = model(**batch)
-                n = mask.sum()  # the loss is a mean over the batch's loss tokens: NaN for a batch of placeholders
-                nll = torch.where(n > 0, out.loss.double() * n, 0.0)
-                correct = (out.logits[..., :-1, :].argmax(-1).eq(labels) & mask).sum()
+                labels = batch["labels"][..., 1:]
+            mask = labels.ne(-100)
+            with scope:
+                if fused:
+                    # TRL's fused LM head, as the training step: per-token log-probabilities and top-1 hits computed
+                    # in tiles, never the (rows, tokens, vocabulary) logits that the model's own forward builds and
+                    # its loss upcasts (8 x 2048 tokens x 128,256 vocabulary x 4 bytes: 7.8 GiB, over what training
+                    # needed)
+                    out = model(**batch, fused_lm_head=True)
+                    nll, correct = -out.log_probs.double().sum(), out.is_top1.sum()
+                else:
+                    out = model(**batch)
+                    n = mask.sum()  # the loss is a mean over the batch's loss tokens: NaN for a batch of placeholders
+                    nll = torch.where(n > 0, out.loss.double() * n, 0.0)
+                    logits = out.logits if sequence is not None else out.logits[..., :-1, :]
+                    correct = (logits.argmax(-1).eq(labels) & mask).sum()
             totals += torch.stack([nll, mask.sum().double(), correct.double()])
     if args.world_size > 1:
         torch.distributed.all_reduce(totals)

@@ -58,10 +58,14 @@ class CheckpointHooks:
     def get_train_dataloader(self):
         args = self.args
         strategy = str(getattr(args, "train_sampling_strategy", "random"))
+        # under sequence parallelism a group's ranks get the same rows: the sampler deals by data-parallel rank
+        sequence = getattr(self, "sequence", None)
+        world, rank = (args.world_size, args.process_index) if sequence is None else (sequence.dp_world,
+                                                                                      sequence.dp_rank)
         loader, self.train_sampler = train_loader(
             self.train_dataset, collate=self.data_collator,
             geometry=Geometry(micro=self._train_batch_size, accum=args.gradient_accumulation_steps,
-                              world=args.world_size, rank=args.process_index),
+                              world=world, rank=rank),
             seed=args.data_seed if args.data_seed is not None else args.seed, shuffle=strategy != "sequential",
             rebalance_q=attention_weight(self.model) if strategy == "batch_rebalance" else None,
             options=LoaderOptions(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft_dist.backends import Backend, get_backend
-from sft_dist.config.batch import global_batch
+from sft_dist.config.batch import data_world, global_batch
 from sft_dist.config.load import config_to_dict, dump_config
 from sft_dist.config.schema import Config
 from sft_dist.distributed.env import (
@@ -136,6 +136,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
                  cfg.launcher.num_workers, env.launched_by, env.world_size)
 
     plan = _preflight(cfg, env=env, device=device)
+    sequence = _sequence_layout(cfg, env)
     check_startup_stop()  # a SIGTERM so far whose exception a finalizer swallowed (distributed/lifecycle.py)
     tokenizer = build_tokenizer(cfg.model)
     data = _datasets(cfg, env=env, tokenizer=tokenizer, seed=args.seed)
@@ -160,9 +161,11 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
     trainable, total = count_parameters(model)  # before ZeRO-3 / FSDP2 leave each rank only its shard
     quantized_layers = sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__.startswith("Linear")
                            for m in model.modules())
-    world_batch = global_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps, env.world_size)
+    world_batch = global_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                               data_world(env.world_size, cfg.backend.sequence_parallel_size))
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume.step if resume else None, is_main=env.is_main)
-    trainer = _build_trainer(cfg, backend, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics)
+    trainer = _build_trainer(cfg, backend, env=env, model=model, args=args, data=data, tokenizer=tokenizer, metrics=metrics,
+                             sequence=sequence)
     trainer.peak_tflops = _mfu_peak(cfg, device=device, args=args)
     if cfg.metrics.generate_prompts:
         from sft_dist.train.evaluation import Samples
@@ -612,7 +615,25 @@ def _build_peak(device: str) -> int | None:
     return peak
 
 
-def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics):
+def _sequence_layout(cfg: Config, env: DistEnv):
+    """This rank's place in backend.sequence_parallel_size's groups (their process groups created), or None."""
+    size = cfg.backend.sequence_parallel_size
+    if size == 1:
+        return None
+    from sft_dist.model import ulysses
+
+    if env.world_size % size:  # torchrun's world is known only here
+        raise ConfigError(f"{ulysses.KEY}: {size} does not divide the {env.world_size} workers; each group of {size} "
+                          "workers trains the same rows")
+    layout = ulysses.Layout.of(env.rank, env.world_size, size)
+    ulysses.new_groups(layout, env.world_size)
+    log.info("sequence parallel: %d groups of %d workers, each worker 1/%d of every row's tokens (this one: group "
+             "%d, slice %d)", layout.dp_world, size, size, layout.dp_rank, layout.rank)
+    return layout
+
+
+def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, data, tokenizer, metrics,
+                   sequence=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from sft_dist.data.build import by_set
@@ -649,6 +670,14 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
         if not cfg.data.packing:
             log.info("data: rows collated padding-free (%s reads each row's boundaries: no padding computed)", attn)
     trainer.data_collator = SampleIdCollator(collator)
+    if sequence is not None:  # after the collator, which is built for the attention inside (its boundaries, rows)
+        from sft_dist.model import ulysses
+
+        why = ulysses.heads_problem(model.config, sequence.size)
+        if why:
+            raise ConfigError(f"{ulysses.KEY}: {sequence.size} cannot split this model's attention: {why}")
+        ulysses.enable(model, attn)
+        trainer.sequence = sequence
     if stream is not None:
         trainer.train_dataset = data.train = stream
     return trainer

@@ -15,6 +15,7 @@ from trl import SFTTrainer
 from sft_dist.backends import Backend
 from sft_dist.backends.verify import grad_bytes, watch_deepspeed_grads
 from sft_dist.config.batch import global_batch
+from sft_dist.model import ulysses
 from sft_dist.train.hooks import CheckpointHooks
 from sft_dist.train.seams import check_private_seams
 
@@ -33,6 +34,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         self.local_world_size = local_world_size
         self.backend_info: dict = {}
         self.grad_bytes_seen: int | None = None  # max gradient bytes held before an optimizer step
+        self.sequence = None  # model/ulysses.Layout under backend.sequence_parallel_size > 1
         model = kwargs.get("model")
         originals = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
         super().__init__(*args, **kwargs)
@@ -109,7 +111,20 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             record = {"step": self.state.global_step + 1, "sample_ids": [i for i in ids.tolist() if i >= 0]}
             self._trace.write(json.dumps(record) + "\n")
             self._trace.flush()
-        return super().training_step(model, inputs, num_items_in_batch)
+        if self.sequence is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs, rows = self.split(inputs)
+        with ulysses.active(rows):  # the backward too: activation checkpointing runs the attention again
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def split(self, inputs: dict) -> tuple[dict, "ulysses.Rows"]:
+        """This rank's slice of a micro-batch its sequence-parallel group shares (model/ulysses.py)."""
+        return ulysses.split(inputs, self.sequence, flat=ulysses.inner_reads_boundaries())
+
+    @property
+    def data_world(self) -> int:
+        """The data-parallel ranks: the workers, or their sequence-parallel groups."""
+        return self.args.world_size // (self.sequence.size if self.sequence is not None else 1)
 
     def close_trace(self) -> None:
         if self._trace is not None:
@@ -124,6 +139,10 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._window_data_wait += time.perf_counter() - t0
         tokens, real, processed = self._count_global(batch_samples, device)
+        if self.sequence is not None:  # a group's ranks hold the same rows: count them once
+            tokens, real, processed = (x // self.sequence.size for x in (tokens, real, processed))
+            if num_items is not None:
+                num_items = num_items // self.sequence.size
         if num_items is not None and self.args.average_tokens_across_devices:
             tokens = int(num_items)  # already summed over ranks by the Trainer
         self._window_tokens += tokens
@@ -232,7 +251,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
             self._flops = model_flops(self.model)
         rows = steps * global_batch(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
-                                    self.args.world_size)
+                                    self.data_world)
         seq = tokens / rows  # mean tokens per row: the attention span, approximately (a packed row: its documents')
         return self._flops.per_token(seq) * tokens / elapsed / self.args.world_size / (self.peak_tflops * 1e12)
 
