@@ -174,10 +174,10 @@ def split(batch: dict, layout: Layout, *, flat: bool) -> tuple[dict, Rows]:
         rows.boundaries = _boundaries(pos, given, pad)
     n = ids.shape[1] // layout.size
     piece = slice(layout.rank * n, (layout.rank + 1) * n)
-    batch["input_ids"] = ids[:, piece]
-    batch["position_ids"] = pos[:, piece]
-    if shifted is not None:
-        batch["labels"] = batch["shift_labels"] = shifted[:, piece]
+    batch["input_ids"] = ids[:, piece].contiguous()
+    batch["position_ids"] = pos[:, piece].contiguous()
+    if shifted is not None:  # contiguous: transformers' loss views them flat
+        batch["labels"] = batch["shift_labels"] = shifted[:, piece].contiguous()
     return batch, rows
 
 
