@@ -36,7 +36,8 @@ class Plan:
     def geometry(self) -> dict[str, Any]:
         f = self.facts
         return {"micro_batch": f.micro_batch, "gradient_accumulation_steps": f.grad_accum,
-                "world_size": f.world_size, "global_batch": f.global_batch, "max_length": f.max_length,
+                "world_size": f.world_size, "sequence_parallel": f.sequence_parallel, "global_batch": f.global_batch,
+                "max_length": f.max_length,
                 # packed rows are full; unpacked ones are padded to the longest row of their micro-batch
                 "tokens_per_step_max": f.global_batch * f.max_length, "packing": f.packing,
                 "sampling": f.sampling}

@@ -34,6 +34,7 @@ class Facts:
     fsdp_sharding: str | None = None
     fsdp_shard_size: int | None = None
     world_size: int = 1
+    sequence_parallel: int = 1  # backend.sequence_parallel_size: a group's workers train the same rows
     micro_batch: int = SFT_DEFAULTS["per_device_train_batch_size"]
     grad_accum: int = 1
     max_length: int = 512
@@ -73,7 +74,11 @@ class Facts:
 
     @property
     def global_batch(self) -> int:
-        return batch.global_batch(self.micro_batch, self.grad_accum, self.world_size)
+        return batch.global_batch(self.micro_batch, self.grad_accum, self.data_world)
+
+    @property
+    def data_world(self) -> int:
+        return batch.data_world(self.world_size, self.sequence_parallel)
 
     @property
     def bnb_optimizer(self) -> bool:
@@ -95,6 +100,7 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
     f = Facts(device=device, device_here=here, backend=backend.name, world_size=world_size or _world_size(cfg))
     f.bf16_hardware = _bf16_hardware() if device == "cuda" and here else None
     f.micro_batch, f.grad_accum = t.micro_batch, t.accumulation
+    f.sequence_parallel = cfg.backend.sequence_parallel_size
     f.max_length, f.packing = cfg.data.max_length, cfg.data.packing
     try:
         f.max_positions = max_positions(cfg.model)

@@ -96,7 +96,8 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         notes.append(opt_note)
 
     batch = int(cfg.training.get("per_device_eval_batch_size") or 8) if evaluating else cfg.training.micro_batch
-    length = cfg.data.max_length
+    sequence = cfg.backend.sequence_parallel_size
+    length = -(-cfg.data.max_length // sequence)  # a rank's slice of each row (model/ulysses.py)
     checkpointing = activation_checkpointing(cfg, backend) and not evaluating
     step = _profile_step(model, cfg, batch=batch, length=length, compute=compute, checkpointing=checkpointing,
                          plain_loss=backend.plain_loss(), attention=attention,
@@ -121,6 +122,15 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         head = counts["head_bytes"]  # TRL's fused head gathers the sharded output head whole (full_tensor)
         extra += head
         notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({format_bytes(head)})")
+    if sequence > 1:
+        notes.append(f"sequence parallel {sequence}: activations of one slice of {length} tokens per row; attention "
+                     f"runs on the whole rows ({cfg.data.max_length} tokens) for 1/{sequence} of the heads: its q, k, v "
+                     "and output as large as the slice's")
+        if attention in ("sdpa", "eager"):  # the whole rows' document mask, built once per micro-batch
+            mask = batch * cfg.data.max_length ** 2 * (1 if attention == "sdpa" else _bytes(compute))
+            extra += mask
+            notes.append(f"sequence parallel on {attention}: the whole rows' mask, {format_bytes(mask)} "
+                         "(varlen or flash attention reads boundaries instead)")
     if counts["largest_quantized_numel"]:
         dequant = counts["largest_quantized_numel"] * _bytes(compute)
         extra += dequant

@@ -19,10 +19,16 @@ def render(plan: Plan, *, diff: bool = True) -> str:
     s = setup(plan.facts)
     lines.append("setup: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()))
     g = plan.geometry
+    sp = g.get("sequence_parallel", 1)
+    ranks = f"{g['world_size']} workers" if sp == 1 else (f"{g['world_size'] // sp} data-parallel groups of {sp} "
+                                                          "workers")
     lines.append(f"batch: {g['micro_batch']} per device x {g['gradient_accumulation_steps']} accumulation x "
-                 f"{g['world_size']} workers = {g['global_batch']} sequences per optimizer step, up to "
+                 f"{ranks} = {g['global_batch']} sequences per optimizer step, up to "
                  f"{g['tokens_per_step_max']:,} tokens (max_length {g['max_length']}"
                  f"{', packed' if g['packing'] else ''})")
+    if sp > 1:
+        lines.append(f"  sequence parallel: each group's {sp} workers train the same rows, each worker a slice of "
+                     f"{-(-g['max_length'] // sp)} tokens of every row; attention trades slices for heads by all-to-all")
     if g["sampling"] == "batch_rebalance":
         lines.append(f"  batch_rebalance: each step's {g['global_batch']} sequences re-divided by length: a micro-batch "
                      f"holds more short rows or fewer long ones, never more padded tokens than "
