@@ -127,7 +127,9 @@ def _page(out: Path, rows, summary: dict, plan: dict, charts: dict[str, bytes], 
     facts = [
         ("status", "finished" if summary else "no run_summary.json (stopped or still running)"),
         ("workers", (f"{summary.get('world_size', '?')} ({summary.get('launched_by', '?')}), device "
-                     f"{summary.get('device', '?')}, backend {summary.get('backend', '?')}")),
+                     f"{summary.get('device', '?')}, backend {summary.get('backend', '?')}"
+                     + (f", sequence parallel {summary['sequence_parallel']}"
+                        if summary.get("sequence_parallel", 1) > 1 else ""))),
         ("steps", (f"{summary.get('global_step', train[-1]['step'] if train else 0)} of global batch "
                    f"{summary.get('global_batch', '?')}")),
         *([("stopped early", _stopped_early(summary["stopped_early"]))] if summary.get("stopped_early") else []),

@@ -256,6 +256,7 @@ def _run(cfg: Config, backend: Backend, *, env: DistEnv, device: str, threads: i
             "backend": backend.name,
             "global_step": trainer.state.global_step,
             "global_batch": world_batch,
+            "sequence_parallel": cfg.backend.sequence_parallel_size,
             "train_seconds": round(train_s, 3),
             "loss_tokens": trainer.total_loss_tokens,
             "padding_fraction": trainer.padding_fraction(),
