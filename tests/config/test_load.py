@@ -240,3 +240,22 @@ def test_credentials_inside_urls_are_redacted_in_every_dump(tmp_path):
                         "model.tokenizer=https://ghp_tok3n@github.com/x/tok"],
                        capture_output=True, text=True, env=cli_env(), timeout=120)
     assert r.returncode == 1 and "ghp_tok3n" not in r.stderr and "https://***@github.com/x/tok" in r.stderr
+
+
+def test_sequence_parallel_is_checked_before_launch():
+    with pytest.raises(ConfigError) as e:
+        load_config(QUICKSTART, ["backend.sequence_parallel_size=3", "training.torch_compile=true",
+                                 "training.label_smoothing_factor=0.1",
+                                 "training.average_tokens_across_devices=false", "model.attn_implementation=sdpa"])
+    msg = str(e.value)
+    assert "3 does not divide launcher.num_workers=2" in msg
+    assert "3 does not divide the model's 4 attention heads" in msg
+    assert "torch_compile" in msg and "label_smoothing_factor" in msg and "average_tokens_across_devices" in msg
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        load_config(QUICKSTART, ["backend.sequence_parallel_size=0"])
+    with pytest.raises(ConfigError, match="flex_attention cannot be split"):
+        load_config(QUICKSTART, ["backend.sequence_parallel_size=2", "model.attn_implementation=flex_attention",
+                                 "launcher.device=cuda"])
+    # torchrun's world is known only when the workers start (train/run.py checks it there)
+    assert load_config(QUICKSTART, ["backend.sequence_parallel_size=4", "launcher.type=torchrun",
+                                    "launcher.num_workers=1"]).backend.sequence_parallel_size == 4

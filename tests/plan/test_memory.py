@@ -445,3 +445,20 @@ def test_activation_offloading_is_named_as_an_upper_bound():
     assert any(n.startswith("training.activation_offloading: TRL moves the saved activations") and "upper bound" in n
                for n in on.notes)
     assert not any("activation_offloading" in n for n in off.notes) and on.activations == off.activations
+
+
+def test_sequence_parallel_plans_a_slice_of_each_row(capsys):
+    """Each worker of a group holds 1/size of every row's tokens: the activations of half the tokens, the whole
+    rows' mask on sdpa, and a batch line that counts groups."""
+    from sft_dist.plan import make_plan
+    from sft_dist.plan.report import render
+
+    whole = estimate_memory(config("data.max_length=512"), world_size=2, device="cpu")
+    cfg = config("data.max_length=512", "backend.sequence_parallel_size=2", "launcher.num_workers=4")
+    half = estimate_memory(cfg, world_size=4, device="cpu")
+    assert half.activations == pytest.approx(whole.activations / 2, rel=0.1)
+    assert half.detail["micro_batch"] == [8, 256]
+    assert any("the whole rows' mask, 2.00 MiB" in n for n in half.notes)  # 8 rows x 512 x 512 bools
+    plan = make_plan(cfg, device="cpu", world_size=4)
+    assert plan.geometry["global_batch"] == 16 and plan.geometry["sequence_parallel"] == 2
+    assert "x 2 data-parallel groups of 2 workers = 16 sequences" in render(plan)
