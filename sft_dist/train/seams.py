@@ -33,6 +33,7 @@ PRIVATE_SEAMS: dict[str, tuple[str, str, str]] = {
     "_prepare_for_training": (TRAINER, "override",
                               "the first point where the model is wrapped: the backend's wrapper check"),
     "_run_epoch": (TRAINER, "override", "a run resumed after early stopping stopped it trains no step"),
+    "_track_num_input_tokens": (TRAINER, "override", "under sequence parallelism a group's rows counted once"),
     "_clip_grad_norm": (TRAINER, "override", "after backward, before the step: the gradient bytes a rank holds"),
     "_save": (TRAINER, "call", "FSDP2's gathered full state dict written by rank 0 (backends/save.py)"),
     "_train_batch_size": (TRAINER, "attribute", "the micro-batch HF resolved, for sft_dist's global sampler"),

@@ -65,6 +65,12 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def _track_num_input_tokens(self, inputs):
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        if self.sequence is not None:  # HF sums over ranks, and a group's ranks hold the same rows
+            self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.sequence.size
+
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
         self.backend.after_accelerator(self, world_size=self.args.world_size, local_world_size=self.local_world_size)

@@ -272,7 +272,7 @@ def test_plan_json_for_a_compatible_qlora_fsdp_setup(capsys):
     rc = main(["plan", str(QUICKSTART), "quantization.bits=4", *FULL_SHARD, "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert rc == 0 and plan["verdict"] == "ok" and plan["rules"] == []
-    assert plan["geometry"] == {"micro_batch": 8, "gradient_accumulation_steps": 1, "world_size": 2,
+    assert plan["geometry"] == {"micro_batch": 8, "gradient_accumulation_steps": 1, "world_size": 2, "sequence_parallel": 1,
                                 "global_batch": 16, "max_length": 128, "tokens_per_step_max": 2048,
                                 "packing": False, "sampling": "random"}
     assert plan["setup"]["quantization"].startswith("4-bit bitsandbytes (storage float32")
