@@ -10,7 +10,7 @@ plan's estimate of the activations per rank, the wall seconds per step (median a
 curve's largest relative difference from the whole rows'. On a CPU the all-to-alls go through gloo and the two
 workers share the cores: the point is memory per rank, and that the numbers match.
 
-    python bench/sequence_parallel.py [--length 4096] [--steps 8]
+    python bench/sequence_parallel.py [--length 8192] [--steps 6]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def train(out: Path, data: Path, size: int, length: int, steps: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_sequence_parallel")
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
     data = documents(args.out / "train.jsonl")
     rows = {}

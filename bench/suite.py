@@ -29,6 +29,7 @@ SCRIPTS = {
     "packing": ["--steps", "10", "--repeats", "1"],
     "rebalance": ["--steps", "8", "--repeats", "1"],
     "eval_order": ["--repeats", "1"],
+    "sequence_parallel": ["--length", "4096", "--steps", "4"],
     "checkpoint_io": ["--steps", "2", "--repeats", "1"],
     "tokenize_cache": ["--rows", "5000", "--repeats", "1"],
 }
@@ -82,6 +83,11 @@ def _rows(name: str, d: dict) -> list[tuple[str, str, str, str]]:
                         f"random {1 / off['wall_s_per_step']:.2f} (padding {off['padding_fraction']:.2f})",
                         f"{d['speedup'][str(a)]:.2f}x"))
         return out
+    if name == "sequence_parallel":
+        rows = list(d["rows"].values())
+        return [(f"memory training adds per rank, rows of {d['setup']['length']:,} tokens, backend.sequence_parallel_size "
+                 f"2 (loss max rel diff {rows[1]['loss_max_rel_diff']:.0e})", f"{rows[1]['step_added_mib']:.0f} MiB",
+                 f"1 worker, whole rows {rows[0]['step_added_mib']:.0f} MiB", f"{d['ratio']:.2f}x")]
     if name == "eval_order":
         m = d["median_s"]
         return [(f"eval seconds, {d['setup']['rows']} long-tailed rows, rows sorted longest first (1 worker; loss "
