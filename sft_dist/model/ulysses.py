@@ -273,10 +273,11 @@ def attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_to_all_single
+    """Equal splits along dim 0, differentiable (its backward is the reverse all-to-all): torch's functional
+    collective (torch.distributed.nn's is deprecated since torch 2.13)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    x = x.contiguous()  # and so the output: empty_like keeps the strides of a transposed input
-    return all_to_all_single(torch.empty_like(x), x, group=group)
+    return all_to_all_single_autograd(x.contiguous(), None, None, group)
 
 
 def _to_heads(x: torch.Tensor, size: int, group) -> torch.Tensor:

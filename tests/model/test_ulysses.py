@@ -22,20 +22,39 @@ WORKER = Path(__file__).with_name("ulysses_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_ranks(world: int, inner: str, kv_heads: int, window: int = 0) -> list[dict]:
+def run_ranks(world: int, cases: list[tuple[str, int, int]], tmp: Path) -> dict[tuple, list[dict]]:
+    """Every case on `world` ranks started once: {case: [each rank's result]}. Output goes to files: a rank blocked
+    on a full pipe would hold the others in a collective."""
     port = free_port("127.0.0.1")
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), inner, str(kv_heads), str(window)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=180)
-        assert p.returncode == 0, stderr[-3000:]
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
+        with open(tmp / f"out{r}", "w") as out, open(tmp / f"err{r}", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), *(":".join(map(str, c)) for c in cases)],
+                                          env=env, stdout=out, stderr=err))
+    results: dict[tuple, list[dict]] = {}
+    for r, p in enumerate(procs):
+        assert p.wait(timeout=300) == 0, (tmp / f"err{r}").read_text()[-3000:]
+        for line in (tmp / f"out{r}").read_text().splitlines():
+            if line.startswith("{"):
+                result = json.loads(line)
+                results.setdefault(tuple(result["case"]), []).append(result)
+    return results
+
+
+CASES = [
+    ("sdpa", 2, 0),  # k/v heads split 2 ways
+    ("sdpa", 1, 0),  # one k/v head: repeated to split
+    ("eager", 2, 0),
+    ("varlen_attention", 2, 0),  # flattened rows and their boundaries (the per-document sdpa on a CPU)
+    ("sdpa", 2, 4),  # a sliding window of 4 tokens (Mistral)
+]
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    return run_ranks(2, CASES, tmp_path_factory.mktemp("ulysses"))
 
 
 def reference(inner: str, kv_heads: int, window: int = 0) -> dict:
@@ -52,15 +71,10 @@ def reference(inner: str, kv_heads: int, window: int = 0) -> dict:
             "grad_norm": float(torch.stack([p.grad.norm() for p in model.parameters()]).norm())}
 
 
-@pytest.mark.parametrize("inner,kv_heads,window", [
-    ("sdpa", 2, 0),  # k/v heads split 2 ways
-    ("sdpa", 1, 0),  # one k/v head: repeated to split
-    ("eager", 2, 0),
-    ("varlen_attention", 2, 0),  # flattened rows and their boundaries (the per-document sdpa on a CPU)
-    ("sdpa", 2, 4),  # a sliding window of 4 tokens (Mistral)
-])
-def test_split_equals_unsplit(inner, kv_heads, window):
-    ranks = run_ranks(2, inner, kv_heads, window)
+@pytest.mark.parametrize("inner,kv_heads,window", CASES)
+def test_split_equals_unsplit(split_runs, inner, kv_heads, window):
+    ranks = sorted(split_runs[(inner, kv_heads, window)], key=lambda r: r["rank"])
+    assert len(ranks) == 2
     ref = reference(inner, kv_heads, window)
     assert all(r["attn"] == ulysses.NAME for r in ranks)
     got = torch.cat([torch.tensor(r["logits"]) for r in ranks], dim=1)  # (rows, 14 with padding, vocab)

@@ -33,12 +33,7 @@ def model_and_batch(inner: str, kv_heads: int, window: int | None = None):
     return model, {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 
-def main() -> None:
-    inner, kv_heads, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layout = ulysses.Layout.of(rank, world, world)
-    ulysses.new_groups(layout, world)
+def run_case(inner: str, kv_heads: int, window: int | None, layout) -> dict:
     model, batch = model_and_batch(inner, kv_heads, window)
     ulysses.enable(model, inner)
     tokens = int(batch["labels"][:, 1:].ne(-100).sum())
@@ -53,10 +48,21 @@ def main() -> None:
         dist.all_reduce(g)
     total = loss_sum.detach().clone()
     dist.all_reduce(total)
-    print(json.dumps({"rank": rank, "logits": logits.detach().tolist(), "loss": float(total) / tokens,
-                      "grads": {n: g.flatten()[:64].tolist() for n, g in grads.items()},
-                      "grad_norm": float(torch.stack([g.norm() for g in grads.values()]).norm()),
-                      "attn": model.config._attn_implementation}))
+    return {"case": [inner, kv_heads, window or 0], "logits": logits.detach().tolist(), "loss": float(total) / tokens,
+            "grads": {n: g.flatten()[:64].tolist() for n, g in grads.items()},
+            "grad_norm": float(torch.stack([g.norm() for g in grads.values()]).norm()),
+            "attn": model.config._attn_implementation}
+
+
+def main() -> None:
+    """argv: cases as inner:kv_heads:window, all run in one process group (one start-up for all)."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = ulysses.Layout.of(rank, world, world)
+    ulysses.new_groups(layout, world)
+    for case in sys.argv[1:]:
+        inner, kv_heads, window = case.split(":")
+        print(json.dumps({"rank": rank, **run_case(inner, int(kv_heads), int(window) or None, layout)}), flush=True)
     dist.destroy_process_group()
 
 
