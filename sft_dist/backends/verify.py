@@ -14,7 +14,12 @@ from sft_dist.errors import SftDistError
 def wrapper_info(trainer, *, requested: str, world_size: int) -> dict[str, Any]:
     """What actually wraps the model. Raises when it is not what the config asked for."""
     wrapped = trainer.model_wrapped
+    compiled = False
+    while isinstance(getattr(wrapped, "_orig_mod", None), torch.nn.Module):  # training.torch_compile: accelerate
+        wrapped, compiled = wrapped._orig_mod, True  # compiles the wrapped model (torch.compile(DDP(model)))
     info: dict[str, Any] = {"requested": requested, "wrapper": type(wrapped).__name__}
+    if compiled:
+        info["compiled"] = True
     if requested == "deepspeed":
         from deepspeed import DeepSpeedEngine
 

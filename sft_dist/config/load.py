@@ -284,9 +284,6 @@ def _check_sequence_parallel(cfg: Config) -> list[str]:
     if attn == "flex_attention" or (attn and "/" in attn):
         p.append(f"{key}: model.attn_implementation {attn} cannot be split across workers; use auto, sdpa, eager, "
                  "varlen_attention or flash attention")
-    if t.get("torch_compile"):
-        p.append(f"{key}: training.torch_compile with sequence parallelism is not supported yet (its all-to-alls "
-                 "are untested under the compiler); turn one of them off")
     if t.get("label_smoothing_factor"):
         p.append(f"{key}: training.label_smoothing_factor needs every row's whole logits on one rank; with "
                  "sequence parallelism each rank has a slice. Turn one of them off")

@@ -99,3 +99,27 @@ def test_zero3_builds_a_random_base_partitioned_over_several_ranks_only():
     assert b.random_base(b.sharding(2), quantized=True, is_main=True) == "host"  # quantized from host memory
     z2 = backend("backend.type=deepspeed", f"backend.config={DS / 'zero2.json'}")
     assert z2.random_base(z2.sharding(2), quantized=False, is_main=True) == "device"
+
+
+def test_the_backend_check_looks_through_a_compiled_wrapper(tmp_path):
+    """training.torch_compile: accelerate compiles the DDP-wrapped model; the check that DDP applied must see DDP
+    inside the compiled module (before, every multi-worker compiled run was refused at start)."""
+    import types
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sft_dist.backends.verify import wrapper_info
+    from sft_dist.errors import SftDistError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(4, 4))
+        info = wrapper_info(types.SimpleNamespace(model_wrapped=torch.compile(ddp)), requested="ddp", world_size=2)
+        assert info["wrapper"] == "DistributedDataParallel" and info["compiled"] is True
+        with pytest.raises(SftDistError, match="wrapped in Linear, not DDP"):
+            wrapper_info(types.SimpleNamespace(model_wrapped=torch.compile(torch.nn.Linear(4, 4))), requested="ddp",
+                         world_size=2)
+    finally:
+        dist.destroy_process_group()

@@ -244,13 +244,12 @@ def test_credentials_inside_urls_are_redacted_in_every_dump(tmp_path):
 
 def test_sequence_parallel_is_checked_before_launch():
     with pytest.raises(ConfigError) as e:
-        load_config(QUICKSTART, ["backend.sequence_parallel_size=3", "training.torch_compile=true",
-                                 "training.label_smoothing_factor=0.1",
+        load_config(QUICKSTART, ["backend.sequence_parallel_size=3", "training.label_smoothing_factor=0.1",
                                  "training.average_tokens_across_devices=false", "model.attn_implementation=sdpa"])
     msg = str(e.value)
     assert "3 does not divide launcher.num_workers=2" in msg
     assert "3 does not divide the model's 4 attention heads" in msg
-    assert "torch_compile" in msg and "label_smoothing_factor" in msg and "average_tokens_across_devices" in msg
+    assert "label_smoothing_factor" in msg and "average_tokens_across_devices" in msg
     with pytest.raises(ConfigError, match="must be >= 1"):
         load_config(QUICKSTART, ["backend.sequence_parallel_size=0"])
     with pytest.raises(ConfigError, match="flex_attention cannot be split"):
