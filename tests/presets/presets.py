@@ -131,7 +131,7 @@ def tiny_overrides(p, model_dir, rows, out) -> list[str]:
     """What changes from the preset: the tiny model, the bundled tokenizer (its ChatML template renders the chat
     rows) and the demo data as chat rows, a few steps, CPU (no bf16, no Liger:
     its kernels are Triton), no eval or checkpoints; everything else (backend, LoRA, quantization, packing,
-    optimizer, checkpointing, attention) is the preset's."""
+    optimizer, checkpointing, attention) is the preset's; sequence parallelism in one group of the 2 workers."""
     workers = 1 if p.world_size == 1 else 2
     over = [f"output_dir={out}", f"model.name_or_path={model_dir}", "model.tokenizer=builtin:tokenizer",
             "data.dataset=null", f"data.train_files={rows}",
@@ -141,6 +141,8 @@ def tiny_overrides(p, model_dir, rows, out) -> list[str]:
             "training.use_liger_kernel=false", "launcher.device=cpu"]
     if p.raw["launcher"]["type"] != "torchrun":
         over.append(f"launcher.num_workers={workers}")
+    if p.raw["backend"].get("sequence_parallel_size", 1) > workers:  # one group of the workers there are
+        over.append(f"backend.sequence_parallel_size={workers}")
     if p.raw["launcher"]["type"] == "ray":
         over.append("launcher.resources_per_worker={CPU: 1}")
     return over
