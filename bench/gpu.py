@@ -34,6 +34,7 @@ step sees one GPU (CUDA_VISIBLE_DEVICES) except ddp_nccl, and runs offline (HF_*
   paged_adamw_8bit  the sft_dist step with training.optim=paged_adamw_8bit (skipped without bitsandbytes)
   sft_dist_compile  the sft_dist step with training.torch_compile=true
   ddp_nccl          the sft_dist step on every GPU (local launcher, nccl; skipped with fewer than 2 GPUs)
+  sft_dist_sequence_parallel  the sft_dist step's rows, each GPU 1/N of every row (skipped with fewer than 2 GPUs)
   lora_dropout_005  the sft_dist step with lora.dropout=0.05 (sft_dist's default and the presets'): what dropout costs
   llama8b_qlora_ckpt, llama8b_qlora_every2  the QLoRA step at 4 rows x 2 with every decoder layer checkpointed
                     (planned at 9.8 GiB, half again the compute), and at 2 x 4 checkpointing one layer in two (planned
@@ -117,8 +118,8 @@ class Setup:
 
     @classmethod
     def make(cls, tiny: bool, work: Path) -> "Setup":
-        if tiny:
-            return cls(True, "cpu", 256, 8, 6, 2, TINY, TINY_8B, 1.0, work)
+        if tiny:  # 2 CPU workers stand in for 2 GPUs (the several-GPU steps' configs are checked too)
+            return cls(True, "cpu", 256, 8, 6, 2, TINY, TINY_8B, 1.0, work, gpus=2)
         import torch
 
         return cls(False, "cuda", 2048, 8, 14, 4, LLAMA_1B5, LLAMA_8B, None, work, gpus=torch.cuda.device_count())
@@ -171,7 +172,7 @@ def run_proc(cmd: list[str], *, timeout: float, log: Path,
                 line = line.rstrip("\n")
                 tail.append(line)
                 del tail[:-40]
-                s = line.lstrip()
+                s = line.lstrip().removeprefix("[rank 0] ")  # several workers: rank 0's lines name themselves
                 if not first and s.startswith("step 1/"):
                     first.append(time.perf_counter() - t0)
                 for w in watch:
@@ -595,6 +596,14 @@ def steps() -> list[Step]:
         r["note"] = f"{s.gpus} GPUs, nccl; tokens/s of all of them"
         return r
 
+    def sequence_parallel(s: Setup, t: float) -> dict:
+        # one group of every GPU: the sft_dist step's rows, each GPU 1/N of every row (its losses are comparable)
+        r = run_sft_dist(s, "sft_dist_sequence_parallel", sft_dist_config(
+            s, "sft_dist_sequence_parallel", **{"launcher.num_workers": s.gpus,
+                                               "backend.sequence_parallel_size": s.gpus}), t)
+        r["note"] = f"{s.gpus} GPUs in one sequence-parallel group (nccl all-to-all); tokens/s of all of them"
+        return r
+
     def trl_fastest(s: Setup, t: float) -> dict:
         attn = "flash_attention_2" if _flash() and not s.tiny else ("sdpa" if s.tiny else "flex_attention")
         liger = not s.tiny and importlib.util.find_spec("liger_kernel") is not None
@@ -661,6 +670,8 @@ def steps() -> list[Step]:
         attn_variant("flash_attention_2"),
         Step("ddp_nccl", "sft_dist on every GPU (DDP, nccl)", 90, 25, ddp,
              lambda s: "fewer than 2 GPUs" if s.gpus < 2 else prep(s), 300),
+        Step("sft_dist_sequence_parallel", "the sft_dist step's rows split over every GPU (backend.sequence_parallel_"
+             "size)", 90, 25, sequence_parallel, lambda s: "fewer than 2 GPUs" if s.gpus < 2 else prep(s), 300),
         Step("lora_dropout_005", "sft_dist with lora.dropout=0.05", 70, 25,
              sft("lora_dropout_005", **{"lora.dropout": 0.05}),
              prep, 300),
