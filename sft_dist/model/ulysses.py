@@ -47,8 +47,11 @@ class Layout:
 
     @classmethod
     def of(cls, rank: int, world: int, size: int) -> "Layout":
-        if size < 1 or world % size:
-            raise ValueError(f"{KEY}: {size} does not divide the {world} workers")
+        if size < 1 or world % size:  # torchrun's world is known only when the workers start
+            from sft_dist.errors import ConfigError
+
+            raise ConfigError(f"{KEY}: {size} does not divide the {world} workers; each group of {size} workers "
+                              "trains the same rows")
         return cls(size=size, rank=rank % size, dp_rank=rank // size, dp_world=world // size)
 
 
@@ -93,9 +96,12 @@ def enable(model, inner: str) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if inner not in INNER:
-        raise ValueError(f"{KEY}: the attention implementation {inner!r} cannot be split; use sdpa, eager, "
-                         "varlen_attention or flash attention")
+    if inner not in INNER:  # e.g. flex_attention, which auto picks for Gemma 2 on a GPU
+        from sft_dist.errors import ConfigError
+
+        raise ConfigError(f"{KEY}: the model's attention {inner!r} cannot be split across workers; set "
+                          "model.attn_implementation to eager, sdpa, varlen_attention or flash_attention_2 (soft-capping "
+                          "models: eager, or flash attention where installed)")
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_function)
     _STATE.inner = inner

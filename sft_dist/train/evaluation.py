@@ -61,10 +61,8 @@ def eval_totals(trainer, dataset) -> list[float]:
     model = trainer.model
     was_training = model.training
     model.eval()
-    sequence = getattr(trainer, "sequence", None)  # sequence parallelism: a group's ranks score the same rows
-    world, rank = (args.world_size, args.process_index) if sequence is None else (sequence.dp_world,
-                                                                                  sequence.dp_rank)
-    rows = shard(len(dataset), world, rank, token_lengths(dataset))
+    sequence = trainer.sequence  # sequence parallelism: a group's ranks score the same rows
+    rows = shard(len(dataset), *trainer.data_parallel, token_lengths(dataset))
     bs = args.per_device_eval_batch_size
     loader = torch.utils.data.DataLoader(WithPlaceholder(dataset), batch_sampler=[rows[i:i + bs] for i in
                                                                                  range(0, len(rows), bs)],

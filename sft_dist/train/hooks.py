@@ -58,10 +58,7 @@ class CheckpointHooks:
     def get_train_dataloader(self):
         args = self.args
         strategy = str(getattr(args, "train_sampling_strategy", "random"))
-        # under sequence parallelism a group's ranks get the same rows: the sampler deals by data-parallel rank
-        sequence = getattr(self, "sequence", None)
-        world, rank = (args.world_size, args.process_index) if sequence is None else (sequence.dp_world,
-                                                                                      sequence.dp_rank)
+        world, rank = self.data_parallel  # under sequence parallelism a group's ranks get the same rows
         loader, self.train_sampler = train_loader(
             self.train_dataset, collate=self.data_collator,
             geometry=Geometry(micro=self._train_batch_size, accum=args.gradient_accumulation_steps,

@@ -623,9 +623,6 @@ def _sequence_layout(cfg: Config, env: DistEnv):
         return None
     from sft_dist.model import ulysses
 
-    if env.world_size % size:  # torchrun's world is known only here
-        raise ConfigError(f"{ulysses.KEY}: {size} does not divide the {env.world_size} workers; each group of {size} "
-                          "workers trains the same rows")
     layout = ulysses.Layout.of(env.rank, env.world_size, size)
     ulysses.new_groups(layout, env.world_size)
     log.info("sequence parallel: %d groups of %d workers, each worker 1/%d of every row's tokens (this one: group "

@@ -128,9 +128,12 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
         return ulysses.split(inputs, self.sequence, flat=ulysses.inner_reads_boundaries())
 
     @property
-    def data_world(self) -> int:
-        """The data-parallel ranks: the workers, or their sequence-parallel groups."""
-        return self.args.world_size // (self.sequence.size if self.sequence is not None else 1)
+    def data_parallel(self) -> tuple[int, int]:
+        """(data-parallel ranks, this rank's index among them): the workers, or under sequence parallelism their
+        groups, whose ranks share rows (the sampler and the eval shards deal by these)."""
+        if self.sequence is None:
+            return self.args.world_size, self.args.process_index
+        return self.sequence.dp_world, self.sequence.dp_rank
 
     def close_trace(self) -> None:
         if self._trace is not None:
@@ -257,7 +260,7 @@ class SFTDistTrainer(CheckpointHooks, SFTTrainer):
 
             self._flops = model_flops(self.model)
         rows = steps * global_batch(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
-                                    self.data_world)
+                                    self.data_parallel[0])
         seq = tokens / rows  # mean tokens per row: the attention span, approximately (a packed row: its documents')
         return self._flops.per_token(seq) * tokens / elapsed / self.args.world_size / (self.peak_tflops * 1e12)
 

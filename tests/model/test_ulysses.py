@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sft_dist.distributed.local import free_port
+from sft_dist.errors import ConfigError
 from sft_dist.model import ulysses
 from tests.model.ulysses_worker import model_and_batch
 
@@ -110,5 +111,7 @@ def test_split_rows():
     assert flat["input_ids"].shape == (1, 5)  # 2 x 7 = 14 tokens padded to 15, in 3 slices
     assert rows.boundaries["cu_seq_lens_q"].tolist() == [0, 5, 7, 12, 14, 15]
     assert [ulysses.Layout.of(r, 4, 2) for r in (0, 3)] == [ulysses.Layout(2, 0, 0, 2), ulysses.Layout(2, 1, 1, 2)]
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ConfigError, match="2 does not divide the 3 workers"):
         ulysses.Layout.of(0, 3, 2)
+    with pytest.raises(ConfigError, match="'flex_attention' cannot be split"):
+        ulysses.enable(None, "flex_attention")

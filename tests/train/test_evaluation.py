@@ -23,7 +23,8 @@ def eval_loss(trainer, dataset) -> dict[str, float]:
 
 def trainer(model, tok, *, plain: bool):
     args = SimpleNamespace(world_size=1, process_index=0, per_device_eval_batch_size=3, device=torch.device("cpu"))
-    return SimpleNamespace(args=args, model=model, data_collator=collator(tok, attn="sdpa"), _plain_lm_head_loss=plain)
+    return SimpleNamespace(args=args, model=model, data_collator=collator(tok, attn="sdpa"), _plain_lm_head_loss=plain,
+                           sequence=None, data_parallel=(1, 0))
 
 
 @pytest.fixture
