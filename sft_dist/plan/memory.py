@@ -185,7 +185,7 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         "evaluation": evaluating,
     }
     hints = _hints(cfg, facts, activations=activations, total=total, checkpointing=checkpointing, batch=batch,
-                   model=model, compute=compute, autocast=detail["mixed_precision"] == "autocast")
+                   length=length, model=model, compute=compute, autocast=detail["mixed_precision"] == "autocast")
     return MemoryEstimate(weights=weights, lora=lora, gradients=gradients, optimizer=optimizer,
                           activations=activations, total=total, detail=detail, notes=notes, hints=hints)
 
@@ -939,9 +939,10 @@ def _notes(cfg: Config, *, backend: Backend, shard: Sharding, counts: dict, batc
     return notes
 
 
-def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpointing: bool, batch: int, model,
-           compute: torch.dtype, autocast: bool) -> list[str]:
-    """What would lower the peak when activations are most of it, among the switches not already on."""
+def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpointing: bool, batch: int, length: int,
+           model, compute: torch.dtype, autocast: bool) -> list[str]:
+    """What would lower the peak when activations are most of it, among the switches not already on. `length`: the
+    tokens of a row a rank holds (a slice under sequence parallelism)."""
     share = activations / max(1, total)
     if share <= ACTIVATION_SHARE_HINT:
         return []
@@ -952,7 +953,7 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
     layers = int(getattr(text, "num_hidden_layers", 1) or 1)
     if not checkpointing:
         # what stays saved: each decoder layer's input; in backward one layer's activations exist at a time
-        kept = layers * batch * facts.max_length * int(getattr(text, "hidden_size", 0) or 0) * _bytes(compute)
+        kept = layers * batch * length * int(getattr(text, "hidden_size", 0) or 0) * _bytes(compute)
         full = kept + activations // layers
         out.append(f"training.activation_checkpointing: true keeps only each decoder layer's input for backward "
                    f"(about {format_bytes(full)} instead of {format_bytes(activations)}) and "
@@ -964,7 +965,13 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
         out.append(f"training.per_device_train_batch_size: {smaller} with gradient_accumulation_steps: {accum} keeps "
                    f"the global batch of {facts.global_batch} sequences and about halves the activations"
                    + ("" if batch % 2 == 0 else " (a slightly smaller global batch: the micro-batch is odd)"))
-    masks = _dropout_mask_bytes(model, tokens=batch * facts.max_length)
+    more = _more_sequence_parallel(facts, text)
+    if more:
+        out.append(f"backend.sequence_parallel_size: {more} splits every row over {more} workers (slices of "
+                   f"{-(-facts.max_length // more)} tokens): about {format_bytes(activations * facts.sequence_parallel // more)} "
+                   f"of activations, for {facts.world_size // more} data-parallel group(s) and two all-to-alls per "
+                   "layer")
+    masks = _dropout_mask_bytes(model, tokens=batch * length)
     if masks:
         out.append(f"lora.dropout: 0 (peft's own default) spares the dropout mask every adapted layer keeps for "
                    f"backward (about {format_bytes(masks)}) and a pass over each adapted layer's input"
@@ -981,6 +988,16 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
                    "instead of fp32 copies and the activation (measured on an H200: 35.2 -> 29.1 GiB for a 1.5B "
                    "Llama shape)")
     return out if len(out) > 1 else []
+
+
+def _more_sequence_parallel(facts: Facts, text) -> int | None:
+    """The next sequence-parallel size (twice the current) that the workers and the model's attention heads allow;
+    None on one worker or where none is left."""
+    size = facts.sequence_parallel * 2
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    if facts.eval_only or facts.world_size % size or not heads or heads % size:
+        return None
+    return size
 
 
 def _dropout_mask_bytes(model, *, tokens: int) -> int:

@@ -462,3 +462,21 @@ def test_sequence_parallel_plans_a_slice_of_each_row(capsys):
     plan = make_plan(cfg, device="cpu", world_size=4)
     assert plan.geometry["global_batch"] == 16 and plan.geometry["sequence_parallel"] == 2
     assert "x 2 data-parallel groups of 2 workers = 16 sequences" in render(plan)
+
+
+def test_a_longer_row_than_fits_is_hinted_to_split_over_more_workers():
+    """Where activations are most of the peak (the H200 reference shape on a GPU), the hints name the next
+    sequence-parallel size the workers and the heads allow, with the activations it leaves; none where the workers
+    are all in one group already."""
+    def sp_hints(*overrides, world):
+        m = estimate_memory(config(*H200_REFERENCE, f"launcher.num_workers={world}", *overrides), world_size=world,
+                            device="cuda")
+        return [h for h in m.hints if h.startswith("backend.sequence_parallel_size")], m
+
+    (hint,), m = sp_hints(world=4)
+    assert "backend.sequence_parallel_size: 2 splits every row over 2 workers (slices of 1024 tokens)" in hint
+    assert f"about {format_bytes(m.activations // 2)} of activations, for 2 data-parallel group(s)" in hint
+    (hint,), _ = sp_hints("backend.sequence_parallel_size=2", world=4)
+    assert "backend.sequence_parallel_size: 4" in hint and "for 1 data-parallel group(s)" in hint
+    assert sp_hints("backend.sequence_parallel_size=2", world=2)[0] == []
+    assert sp_hints(world=1)[0] == []
