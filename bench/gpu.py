@@ -276,6 +276,11 @@ def fit_micro_batch(s: Setup, name: str, cfg: dict, share: float = 0.9) -> str |
         training["gradient_accumulation_steps"] *= 2
 
 
+def _devices(s: Setup) -> str:
+    """What the several-worker steps ran on: GPUs over nccl, or under --tiny the CPU workers standing in for them."""
+    return f"{s.gpus} CPU workers, gloo (--tiny)" if s.tiny else f"{s.gpus} GPUs, nccl"
+
+
 def run_sft_dist(s: Setup, name: str, cfg: dict, timeout: float, warmup: int | None = None) -> dict:
     out = Path(cfg["output_dir"])
     shutil.rmtree(out, ignore_errors=True)
@@ -593,7 +598,7 @@ def steps() -> list[Step]:
 
     def ddp(s: Setup, t: float) -> dict:
         r = run_sft_dist(s, "ddp_nccl", sft_dist_config(s, "ddp_nccl", **{"launcher.num_workers": s.gpus}), t)
-        r["note"] = f"{s.gpus} GPUs, nccl; tokens/s of all of them"
+        r["note"] = f"{_devices(s)}; tokens/s of all of them"
         return r
 
     def sequence_parallel(s: Setup, t: float) -> dict:
@@ -601,7 +606,7 @@ def steps() -> list[Step]:
         r = run_sft_dist(s, "sft_dist_sequence_parallel", sft_dist_config(
             s, "sft_dist_sequence_parallel", **{"launcher.num_workers": s.gpus,
                                                "backend.sequence_parallel_size": s.gpus}), t)
-        r["note"] = f"{s.gpus} GPUs in one sequence-parallel group (nccl all-to-all); tokens/s of all of them"
+        r["note"] = f"{_devices(s)} in one sequence-parallel group (all-to-all); tokens/s of all of them"
         return r
 
     def trl_fastest(s: Setup, t: float) -> dict:

@@ -8,7 +8,7 @@ one token at a time, so it runs on the slice as it is. Attention is registered w
 all-to-all trades the slice of tokens for a slice of heads (every token, heads/size heads), the model's own
 attention implementation (`inner`: sdpa, eager, varlen or flash attention) runs on the whole rows for those heads,
 with the whole rows' document mask or boundaries (packing stays isolated), and a second all-to-all trades back.
-Gradients go back through the same all-to-alls (torch.distributed.nn). The loss of each slice is a sum over its
+Gradients go back through the same all-to-alls (torch's functional collective, which the compiler also traces). The loss of each slice is a sum over its
 tokens divided by the step's loss tokens counted once per group, so the group's gradients add up to the
 unsplit row's.
 
