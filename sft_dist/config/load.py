@@ -290,12 +290,6 @@ def _check_sequence_parallel(cfg: Config) -> list[str]:
     if t.get("average_tokens_across_devices") is False:
         p.append(f"{key}: needs training.average_tokens_across_devices: true (a slice's loss is divided by the step's "
                  "loss tokens over all ranks, so the group's gradients add up to the whole row's)")
-    if cfg.model.init_config:
-        heads = cfg.model.init_config.get("num_attention_heads") or (
-            cfg.model.init_config.get("text_config") or {}).get("num_attention_heads")
-        if isinstance(heads, int) and heads % size:
-            p.append(f"{key}: {size} does not divide the model's {heads} attention heads (model.init_config); each "
-                     "rank of a group attends with heads / size of them")
     return p
 
 

@@ -202,8 +202,8 @@ class BackendConfig:
     options: dict[str, Any] | None = None
     # Sequence parallelism (DeepSpeed-Ulysses' scheme, model/ulysses.py): groups of this many consecutive workers
     # train the same rows, each holding 1/size of their tokens (activations 1/size as large: rows size times
-    # longer); attention trades token slices for head slices by all-to-all. Must divide the workers and the
-    # model's attention heads. With any backend; the data-parallel ranks are workers / size.
+    # longer); attention trades token slices for head slices by all-to-all. Must divide the workers (heads it does
+    # not divide are padded with zero heads). With any backend; the data-parallel ranks are workers / size.
     sequence_parallel_size: int = 1
 
 

@@ -13,8 +13,9 @@ tokens divided by the step's loss tokens counted once per group, so the group's 
 unsplit row's.
 
 Why this scheme: it works with any attention kernel, masks included (ring attention needs its own kernel), and
-costs two all-to-alls of q, k, v and the output per layer. Its limit: `size` divides the query heads (k/v heads
-that it does not divide are repeated).
+costs two all-to-alls of q, k, v and the output per layer. Heads that `size` does not divide are laid out by
+`Heads`: k/v heads repeated, zero heads added where the counts do not split evenly (28 query heads over 8 ranks
+attend as 32: a seventh more attention work, no limit on `size`).
 
 Outside a split forward (generation, a model called by other code) the attention is the inner one, unchanged.
 """
@@ -22,7 +23,6 @@ Outside a split forward (generation, a model called by other code) the attention
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass, field
 
@@ -55,6 +55,91 @@ class Layout:
         return cls(size=size, rank=rank % size, dp_rank=rank // size, dp_world=world // size)
 
 
+@dataclass(frozen=True)
+class Heads:
+    """How one layer's heads are laid out so that `size` ranks get equal shares: k/v heads padded with zero heads
+    to `kv_padded`, each repeated `repeat` times, and each k/v head's query heads padded with zero heads to
+    `group_padded`, so query head j of k/v head a stays with it. A zero query attends evenly and its output is
+    dropped; a zero k/v head serves only zero queries. The layout is the one with the fewest query heads per rank
+    (the attention work), then the fewest k/v heads sent."""
+
+    heads: int
+    kv: int
+    size: int
+    kv_padded: int
+    repeat: int
+    group_padded: int
+
+    @classmethod
+    def of(cls, heads: int, kv: int, size: int) -> "Heads":
+        group = heads // kv
+        if kv % size == 0:  # the common case (each rank whole k/v heads and their query heads): asked every layer
+            return cls(heads, kv, size, kv, 1, group)
+        best = None
+        for kv_padded in range(kv, kv + size + 1):
+            for repeat in range(1, size + 1):
+                if kv_padded * repeat % size:
+                    continue
+                group_padded = -(-group // repeat) * repeat
+                cost = (kv_padded * group_padded, kv_padded * repeat)
+                if best is None or cost < best[0]:
+                    best = (cost, cls(heads, kv, size, kv_padded, repeat, group_padded))
+        return best[1]
+
+    @property
+    def padded(self) -> int:
+        """Query heads after padding: `size` times each rank's share."""
+        return self.kv_padded * self.group_padded
+
+    @property
+    def plain(self) -> bool:
+        return self.padded == self.heads and self.repeat == 1
+
+    def describe(self) -> str:
+        """One line for the log: each rank's share and what the layout adds."""
+        share = f"{self.heads} query heads ({self.kv} k/v) split {self.size} ways: {self.padded // self.size} per rank"
+        return ", ".join([share, *self.extras()])
+
+    def extras(self) -> list[str]:
+        """What the layout adds to an even split (nothing where the heads divide)."""
+        out = []
+        if self.padded > self.heads:
+            extra = self.padded - self.heads
+            out.append(f"{extra} zero head{'s' if extra > 1 else ''} added (attention costs as for {self.padded} "
+                       f"heads: +{self.padded / self.heads - 1:.0%})")
+        if self.repeat > 1:
+            out.append(f"each k/v head repeated {self.repeat}x")
+        return out
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, heads, s, D) -> (B, padded, s, D)."""
+        if self.padded == self.heads:
+            return q
+        b, _, s, d = q.shape
+        q = q.reshape(b, self.kv, self.heads // self.kv, s, d)
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, self.group_padded - q.shape[2], 0, self.kv_padded - self.kv))
+        return q.reshape(b, self.padded, s, d)
+
+    def key_value(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, kv, s, D) -> (B, kv_padded * repeat, s, D)."""
+        if self.kv_padded > self.kv:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.kv_padded - self.kv))
+        return x.repeat_interleave(self.repeat, dim=1) if self.repeat > 1 else x
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, s, padded, D) -> (B, s, heads, D): the zero heads dropped."""
+        if self.padded == self.heads:
+            return out
+        b, s, _, d = out.shape
+        out = out.reshape(b, s, self.kv_padded, self.group_padded, d)[:, :, :self.kv, :self.heads // self.kv]
+        return out.reshape(b, s, self.heads, d)
+
+    def per_head(self, values: torch.Tensor, rank: int) -> torch.Tensor:
+        """A per-query-head parameter (learned attention sinks, (heads,)) -> this rank's heads' values."""
+        share = self.padded // self.size
+        return self.query(values.reshape(1, -1, 1, 1)).reshape(-1)[rank * share:(rank + 1) * share]
+
+
 @dataclass
 class _State:
     group: object = None  # the process group of this rank's sequence-parallel group
@@ -80,15 +165,13 @@ def new_groups(layout: Layout, world: int):
     return mine
 
 
-def heads_problem(config, size: int) -> str | None:
-    """Why a model's attention cannot be split `size` ways (None when it can)."""
+def model_heads(config, size: int) -> Heads | None:
+    """The head layout of a transformers config's attention split `size` ways (None where it names no heads)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     if not heads:
-        return f"its config names no num_attention_heads ({type(config).__name__})"
-    if heads % size:
-        return f"its {heads} attention heads do not divide into {size} groups"
-    return None
+        return None
+    return Heads.of(int(heads), int(getattr(text, "num_key_value_heads", None) or heads), size)
 
 
 def enable(model, inner: str) -> None:
@@ -241,13 +324,16 @@ def _inner_function(module):
     return ALL_ATTENTION_FUNCTIONS[_STATE.inner]
 
 
-class _Grouped:
-    """The attention module as the inner attention sees it once k/v heads were repeated: one k/v head per query
-    head."""
+class _Local:
+    """The attention module as the inner attention sees this rank's heads: the k/v grouping after padding and
+    repeats, and this rank's share of any learned per-head sinks (gpt-oss and the like)."""
 
-    def __init__(self, module, groups: int):
+    def __init__(self, module, heads: Heads, rank: int):
         self._module = module
-        self.num_key_value_groups = groups
+        self.num_key_value_groups = heads.group_padded // heads.repeat
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, torch.Tensor):
+            self.sinks = heads.per_head(sinks, rank)
 
     def __getattr__(self, name):
         return getattr(self._module, name)
@@ -260,13 +346,14 @@ def attention_forward(module, query, key, value, attention_mask, **kwargs):
     rows = _STATE.rows
     if rows is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    size, group = _STATE.layout.size, _STATE.group
-    heads, kv_heads = query.shape[1], key.shape[1]
-    if kv_heads % size:  # repeat each k/v head so the heads split evenly (query head h keeps its k/v head)
-        repeat = size // math.gcd(kv_heads, size)
-        key, value = (x.repeat_interleave(repeat, dim=1) for x in (key, value))
-        module = _Grouped(module, heads // (kv_heads * repeat))
-    q, k, v = (_to_heads(x, size, group) for x in (query, key, value))
+    size, group, rank = _STATE.layout.size, _STATE.group, _STATE.layout.rank
+    heads = Heads.of(query.shape[1], key.shape[1], size)
+    if not heads.plain or isinstance(getattr(module, "sinks", None), torch.Tensor):
+        module = _Local(module, heads, rank)
+    if kwargs.get("s_aux") is not None:  # sinks as flash attention takes them
+        kwargs["s_aux"] = heads.per_head(kwargs["s_aux"], rank)
+    q = _to_heads(heads.query(query), size, group)
+    k, v = (_to_heads(heads.key_value(x), size, group) for x in (key, value))
     if _STATE.inner in FLASH_LIKE:
         kwargs.update(rows.boundaries, position_ids=rows.position_ids.reshape(1, -1))
         mask = None
@@ -275,7 +362,7 @@ def attention_forward(module, query, key, value, attention_mask, **kwargs):
         mask = rows.mask(_STATE.inner, q.dtype, window if window and window < q.shape[2] else None)
         kwargs["is_causal"] = False
     out, _ = inner(module, q, k, v, mask, **kwargs)
-    return _to_tokens(out, size, group), None
+    return heads.output(_to_tokens(out, size, group)), None
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:

@@ -123,9 +123,14 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
         extra += head
         notes.append(f"fsdp2: the chunked loss gathers the whole output head on every rank ({format_bytes(head)})")
     if sequence > 1:
+        from sft_dist.model.ulysses import model_heads
+
+        heads = model_heads(model.config, sequence)
+        share = (f"{heads.padded // sequence} of the {heads.heads} query heads" if heads else f"1/{sequence} of the heads")
         notes.append(f"sequence parallel {sequence}: activations of one slice of {length} tokens per row; attention "
-                     f"runs on the whole rows ({cfg.data.max_length} tokens) for 1/{sequence} of the heads: its q, k, v "
-                     "and output as large as the slice's")
+                     f"runs on the whole rows ({cfg.data.max_length} tokens) for {share}: its q, k, v and output "
+                     "as large as the slice's" + (f"; {'; '.join(heads.extras())}, not counted"
+                                                  if heads and heads.extras() else ""))
         if attention in ("sdpa", "eager"):  # the whole rows' document mask, built once per micro-batch
             mask = batch * cfg.data.max_length ** 2 * (1 if attention == "sdpa" else _bytes(compute))
             extra += mask
@@ -965,7 +970,7 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
         out.append(f"training.per_device_train_batch_size: {smaller} with gradient_accumulation_steps: {accum} keeps "
                    f"the global batch of {facts.global_batch} sequences and about halves the activations"
                    + ("" if batch % 2 == 0 else " (a slightly smaller global batch: the micro-batch is odd)"))
-    more = _more_sequence_parallel(facts, text)
+    more = _more_sequence_parallel(facts)
     if more:
         out.append(f"backend.sequence_parallel_size: {more} splits every row over {more} workers (slices of "
                    f"{-(-facts.max_length // more)} tokens): about {format_bytes(activations * facts.sequence_parallel // more)} "
@@ -990,12 +995,11 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
     return out if len(out) > 1 else []
 
 
-def _more_sequence_parallel(facts: Facts, text) -> int | None:
-    """The next sequence-parallel size (twice the current) that the workers and the model's attention heads allow;
-    None on one worker or where none is left."""
+def _more_sequence_parallel(facts: Facts) -> int | None:
+    """The next sequence-parallel size (twice the current) that the workers allow; None on one worker or where
+    none is left. Attention heads it does not divide are padded (model/ulysses.py Heads), so they do not limit it."""
     size = facts.sequence_parallel * 2
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    if facts.eval_only or facts.world_size % size or not heads or heads % size:
+    if facts.eval_only or facts.world_size % size:
         return None
     return size
 

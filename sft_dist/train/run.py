@@ -661,8 +661,14 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     collator = trainer.data_collator
     attn = model.config._attn_implementation
     if cfg.data.packing or _padding_free(model, attn, compiled=bool(args.torch_compile)):
-        from sft_dist.data.packing import PackedCollator
+        from sft_dist.data.packing import ROW_AWARE, PackedCollator
+        from sft_dist.model import packed_positions
 
+        why = packed_positions.problem(model)
+        if why and cfg.data.packing:
+            raise ConfigError(f"data.packing: {why}")
+        if attn in ROW_AWARE:  # documents found from the position_ids, by every mask builder the model calls
+            packed_positions.enable(model)
         collator = PackedCollator(collator, attn_implementation=attn,
                                   pad_to=fixed_width(cfg, attn, compiled=bool(args.torch_compile)))
         if not cfg.data.packing:
@@ -671,10 +677,10 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     if sequence is not None:  # after the collator, which is built for the attention inside (its boundaries, rows)
         from sft_dist.model import ulysses
 
-        why = ulysses.heads_problem(model.config, sequence.size)
-        if why:
-            raise ConfigError(f"{ulysses.KEY}: {sequence.size} cannot split this model's attention: {why}")
         ulysses.enable(model, attn)
+        heads = ulysses.model_heads(model.config, sequence.size)
+        if heads is not None:
+            log.info("sequence parallel: %s", heads.describe())
         trainer.sequence = sequence
     if stream is not None:
         trainer.train_dataset = data.train = stream

@@ -44,12 +44,15 @@ def run_ranks(world: int, cases: list[tuple[str, int, int]], tmp: Path) -> dict[
     return results
 
 
-CASES = [
-    ("sdpa", 2, 0),  # k/v heads split 2 ways
-    ("sdpa", 1, 0),  # one k/v head: repeated to split
-    ("eager", 2, 0),
-    ("varlen_attention", 2, 0),  # flattened rows and their boundaries (the per-document sdpa on a CPU)
-    ("sdpa", 2, 4),  # a sliding window of 4 tokens (Mistral)
+CASES = [  # inner attention, query heads, k/v heads, sliding window, family
+    ("sdpa", 4, 2, 0, "llama"),  # k/v heads split 2 ways
+    ("sdpa", 4, 1, 0, "llama"),  # one k/v head: repeated to split
+    ("eager", 4, 2, 0, "llama"),
+    ("varlen_attention", 4, 2, 0, "llama"),  # flattened rows and their boundaries (the per-document sdpa on a CPU)
+    ("sdpa", 4, 2, 4, "mistral"),  # a sliding window of 4 tokens
+    ("sdpa", 3, 3, 0, "llama"),  # 3 heads over 2 ranks: a zero k/v head and its zero query head added
+    ("varlen_attention", 3, 1, 0, "llama"),  # 3 query heads of one k/v head: one zero query head, k/v repeated
+    ("eager", 3, 1, 4, "gpt_oss"),  # learned sinks (each rank its heads' share), sliding and full layers, padding
 ]
 
 
@@ -58,25 +61,29 @@ def split_runs(tmp_path_factory):
     return run_ranks(2, CASES, tmp_path_factory.mktemp("ulysses"))
 
 
-def reference(inner: str, kv_heads: int, window: int = 0) -> dict:
-    """The unsplit model: transformers' own packed-row mask on sdpa (the CPU reference of every path)."""
-    model, batch = model_and_batch("sdpa", kv_heads, window or None)
+def reference(heads: int, kv_heads: int, window: int, family: str) -> dict:
+    """The unsplit model: transformers' own packed-row mask (sdpa; eager for gpt-oss, which has no sdpa, with the
+    position_ids handed to its mask builders: model/packed_positions.py), the CPU reference of every path."""
+    from sft_dist.model import packed_positions
+
+    model, batch = model_and_batch("eager" if family == "gpt_oss" else "sdpa", heads, kv_heads, window or None, family)
+    packed_positions.enable(model)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     tokens = int(labels.ne(-100).sum())
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
                                              reduction="sum") / tokens
     loss.backward()
-    return {"logits": logits.detach(), "loss": float(loss.detach()),
-            "grads": {n: p.grad.flatten()[:64] for n, p in model.named_parameters()},
-            "grad_norm": float(torch.stack([p.grad.norm() for p in model.parameters()]).norm())}
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    return {"logits": logits.detach(), "loss": float(loss.detach()), "grads": {n: g.flatten()[:64] for n, g in grads.items()},
+            "grad_norm": float(torch.stack([g.norm() for g in grads.values()]).norm())}
 
 
-@pytest.mark.parametrize("inner,kv_heads,window", CASES)
-def test_split_equals_unsplit(split_runs, inner, kv_heads, window):
-    ranks = sorted(split_runs[(inner, kv_heads, window)], key=lambda r: r["rank"])
+@pytest.mark.parametrize("inner,heads,kv_heads,window,family", CASES)
+def test_split_equals_unsplit(split_runs, inner, heads, kv_heads, window, family):
+    ranks = sorted(split_runs[(inner, heads, kv_heads, window, family)], key=lambda r: r["rank"])
     assert len(ranks) == 2
-    ref = reference(inner, kv_heads, window)
+    ref = reference(heads, kv_heads, window, family)
     assert all(r["attn"] == ulysses.NAME for r in ranks)
     got = torch.cat([torch.tensor(r["logits"]) for r in ranks], dim=1)  # (rows, 14 with padding, vocab)
     if inner in ulysses.FLASH_LIKE:  # one flattened row of 2 x 13 tokens
@@ -115,3 +122,37 @@ def test_split_rows():
         ulysses.Layout.of(0, 3, 2)
     with pytest.raises(ConfigError, match="'flex_attention' cannot be split"):
         ulysses.enable(None, "flex_attention")
+
+
+@pytest.mark.parametrize("heads,kv,size,per_rank,repeat", [
+    (32, 8, 8, 4, 1),  # Llama 3 8B: even
+    (28, 4, 8, 4, 2),  # Qwen2.5 7B over 8: 4 zero heads, each k/v head on 2 ranks
+    (40, 8, 16, 3, 2),  # Qwen2.5 14B over 16
+    (3, 3, 2, 2, 1),  # an odd count of plain heads: a zero k/v head and its query head
+    (12, 2, 8, 2, 4),
+    (4, 1, 2, 2, 2),
+])
+def test_heads_split_any_number_of_ways(heads, kv, size, per_rank, repeat):
+    """Every rank gets whole k/v heads with their own query heads; the padding round trips; per-head values
+    (sinks) land with their heads."""
+    lay = ulysses.Heads.of(heads, kv, size)
+    assert (lay.padded // size, lay.repeat) == (per_rank, repeat) and lay.padded % size == 0
+    assert lay.padded >= heads and lay.plain == (lay.padded == heads and repeat == 1)
+    q = torch.randn(2, heads, 5, 3)
+    k = torch.randn(2, kv, 5, 3)
+    padded_q, padded_k = lay.query(q), lay.key_value(k)
+    assert padded_q.shape[1] == lay.padded and padded_k.shape[1] % size == 0
+    assert torch.equal(lay.output(padded_q.transpose(1, 2)), q.transpose(1, 2))
+    share_q, share_k = lay.padded // size, padded_k.shape[1] // size
+    groups = lay.group_padded // lay.repeat  # query heads per repeated k/v head, as the inner attention reads them
+    found = 0
+    for h in range(heads):  # query head h's k/v head is kv head h // (heads // kv), on the rank that holds it
+        p = int((padded_q[0, :, 0, 0] == q[0, h, 0, 0]).nonzero()[0])
+        rank, local = divmod(p, share_q)
+        k_local = rank * share_k + local // groups
+        assert torch.equal(padded_k[:, k_local], k[:, h // (heads // kv)])
+        assert torch.equal(lay.per_head(torch.arange(heads).float(), rank)[local], torch.tensor(float(h)))
+        found += 1
+    assert found == heads
+    for p in set(range(lay.padded)) - {int((padded_q[0, :, 0, 0] == q[0, h, 0, 0]).nonzero()[0]) for h in range(heads)}:
+        assert not padded_q[:, p].any()  # the added heads are zero

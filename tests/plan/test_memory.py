@@ -459,6 +459,11 @@ def test_sequence_parallel_plans_a_slice_of_each_row(capsys):
     assert half.activations == pytest.approx(whole.activations / 2, rel=0.1)
     assert half.detail["micro_batch"] == [8, 256]
     assert any("the whole rows' mask, 2.00 MiB" in n for n in half.notes)  # 8 rows x 512 x 512 bools
+    assert any("for 2 of the 4 query heads" in n and "zero head" not in n for n in half.notes)
+    odd = estimate_memory(config("data.max_length=512", "backend.sequence_parallel_size=3", "launcher.num_workers=3"),
+                          world_size=3, device="cpu")  # 4 heads over 3 ranks: padded to 6 (model/ulysses.py Heads)
+    assert any("for 2 of the 4 query heads" in n and "2 zero heads added (attention costs as for 6 heads: +50%)" in n
+               for n in odd.notes)
     plan = make_plan(cfg, device="cpu", world_size=4)
     assert plan.geometry["global_batch"] == 16 and plan.geometry["sequence_parallel"] == 2
     assert "x 2 data-parallel groups of 2 workers = 16 sequences" in render(plan)
@@ -466,8 +471,8 @@ def test_sequence_parallel_plans_a_slice_of_each_row(capsys):
 
 def test_a_longer_row_than_fits_is_hinted_to_split_over_more_workers():
     """Where activations are most of the peak (the H200 reference shape on a GPU), the hints name the next
-    sequence-parallel size the workers and the heads allow, with the activations it leaves; none where the workers
-    are all in one group already."""
+    sequence-parallel size the workers allow, with the activations it leaves; none where the workers are all in one
+    group already."""
     def sp_hints(*overrides, world):
         m = estimate_memory(config(*H200_REFERENCE, f"launcher.num_workers={world}", *overrides), world_size=world,
                             device="cuda")

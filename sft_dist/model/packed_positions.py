@@ -1,0 +1,84 @@
+"""Packed rows on decoders that build their attention mask without the position_ids.
+
+transformers keeps a packed row's documents apart on mask-based attention (sdpa, eager, flex attention) by finding
+them in the position_ids handed to its mask builders (masking_utils: a document starts where they restart at 0).
+Some decoders take position_ids but do not hand them on (in transformers 5.23: gpt-oss, Falcon, OPT, BioGPT, XGLM,
+AFMoE, GraniteMoeHybrid): their packed documents would attend to each other, silently. `enable` wraps the mask
+builders a model's modeling modules call so that a call without position_ids gets the ones the model's forward was
+given; a call with its own (Llama, Qwen, Gemma and most others) is left as it is. A decoder whose forward takes no
+position_ids at all (Bloom, MPT) cannot keep packed documents apart: `problem` says so before training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+
+BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+_GIVEN: list = []  # position_ids of the forwards in progress, innermost last (the hooks push and pop)
+_TOLD: set = set()  # modeling modules whose masks got position_ids from here, said once each
+
+
+def problem(model) -> str | None:
+    """Why packed rows cannot stay apart in this model (None where they can)."""
+    top = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(type(top).forward).parameters:
+        return (f"{type(top).__name__} takes no position_ids, so its packed documents would attend to each other "
+                "(its positions come from the attention mask or ALiBi); set data.packing: false")
+    return None
+
+
+def enable(model) -> int:
+    """Hand every mask builder of `model`'s modeling modules the position_ids its forward got; returns how many
+    modules' forwards now record them. Idempotent."""
+    from transformers import PreTrainedModel
+
+    hooked = 0
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel) or getattr(module, "_sft_dist_positions", False):
+            continue
+        if "position_ids" not in inspect.signature(type(module).forward).parameters:
+            continue
+        _wrap_builders(sys.modules[type(module).__module__])
+        module.register_forward_pre_hook(_push, with_kwargs=True)
+        module.register_forward_hook(_pop, always_call=True)
+        module._sft_dist_positions = True
+        hooked += 1
+    return hooked
+
+
+def _push(module, args, kwargs):
+    _GIVEN.append(kwargs.get("position_ids"))
+
+
+def _pop(module, args, output):
+    if _GIVEN:
+        _GIVEN.pop()
+
+
+def _wrap_builders(modeling) -> None:
+    for name in BUILDERS:
+        builder = getattr(modeling, name, None)
+        if builder is None or getattr(builder, "_sft_dist_positions", False):
+            continue
+        setattr(modeling, name, _with_positions(builder, modeling.__name__))
+
+
+def _with_positions(builder, modeling: str):
+    signature = inspect.signature(builder)
+
+    def build(*args, **kwargs):
+        if _GIVEN and _GIVEN[-1] is not None and signature.bind_partial(*args, **kwargs).arguments.get(
+                "position_ids") is None:
+            kwargs["position_ids"] = _GIVEN[-1]
+            if modeling not in _TOLD:
+                _TOLD.add(modeling)
+                logging.getLogger("sft_dist").info(
+                    "packing: %s builds its attention masks without the position_ids; sft_dist hands them over, so "
+                    "packed documents stay apart", modeling.rsplit(".", 1)[-1])
+        return builder(*args, **kwargs)
+
+    build._sft_dist_positions = True
+    build.__wrapped__ = builder
+    return build

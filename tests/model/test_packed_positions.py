@@ -1,0 +1,88 @@
+"""Packed rows on decoders that build their attention mask without the position_ids (model/packed_positions.py):
+fed as the trainer feeds them (position_ids restarting per document, no attention_mask), each document gets the
+logits it gets alone once `enable` ran, where without it the documents attend to each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from sft_dist.model import packed_positions
+
+VOCAB = 97
+LENGTHS = (5, 8, 3)  # three documents packed in one row
+
+
+def tiny(family: str, attn: str):
+    shapes = {
+        "gpt_oss": lambda: T.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                          num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+        "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32),
+        "xglm": lambda: T.XGLMConfig(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=2, ffn_dim=64),
+        "llama": lambda: T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=64),
+    }
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(shapes[family](), attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def packed_row():
+    ids = torch.randint(1, VOCAB, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    return ids, pos
+
+
+def largest_leak(model) -> float:
+    """The largest difference between a document's logits in the packed row and alone."""
+    ids, pos = packed_row()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        worst, start = 0.0, 0
+        for n in LENGTHS:
+            alone = model(input_ids=ids[:, start:start + n], use_cache=False).logits[0]
+            worst = max(worst, float((packed[start:start + n] - alone).abs().max()))
+            start += n
+    return worst
+
+
+@pytest.mark.parametrize("family,attn", [("gpt_oss", "eager"), ("falcon", "sdpa"), ("falcon", "eager"),
+                                         ("opt", "sdpa"), ("xglm", "eager")])
+def test_documents_stay_apart_where_the_decoder_drops_the_position_ids(family, attn):
+    model = tiny(family, attn)
+    assert packed_positions.problem(model) is None
+    assert largest_leak(model) > 1e-3  # what transformers does alone: the documents see each other
+    assert packed_positions.enable(model) >= 1
+    assert largest_leak(model) < 1e-5
+    assert packed_positions.enable(model) == 0  # once only
+    assert packed_positions._GIVEN == []
+
+
+def test_a_decoder_that_passes_its_own_is_unchanged():
+    """Llama hands its mask builders the position_ids itself: the same logits, bitwise, with or without."""
+    model = tiny("llama", "sdpa")
+    ids, pos = packed_row()
+    with torch.no_grad():
+        before = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        packed_positions.enable(model)
+        after = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert torch.equal(before, after) and largest_leak(model) < 1e-5
+
+
+def test_a_failed_forward_leaves_no_positions_behind():
+    model = tiny("gpt_oss", "eager")
+    packed_positions.enable(model)
+    ids, pos = packed_row()
+    with pytest.raises(Exception):
+        model(input_ids=ids, position_ids=pos[:, :3], use_cache=False)  # the wrong length: fails inside
+    assert packed_positions._GIVEN == []
+
+
+def test_a_decoder_without_position_ids_is_refused_for_packing():
+    model = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
+    why = packed_positions.problem(model)
+    assert "BloomForCausalLM takes no position_ids" in why and "data.packing: false" in why
