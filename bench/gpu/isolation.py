@@ -1,7 +1,8 @@
 """Packed rows on this device: every attention implementation that runs here, fed packed rows the way sft_dist's
 PackedCollator feeds them (position_ids restarting per document, no attention_mask; flash attention and
 varlen_attention: the micro-batch flattened into one row, with cu_seq_lens), gives each document the logits sdpa
-gives it alone; and Gemma 2 (soft-capped attention, no sdpa) on flex attention and flash attention against eager,
+gives it alone; Gemma 2 (soft-capped attention, no sdpa) and gpt-oss (learned sinks) on flex attention and flash
+attention against eager,
 with what `auto` picks for it on this device. bench/gpu.py's `isolation` step; the CPU suite checks eager, sdpa,
 flex_attention and varlen_attention's CPU path in fp32 (tests/data/test_packing.py, tests/model/test_varlen.py).
 
@@ -63,7 +64,14 @@ def main() -> int:
     archs = [("llama", AutoConfig.for_model("llama", **shape), "sdpa",
               ["eager", "sdpa", "flex_attention", varlen.NAME, *flash], [torch.float32, torch.bfloat16]),
              ("gemma2", AutoConfig.for_model("gemma2", **shape, head_dim=256 if cuda else 16), "eager",
-              ["flex_attention", *flash], [torch.bfloat16])]
+              ["flex_attention", *flash], [torch.bfloat16]),
+             # gpt-oss: learned sinks, sliding and full layers, and a decoder that does not hand its mask builders
+             # the position_ids (sft_dist's model/packed_positions.py does, as in training)
+             ("gpt_oss", AutoConfig.for_model("gpt_oss", **shape, head_dim=64 if cuda else 16, num_local_experts=4,
+                                              num_experts_per_tok=2, sliding_window=row // 4,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+              "eager", ["eager", *(["flex_attention"] if cuda else []), *flash],  # flex: no sinks on a CPU
+              [torch.bfloat16])]
     cases, autos = [], {}
 
     def write() -> None:  # after every case: a step killed at its timeout still leaves what it checked
@@ -90,7 +98,7 @@ def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from sft_dist.data.packing import PackedCollator
-    from sft_dist.model import varlen
+    from sft_dist.model import packed_positions, varlen
 
     cuda = device == "cuda"
     torch.manual_seed(0)
@@ -108,6 +116,7 @@ def _cases(device: str, arch: str, config, ref_impl: str, impls: list[str], rows
                 model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
                 model.load_state_dict(state)
                 model.to(device).eval()
+                packed_positions.enable(model)  # as the trainer does for packed rows
                 collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=impl)
                 keys = ("input_ids", "labels", "position_ids", "seq_lengths")
                 batch = collate([{k: r[k] for k in keys} for r in rows])

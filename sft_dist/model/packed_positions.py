@@ -6,7 +6,8 @@ Some decoders take position_ids but do not hand them on (in transformers 5.23: g
 AFMoE, GraniteMoeHybrid): their packed documents would attend to each other, silently. `enable` wraps the mask
 builders a model's modeling modules call so that a call without position_ids gets the ones the model's forward was
 given; a call with its own (Llama, Qwen, Gemma and most others) is left as it is. A decoder whose forward takes no
-position_ids at all (Bloom, MPT) cannot keep packed documents apart: `problem` says so before training.
+position_ids at all (Bloom, MPT) cannot keep packed documents apart: `problem` says so before training; one that
+makes up its own all-ones attention mask when given none (BioGPT) is stopped at its first packed forward.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import logging
 import sys
 
 BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
-_GIVEN: list = []  # position_ids of the forwards in progress, innermost last (the hooks push and pop)
-_TOLD: set = set()  # modeling modules whose masks got position_ids from here, said once each
+_GIVEN: list = []  # (position_ids, an attention_mask given?, class) of the forwards in progress, innermost last
+_TOLD: set = set()  # the model classes whose masks got position_ids from here, said once each
 
 
 def problem(model) -> str | None:
@@ -49,7 +50,7 @@ def enable(model) -> int:
 
 
 def _push(module, args, kwargs):
-    _GIVEN.append(kwargs.get("position_ids"))
+    _GIVEN.append((kwargs.get("position_ids"), kwargs.get("attention_mask") is not None, type(module).__name__))
 
 
 def _pop(module, args, output):
@@ -62,21 +63,29 @@ def _wrap_builders(modeling) -> None:
         builder = getattr(modeling, name, None)
         if builder is None or getattr(builder, "_sft_dist_positions", False):
             continue
-        setattr(modeling, name, _with_positions(builder, modeling.__name__))
+        setattr(modeling, name, _with_positions(builder))
 
 
-def _with_positions(builder, modeling: str):
+def _with_positions(builder):
     signature = inspect.signature(builder)
 
     def build(*args, **kwargs):
-        if _GIVEN and _GIVEN[-1] is not None and signature.bind_partial(*args, **kwargs).arguments.get(
-                "position_ids") is None:
-            kwargs["position_ids"] = _GIVEN[-1]
-            if modeling not in _TOLD:
-                _TOLD.add(modeling)
-                logging.getLogger("sft_dist").info(
-                    "packing: %s builds its attention masks without the position_ids; sft_dist hands them over, so "
-                    "packed documents stay apart", modeling.rsplit(".", 1)[-1])
+        positions, masked, name = _GIVEN[-1] if _GIVEN else (None, True, "")
+        if positions is not None:
+            given = signature.bind_partial(*args, **kwargs).arguments
+            if given.get("position_ids") is None:
+                if given.get("attention_mask") is not None and not masked:  # made up inside: every token visible
+                    from sft_dist.errors import ConfigError
+
+                    raise ConfigError(f"data.packing: {name} makes its own attention mask when "
+                                      "given none, so its packed documents would attend to each other; set "
+                                      "data.packing: false")
+                kwargs["position_ids"] = positions
+                if name not in _TOLD:
+                    _TOLD.add(name)
+                    logging.getLogger("sft_dist").info(
+                        "packing: %s builds its attention masks without the position_ids; sft_dist hands them over, "
+                        "so packed documents stay apart", name)
         return builder(*args, **kwargs)
 
     build._sft_dist_positions = True

@@ -86,3 +86,20 @@ def test_a_decoder_without_position_ids_is_refused_for_packing():
     model = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
     why = packed_positions.problem(model)
     assert "BloomForCausalLM takes no position_ids" in why and "data.packing: false" in why
+
+
+def test_a_decoder_that_makes_its_own_mask_is_stopped_at_its_first_packed_forward():
+    """BioGPT turns a missing attention_mask into an all-ones one before its mask builder sees it: packed documents
+    would attend to each other whatever the position_ids say."""
+    from sft_dist.errors import ConfigError
+
+    model = T.AutoModelForCausalLM.from_config(T.BioGptConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=64))
+    assert packed_positions.problem(model) is None and largest_leak(model) > 1e-3
+    packed_positions.enable(model)
+    ids, pos = packed_row()
+    with pytest.raises(ConfigError, match="BioGptModel makes its own attention mask when given none"):
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert packed_positions._GIVEN == []
+    mask = torch.ones_like(ids)  # a caller's own mask (generation): left to the model
+    assert model(input_ids=ids, attention_mask=mask, use_cache=False).logits.shape == (1, sum(LENGTHS), VOCAB)
