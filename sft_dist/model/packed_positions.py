@@ -67,25 +67,25 @@ def _wrap_builders(modeling) -> None:
 
 
 def _with_positions(builder):
-    signature = inspect.signature(builder)
+    names = list(inspect.signature(builder).parameters)  # plain lists: the compiler traces this per forward
+
+    def given(args, kwargs, name):
+        return args[names.index(name)] if name in names[:len(args)] else kwargs.get(name)
 
     def build(*args, **kwargs):
         positions, masked, name = _GIVEN[-1] if _GIVEN else (None, True, "")
-        if positions is not None:
-            given = signature.bind_partial(*args, **kwargs).arguments
-            if given.get("position_ids") is None:
-                if given.get("attention_mask") is not None and not masked:  # made up inside: every token visible
-                    from sft_dist.errors import ConfigError
+        if positions is not None and given(args, kwargs, "position_ids") is None:
+            if given(args, kwargs, "attention_mask") is not None and not masked:  # made up inside: all visible
+                from sft_dist.errors import ConfigError
 
-                    raise ConfigError(f"data.packing: {name} makes its own attention mask when "
-                                      "given none, so its packed documents would attend to each other; set "
-                                      "data.packing: false")
-                kwargs["position_ids"] = positions
-                if name not in _TOLD:
-                    _TOLD.add(name)
-                    logging.getLogger("sft_dist").info(
-                        "packing: %s builds its attention masks without the position_ids; sft_dist hands them over, "
-                        "so packed documents stay apart", name)
+                raise ConfigError(f"data.packing: {name} makes its own attention mask when given none, so its packed "
+                                  "documents would attend to each other; set data.packing: false")
+            kwargs["position_ids"] = positions
+            if name not in _TOLD:
+                _TOLD.add(name)
+                logging.getLogger("sft_dist").info(
+                    "packing: %s builds its attention masks without the position_ids; sft_dist hands them over, so "
+                    "packed documents stay apart", name)
         return builder(*args, **kwargs)
 
     build._sft_dist_positions = True
