@@ -601,6 +601,17 @@ def _apply_liger(cfg: Config, model, *, device: str) -> None:
 _expired = torch.Storage._expired  # StorageWeakRef.expired without its Python frame
 
 
+def _meta_op(func, args, kwargs):
+    """`func` on the profile's meta tensors. torch's meta kernel of grouped_mm (transformers' MoE experts) accepts
+    bf16 only, where its CPU and CUDA kernels take fp32 too: shapes are what the profile needs, so an fp32 call is
+    run in bf16 and its result given the caller's dtype."""
+    if func is torch.ops.aten._grouped_mm.default and args[0].is_meta and args[0].dtype != torch.bfloat16:
+        out = func(*(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args), **kwargs)
+        return out.to(args[0].dtype)
+    return func(*args, **kwargs)
+
+
 class _LiveStorages(TorchDispatchMode):
     """Follows every storage an op creates until it is freed: spans of (bytes, born, died) on an op clock.
     Storages are keyed by address while alive only; a freed address may come back for a new storage."""
@@ -615,7 +626,7 @@ class _LiveStorages(TorchDispatchMode):
         self.clock = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _meta_op(func, args, kwargs or {})
         new = {}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):

@@ -485,3 +485,20 @@ def test_a_longer_row_than_fits_is_hinted_to_split_over_more_workers():
     assert "backend.sequence_parallel_size: 4" in hint and "for 1 data-parallel group(s)" in hint
     assert sp_hints("backend.sequence_parallel_size=2", world=2)[0] == []
     assert sp_hints(world=1)[0] == []
+
+
+def test_moe_experts_in_fp32_are_profiled():
+    """gpt-oss's experts run transformers' grouped_mm, whose meta kernel takes bf16 only: an fp32 run on a CPU was
+    'not estimated'. The profile now runs such a call in bf16 and gives the result the caller's dtype."""
+    from sft_dist.plan.memory import _meta_op
+
+    a, b = torch.empty(10, 16, device="meta"), torch.empty(2, 16, 8, device="meta")
+    offs = torch.empty(2, dtype=torch.int32, device="meta")
+    out = _meta_op(torch.ops.aten._grouped_mm.default, (a, b), {"offs": offs})
+    assert out.shape == (10, 8) and out.dtype == torch.float32 and out.is_meta
+    gpt_oss = {"model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+               "num_experts_per_tok": 2, "sliding_window": 32, "max_position_embeddings": 512,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    m = estimate_memory(config(f"model.init_config={json.dumps(gpt_oss)}"), world_size=2, device="cpu")
+    assert m.activations > 0 and m.total > m.activations
