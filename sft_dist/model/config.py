@@ -25,6 +25,18 @@ def model_config(m: ModelConfig):
         raise ConfigError(f"model.name_or_path: cannot read the config of {m.name_or_path!r}: {e}") from None
 
 
+def model_type(m: ModelConfig) -> str | None:
+    """The model_type that `init_config` or a local config.json names (None for a hub id: not read here)."""
+    raw = m.init_config
+    if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
+        try:
+            raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    value = raw.get("model_type") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 

@@ -22,12 +22,27 @@ _TOLD: set = set()  # the model classes whose masks got position_ids from here, 
 
 
 def problem(model) -> str | None:
-    """Why packed rows cannot stay apart in this model (None where they can)."""
+    """Why packed rows cannot stay apart in this model (None where they can): its forward takes no position_ids."""
     top = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" not in inspect.signature(type(top).forward).parameters:
-        return (f"{type(top).__name__} takes no position_ids, so its packed documents would attend to each other "
-                "(its positions come from the attention mask or ALiBi); set data.packing: false")
+    return class_problem(type(top))
+
+
+def class_problem(cls) -> str | None:
+    if "position_ids" not in inspect.signature(cls.forward).parameters:
+        return (f"{cls.__name__} takes no position_ids, so its packed documents would attend to each other "
+                "(its positions come from the attention mask or ALiBi)")
     return None
+
+
+def model_type_problem(model_type: str) -> str | None:
+    """`class_problem` of the causal-LM class transformers maps `model_type` to (None where it maps none): the
+    check before launch. Imports that class's modeling module (a second or two), so only asked with packing."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return class_problem(cls) if cls is not None else None
 
 
 def enable(model) -> int:

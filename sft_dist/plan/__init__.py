@@ -83,7 +83,7 @@ def make_plan(cfg: Config, *, device: str | None = None, world_size: int | None 
               memory: bool = True) -> Plan:
     from sft_dist.plan.diff import config_diff
 
-    facts = gather_facts(cfg, device=device, world_size=world_size)
+    facts = gather_facts(cfg, device=device, world_size=world_size, classes=True)
     plan = Plan(facts, evaluate(facts), config_diff(cfg))
     if memory:
         try:

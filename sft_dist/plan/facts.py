@@ -40,6 +40,7 @@ class Facts:
     max_length: int = 512
     packing: bool = False
     max_positions: int | None = None
+    packing_problem: str | None = None  # why this model's packed documents cannot stay apart (model/packed_positions)
     model_dtype: str = "float32"  # the dtype the (unquantized parts of the) base is loaded in
     bits: int | None = None
     quant_storage: str = "uint8"
@@ -88,11 +89,14 @@ class Facts:
         return dataclasses.replace(self, **changes)
 
 
-def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | None = None) -> Facts:
+def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | None = None,
+                 classes: bool = False) -> Facts:
     """The facts of `cfg` as this process sees them. `device`/`world_size` default to what the workers
-    would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size."""
+    would use: the launcher's device (auto: CUDA if visible here) and the launcher's (or torchrun's) size.
+    `classes`: also the facts that import the model's transformers class (seconds of torch and transformers
+    imports, which the launcher does without: the workers' plan and `sft-dist plan` ask, before any weight loads)."""
     from sft_dist.model.build import resolve_dtype, resolve_precision
-    from sft_dist.model.config import max_positions
+    from sft_dist.model.config import max_positions, model_type
 
     device, here = _device(cfg, device)
     t = cfg.training
@@ -106,6 +110,11 @@ def gather_facts(cfg: Config, *, device: str | None = None, world_size: int | No
         f.max_positions = max_positions(cfg.model)
     except ConfigError:  # an unreadable model config is reported where the model loads, with its context
         f.max_positions = None
+    kind = model_type(cfg.model) if f.packing and classes else None
+    if kind:  # checked again where the model loads (a hub id, remote code)
+        from sft_dist.model.packed_positions import model_type_problem
+
+        f.packing_problem = model_type_problem(kind)
     precision = resolve_precision(cfg.training, device=device) if here else {
         "bf16": bool(cfg.training.get("bf16", device == "cuda")), "fp16": bool(cfg.training.get("fp16", False))}
     f.bf16, f.fp16 = precision["bf16"], precision["fp16"]

@@ -223,6 +223,9 @@ RULES: tuple[Rule, ...] = (
          "data.max_length={f.max_length} is longer than the model's {f.max_positions} positions "
          "(max_position_embeddings): positions past it have no embedding / RoPE table entry",
          "set data.max_length <= {f.max_positions}, or extend the model's context (rope_scaling) in its config"),
+    Rule("packing-without-positions", "error", ("data.packing", "model"),
+         lambda f: f.packing_problem is not None,
+         "{f.packing_problem}", "set data.packing: false (rows padded to the longest of each micro-batch)"),
     Rule("zero3-adapter-export", "error", ("backend.config: stage3_gather_16bit_weights_on_model_save",
                                            "lora.modules_to_save"),
          lambda f: _zero3(f) and f.lora and not f.zero_gather_on_save,

@@ -666,7 +666,7 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
 
         why = packed_positions.problem(model)
         if why and cfg.data.packing:
-            raise ConfigError(f"data.packing: {why}")
+            raise ConfigError(f"data.packing: {why}; set data.packing: false")
         if attn in ROW_AWARE:  # documents found from the position_ids, by every mask builder the model calls
             packed_positions.enable(model)
         collator = PackedCollator(collator, attn_implementation=attn,

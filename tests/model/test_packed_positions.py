@@ -84,8 +84,10 @@ def test_a_failed_forward_leaves_no_positions_behind():
 
 def test_a_decoder_without_position_ids_is_refused_for_packing():
     model = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
-    why = packed_positions.problem(model)
-    assert "BloomForCausalLM takes no position_ids" in why and "data.packing: false" in why
+    assert "BloomForCausalLM takes no position_ids" in packed_positions.problem(model)
+    assert packed_positions.model_type_problem("mpt").startswith("MptForCausalLM takes no position_ids")
+    assert packed_positions.model_type_problem("gpt_oss") is None  # handed over instead (above)
+    assert packed_positions.model_type_problem("no-such-type") is None
 
 
 def test_a_decoder_that_makes_its_own_mask_is_stopped_at_its_first_packed_forward():

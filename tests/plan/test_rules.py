@@ -18,7 +18,7 @@ ZERO2, ZERO3, FULL_SHARD = backend("zero2"), backend("zero3"), backend("full_sha
 
 
 def findings(*overrides, **facts):
-    f = gather_facts(load_config(QUICKSTART, list(overrides)))
+    f = gather_facts(load_config(QUICKSTART, list(overrides)), classes=True)  # as the workers' and `plan`'s
     return {x.rule: x for x in evaluate(f.replace(**facts) if facts else f)}
 
 
@@ -227,6 +227,15 @@ def test_hybrid_shard_size_must_divide_the_workers(tmp_path):
     hybrid.write_text("sharding: hybrid_shard\nshard_size: 2\n")
     fires("hybrid-shard-size", ["backend.type=fsdp", f"backend.config={hybrid}", "launcher.num_workers=3"],
           ["backend.type=fsdp", f"backend.config={hybrid}", "launcher.num_workers=4"])
+
+
+def test_packing_a_decoder_without_position_ids_is_refused():
+    """From model.init_config's (or a local config.json's) model_type, where the class is imported: `sft-dist plan`
+    and the workers' plan, before any weight loads (model/packed_positions.py checks a hub model where it loads)."""
+    bloom = 'model.init_config={"model_type": "bloom", "hidden_size": 32, "n_layer": 1, "n_head": 2}'
+    f = fires("packing-without-positions", [bloom, "data.packing=true"], [bloom, "data.packing=false"])
+    assert f.message.startswith("BloomForCausalLM takes no position_ids") and "data.packing: false" in f.fix
+    assert "packing-without-positions" not in findings("data.packing=true")  # Llama
 
 
 def test_every_rule_has_its_test():
