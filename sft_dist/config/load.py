@@ -281,9 +281,9 @@ def _check_sequence_parallel(cfg: Config) -> list[str]:
         p.append(f"{key}: {size} does not divide launcher.num_workers={cfg.launcher.num_workers}; each group of {size} "
                  "workers trains the same rows")
     attn = cfg.model.attn_implementation
-    if attn == "flex_attention" or (attn and "/" in attn):
+    if attn and "/" in attn:
         p.append(f"{key}: model.attn_implementation {attn} cannot be split across workers; use auto, sdpa, eager, "
-                 "varlen_attention or flash attention")
+                 "flex_attention, varlen_attention or flash attention")
     if t.get("label_smoothing_factor"):
         p.append(f"{key}: training.label_smoothing_factor needs every row's whole logits on one rank; with "
                  "sequence parallelism each rank has a slice. Turn one of them off")

@@ -6,8 +6,9 @@ batch to a multiple of `size`, shifts the labels over the whole row (a slice's l
 slice's first token) and keeps this rank's slice of the sequence. Everything in a decoder but attention works on
 one token at a time, so it runs on the slice as it is. Attention is registered with transformers as `NAME`: an
 all-to-all trades the slice of tokens for a slice of heads (every token, heads/size heads), the model's own
-attention implementation (`inner`: sdpa, eager, varlen or flash attention) runs on the whole rows for those heads,
-with the whole rows' document mask or boundaries (packing stays isolated), and a second all-to-all trades back.
+attention implementation (`inner`: sdpa, eager, flex, varlen or flash attention) runs on the whole rows for those
+heads, with the whole rows' document mask (flex: as a BlockMask) or boundaries (packing stays isolated), and a second
+all-to-all trades back.
 Gradients go back through the same all-to-alls (torch's functional collective, which the compiler also traces). The loss of each slice is a sum over its
 tokens divided by the step's loss tokens counted once per group, so the group's gradients add up to the
 unsplit row's.
@@ -31,7 +32,7 @@ import torch
 NAME = "sft_dist_ulysses"
 KEY = "backend.sequence_parallel_size"
 FLASH_LIKE = ("varlen_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-INNER = ("sdpa", "eager", *FLASH_LIKE)
+INNER = ("sdpa", "eager", "flex_attention", *FLASH_LIKE)
 BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -179,12 +180,12 @@ def enable(model, inner: str) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if inner not in INNER:  # e.g. flex_attention, which auto picks for Gemma 2 on a GPU
+    if inner not in INNER:  # e.g. a hub kernel
         from sft_dist.errors import ConfigError
 
         raise ConfigError(f"{KEY}: the model's attention {inner!r} cannot be split across workers; set "
-                          "model.attn_implementation to eager, sdpa, varlen_attention or flash_attention_2 (soft-capping "
-                          "models: eager, or flash attention where installed)")
+                          "model.attn_implementation to sdpa, eager, flex_attention, varlen_attention or "
+                          "flash_attention_2")
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_function)
     _STATE.inner = inner
@@ -210,6 +211,25 @@ class Rows:
     position_ids: torch.Tensor  # (B, S)
     boundaries: dict | None = None
     _masks: dict = field(default_factory=dict)
+
+    def block_mask(self, window: int | None):
+        """The same document-causal mask as flex attention's BlockMask: blocks across documents are skipped, and no
+        (S, S) tensor exists (built compiled on a GPU, as transformers builds its own)."""
+        key = ("flex", window)
+        if key not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            pos = self.position_ids
+            doc = (pos == 0).cumsum(-1)
+
+            def same_document_causal(b, h, q, kv):
+                allowed = (doc[b, q] == doc[b, kv]) & (kv <= q)
+                return allowed & (q - kv < window) if window else allowed
+
+            b, t = pos.shape
+            self._masks[key] = create_block_mask(same_document_causal, b, None, t, t, device=pos.device,
+                                                 _compile=pos.device.type == "cuda")
+        return self._masks[key]
 
     def mask(self, inner: str, dtype: torch.dtype, window: int | None) -> torch.Tensor:
         """(B, 1, S, S): causal within each document (and within `window` tokens back); bool for sdpa, additive
@@ -359,8 +379,12 @@ def attention_forward(module, query, key, value, attention_mask, **kwargs):
         mask = None
     else:
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        mask = rows.mask(_STATE.inner, q.dtype, window if window and window < q.shape[2] else None)
-        kwargs["is_causal"] = False
+        window = window if window and window < q.shape[2] else None
+        if _STATE.inner == "flex_attention":
+            mask = rows.block_mask(window)
+        else:
+            mask = rows.mask(_STATE.inner, q.dtype, window)
+            kwargs["is_causal"] = False
     out, _ = inner(module, q, k, v, mask, **kwargs)
     return heads.output(_to_tokens(out, size, group)), None
 

@@ -252,9 +252,11 @@ def test_sequence_parallel_is_checked_before_launch():
     assert "label_smoothing_factor" in msg and "average_tokens_across_devices" in msg
     with pytest.raises(ConfigError, match="must be >= 1"):
         load_config(QUICKSTART, ["backend.sequence_parallel_size=0"])
-    with pytest.raises(ConfigError, match="flex_attention cannot be split"):
-        load_config(QUICKSTART, ["backend.sequence_parallel_size=2", "model.attn_implementation=flex_attention",
-                                 "launcher.device=cuda"])
+    with pytest.raises(ConfigError, match="kernels-community/flash-attn3 cannot be split"):
+        load_config(QUICKSTART, ["backend.sequence_parallel_size=2",
+                                 "model.attn_implementation=kernels-community/flash-attn3", "launcher.device=cuda"])
+    assert load_config(QUICKSTART, ["backend.sequence_parallel_size=2", "model.attn_implementation=flex_attention",
+                                    "launcher.device=cuda"]).backend.sequence_parallel_size == 2
     # torchrun's world is known only when the workers start (train/run.py checks it there)
     assert load_config(QUICKSTART, ["backend.sequence_parallel_size=4", "launcher.type=torchrun",
                                     "launcher.num_workers=1"]).backend.sequence_parallel_size == 4

@@ -14,8 +14,8 @@ from sft_dist.model import ulysses, varlen
 
 
 def model_and_batch(inner: str, heads: int, kv_heads: int, window: int | None = None, family: str = "llama"):
-    """A tiny model (Llama; Mistral with a sliding window; gpt-oss: learned sinks, sliding and full layers) and two
-    packed rows."""
+    """A tiny model (Llama; Mistral with a sliding window; Gemma 2: soft-capping; gpt-oss: learned sinks; the last
+    two with sliding and full layers) and two packed rows."""
     import transformers
 
     torch.manual_seed(0)
@@ -23,7 +23,10 @@ def model_and_batch(inner: str, heads: int, kv_heads: int, window: int | None = 
                  num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=64, attn_implementation=inner)
     if inner == "varlen_attention":
         varlen.register()
-    if family == "gpt_oss":
+    if family == "gemma2":  # logit soft-capping, sliding and full layers
+        config = transformers.Gemma2Config(**shape, sliding_window=window, attn_logit_softcapping=5.0,
+                                           query_pre_attn_scalar=16)
+    elif family == "gpt_oss":
         config = transformers.GptOssConfig(**shape, sliding_window=window, num_local_experts=4, num_experts_per_tok=2,
                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     elif window:
@@ -45,11 +48,13 @@ def run_case(case: tuple, layout) -> dict:
     ulysses.enable(model, inner)
     tokens = int(batch["labels"][:, 1:].ne(-100).sum())
     mine, rows = ulysses.split(batch, layout, flat=inner in ulysses.FLASH_LIKE)
-    with ulysses.active(rows):
+    # torch has no flex attention backward on a CPU (it refuses inputs that require grad): forward only
+    with ulysses.active(rows), torch.set_grad_enabled(inner != "flex_attention"):
         logits = model(input_ids=mine["input_ids"], position_ids=mine["position_ids"], use_cache=False).logits
         loss_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), mine["shift_labels"].flatten(),
                                                      ignore_index=-100, reduction="sum")
-        (loss_sum / tokens).backward()
+        if inner != "flex_attention":
+            (loss_sum / tokens).backward()
     # every parameter, in one order on every rank (a parameter no token of this rank's slice reached has no grad)
     grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
     for g in grads.values():
@@ -70,6 +75,11 @@ def main() -> None:
     ulysses.new_groups(layout, world)
     for case in sys.argv[1:]:
         inner, heads, kv_heads, window, family = case.split(":")
+        if inner == "flex_attention":  # uncompiled on a CPU (tests/conftest.py eager_flex: the same kernel)
+            import transformers.integrations.flex_attention as flex
+            from torch.nn.attention.flex_attention import flex_attention
+
+            flex.WrappedFlexAttention.__call__ = lambda self: flex_attention
         case = (inner, int(heads), int(kv_heads), int(window), family)
         print(json.dumps({"rank": rank, **run_case(case, layout)}), flush=True)
     dist.destroy_process_group()
