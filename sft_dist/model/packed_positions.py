@@ -106,3 +106,39 @@ def _with_positions(builder):
     build._sft_dist_positions = True
     build.__wrapped__ = builder
     return build
+
+
+def leak(model, collate, *, device) -> float | None:
+    """What the first document of a packed row does to the second's logits, through `collate` and the model as
+    training feeds them: two rows that differ only in their first document, run with no_grad in eval mode. 0 where
+    documents stay apart (a masked key adds exactly nothing); None where this rank does not hold every weight on
+    `device` (ZeRO-3, a sharded base; such runs keep the class-level checks above). Relative to the largest
+    logit."""
+    import torch
+
+    device = torch.device(device)
+    params = list(model.parameters())
+    if not params or any(hasattr(p, "ds_id") or p.device.type != device.type or
+                         (device.type != "cpu" and p.device.index != device.index) for p in params):
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (6, 10))
+    other = torch.randint(1, vocab, (6,), generator=gen).tolist()
+    position_ids = [*range(6), *range(10)]
+    rows = [{"input_ids": head + second, "labels": head + second, "position_ids": position_ids,
+             "seq_lengths": [6, 10]} for head in (first, other)]
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for row in rows:
+            batch = collate([row])
+            batch.pop("labels", None)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.no_grad():
+                logits = model(**batch).logits
+            out.append(logits.reshape(-1, logits.shape[-1])[6:16].float())  # the second document
+    finally:
+        model.train(was_training)
+    return float((out[0] - out[1]).abs().max()) / max(float(out[1].abs().max()), 1e-6)

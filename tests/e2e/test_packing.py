@@ -59,6 +59,9 @@ def test_packing_processes_less_padding_and_both_runs_report_it(runs):
         train = [s for s in steps if "loss" in s]
         assert len(train) == STEPS and all(0 <= s["padding_fraction"] < 1 for s in train)
         assert all(math.isfinite(s["loss"]) for s in train)
+    # the start-up check ran on the packed run's model, as the trainer feeds it (model/packed_positions.py leak)
+    assert "packing: checked at start, LlamaForCausalLM keeps a packed row's documents apart" in runs[True][1]
+    assert "packing: checked at start" not in runs[False][1]
     # eval rows stay unpacked, collated like the packed ones (position_ids, no attention_mask)
     evals = [json.loads(line) for line in (runs[True][0] / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(next(s for s in evals if "eval_loss" in s)["eval_loss"])

@@ -105,3 +105,25 @@ def test_a_decoder_that_makes_its_own_mask_is_stopped_at_its_first_packed_forwar
     assert packed_positions._GIVEN == []
     mask = torch.ones_like(ids)  # a caller's own mask (generation): left to the model
     assert model(input_ids=ids, attention_mask=mask, use_cache=False).logits.shape == (1, sum(LENGTHS), VOCAB)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen_attention"])
+def test_the_start_up_check_measures_what_a_document_does_to_the_next(attn):
+    """`leak` runs two packed rows that differ only in their first document through the trainer's collator (rows,
+    or one flattened row with boundaries for varlen): nothing moves where documents stay apart, and a decoder that
+    drops its position_ids shows its leak until `enable`."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_dist.data.packing import PackedCollator
+    from sft_dist.model import varlen
+
+    varlen.register()
+    collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=attn)
+    assert packed_positions.leak(tiny("llama", attn), collate, device="cpu") < 1e-6
+    eager = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation="eager")
+    model = tiny("gpt_oss", "eager").train()
+    assert packed_positions.leak(model, eager, device="cpu") > 1e-3
+    packed_positions.enable(model)
+    assert packed_positions.leak(model, eager, device="cpu") < 1e-6  # (the experts' matmuls: float order only)
+    assert model.training  # put back as it was
+    assert packed_positions.leak(model.to("meta"), eager, device="cpu") is None  # not every weight here
