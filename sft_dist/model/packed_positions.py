@@ -7,7 +7,8 @@ AFMoE, GraniteMoeHybrid): their packed documents would attend to each other, sil
 builders a model's modeling modules call so that a call without position_ids gets the ones the model's forward was
 given; a call with its own (Llama, Qwen, Gemma and most others) is left as it is. A decoder whose forward takes no
 position_ids at all (Bloom, MPT) cannot keep packed documents apart: `problem` says so before training; one that
-makes up its own all-ones attention mask when given none (BioGPT) is stopped at its first packed forward.
+makes up its own all-ones attention mask when given none (BioGPT) is stopped at its first packed forward. `leak`
+checks any model as training feeds it (train/run.py, before the first step).
 """
 
 from __future__ import annotations
