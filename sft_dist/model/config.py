@@ -25,15 +25,21 @@ def model_config(m: ModelConfig):
         raise ConfigError(f"model.name_or_path: cannot read the config of {m.name_or_path!r}: {e}") from None
 
 
-def model_type(m: ModelConfig) -> str | None:
-    """The model_type that `init_config` or a local config.json names (None for a hub id: not read here)."""
+def raw_config(m: ModelConfig) -> dict | None:
+    """`init_config`, or a local config.json as a plain dict: read without importing a config class (which costs a
+    launcher ~3 s: transformers pulls in its kernels hub). None for a hub id or an unreadable file."""
     raw = m.init_config
     if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
         try:
             raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-    value = raw.get("model_type") if isinstance(raw, dict) else None
+            raw = None
+    return raw if isinstance(raw, dict) else None
+
+
+def model_type(m: ModelConfig) -> str | None:
+    """The model_type that `init_config` or a local config.json names."""
+    value = (raw_config(m) or {}).get("model_type")
     return value if isinstance(value, str) else None
 
 
@@ -42,15 +48,9 @@ POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 
 def max_positions(m: ModelConfig) -> int | None:
     """The longest sequence the model's position embeddings / RoPE table were built for (None: unbounded).
-    Read from the config dict or a local config.json when they name it: importing a model's config class
-    costs a launcher ~3 s (transformers pulls in its kernels hub), so that happens only when needed."""
-    raw = m.init_config
-    if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
-        try:
-            raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raw = None
-    if isinstance(raw, dict):
+    Read from the raw config where it names it; the config class is imported only when needed."""
+    raw = raw_config(m)
+    if raw is not None:
         found = _positions(raw.get)
         if found is not None or m.init_config is None:
             return found
