@@ -236,12 +236,15 @@ def test_ray_job_submit_stops_resubmits_resumes_and_propagates_failure(tmp_path,
     assert "training.learning_rate" in r.stdout + r.stderr
 
     # 4. The finished run evaluated as a Ray job (`sft-dist evaluate RUN`: its config says launcher.type=ray): the
-    # eval loss of its last step, and Ray's Result holds the evaluation's metrics.
+    # eval loss of its last step, and Ray's Result holds the evaluation's metrics. Its workers fork from the node's
+    # template again (the run's config turned that off for job 2; an override of `evaluate` turns it back on).
     r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", str(BIN / "sft-dist"),
-                        "evaluate", str(out)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+                        "evaluate", str(out), "launcher.warm_workers=true"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     last = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in x][-1]
     results = json.loads((out / "eval" / "eval_results.json").read_text())
     assert results["launched_by"] == "ray" and results["metrics"]["eval_loss"] == pytest.approx(last["eval_loss"],
                                                                                                rel=1e-6)
     assert f"Result.metrics at step 0 (eval_loss {results['metrics']['eval_loss']})" in r.stdout + r.stderr
+    assert "2 worker(s) (ray, forked warm)" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
