@@ -127,10 +127,13 @@ def estimate_memory(cfg: Config, *, world_size: int, device: str, facts: Facts |
 
         heads = model_heads(model.config, sequence)
         share = (f"{heads.padded // sequence} of the {heads.heads} query heads" if heads else f"1/{sequence} of the heads")
+        padding = _padded_heads_bytes(cfg, model.config, heads, batch=batch, rows=cfg.data.max_length, compute=compute,
+                                      checkpointing=checkpointing, train=not evaluating) if heads else 0
+        extra += padding
         notes.append(f"sequence parallel {sequence}: activations of one slice of {length} tokens per row; attention "
                      f"runs on the whole rows ({cfg.data.max_length} tokens) for {share}: its q, k, v and output "
-                     "as large as the slice's" + (f"; {'; '.join(heads.extras())}, not counted"
-                                                  if heads and heads.extras() else ""))
+                     "as large as the slice's" + (f"; {'; '.join(heads.extras())}: {format_bytes(padding)} more "
+                                                  "of them kept" if padding else ""))
         if attention in ("sdpa", "eager"):  # the whole rows' document mask, built once per micro-batch
             mask = batch * cfg.data.max_length ** 2 * (1 if attention == "sdpa" else _bytes(compute))
             extra += mask
@@ -1004,6 +1007,25 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
                    "instead of fp32 copies and the activation (measured on an H200: 35.2 -> 29.1 GiB for a 1.5B "
                    "Llama shape)")
     return out if len(out) > 1 else []
+
+
+def _padded_heads_bytes(cfg: Config, config, heads, *, batch: int, rows: int, compute, checkpointing, train: bool) -> int:
+    """What a sequence-parallel head layout (model/ulysses.py Heads) adds to the profiled slice: the zero query
+    heads' q and output and the added k/v heads' k and v, over the whole rows, kept for the backward by every layer
+    (a recomputed layer's only while it is recomputed; one layer's at a time in an evaluation)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    q = (heads.padded - heads.heads) / heads.size  # per rank, beyond an even split of the model's heads
+    kv = (heads.kv_padded * heads.repeat - heads.kv) / heads.size
+    if not q and not kv:
+        return 0
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layer = int(batch * rows * dim * _bytes(compute) * 2 * (q + kv))
+    if not train:
+        return layer
+    layers = int(text.num_hidden_layers)
+    if checkpointing:  # every n-th layer recomputed (checkpoint_policy), the others keep theirs
+        layers = layers - -(-layers // checkpoint_policy(cfg)[0]) + 1
+    return layer * layers
 
 
 def _more_sequence_parallel(facts: Facts) -> int | None:

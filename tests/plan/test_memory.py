@@ -462,8 +462,18 @@ def test_sequence_parallel_plans_a_slice_of_each_row(capsys):
     assert any("for 2 of the 4 query heads" in n and "zero head" not in n for n in half.notes)
     odd = estimate_memory(config("data.max_length=512", "backend.sequence_parallel_size=3", "launcher.num_workers=3"),
                           world_size=3, device="cpu")  # 4 heads over 3 ranks: padded to 6 (model/ulysses.py Heads)
-    assert any("for 2 of the 4 query heads" in n and "2 zero heads added (attention costs as for 6 heads: +50%)" in n
-               for n in odd.notes)
+    # 2 zero query heads and 2 zero k/v heads over the whole rows, a third of each on a rank, q/out and k/v kept by
+    # both layers: 8 rows x 512 tokens x head_dim 16 x 4 bytes x 2 x (2/3 + 2/3) x 2 layers = 1.33 MiB
+    padding = 8 * 512 * 16 * 4 * 2 * (2 / 3 + 2 / 3) * 2
+    assert any("for 2 of the 4 query heads" in n and "2 zero heads added (attention costs as for 6 heads: +50%): "
+               f"{format_bytes(int(padding))} more of them kept" in n for n in odd.notes), odd.notes
+    even = estimate_memory(config("data.max_length=512", "backend.sequence_parallel_size=4", "launcher.num_workers=4"),
+                           world_size=4, device="cpu")  # 4 heads over 4: nothing added
+    assert not any("more of them kept" in n for n in even.notes)
+    checkpointed = estimate_memory(config("data.max_length=512", "backend.sequence_parallel_size=3",
+                                          "launcher.num_workers=3", "training.activation_checkpointing=true"),
+                                   world_size=3, device="cpu")  # recomputed layers: one layer's at a time
+    assert any(f"{format_bytes(int(padding / 2))} more of them kept" in n for n in checkpointed.notes)
     plan = make_plan(cfg, device="cpu", world_size=4)
     assert plan.geometry["global_batch"] == 16 and plan.geometry["sequence_parallel"] == 2
     assert "x 2 data-parallel groups of 2 workers = 16 sequences" in render(plan)
