@@ -109,18 +109,19 @@ def _with_positions(builder):
     return build
 
 
-def leak(model, collate, *, device) -> float | None:
+def leak(model, collate, *, device, sharded: bool = False) -> float | None:
     """What the first document of a packed row does to the second's logits, through `collate` and the model as
     training feeds them: two rows that differ only in their first document, run with no_grad in eval mode. 0 where
     documents stay apart (a masked key adds exactly nothing); None where this rank does not hold every weight on
     `device` (ZeRO-3, a sharded base; such runs keep the class-level checks above). Relative to the largest
-    logit."""
+    logit. `sharded`: the model is wrapped by ZeRO-3 or FSDP2, which gather each layer's weights as it runs: every
+    rank calls this, with the same rows."""
     import torch
 
     device = torch.device(device)
     params = list(model.parameters())
-    if not params or any(hasattr(p, "ds_id") or p.device.type != device.type or
-                         (device.type != "cpu" and p.device.index != device.index) for p in params):
+    if not params or not sharded and any(hasattr(p, "ds_id") or p.device.type != device.type or
+                                         (device.type != "cpu" and p.device.index != device.index) for p in params):
         return None
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)

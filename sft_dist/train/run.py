@@ -663,6 +663,7 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     if cfg.data.packing or _padding_free(model, attn, compiled=bool(args.torch_compile)):
         from sft_dist.data.packing import ROW_AWARE, PackedCollator
         from sft_dist.model import packed_positions
+        from sft_dist.train.packing_check import DocumentsApartAtStart, check_documents_apart, on_the_wrapped_model
 
         why = packed_positions.problem(model)
         if why and cfg.data.packing:
@@ -672,7 +673,10 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
         collator = PackedCollator(collator, attn_implementation=attn,
                                   pad_to=fixed_width(cfg, attn, compiled=bool(args.torch_compile)))
         if cfg.data.packing and sequence is None:  # (split rows get the whole rows' mask: model/ulysses.py)
-            _check_documents_apart(model, collator, device=args.device)
+            if on_the_wrapped_model(model, backend.sharding(env.world_size)):
+                trainer.add_callback(DocumentsApartAtStart(trainer, collator, device=args.device))
+            else:
+                check_documents_apart(model, collator, device=args.device)
         if not cfg.data.packing:
             log.info("data: rows collated padding-free (%s reads each row's boundaries: no padding computed)", attn)
     trainer.data_collator = SampleIdCollator(collator)
@@ -687,23 +691,6 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
     if stream is not None:
         trainer.train_dataset = data.train = stream
     return trainer
-
-
-def _check_documents_apart(model, collator, *, device) -> None:
-    """Two packed rows that differ only in their first document, through the collator and the model as training
-    feeds them: the second document's logits must not move (remote code and architectures sft_dist has not seen
-    included). Where this rank does not hold the whole model (ZeRO-3, FSDP2's host copy) it is not run."""
-    from sft_dist.model import packed_positions
-
-    moved = packed_positions.leak(model, collator, device=device)
-    if moved is None:
-        return
-    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-    if moved > 1e-4:
-        raise ConfigError(f"data.packing: {name} lets a packed row's documents attend to each other (checked at start: "
-                          f"the first document moved the second's logits by {moved:.1e} of their scale); set "
-                          "data.packing: false")
-    log.info("packing: checked at start, %s keeps a packed row's documents apart", name)
 
 
 def fixed_width(cfg: Config, attn: str | None, *, compiled: bool) -> int | None:

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, backend
 from tests.e2e.test_train_local import sft_dist
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,13 @@ def runs(tmp_path_factory):
         assert r.returncode == 0, r.stderr[-3000:]
         out[packing if attn == "auto" else attn + ("+compile" if compiled else "") + ("" if packing else "+unpacked")] \
             = run, r.stderr
+    # The packed run again under ZeRO-3 on 2 workers, 4 rows each: the same 8 rows a step
+    run = tmp / "packing-zero3"
+    r = sft_dist("train", QUICKSTART, f"output_dir={run}", f"data.train_files={data}", "data.packing=true",
+                 "launcher.num_workers=2", "training.per_device_train_batch_size=4", f"training.max_steps={STEPS}",
+                 f"training.eval_steps={STEPS}", *backend("zero3"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out["zero3"] = run, r.stderr
     return out
 
 
@@ -115,3 +122,15 @@ def test_unpacked_rows_on_varlen_attention_are_collated_padding_free(runs):
     assert len(losses["flat"]) == STEPS and max(abs(a - b) for a, b in zip(losses["padded"], losses["flat"])) < 1e-5
     assert summary(run)["padding_fraction"] < 0.01 < 0.2 < summary(runs[False][0])["padding_fraction"]
     assert summary(run)["loss_tokens"] == summary(runs[False][0])["loss_tokens"]
+
+
+def test_the_start_up_check_runs_on_the_wrapped_zero3_model_and_changes_nothing(runs):
+    """Where no rank holds the whole model before the wrap (ZeRO-3's partitions over 2 workers), the packing check runs
+    on the wrapped model as training begins, on every rank (train/packing_check.py); ZeRO-3 then records its prefetch
+    order from training's own steps, as without the check: the 1-worker packed run's losses, step by step."""
+    run, stderr = runs["zero3"]
+    assert "packing: checked at start on the sharded model, LlamaForCausalLM keeps a packed row's documents apart" \
+        in stderr
+    losses = {name: [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+              for name, r in (("ddp", runs[True][0]), ("zero3", run))}
+    assert len(losses["zero3"]) == STEPS and max(abs(a - b) / a for a, b in zip(*losses.values())) < 1e-5

@@ -127,3 +127,34 @@ def test_the_start_up_check_measures_what_a_document_does_to_the_next(attn):
     assert packed_positions.leak(model, eager, device="cpu") < 1e-6  # (the experts' matmuls: float order only)
     assert model.training  # put back as it was
     assert packed_positions.leak(model.to("meta"), eager, device="cpu") is None  # not every weight here
+
+
+def test_the_start_up_check_runs_on_a_sharded_model(tmp_path):
+    """Under FSDP2 (and ZeRO-3) no rank holds every weight until the wrap: the check runs on the wrapped model, which
+    gathers each layer as it runs (train/packing_check.py, every rank alike; one rank here). It sees the leak of a
+    decoder that drops its position_ids, and refuses the run with the model's name, until `enable`."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_dist.data.packing import PackedCollator
+    from sft_dist.errors import ConfigError
+    from sft_dist.train.packing_check import check_documents_apart
+
+    eager = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation="eager")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = tiny("gpt_oss", "eager")
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        assert packed_positions.leak(model, eager, device="cpu", sharded=True) > 1e-3
+        with pytest.raises(ConfigError, match="data.packing: GptOssForCausalLM lets a packed row's documents attend"):
+            check_documents_apart(model, eager, device="cpu", sharded=True)
+        packed_positions.enable(model)
+        assert packed_positions.leak(model, eager, device="cpu", sharded=True) < 1e-6
+        check_documents_apart(model, eager, device="cpu", sharded=True)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""The start-up check that packing keeps a packed row's documents apart, on the run's own model and collator
+(model/packed_positions.py: leak): before training where a rank holds every weight, else on the ZeRO-3 or FSDP2
+model by every rank as training begins."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from sft_dist.errors import ConfigError
+
+log = logging.getLogger("sft_dist")
+
+
+def on_the_wrapped_model(model, sharding) -> bool:
+    """Whether the check waits for the wrapped model: where a rank holds no whole model until ZeRO-3 or FSDP2 wrap
+    it (sharded or offloaded weights; ZeRO-3's partitions on a single rank too). The same answer on every rank."""
+    return sharding.weights > 1 or sharding.offload_param or any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def check_documents_apart(model, collator, *, device, sharded: bool = False) -> None:
+    """Two packed rows that differ only in their first document, through the collator and the model as training
+    feeds them: the second document's logits must not move (remote code and architectures sft_dist has not seen
+    included). `sharded`: on the ZeRO-3 or FSDP2 model, by every rank (DocumentsApartAtStart)."""
+    from sft_dist.model import packed_positions
+
+    moved = packed_positions.leak(model, collator, device=device, sharded=sharded)
+    if moved is None:
+        return
+    name = _class_name(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if moved > 1e-4:
+        raise ConfigError(f"data.packing: {name} lets a packed row's documents attend to each other (checked at start: "
+                          f"the first document moved the second's logits by {moved:.1e} of their scale); set "
+                          "data.packing: false")
+    log.info("packing: checked at start%s, %s keeps a packed row's documents apart",
+             " on the sharded model" if sharded else "", name)
+
+
+def _class_name(model) -> str:
+    """The model's class as the user knows it (FSDP2 makes a subclass named FSDP<class>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    name = type(model).__name__
+    return name.removeprefix("FSDP") if isinstance(model, FSDPModule) else name
+
+
+class DocumentsApartAtStart(TrainerCallback):
+    """The packing check where ZeRO-3 or FSDP2 shard the weights: on the wrapped model, which gathers each layer as
+    it runs, by every rank with the same rows, before the first step (the same outcome on every rank)."""
+
+    def __init__(self, trainer, collator, *, device):
+        self.trainer, self.collator, self.device = trainer, collator, device
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_documents_apart(model, self.collator, device=self.device, sharded=True)
+        _forget_zero3_trace(self.trainer.model_wrapped)
+
+
+def _forget_zero3_trace(engine) -> None:
+    """ZeRO-3 records the order its layers run in during the first forward and backward, and prefetches by it from
+    then on. The check's forwards (logits through the head module; training gathers the head inside its chunked loss,
+    and runs a backward) must not be that record: it is dropped, so training records its own, as without the check."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:  # not ZeRO-3
+        return
+    offload.empty_partition_cache()  # every gathered weight released
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()  # DeepSpeed's own reset when a forward leaves its record
