@@ -253,17 +253,23 @@ def gpu_total_bytes() -> int | None:
         return None
 
 
-def fit_micro_batch(s: Setup, name: str, cfg: dict, share: float = 0.9) -> str | None:
+def fit_micro_batch(s: Setup, name: str, cfg: dict, share: float = 0.9, *, within: float = 300.0) -> str | None:
     """Halve the micro-batch of `cfg` (in place; the accumulation doubled, so the global batch stays) until the
-    peak `sft-dist plan` estimates fits `share` of the GPU. The note, or None where there is nothing to fit."""
+    peak `sft-dist plan` estimates fits `share` of the GPU, planning for `within` seconds at most (the step's run
+    keeps the rest of its time). The note, or None where there is nothing to fit."""
     total = None if s.tiny else gpu_total_bytes()
     training = cfg["training"]
     if total is None:
         return None
     rows = training["per_device_train_batch_size"]
+    deadline = time.perf_counter() + within
     while True:
-        proc = subprocess.run([sys.executable, "-m", "sft_dist", "plan", str(write_config(s, name, cfg)), "--device",
-                               s.device, "--json"], capture_output=True, text=True, timeout=300, env=child_env())
+        try:
+            proc = subprocess.run([sys.executable, "-m", "sft_dist", "plan", str(write_config(s, name, cfg)),
+                                   "--device", s.device, "--json"], capture_output=True, text=True, env=child_env(),
+                                  timeout=max(5.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            return f"micro-batch {training['per_device_train_batch_size']} (no memory estimate within {within:.0f} s)"
         try:
             peak = json.loads(proc.stdout)["memory_per_rank"]["detail"]["peak"]
         except (ValueError, KeyError, TypeError):
@@ -384,9 +390,12 @@ def step_isolation(s: Setup, timeout: float) -> dict:
     out.unlink(missing_ok=True)
     proc = run_proc([sys.executable, str(HERE / "isolation.py"), "--out", str(out), "--device", s.device],
                     timeout=timeout, log=s.work / "logs" / "isolation.log")
-    if not out.exists():
+    try:
+        d = json.loads(out.read_text()) if out.exists() else None
+    except ValueError:  # torn by a kill mid-write
+        d = None
+    if d is None:
         return {"wall_s": round(proc.wall_s, 1), **_failed(proc)}
-    d = json.loads(out.read_text())
     cases = d["cases"]
     if proc.timed_out:
         return {"wall_s": round(proc.wall_s, 1), "cases": cases, **_failed(proc),
@@ -400,7 +409,18 @@ def step_isolation(s: Setup, timeout: float) -> dict:
     return {"status": "ok" if proc.rc == 0 else "failed", "wall_s": round(proc.wall_s, 1), "cases": cases,
             "auto": d.get("auto"), "note": f"{d['documents']} documents in {d['rows']} rows of {d['row']}: {note}"
                                            + (f" ({autos})" if autos else ""),
-            **({} if proc.rc == 0 else {"reason": "a packed document's logits differ from it alone"})}
+            **({} if proc.rc == 0 else {"reason": _isolation_failure(cases, proc)})}
+
+
+def _isolation_failure(cases: list[dict], proc: Proc) -> str:
+    """Why the isolation step failed: logits that differ, implementations that raised, or the script itself."""
+    differ = [c for c in cases if "max_abs_diff" in c and not c.get("ok")]
+    raised = [c for c in cases if "error" in c]
+    if differ:
+        return f"{len(differ)} case(s): a packed document's logits differ from it alone"
+    if raised:
+        return f"{len(raised)} implementation(s) raised: {raised[0]['error'][:200]}"
+    return "the script failed: " + " | ".join(proc.tail[-3:])[:300]
 
 
 def run_microbench(s: Setup, name: str, timeout: float) -> tuple[Proc, dict | None]:
@@ -409,7 +429,10 @@ def run_microbench(s: Setup, name: str, timeout: float) -> tuple[Proc, dict | No
     out.unlink(missing_ok=True)
     proc = run_proc([sys.executable, str(HERE / f"{name}.py"), "--out", str(out), "--device", s.device,
                      "--iters", "3" if s.tiny else "10"], timeout=timeout, log=s.work / "logs" / f"{name}.log")
-    return proc, json.loads(out.read_text()) if out.exists() else None
+    try:
+        return proc, json.loads(out.read_text()) if out.exists() else None
+    except ValueError:  # torn by a kill mid-write (the scripts write whole files; an older one may not)
+        return proc, None
 
 
 def step_attention(s: Setup, timeout: float) -> dict:
@@ -513,7 +536,12 @@ def torch_version() -> str:
 
 
 def _flash() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn 2 itself (flash-attn 4 is also imported as `flash_attn`; transformers tells them apart)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    from transformers.utils import import_utils
+
+    return import_utils.is_flash_attn_2_available()
 
 
 @dataclass
@@ -564,8 +592,13 @@ def steps() -> list[Step]:
                                  "training.gradient_accumulation_steps": 2, "training.max_steps": s.steps - 4},
                               **safe_settings(s))
         t0 = time.perf_counter()
-        fitted = fit_micro_batch(s, n, cfg)  # planned at 61.2 GiB for 4 x 2 without Liger: kept on an 80 GB H100
-        r = run_sft_dist(s, n, cfg, t - (time.perf_counter() - t0), warmup=max(1, s.warmup - 1))
+        # planned at 61.2 GiB for 4 x 2 without Liger: kept on an 80 GB H100. Planning takes a fifth of the step's
+        # time at most; the run what is left (a run too short to reach its steps is skipped, not timed out).
+        fitted = fit_micro_batch(s, n, cfg, within=min(120.0, t / 5))
+        left = t - (time.perf_counter() - t0)
+        if left < 60:
+            return {"status": "skipped", "reason": f"{left:.0f} s left after planning its micro-batch ({fitted})"}
+        r = run_sft_dist(s, n, cfg, left, warmup=max(1, s.warmup - 1))
         training = cfg["training"]
         left = t - (time.perf_counter() - t0)
         if r.get("out_of_memory") and training["per_device_train_batch_size"] > 1 and left > 60:
@@ -618,10 +651,11 @@ def steps() -> list[Step]:
         r = run_trl(s, "trl_fastest", first, attn=attn, checkpointing=False, liger=liger)
         failed = None
         left = t - (time.perf_counter() - t0)
-        if r["status"] != "ok" and attn == "flex_attention" and left > 60:
+        if r["status"] != "ok" and attn in ("flex_attention", "flash_attention_2") and left > 60:
             # TRL's padding-free row changes width every batch, so transformers' compiled flex attention compiles
-            # again for dynamic shapes: where that fails, TRL's next fastest correct setting is the same on sdpa
-            failed, attn = f"flex_attention failed ({r.get('reason', '?')[:120]}), so", "sdpa"
+            # again for dynamic shapes (and a flash-attn build may not match this torch): where that fails, TRL's
+            # next fastest correct setting is the same on sdpa
+            failed, attn = f"{attn} failed ({r.get('reason', '?')[:120]}), so", "sdpa"
             r = run_trl(s, "trl_fastest", left, attn=attn, checkpointing=False, liger=liger)
         r["note"] = ((f"{failed} " if failed else "") + f"bfd padding-free on {attn}, activation checkpointing off"
                      + (", Liger" if liger else "")

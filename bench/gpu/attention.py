@@ -9,12 +9,13 @@ costs from the rest of a training step (the LM head, LoRA, the optimizer). bench
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
 from pathlib import Path
 
-from timing import time_steps
+from timing import time_steps, write_json
 
 
 def documents(rng: random.Random, row: int, rows: int) -> list[list[int]]:
@@ -88,11 +89,13 @@ def main() -> int:
             case.update(ms_per_step=round(ms, 2), processed_tokens=int(batch["input_ids"].numel()),
                         real_tokens_per_s=round(real / ms * 1e3),
                         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
-            del model
-            if cuda:
-                torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - one implementation failing is a result
             case["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        finally:  # a failed case's model, gradients and frames freed too: the next case starts from an empty GPU
+            model = batch = step = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         results.append(case)
         print(json.dumps(case), flush=True)
         base = next((c.get("ms_per_step") for c in results if c["attn"] == "sdpa"), None)
@@ -100,11 +103,11 @@ def main() -> int:
             if base and c.get("ms_per_step"):
                 c["speedup_vs_sdpa"] = round(base / c["ms_per_step"], 2)
         # after every case: flex attention compiles first, and a timeout then keeps what was measured before
-        Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": rows, "layers": a.layers,
+        write_json(Path(a.out), {"device": a.device, "row": row, "rows": rows, "layers": a.layers,
                                            "varlen_probe": probe or ("ok" if cuda else "not run (no GPU)"),
                                            "varlen_native_gqa": native,
                                            "documents": sum(len(r["seq_lengths"]) for r in batch_rows),
-                                           "cases": results}))
+                                           "cases": results})
     return 0 if all("error" not in c for c in results) else 1
 
 

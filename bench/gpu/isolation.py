@@ -19,6 +19,8 @@ import json
 import random
 from pathlib import Path
 
+from timing import write_json
+
 
 def main() -> int:
     p = argparse.ArgumentParser()
@@ -75,8 +77,8 @@ def main() -> int:
     cases, autos = [], {}
 
     def write() -> None:  # after every case: a step killed at its timeout still leaves what it checked
-        Path(a.out).write_text(json.dumps({"device": a.device, "row": row, "rows": len(rows), "auto": autos,
-                                           "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases}))
+        write_json(Path(a.out), {"device": a.device, "row": row, "rows": len(rows), "auto": autos,
+                                           "documents": sum(len(r["seq_lengths"]) for r in rows), "cases": cases})
 
     for arch, config, ref_impl, impls, dtypes in archs:
         auto = choose("auto", causal_lm_class(config), model_type=arch, device=a.device, dtype=torch.bfloat16,

@@ -22,3 +22,13 @@ def time_steps(step, iters: int, *, cuda: bool) -> tuple[float, int]:
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters * 1e3, base
+
+
+def write_json(path, data) -> None:
+    """Whole or not at all: written beside, then renamed, so a step killed at its timeout leaves no torn JSON."""
+    import json
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 # Dense bf16/fp16 tensor peak per device, TFLOP/s (vendor datasheets). Matched on the CUDA device name.
 PEAK_TFLOPS_BF16 = {
+    "H200 NVL": 835.0,  # before "H200" (the longest key is tried first): the NVL card's lower clocks
     "H200": 989.4,
     "H100 SXM": 989.4,
     "H100 80GB HBM3": 989.4,
@@ -24,6 +25,7 @@ PEAK_TFLOPS_BF16 = {
     "H100": 756.0,
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
 }
 

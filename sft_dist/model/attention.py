@@ -231,7 +231,8 @@ def _flash_installed(name: str) -> bool:
     if name == "flash_attention_3":
         import torch
 
-        return bool(import_utils.is_flash_attn_3_available()) and torch.cuda.get_device_capability()[0] >= 8
+        # flash-attn 3's kernels are Hopper's (sm90); transformers' check looks at the package and CUDA only
+        return bool(import_utils.is_flash_attn_3_available()) and torch.cuda.get_device_capability()[0] == 9
     return bool(import_utils.is_flash_attn_2_available())
 
 

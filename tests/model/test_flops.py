@@ -44,3 +44,15 @@ def test_lora_is_4n_frozen_plus_6n_adapter_and_trainable_head(model):
 def test_device_peak():
     assert device_peak_tflops("cpu", given=None, half_precision=True)[0] is None
     assert device_peak_tflops("cpu", given=50.0, half_precision=False) == (50.0, "metrics.peak_tflops")
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.0),
+                                        ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0)])
+def test_device_peak_by_cuda_name(monkeypatch, name, peak):
+    """The longest matching name wins: an H200 NVL is not an H200 SXM, an L40 not an L4."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert device_peak_tflops("cuda", given=None, half_precision=True)[0] == peak
