@@ -53,18 +53,23 @@ class DocumentsApartAtStart(TrainerCallback):
         self.trainer, self.collator, self.device = trainer, collator, device
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        coordinator = _zero3_coordinator(self.trainer.model_wrapped)
+        if coordinator is not None and not hasattr(coordinator, "_invalidate_trace"):
+            log.info("packing: not checked at start (this DeepSpeed's ZeRO-3 cannot be told to forget the check's "
+                     "forward, which it would prefetch by)")
+            return
         check_documents_apart(model, self.collator, device=self.device, sharded=True)
-        _forget_zero3_trace(self.trainer.model_wrapped)
+        if coordinator is not None:
+            # ZeRO-3 records the order its layers run in during the first forward and backward, and prefetches by
+            # it from then on. The check's forwards (logits through the head module; training gathers the head
+            # inside its chunked loss, and runs a backward) must not be that record: every gathered weight is
+            # released and the record dropped, so training records its own, as without the check.
+            self.trainer.model_wrapped.empty_partition_cache()
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # DeepSpeed's own reset when a forward leaves its record
 
 
-def _forget_zero3_trace(engine) -> None:
-    """ZeRO-3 records the order its layers run in during the first forward and backward, and prefetches by it from
-    then on. The check's forwards (logits through the head module; training gathers the head inside its chunked loss,
-    and runs a backward) must not be that record: it is dropped, so training records its own, as without the check."""
+def _zero3_coordinator(engine):
+    """ZeRO-3's parameter coordinator (what fetches and prefetches the partitions), or None (not ZeRO-3)."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    if offload is None:  # not ZeRO-3
-        return
-    offload.empty_partition_cache()  # every gathered weight released
-    coordinator = offload.get_param_coordinator()
-    if not coordinator.is_invalid_trace():
-        coordinator._invalidate_trace()  # DeepSpeed's own reset when a forward leaves its record
+    return offload.get_param_coordinator() if offload is not None else None
