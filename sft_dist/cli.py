@@ -171,6 +171,9 @@ WARM_COMMANDS = frozenset({"train", "evaluate", "plan", "preprocess", "generate"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sft_dist.quiet import before_imports
+
+    before_imports()
     args = build_parser().parse_args(argv)
     if argv is None and args.command in WARM_COMMANDS and _may_run_warm():
         from sft_dist.distributed.warm import run_command
@@ -226,7 +229,9 @@ def _train(args) -> int:
     except SftDistError as e:
         return _report(e)
     if env is not None:  # a launcher started this process as one rank (the rules run in `run`)
-        if env.rank == 0:  # torchrun & co: a bad data file stops rank 0 (and so the job) before torch starts
+        # torchrun & co: a bad data file stops rank 0 (and so the job) before torch starts. sft_dist's own local
+        # launcher checked the files before it started the workers (and said so): not again.
+        if env.rank == 0 and env.launched_by != "local":
             try:
                 _precheck_data(cfg)
             except SftDistError as e:

@@ -8,6 +8,15 @@ import sys
 import warnings
 
 
+def before_imports() -> None:
+    """What must be set before the libraries are imported; first thing in every entry point (the CLI, Ray's worker
+    function and its warm template). bitsandbytes warns when imported (peft imports it), on CPUs with AVX512-BF16,
+    that it could not fetch an optional 4-bit CPU kernel from the Hub ("Failed to load CPU gemm_4bit_forward from
+    kernels-community ... pip install kernels"): its own fallback computes the same, and runs here are offline. It
+    opened every CPU run's log, once per worker. Its errors still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def quiet_libraries(*, main: bool = True) -> None:
     import datasets
     import transformers

@@ -246,6 +246,9 @@ def user_error(err: BaseException, *, final_only: bool = False):
 
 def _worker_main(loop_config: dict) -> None:
     """Each Ray worker: the torch.distributed environment from Ray's context, then the one main."""
+    from sft_dist.quiet import before_imports
+
+    before_imports()
     import ray.train
 
     from sft_dist.train.ray_report import RayReport

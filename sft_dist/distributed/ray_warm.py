@@ -141,6 +141,9 @@ class WarmRayWorkers:
 
 
 def _template_main(path: str) -> None:
+    from sft_dist.quiet import before_imports
+
+    before_imports()
     from sft_dist.distributed.lifecycle import die_with_parent
     from sft_dist.distributed.warm import serve
 
