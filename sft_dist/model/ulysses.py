@@ -195,6 +195,21 @@ def enable(model, inner: str) -> None:
             config._attn_implementation = NAME
 
 
+@contextlib.contextmanager
+def unsplit(model):
+    """The model's attention back to the implementation inside (`enable` undone) for the forwards in the block:
+    whole rows on one rank, as the packing check runs them on every rank (train/packing_check.py)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    split = [c for c in _configs(base.config) if getattr(c, "_attn_implementation", None) == NAME]
+    for config in split:
+        config._attn_implementation = _STATE.inner
+    try:
+        yield
+    finally:
+        for config in split:
+            config._attn_implementation = NAME
+
+
 def _configs(config):
     yield config
     for name in getattr(config, "sub_configs", {}) or {}:

@@ -4,11 +4,13 @@ model by every rank as training begins."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from transformers import TrainerCallback
 
 from sft_dist.errors import ConfigError
+from sft_dist.model import ulysses
 
 log = logging.getLogger("sft_dist")
 
@@ -47,10 +49,12 @@ def _class_name(model) -> str:
 
 class DocumentsApartAtStart(TrainerCallback):
     """The packing check where ZeRO-3 or FSDP2 shard the weights: on the wrapped model, which gathers each layer as
-    it runs, by every rank with the same rows, before the first step (the same outcome on every rank)."""
+    it runs, by every rank with the same rows, before the first step (the same outcome on every rank). `split`:
+    under sequence parallelism, whose attention expects each rank's slice, it runs on whole rows with the attention
+    inside (`ulysses.unsplit`)."""
 
-    def __init__(self, trainer, collator, *, device):
-        self.trainer, self.collator, self.device = trainer, collator, device
+    def __init__(self, trainer, collator, *, device, split: bool = False):
+        self.trainer, self.collator, self.device, self.split = trainer, collator, device, split
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         coordinator = _zero3_coordinator(self.trainer.model_wrapped)
@@ -58,7 +62,8 @@ class DocumentsApartAtStart(TrainerCallback):
             log.info("packing: not checked at start (this DeepSpeed's ZeRO-3 cannot be told to forget the check's "
                      "forward, which it would prefetch by)")
             return
-        check_documents_apart(model, self.collator, device=self.device, sharded=True)
+        with ulysses.unsplit(model) if self.split else contextlib.nullcontext():  # whole rows on every rank
+            check_documents_apart(model, self.collator, device=self.device, sharded=True)
         if coordinator is not None:
             # ZeRO-3 records the order its layers run in during the first forward and backward, and prefetches by
             # it from then on. The check's forwards (logits through the head module; training gathers the head

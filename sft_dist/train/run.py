@@ -672,9 +672,10 @@ def _build_trainer(cfg: Config, backend: Backend, *, env: DistEnv, model, args, 
             packed_positions.enable(model)
         collator = PackedCollator(collator, attn_implementation=attn,
                                   pad_to=fixed_width(cfg, attn, compiled=bool(args.torch_compile)))
-        if cfg.data.packing and sequence is None:  # (split rows get the whole rows' mask: model/ulysses.py)
+        if cfg.data.packing:  # whole rows through the model unsplit (sequence parallelism is enabled below)
             if on_the_wrapped_model(model, backend.sharding(env.world_size)):
-                trainer.add_callback(DocumentsApartAtStart(trainer, collator, device=args.device))
+                trainer.add_callback(DocumentsApartAtStart(trainer, collator, device=args.device,
+                                                           split=sequence is not None))
             else:
                 check_documents_apart(model, collator, device=args.device)
         if not cfg.data.packing:

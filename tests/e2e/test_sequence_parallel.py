@@ -67,6 +67,8 @@ def test_fsdp2_two_groups_of_two_train_the_packed_rows_of_two_workers(tmp_path):
     r = train(out, *steps, *backend("full_shard"), "launcher.num_workers=4", "backend.sequence_parallel_size=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 data-parallel groups of 2 workers = 16 sequences per optimizer step" in r.stderr
+    # the packing check, on whole rows through the sharded model with the attention inside (train/packing_check.py)
+    assert "packing: checked at start on the sharded model, LlamaForCausalLM keeps a packed row's" in r.stderr
     s = summary(out)
     assert s["backend_applied"]["wrapper"] == "FSDP2 (fully_shard)" and s["world_size"] == 4
     dev = compare(ref, out)

@@ -162,3 +162,19 @@ def test_heads_split_any_number_of_ways(heads, kv, size, per_rank, repeat):
     assert found == heads
     for p in set(range(lay.padded)) - {int((padded_q[0, :, 0, 0] == q[0, h, 0, 0]).nonzero()[0]) for h in range(heads)}:
         assert not padded_q[:, p].any()  # the added heads are zero
+
+
+def test_unsplit_puts_the_attention_inside_back_for_a_block():
+    """The packing check runs whole rows through a model split for sequence parallelism: inside `unsplit` its
+    attention is the implementation inside again, and after it the split one (train/packing_check.py)."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2),
+                                               attn_implementation="sdpa")
+    ulysses.enable(model, "sdpa")
+    assert model.config._attn_implementation == ulysses.NAME
+    with ulysses.unsplit(model):
+        assert model.config._attn_implementation == "sdpa"
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # a plain forward, no process group needed
+    assert model.config._attn_implementation == ulysses.NAME
