@@ -19,6 +19,7 @@ the training kernels). `wait()` joins it before the adapter is saved.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -47,17 +48,24 @@ class BaseWrite:
 
 def write_base(model, tokenizer, path: Path, *, background: bool, state: dict | None = None) -> BaseWrite:
     """Write `model` (seeded random weights) and `tokenizer` to `path`; in a thread when `background`. `state`:
-    the weights to write instead of the model's own (a ZeRO-3 model's, gathered: `gathered_state`)."""
+    the weights to write instead of the model's own (a ZeRO-3 model's, gathered: `gathered_state`). A base already
+    at `path` with the same config, tokenizer files and weights (a resumed or restarted run's) is kept as it is."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     for stale in path.parent.glob(f"{path.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
+    shadow = _shadow(model, state)
+    (tmp / FINGERPRINT).write_text(json.dumps(fingerprint(shadow), sort_keys=True))
+    if _same_base(path, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("model: the random base in %s is this run's already (its config, tokenizer and weights' "
+                 "checksums): kept, not written again", path)
+        return BaseWrite(path)
     if not background:
         job = BaseWrite(path)
-        _write(job, model if state is None else _shadow(model, state), tmp)
+        _write(job, model if state is None else shadow, tmp)
         job.wait()
         return job
-    shadow = _shadow(model, state)
     job = BaseWrite(path)
     job._thread = threading.Thread(target=_write, args=(job, shadow, tmp), name="sft-dist-base-write", daemon=False)
     job._thread.start()
@@ -86,6 +94,32 @@ def gathered_state(model, *, keep: bool) -> dict | None:
     persistent = set(model.state_dict())
     state.update({n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers() if n in persistent})
     return state
+
+
+FINGERPRINT = "sft_dist_base.json"
+
+
+def fingerprint(model) -> dict:
+    """What identifies a written base: the config as saved and a checksum of every tensor of the state dict (XOR
+    of its bits, `torch.hash_tensor`: computed where the tensor lives, no copy)."""
+    import torch
+
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    config.pop("transformers_version", None)
+    weights = {name: [str(t.dtype), list(t.shape), torch.hash_tensor(t.detach()).view(torch.int64).item()]
+               for name, t in model.state_dict().items()}
+    return {"config": config, "weights": weights}
+
+
+def _same_base(path: Path, new: Path) -> bool:
+    """`path` holds a complete base (written whole, renamed into place) whose fingerprint and tokenizer files are
+    the ones in `new`."""
+    if not (path / FINGERPRINT).is_file():
+        return False
+    for f in new.iterdir():
+        if not (path / f.name).is_file() or (path / f.name).read_bytes() != f.read_bytes():
+            return False
+    return True
 
 
 def _shadow(model, state: dict | None = None):

@@ -166,6 +166,8 @@ def test_killed_worker_is_restarted_and_resumes_from_the_checkpoint(checkpointed
     assert job.proc.returncode == 0, log[-3000:]
     assert "(exitcode: -9) local_rank: 1" in log  # torchrun saw the kill and restarted the group
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-10'} (step 10)" in log
+    # the restarted group built the same seeded base: the one written at the first start is kept
+    assert log.count("random base written to") == 1 and f"the random base in {out / 'base_model'} is this run's" in log
     s = summary(out)
     assert (s["resumed_step"], s["resumed_from"]) == (10, str(out / "checkpoints" / "checkpoint-10"))
     assert (s["world_size"], s["launched_by"], s["global_step"]) == (2, "torchrun", 20)

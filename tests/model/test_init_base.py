@@ -61,3 +61,31 @@ def test_a_failed_write_is_raised_by_wait_and_leaves_nothing(tok, tmp_path):
         job.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base_model"]
     assert (tmp_path / "base_model").read_text() == "a file where the directory goes"
+
+
+def test_a_base_already_written_by_the_same_run_is_kept(tok, tmp_path, caplog):
+    """A resumed or restarted init_config run builds the same seeded base: the one written before is kept (an 8B
+    base is 16 GB), found by its config, tokenizer files and every tensor's checksum; any difference writes it anew."""
+    import logging
+
+    path = tmp_path / "base_model"
+    write_base(tiny(tok), tok, path, background=False)
+    files = {f.name: f.stat().st_mtime_ns for f in path.iterdir()}
+    assert "sft_dist_base.json" in files
+    with caplog.at_level(logging.INFO, logger="sft_dist.model.init_base"):
+        write_base(tiny(tok), tok, path, background=True).wait()
+    assert "is this run's already" in caplog.text
+    assert {f.name: f.stat().st_mtime_ns for f in path.iterdir()} == files  # not one file written again
+    assert not list(tmp_path.glob("base_model.tmp-*"))
+
+    other = tiny(tok)
+    with torch.no_grad():
+        other.model.layers[1].mlp.up_proj.weight[3, 5] += 1e-3  # one weight of one layer
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sft_dist.model.init_base"):
+        write_base(other, tok, path, background=False)
+    assert "is this run's already" not in caplog.text
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.equal(loaded.model.layers[1].mlp.up_proj.weight, other.model.layers[1].mlp.up_proj.weight)
+    write_base(tiny(tok, max_position_embeddings=300), tok, path, background=False)  # the config alone differs
+    assert AutoModelForCausalLM.from_pretrained(path).config.max_position_embeddings == 300
