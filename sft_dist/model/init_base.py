@@ -2,7 +2,9 @@
 `PeftModel.from_pretrained` load the adapter onto.
 
 Written whole or not at all: into a sibling temp directory, renamed into place once complete, so a run killed
-mid-write never leaves a base that loads wrong (a stale temp directory is removed by the next write).
+mid-write never leaves a base that loads wrong (a stale temp directory is removed by the next write). With it goes
+`sft_dist_base.json` (the config and every tensor's checksum): a resumed or restarted run whose base has the same
+fingerprint and tokenizer files keeps the one written before.
 
 In the background where nothing can change it while it is written: a LoRA base (frozen; peft, Liger and the
 wrappers add modules and never write into its tensors) held whole on this rank (no ZeRO-3/FSDP2 shards), or the

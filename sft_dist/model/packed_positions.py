@@ -8,7 +8,8 @@ builders a model's modeling modules call so that a call without position_ids get
 given; a call with its own (Llama, Qwen, Gemma and most others) is left as it is. A decoder whose forward takes no
 position_ids at all (Bloom, MPT) cannot keep packed documents apart: `problem` says so before training; one that
 makes up its own all-ones attention mask when given none (BioGPT) is stopped at its first packed forward. `leak`
-checks any model as training feeds it (train/run.py, before the first step).
+checks any model as training feeds it (train/packing_check.py: before the first step, or on the ZeRO-3/FSDP2 model
+as training begins).
 """
 
 from __future__ import annotations
@@ -113,9 +114,8 @@ def leak(model, collate, *, device, sharded: bool = False) -> float | None:
     """What the first document of a packed row does to the second's logits, through `collate` and the model as
     training feeds them: two rows that differ only in their first document, run with no_grad in eval mode. 0 where
     documents stay apart (a masked key adds exactly nothing); None where this rank does not hold every weight on
-    `device` (ZeRO-3, a sharded base; such runs keep the class-level checks above). Relative to the largest
-    logit. `sharded`: the model is wrapped by ZeRO-3 or FSDP2, which gather each layer's weights as it runs: every
-    rank calls this, with the same rows."""
+    `device` and `sharded` is not given. Relative to the largest logit. `sharded`: the model is wrapped by ZeRO-3
+    or FSDP2, which gather each layer's weights as it runs: every rank calls this, with the same rows."""
     import torch
 
     device = torch.device(device)
