@@ -15,7 +15,10 @@ demo data as chat rows), N steps and a checkpoint at N/2. Per backend:
 
 QLoRA (4-bit NF4 base) is not compared with DDP: its base is not the same model.
 
-    python bench/arch_matrix.py [--families llama,gemma2] [--backends ddp,fsdp] [--resume fsdp,zero3] [--steps 8]
+    python bench/arch_matrix.py [--families llama,gemma2] [--backends ddp,fsdp] [--resume fsdp,zero3] [--steps 8] [--jobs 2]
+
+`--jobs N` trains N families at a time (the runs of a tiny model leave the cores idle through start-up and saves;
+each worker keeps the thread count it has alone): the same numbers in less wall time.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine, write_results  # noqa: E402
+from common import machine, run_concurrently, write_results  # noqa: E402
 from tests.presets.presets import build_tiny_model, chat_rows, family_presets, tiny_overrides  # noqa: E402
 
 DS, FSDP = ROOT / "configs" / "deepspeed", ROOT / "configs" / "fsdp"
@@ -49,6 +53,8 @@ WRAPPERS = {"ddp": ("DistributedDataParallel", None), "zero2": ("DeepSpeedEngine
             "zero3": ("DeepSpeedEngine", 3), "fsdp": ("FSDP2 (fully_shard)", None),
             "qlora": ("DistributedDataParallel", None)}
 IDS_SHAPE = (2, 24)
+# With --jobs > 1, families run in threads: one prints (or swaps sys.stdout for an export) at a time.
+OUTPUT = threading.RLock()
 
 
 def backend_overrides(p, cell: str) -> list[str]:
@@ -102,7 +108,7 @@ def export_merged(run: Path, model_dir: Path, out: Path, *, quantized: bool) -> 
 
     shutil.rmtree(out, ignore_errors=True)
     buf = io.StringIO()
-    with redirect_stdout(buf), redirect_stderr(buf):
+    with OUTPUT, redirect_stdout(buf), redirect_stderr(buf):  # sys.stdout is the process's: no row printed meanwhile
         rc = main(["export", str(run), "--output", str(out), "--merge", *(["--dequantize"] if quantized else [])])
     if rc != 0:
         raise RuntimeError(f"export exit {rc}: {buf.getvalue()[-2000:]}")
@@ -143,6 +149,7 @@ def main() -> int:
     ap.add_argument("--resume", default="all", help="cells whose resume is checked: all, none or a list")
     ap.add_argument("--export", default="all", help="cells whose merged export is checked: all, none or a list")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=1, help="families at a time (a family's cells run in turn)")
     ap.add_argument("--tol", type=float, default=1e-5, help="max relative loss deviation from DDP, any step")
     # ZeRO-3 reduce-scatters gradients in another order than DDP's all-reduce: ~1e-7 relative, which Adam's
     # normalized step magnifies on elements whose gradient is near zero (measured up to 1.4e-5 over 8 steps)
@@ -162,12 +169,16 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows_file = chat_rows(args.out / "chat.jsonl")
-    rows = []
     header = (f"{'family':<10} {'cell':<6} {'wrapper':<24} {'loss first->last':>17} {'vs ddp loss':>11} "
               f"{'adapter':>9} {'resume':>7} {'merged logits':>13} {'s':>5}")
     print(header, flush=True)
-    for kind, p in families.items():
-        model_dir = build_tiny_model(p.fixture, args.out / kind / "model")
+    # built in turn, before any family runs: each seeds torch's global generator
+    model_dirs = {kind: build_tiny_model(p.fixture, args.out / kind / "model") for kind, p in families.items()}
+
+    def family(item) -> list[dict]:
+        kind, p = item
+        model_dir = model_dirs[kind]
+        rows = []
         for cell in cells:
             out = args.out / kind / cell
             shutil.rmtree(out, ignore_errors=True)
@@ -207,13 +218,20 @@ def main() -> int:
             except RuntimeError as e:
                 row["error"] = str(e)
             wrapper = str(row.get("wrapper")) + (f" z{row['zero_stage']}" if row.get("zero_stage") else "")
-            print(f"{kind:<10} {cell:<6} {wrapper:<24} "
-                  f"{row.get('first_loss', float('nan')):>8.4f}->{row.get('last_loss', float('nan')):<8.4f} "
-                  f"{row.get('loss_max_rel', float('nan')):>11.2e} {row.get('weights_rel_l2', float('nan')):>9.2e} "
-                  f"{str(row.get('resume_bitwise', '-')):>7} {row.get('logits_max_abs', float('nan')):>13.2e} "
-                  f"{row.get('seconds', 0):>5}  {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')[-400:]}",
-                  flush=True)
-            (args.out / "arch_matrix.json").write_text(json.dumps(rows, indent=2))
+            with OUTPUT:
+                print(f"{kind:<10} {cell:<6} {wrapper:<24} "
+                      f"{row.get('first_loss', float('nan')):>8.4f}->{row.get('last_loss', float('nan')):<8.4f} "
+                      f"{row.get('loss_max_rel', float('nan')):>11.2e} {row.get('weights_rel_l2', float('nan')):>9.2e} "
+                      f"{str(row.get('resume_bitwise', '-')):>7} {row.get('logits_max_abs', float('nan')):>13.2e} "
+                      f"{row.get('seconds', 0):>5}  {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')[-400:]}",
+                      flush=True)
+                done[kind] = rows
+                (args.out / "arch_matrix.json").write_text(json.dumps([r for k in families if k in done
+                                                                       for r in done[k]], indent=2))
+        return rows
+
+    done: dict[str, list[dict]] = {}
+    rows = [row for part in run_concurrently(family, list(families.items()), args.jobs) for row in part]
     if args.out == DEFAULT_OUT:  # the repository's record (bench/results/), not a test's private run
         write_results("arch_matrix", {"machine": machine(), "steps": args.steps, "tol": args.tol,
                                       "weights_tol": args.weights_tol, "rows": rows}, markdown(rows))

@@ -41,3 +41,18 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
     (RESULTS / f"{name}.md").write_text(markdown)
+
+
+def run_concurrently(fn, items: list, jobs: int) -> list:
+    """`[fn(x) for x in items]`, `jobs` at a time (threads: each `fn` waits on its own `sft-dist` processes), in
+    the items' order. The first failure cancels what has not started and is raised once the running ones end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

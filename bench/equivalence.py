@@ -9,7 +9,11 @@ Every run checkpoints at steps/2. The `resume_*` runs then continue a copy of a 
 checkpoint (its final checkpoint and adapter removed), on the same or another number of workers, and are
 compared with the run they continue: same world size must be bitwise identical, another within --tol.
 
-    python bench/equivalence.py --out outputs/equivalence [--steps 20] [--only ddp,zero3]
+    python bench/equivalence.py --out outputs/equivalence [--steps 20] [--only ddp,zero3] [--jobs 2]
+
+`--jobs N` runs N of the runs at a time (each a separate `sft-dist train`, its workers at the thread count they
+would have alone): a small model's run leaves the cores idle through its start and its saves. The numbers are
+the same; only the wall time changes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "examples" / "quickstart.yaml"
 DS = ROOT / "configs" / "deepspeed"
 FSDP = ROOT / "configs" / "fsdp"
+
+from common import run_concurrently  # noqa: E402 (bench/, this script's directory)
 
 # Runs compared with "ddp" (2 workers x micro-batch 8 x accumulation 1 = 16 sequences per step).
 BACKENDS = {
@@ -117,6 +123,7 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-5)
     ap.add_argument("--only", help="comma-separated run names (ddp is always run)")
     ap.add_argument("--skip", default="", help="comma-separated run names to leave out (the test suite's subset)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (the resumes after the runs they continue)")
     args = ap.parse_args()
 
     from sft_dist.compare import compare
@@ -127,11 +134,12 @@ def main() -> int:
         wanted.add("ddp_4workers")
     skip = set(filter(None, args.skip.split(",")))
     names = ["ddp"] + [n for n in matrix if n != "ddp" and n in wanted and n not in skip]
-    results = [run(n, matrix[n], args.out, args.steps) for n in names]
+    results = run_concurrently(lambda n: run(n, matrix[n], args.out, args.steps), names, args.jobs)
     by_name = {r["name"]: r for r in results}
-    for name, (source, extra) in RESUMES.items():
-        if source in by_name and name not in skip and (not args.only or name in wanted or source in wanted):
-            results.append(resume(name, by_name[source], extra, args.out, args.steps, matrix))
+    resumes = [(name, source, extra) for name, (source, extra) in RESUMES.items()
+               if source in by_name and name not in skip and (not args.only or name in wanted or source in wanted)]
+    results += run_concurrently(lambda r: resume(r[0], by_name[r[1]], r[2], args.out, args.steps, matrix), resumes,
+                                args.jobs)
     dirs = {r["name"]: r["dir"] for r in results}
     sources = {name: src for name, (src, _) in RESUMES.items()}
     rows = []

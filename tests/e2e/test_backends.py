@@ -22,9 +22,10 @@ def matrix(tmp_path_factory):
     out = tmp_path_factory.mktemp("equivalence")
     # The bench's full matrix less four rows another row covers (ZeRO-2 offload: ZeRO-3 offload; the
     # 2x4x2 geometry: 1x4x4; ZeRO-2 resume: ZeRO-3 resume; hybrid shard is compared with the 2-worker DDP run
-    # instead of DDP on 4 workers, within the same tolerance), to keep the suite short.
+    # instead of DDP on 4 workers, within the same tolerance), to keep the suite short; two runs at a time (the
+    # same numbers: 68 s -> 46 s here).
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "equivalence.py"), "--out", str(out), "--steps", "20",
-                        "--tol", str(TOL), "--skip", ",".join(SKIPPED)],
+                        "--tol", str(TOL), "--skip", ",".join(SKIPPED), "--jobs", "2"],
                        capture_output=True, text=True, env=cli_env(), timeout=1500)
     print(r.stdout)
     rows = {row["run"]: row for row in json.loads((out / "equivalence.json").read_text())}
