@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from itertools import compress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,7 +241,8 @@ def _meta_model(cfg: Config, config, *, dtype: torch.dtype, attention: str):
 
         # TRL patches the base model before peft wraps it (SFTTrainer does so on the unwrapped model).
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-        model = get_peft_model(model, peft_config(cfg.lora))
+        with torch.device("meta"):  # the adapter too (peft would initialise it on the host, then move it)
+            model = get_peft_model(model, peft_config(cfg.lora))
         if cfg.lora.fused_forward:
             lora_forward.skip_input_casts(model)  # as apply_lora
             if get_backend(cfg).zero_stage != 3:  # ZeRO-3's partitioned lora_B: peft's forward (lora_forward.py)
@@ -601,7 +603,7 @@ def _apply_liger(cfg: Config, model, *, device: str) -> None:
                 module.forward = lambda x, m=module: m.down_proj(_LigerGLU.apply(m.gate_proj(x), m.up_proj(x)))
 
 
-_expired = torch.Storage._expired  # StorageWeakRef.expired without its Python frame
+_expired = torch.UntypedStorage._expired  # StorageWeakRef.expired without its Python frames (a C function)
 
 
 def _meta_op(func, args, kwargs):
@@ -612,6 +614,10 @@ def _meta_op(func, args, kwargs):
         out = func(*(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args), **kwargs)
         return out.to(args[0].dtype)
+    if func is torch.ops.aten.native_dropout.default and args[0].is_meta and (args[2] if len(args) > 2 else True):
+        # What the fused kernel returns (the output and a 1-byte mask), without torch's Python decomposition for
+        # meta (~2 ms a call: a 70B model's adapter dropouts were a sixth of its profile)
+        return torch.empty_like(args[0]), torch.empty_like(args[0], dtype=torch.bool)
     return func(*args, **kwargs)
 
 
@@ -622,9 +628,11 @@ class _LiveStorages(TorchDispatchMode):
     def __init__(self, skip: set):
         super().__init__()
         self.skip = skip
-        # address -> (weak ref, its handle, bytes, born, serial); the handle is checked directly (thousands of ops
-        # times hundreds of live storages: the sweep is most of a large model's profile)
+        # address -> (weak ref, its handle, bytes, born, serial)
         self.live: dict[int, tuple[StorageWeakRef, int, int, int, int]] = {}
+        # address -> handle, in `live`'s order: the sweep checks the handles directly, in C (thousands of ops times
+        # hundreds of live storages: per-entry Python was a third of a large model's profile)
+        self.handles: dict[int, int] = {}
         self.spans: list[tuple[int, int, int, int]] = []  # (serial, bytes, born, died)
         self.clock = 0
 
@@ -635,7 +643,7 @@ class _LiveStorages(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
                 key = s._cdata
-                if key not in self.skip and (key not in self.live or _expired(self.live[key][1])):
+                if key not in self.skip and (key not in self.live or _expired(self.handles[key])):
                     new[key] = s
         if new:
             # Only an op that makes a storage can raise the total: what Python freed since the last such op is
@@ -646,15 +654,16 @@ class _LiveStorages(TorchDispatchMode):
             for key, s in new.items():
                 ref = StorageWeakRef(s)
                 self.live[key] = (ref, ref.cdata, s.nbytes(), self.clock, len(self.spans) + len(self.live))
+                self.handles[key] = ref.cdata
         return out
 
     def _close(self, key: int) -> None:
         _, _, size, born, serial = self.live.pop(key)
+        del self.handles[key]
         self.spans.append((serial, size, born, self.clock))
 
     def sweep(self) -> None:
-        dead = [key for key, entry in self.live.items() if _expired(entry[1])]
-        for key in dead:
+        for key in list(compress(self.handles, map(_expired, self.handles.values()))):
             self._close(key)
 
     def live_bytes(self) -> int:
