@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from sft_dist.model.unwrap import base_model
+
 
 def decoder_layer_names(model: nn.Module) -> set[str]:
     """The decoder-layer class names of `model`, or of the base model a peft wrapper holds."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return names | set(getattr(base, "_no_split_modules", None) or [])
 
 

@@ -18,6 +18,8 @@ import inspect
 import logging
 import sys
 
+from sft_dist.model.unwrap import base_model
+
 BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
 _GIVEN: list = []  # (position_ids, an attention_mask given?, class) of the forwards in progress, innermost last
 _TOLD: set = set()  # the model classes whose masks got position_ids from here, said once each
@@ -25,7 +27,7 @@ _TOLD: set = set()  # the model classes whose masks got position_ids from here, 
 
 def problem(model) -> str | None:
     """Why packed rows cannot stay apart in this model (None where they can): its forward takes no position_ids."""
-    top = model.get_base_model() if hasattr(model, "get_base_model") else model
+    top = base_model(model)
     return class_problem(type(top))
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sft_dist.model.unwrap import base_model
+
 NAME = "sft_dist_ulysses"
 KEY = "backend.sequence_parallel_size"
 FLASH_LIKE = ("varlen_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -189,7 +191,7 @@ def enable(model, inner: str) -> None:
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_function)
     _STATE.inner = inner
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     for config in _configs(base.config):
         if getattr(config, "_attn_implementation", None) == inner:
             config._attn_implementation = NAME
@@ -199,7 +201,7 @@ def enable(model, inner: str) -> None:
 def unsplit(model):
     """The model's attention back to the implementation inside (`enable` undone) for the forwards in the block:
     whole rows on one rank, as the packing check runs them on every rank (train/packing_check.py)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     split = [c for c in _configs(base.config) if getattr(c, "_attn_implementation", None) == NAME]
     for config in split:
         config._attn_implementation = _STATE.inner

@@ -34,6 +34,7 @@ from sft_dist.backends import Backend, Sharding, get_backend
 from sft_dist.config.schema import Config
 from sft_dist.model.build import persistent_buffers
 from sft_dist.model.layers import decoder_layers
+from sft_dist.model.unwrap import base_model
 from sft_dist.plan.facts import Facts, activation_checkpointing, checkpoint_policy
 from sft_dist.sizes import format_bytes
 
@@ -262,7 +263,7 @@ def _quantized_linears(model, cfg: Config) -> dict[str, torch.nn.Module]:
         return {}
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     skip = set(get_keys_to_not_convert(base)) | set(getattr(base, "_keep_in_fp32_modules", None) or [])
     out = {}
     for name, module in base.named_modules():
@@ -579,7 +580,7 @@ def _liger(cfg: Config, model, *, device: str):
     if asked is False or (asked is None and not (
             device == "cuda" and all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton")))):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if getattr(base.config, "model_type", None) not in _LIGER_MODEL_TYPES:
         return None
     return base
@@ -766,7 +767,7 @@ def _profile_step(model, cfg: Config, *, batch: int, length: int, compute: torch
     # activation, which must be counted)
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     _apply_liger(cfg, model, device=device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     ops = _DeviceOps(compute if mixed == "autocast" else None, fused_dropout=device == "cuda")
     if checkpointing:
         # The recomputation runs in backward, where the forward's mode is not in effect: it enters its own (as
@@ -976,7 +977,7 @@ def _hints(cfg: Config, facts: Facts, *, activations: int, total: int, checkpoin
         return []
     out = [f"activations are {share:.0%} of the estimated peak ({format_bytes(activations)} of "
            f"{format_bytes(total)}); to lower them:"]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     text = base.config.get_text_config()
     layers = int(getattr(text, "num_hidden_layers", 1) or 1)
     if not checkpointing:

@@ -21,6 +21,7 @@ from sft_dist.backends import get_backend
 from sft_dist.config.schema import Config
 from sft_dist.errors import ConfigError
 from sft_dist.metrics.eval_names import greater_is_better
+from sft_dist.model.unwrap import base_model
 
 # What sft_dist turns on; `training.liger_kernel_config` may switch each off. Liger's apply functions take the
 # ones that fit the architecture (swiglu for Llama-like MLPs, geglu for Gemma).
@@ -96,7 +97,7 @@ def apply_liger(model, choice: Liger) -> str:
         return choice.describe()
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     model_type = getattr(base.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         if choice.explicit:

@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from sft_dist.errors import ConfigError
 from sft_dist.model import ulysses
+from sft_dist.model.unwrap import base_model
 
 log = logging.getLogger("sft_dist")
 
@@ -30,7 +31,7 @@ def check_documents_apart(model, collator, *, device, sharded: bool = False) -> 
     moved = packed_positions.leak(model, collator, device=device, sharded=sharded)
     if moved is None:
         return
-    name = _class_name(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    name = _class_name(base_model(model))
     if moved > 1e-4:
         raise ConfigError(f"data.packing: {name} lets a packed row's documents attend to each other (checked at start: "
                           f"the first document moved the second's logits by {moved:.1e} of their scale); set "

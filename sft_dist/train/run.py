@@ -32,6 +32,7 @@ from sft_dist.distributed.turns import SHARE, available_host_memory, host_turns,
 from sft_dist.errors import ConfigError, SftDistError
 from sft_dist.hub import hub_push
 from sft_dist.model.build import count_parameters
+from sft_dist.model.unwrap import base_model
 from sft_dist.quiet import quiet_libraries
 from sft_dist.sizes import format_bytes
 from sft_dist.train.callbacks import MetricsFile, Progress, SampleIdCollator
@@ -710,7 +711,7 @@ def _padding_free(model, attn: str | None, *, compiled: bool) -> bool:
     torch.compile (each batch's total length would be a new shape to compile)."""
     from sft_dist.data.packing import ROW_AWARE
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return (not compiled and attn is not None and attn not in ROW_AWARE
             and type(base).__module__.startswith("transformers."))
 
