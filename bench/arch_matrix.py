@@ -15,7 +15,8 @@ demo data as chat rows), N steps and a checkpoint at N/2. Per backend:
 
 QLoRA (4-bit NF4 base) is not compared with DDP: its base is not the same model.
 
-    python bench/arch_matrix.py [--families llama,gemma2] [--backends ddp,fsdp] [--resume fsdp,zero3] [--steps 8] [--jobs 2]
+    python bench/arch_matrix.py [--families llama,gemma2] [--backends ddp,fsdp] [--resume fsdp,zero3] [--steps 8]
+                                [--jobs 2]
 
 `--jobs N` trains N families at a time (the runs of a tiny model leave the cores idle through start-up and saves;
 each worker keeps the thread count it has alone): the same numbers in less wall time.

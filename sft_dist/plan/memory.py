@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from itertools import compress
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 import torch

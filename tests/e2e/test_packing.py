@@ -38,8 +38,9 @@ def runs(tmp_path_factory):
     for packing, attn, compiled in ((True, "varlen_attention", True), (False, "auto", False), (True, "auto", False),
                                     (True, "varlen_attention", False), (False, "varlen_attention", False)):
         key = packing if attn == "auto" else attn + ("+compile" if compiled else "") + ("" if packing else "+unpacked")
-        todo[key] = [f"output_dir={tmp / f'packing-{packing}-{attn}-{compiled}'}", f"data.packing={str(packing).lower()}",
-                     "data.trace_samples=true", "launcher.num_workers=1", f"model.attn_implementation={attn}",
+        todo[key] = [f"output_dir={tmp / f'packing-{packing}-{attn}-{compiled}'}",
+                     f"data.packing={str(packing).lower()}", "data.trace_samples=true", "launcher.num_workers=1",
+                     f"model.attn_implementation={attn}",
                      f"training.torch_compile={str(compiled).lower()}",
                      f"training.eval_steps={STEPS}" if packing else "training.eval_strategy=no"]
     # The packed run again under ZeRO-3 on 2 workers, 4 rows each: the same 8 rows a step
