@@ -629,10 +629,10 @@ class _LiveStorages(TorchDispatchMode):
     def __init__(self, skip: set):
         super().__init__()
         self.skip = skip
-        # address -> (weak ref, its handle, bytes, born, serial)
-        self.live: dict[int, tuple[StorageWeakRef, int, int, int, int]] = {}
-        # address -> handle, in `live`'s order: the sweep checks the handles directly, in C (thousands of ops times
-        # hundreds of live storages: per-entry Python was a third of a large model's profile)
+        # address -> (weak ref, bytes, born, serial); the weak ref is held so that its handle stays valid
+        self.live: dict[int, tuple[StorageWeakRef, int, int, int]] = {}
+        # address -> the weak ref's handle, in `live`'s order: the sweep checks the handles directly, in C (thousands
+        # of ops times hundreds of live storages: per-entry Python was a third of a large model's profile)
         self.handles: dict[int, int] = {}
         self.spans: list[tuple[int, int, int, int]] = []  # (serial, bytes, born, died)
         self.clock = 0
@@ -654,12 +654,12 @@ class _LiveStorages(TorchDispatchMode):
             self.clock += 1
             for key, s in new.items():
                 ref = StorageWeakRef(s)
-                self.live[key] = (ref, ref.cdata, s.nbytes(), self.clock, len(self.spans) + len(self.live))
+                self.live[key] = (ref, s.nbytes(), self.clock, len(self.spans) + len(self.live))
                 self.handles[key] = ref.cdata
         return out
 
     def _close(self, key: int) -> None:
-        _, _, size, born, serial = self.live.pop(key)
+        _, size, born, serial = self.live.pop(key)
         del self.handles[key]
         self.spans.append((serial, size, born, self.clock))
 
@@ -668,16 +668,16 @@ class _LiveStorages(TorchDispatchMode):
             self._close(key)
 
     def live_bytes(self) -> int:
-        return sum(entry[2] for entry in self.live.values())
+        return sum(entry[1] for entry in self.live.values())
 
     def serials(self, storages: set) -> set:
         """Serials of the live storages at these addresses."""
-        return {self.live[k][4] for k in storages if k in self.live}
+        return {self.live[k][3] for k in storages if k in self.live}
 
     def peak(self, exclude: set) -> int:
         """Highest live bytes over the timeline, leaving out the spans whose serial is in `exclude`."""
         events: list[tuple[int, int]] = []
-        spans = self.spans + [(serial, size, born, self.clock + 1) for _, _, size, born, serial in self.live.values()]
+        spans = self.spans + [(serial, size, born, self.clock + 1) for _, size, born, serial in self.live.values()]
         for serial, size, born, died in spans:
             if serial not in exclude:
                 events += [(born, size), (died, -size)]
