@@ -1,5 +1,5 @@
-"""The installed SFTConfig's field types (and transformers' model types), cached as JSON so that checking a
-config needs no TRL (or torch) import.
+"""The installed SFTConfig's field types (and transformers' model types, and the decoder-layer classes of the
+model types seen so far), cached as JSON so that checking a config needs no TRL (or torch) import.
 
 Importing TRL (and with it transformers, peft, bitsandbytes) takes ~9 s on a small machine; a launcher
 that only checks field names and types before starting workers (which import TRL anyway) would pay it on
@@ -60,6 +60,41 @@ def store(fields: dict[str, Any], report_to: list[str], defaults: dict[str, Any]
                 "model_types": model_types}
     except TypeError:
         return
+    _write(path, data)
+
+
+def decoder_layers(model_type: str) -> list[str] | None:
+    """The decoder-layer classes (`_no_split_modules`) recorded for a transformers model_type, or None."""
+    path = _decoder_layers_path()
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get(model_type) if path else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, list) and all(isinstance(c, str) for c in found) else None
+
+
+def record_decoder_layers(model_type: str, classes: list[str]) -> None:
+    """Add one model_type's decoder-layer classes to the cache (read, merged, written atomically; a write lost to
+    a concurrent launcher only costs that one's import again)."""
+    path = _decoder_layers_path()
+    if path is None:
+        return
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    _write(path, {**known, model_type: list(classes)})
+
+
+def _decoder_layers_path() -> Path | None:
+    # Keyed like the fields: the model classes come with the installed transformers.
+    path = cache_path()
+    return path.with_name(path.name.replace("sft_fields-", "decoder_layers-")) if path else None
+
+
+def _write(path: Path, data: dict) -> None:
+    """Write JSON atomically; skipped quietly if the disk refuses (the cache only saves an import)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

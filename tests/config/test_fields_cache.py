@@ -66,3 +66,48 @@ def test_a_damaged_cache_is_ignored_and_a_config_is_checked_without_importing_tr
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr[-2000:]  # fell back to TRL itself
     assert json.loads(fields_cache.cache_path().read_text())["fields"]  # and rewrote the cache
+
+
+def _fsdp_config(write_config, more: dict | None = None, *, name: str = "cfg.yaml"):
+    from tests.conftest import FSDP
+
+    return write_config({"backend.type": "fsdp", "backend.config": str(FSDP / "full_shard.yaml"), **(more or {})},
+                        name=name)
+
+
+def test_decoder_layers_are_cached_per_model_type_and_never_for_remote_code(tmp_path, monkeypatch, write_config):
+    from sft_dist.backends.fsdp import decoder_layer_classes
+    from sft_dist.validate import load_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fields_cache.decoder_layers("llama") is None
+    cfg = load_config(_fsdp_config(write_config), [])  # its FSDP check reads them (the quickstart's is a Llama)
+    assert fields_cache.decoder_layers("llama") == ["LlamaDecoderLayer"]
+    assert decoder_layer_classes(cfg) == ["LlamaDecoderLayer"]
+    fields_cache.record_decoder_layers("gpt2", ["GPT2Block"])  # merged, not replaced
+    assert fields_cache.decoder_layers("llama") == ["LlamaDecoderLayer"]
+    # what is cached is what is used...
+    fields_cache.record_decoder_layers("llama", ["Recorded"])
+    assert decoder_layer_classes(cfg) == ["Recorded"]
+    # ...except for remote code: its classes are the model repository's, read from the model every time
+    remote = load_config(_fsdp_config(write_config, {"model.trust_remote_code": True}, name="remote.yaml"), [])
+    assert decoder_layer_classes(remote) == ["LlamaDecoderLayer"]
+    path = next(tmp_path.glob("sft_dist/decoder_layers-*.json"))
+    path.write_text("[not a dict")
+    assert fields_cache.decoder_layers("llama") is None
+    assert decoder_layer_classes(cfg) == ["LlamaDecoderLayer"]
+    assert json.loads(path.read_text()) == {"llama": ["LlamaDecoderLayer"]}  # rewritten whole
+
+
+@pytest.mark.slow
+def test_an_fsdp_config_is_checked_without_importing_torch_once_its_model_type_was_seen(tmp_path, write_config):
+    """The launcher's FSDP check reads the model's decoder-layer class: the first time by importing it, then from
+    the cache (a launch 5 s sooner on 2 cores)."""
+    code = ("import sys; from sft_dist.validate import load_config; from sft_dist.backends.fsdp import "
+            "decoder_layer_classes; cfg = load_config(sys.argv[1], []); "
+            "print(decoder_layer_classes(cfg), 'torch' in sys.modules)")
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    outs = [subprocess.run([sys.executable, "-c", code, str(_fsdp_config(write_config))], capture_output=True,
+                           text=True, env=env, timeout=120) for _ in range(2)]
+    assert [(r.returncode, r.stdout.strip()) for r in outs] == [
+        (0, "['LlamaDecoderLayer'] True"), (0, "['LlamaDecoderLayer'] False")], outs[-1].stderr[-2000:]
