@@ -9,9 +9,7 @@ cu_seq_lens, and no mask. Every choice keeps packed documents apart.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from sft_dist.errors import ConfigError
 
@@ -90,8 +88,8 @@ def check_requested(value: str | None, cls, *, model_type: str | None, config=No
 
 
 def check_config(m, *, device: str = "auto") -> list[str]:
-    """Config-time check of a set value against the model class, from `init_config` or a local config.json
-    (a hub id is checked where the model loads), and of flash attention against `launcher.device`. Imports the
+    """Config-time check of a set value against the model class, from `init_config` or a local or cached
+    config.json (a hub id not downloaded yet is checked where the model loads), and of flash attention against `launcher.device`. Imports the
     model's modeling module only for a value other than auto/eager."""
     problems = check_value(m.attn_implementation)
     if not problems and m.attn_implementation in FLASH and device == "cpu":
@@ -103,12 +101,9 @@ def check_config(m, *, device: str = "auto") -> list[str]:
                         "use auto or sdpa")
     if problems or m.attn_implementation in (None, "auto", "eager") or "/" in m.attn_implementation:
         return problems
-    raw = m.init_config
-    if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
-        try:
-            raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []
+    from sft_dist.model.config import raw_config
+
+    raw = raw_config(m)
     if not isinstance(raw, dict) or not raw.get("model_type") or raw.get("auto_map"):
         return []  # remote code: its class is known only once its code runs, where the model loads
     try:

@@ -26,19 +26,37 @@ def model_config(m: ModelConfig):
 
 
 def raw_config(m: ModelConfig) -> dict | None:
-    """`init_config`, or a local config.json as a plain dict: read without importing a config class (which costs a
-    launcher ~3 s: transformers pulls in its kernels hub). None for a hub id or an unreadable file."""
+    """`init_config`, or the config.json of a local directory or of a hub id already in the Hugging Face cache, as
+    a plain dict: read without importing a config class (which costs a launcher ~3 s: transformers pulls in its
+    kernels hub). None for a hub id not downloaded yet or an unreadable file. A cached hub config is the revision
+    the cache last fetched: what the launcher checks before the workers load (and, online, refresh) it."""
     raw = m.init_config
-    if raw is None and m.name_or_path and (Path(m.name_or_path) / "config.json").is_file():
+    if raw is None and m.name_or_path:
+        path = _config_file(m)
         try:
-            raw = json.loads((Path(m.name_or_path) / "config.json").read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8")) if path else None
         except (OSError, ValueError):
             raw = None
     return raw if isinstance(raw, dict) else None
 
 
+def _config_file(m: ModelConfig) -> Path | None:
+    local = Path(m.name_or_path) / "config.json"
+    if local.is_file():
+        return local
+    if Path(m.name_or_path).exists() or m.name_or_path.count("/") > 1:
+        return None  # a local path without a config.json, not a hub id
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(m.name_or_path, "config.json", revision=m.revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
 def model_type(m: ModelConfig) -> str | None:
-    """The model_type that `init_config` or a local config.json names."""
+    """The model_type that `init_config` or a local or cached config.json names."""
     value = (raw_config(m) or {}).get("model_type")
     return value if isinstance(value, str) else None
 
