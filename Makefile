@@ -40,7 +40,7 @@ demo: .venv
 test: .venv
 	$(VENV)/bin/python -m pytest
 
-# The unit tests, without the end-to-end runs that start processes (marked slow): the edit loop, under 2 minutes.
+# The unit tests, without the end-to-end runs that start processes (marked slow): the edit loop, 2-4 minutes on 2 cores.
 test-fast: .venv
 	$(VENV)/bin/python -m pytest -m "not slow" -q
 
