@@ -89,8 +89,8 @@ def check_requested(value: str | None, cls, *, model_type: str | None, config=No
 
 def check_config(m, *, device: str = "auto") -> list[str]:
     """Config-time check of a set value against the model class, from `init_config` or a local or cached
-    config.json (a hub id not downloaded yet is checked where the model loads), and of flash attention against `launcher.device`. Imports the
-    model's modeling module only for a value other than auto/eager."""
+    config.json (a hub id not downloaded yet is checked where the model loads), and of flash attention against
+    `launcher.device`. Imports the model's modeling module only for a value other than auto/eager."""
     problems = check_value(m.attn_implementation)
     if not problems and m.attn_implementation in FLASH and device == "cpu":
         problems.append(f"{KEY}: {m.attn_implementation} needs a CUDA device, and launcher.device is cpu; use auto "
