@@ -105,6 +105,10 @@ def _forward_fused(self, x, *args, **kwargs):
     if not (self._sft_dist_four_bit and torch.is_autocast_enabled(x.device.type)):
         x = self._cast_input_dtype(x, lora_A.weight.dtype)  # (peft's 4-bit layers: only outside autocast)
     h = lora_A(self.lora_dropout[name](x))
+    if result.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        # An fp32 base output (a 4-bit layer reading the fp32 hidden states of upcast norms and embeddings): autocast
+        # would round it to 16 bits inside addmm, and fp16 could overflow; peft keeps it fp32, and so does this add.
+        return result + lora_B(h) * self.scaling[name]
     flat = result.reshape(-1, result.shape[-1])
     out = torch.addmm(flat, h.reshape(-1, h.shape[-1]), lora_B.weight.t(), alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)

@@ -154,7 +154,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                            "to 0 or use sdpa")
     b, hq, t, d = query.shape
     if key.shape[2] != t:  # decoding with a KV cache (evaluation samples): one new token at a time
-        return _decode(query, key, value, attention_mask, scaling)
+        return _decode(query, key, value, attention_mask, scaling, window=sliding_window)
     window = sliding_window if sliding_window and sliding_window < t else None
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, T, H, D)
     index = None
@@ -241,11 +241,14 @@ def _per_document(q, k, v, cu, *, scale, window):
     return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:])
 
 
-def _decode(query, key, value, attention_mask, scaling):
+def _decode(query, key, value, attention_mask, scaling, *, window: int | None = None):
     """Queries that are the last tokens of longer keys (a KV cache): sdpa with the padding mask, the new
-    token(s) attending to everything before them."""
+    token(s) attending to everything before them, or to the last `window` positions (a sliding-window layer whose
+    cache keeps more than its window)."""
     t, s = query.shape[2], key.shape[2]
     mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
+    if window and window < s:
+        mask &= ~torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t - window)
     if attention_mask is not None:
         mask = mask[None, None] & attention_mask.bool()[:, None, None, -s:]
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
 from transformers import TrainerCallback
 
 from sft_dist.errors import ConfigError
@@ -29,6 +30,10 @@ def check_documents_apart(model, collator, *, device, sharded: bool = False) -> 
     from sft_dist.model import packed_positions
 
     moved = packed_positions.leak(model, collator, device=device, sharded=sharded)
+    if getattr(base_model(model).config, "_attn_implementation", None) == "flex_attention":
+        # transformers compiles flex attention: the check's rows are not the run's, and without a reset the first
+        # training batch would count as a second shape and compile the kernel again for dynamic shapes.
+        torch._dynamo.reset()
     if moved is None:
         return
     name = _class_name(base_model(model))

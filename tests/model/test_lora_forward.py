@@ -152,10 +152,8 @@ def test_lora_fused_forward_false_keeps_peft_forward():
     assert "forward" in vars(layer) and "_cast_input_dtype" in vars(layer)
 
 
-def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
-    """peft's bitsandbytes 4-bit LoRA layers (QLoRA): under autocast the fused add replaces peft's clone, product
-    and sum; the adapter's loss and gradients agree with peft's within bf16 noise. Without autocast (a bf16 base
-    with the fp32 adapter) peft's forward runs."""
+def qlora_pair(tmp_path, monkeypatch):
+    """The same 4-bit QLoRA Llama twice (bf16 compute, lora_B non-zero): with sft_dist's forward, and with peft's."""
     from tests.conftest import load_quantized
 
     torch.manual_seed(0)
@@ -175,7 +173,14 @@ def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
                     p.normal_(std=0.02)
         return model.train()
 
-    fused, peft = qlora(True), qlora(False)
+    return qlora(True), qlora(False)
+
+
+def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
+    """peft's bitsandbytes 4-bit LoRA layers (QLoRA): under autocast the fused add replaces peft's clone, product
+    and sum; the adapter's loss and gradients agree with peft's within bf16 noise. Without autocast (a bf16 base
+    with the fp32 adapter) peft's forward runs."""
+    fused, peft = qlora_pair(tmp_path, monkeypatch)
     layer = fused.base_model.model.model.layers[0].mlp.up_proj
     assert type(layer).__name__ == "Linear4bit" and "forward" in vars(layer)
     x = torch.randn(4, LLAMA["hidden_size"], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
@@ -186,3 +191,18 @@ def test_a_4bit_qlora_layer_fuses_its_scaled_add_too(tmp_path, monkeypatch):
     assert f[0] == pytest.approx(p[0], abs=2e-3) and f[1].keys() == p[1].keys() and len(f[1]) == 28
     gaps = {n: float((f[1][n] - p[1][n]).norm() / p[1][n].norm()) for n in p[1]}
     assert max(gaps.values()) < 0.03, gaps
+
+
+def test_an_fp32_base_output_under_autocast_stays_fp32_as_peft_keeps_it(tmp_path, monkeypatch):
+    """A 4-bit layer reading fp32 hidden states (norms and embeddings upcast, the default for an fp16 base) returns
+    fp32 under autocast. addmm would round it to 16 bits there (fp16 could overflow); the layer adds the adapter's
+    product to the fp32 output instead, as peft does: bitwise peft's output."""
+    fused, peft = qlora_pair(tmp_path, monkeypatch)
+    f_layer, p_layer = (m.base_model.model.model.layers[0].mlp.down_proj for m in (fused, peft))
+    x = torch.randn(4, LLAMA["intermediate_size"], generator=torch.Generator().manual_seed(3)) * 50
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert lora_forward._fusable(f_layer, x, (), {}) == "default"
+        got, want = f_layer(x), p_layer(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert not torch.equal(want, want.to(torch.bfloat16).float())  # what a 16-bit add would have rounded

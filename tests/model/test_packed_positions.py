@@ -158,3 +158,20 @@ def test_the_start_up_check_runs_on_a_sharded_model(tmp_path):
         check_documents_apart(model, eager, device="cpu", sharded=True)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_after_the_start_up_check_a_compiled_attention_starts_afresh(attn, eager_flex, monkeypatch):
+    """transformers compiles flex attention for the shapes it meets: the check's rows are not the run's, so what the
+    check compiled is dropped (torch._dynamo.reset) and training compiles for its own shape, not again for dynamic
+    shapes. Other attentions compile nothing there: nothing is reset."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_dist.data.packing import PackedCollator
+    from sft_dist.train.packing_check import check_documents_apart
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(attn))
+    collate = PackedCollator(DataCollatorForLanguageModeling(pad_token_id=0), attn_implementation=attn)
+    check_documents_apart(tiny("llama", attn), collate, device="cpu")
+    assert resets == ([attn] if attn == "flex_attention" else [])

@@ -155,6 +155,26 @@ def test_generation_with_a_kv_cache_equals_sdpa(tok):
         assert model.generate(prompt, **kw).tolist() == reference.generate(prompt, **kw).tolist()
 
 
+def test_decoding_past_a_sliding_window_attends_to_the_window_only(tok):
+    """A new token whose cache holds more than the layer's window (a cache that does not trim) reads the last
+    `window` positions, as the window trained it to; generation agrees with sdpa's past the window."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    got, _ = varlen.attention_forward(None, q, k, v, None, scaling=0.25, sliding_window=5)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, -5:], v[:, :, -5:], scale=0.25,
+                                                            enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    everything, _ = varlen.attention_forward(None, q, k, v, None, scaling=0.25)
+    assert (everything - got).abs().max() > 1e-3
+    reference, model = pair(tok, "mistral", sliding_window=5)
+    prompt = torch.tensor([[5, 9, 13, 2, 7, 30, 4, 8]])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        mine, theirs = model.generate(prompt, **kw), reference.generate(prompt, **kw)
+    assert mine.sequences.tolist() == theirs.sequences.tolist()
+    torch.testing.assert_close(torch.stack(mine.logits), torch.stack(theirs.logits), atol=1e-5, rtol=0)
+
+
 def test_a_saved_model_does_not_name_the_attention_it_trained_with(tok, tmp_path):
     """The attention choice is the run's, not the checkpoint's: a base or merged model loads where sft_dist's
     registration does not exist."""
