@@ -19,18 +19,16 @@ from sft_dist.errors import ConfigError
 def decoder_layer_classes(cfg: Config) -> list[str]:
     """The model's own decoder-layer class names (its `_no_split_modules`), from the config alone.
 
-    Reading them imports the model's class, and with it torch and transformers' modeling code (~3-6 s in a
+    Reading them imports the model's class, and with it torch and transformers' modeling code (~6 s on 2 cores, in a
     launcher that only checks the config): a model_type the installed transformers builds is looked up once and
     cached (config/fields_cache.py). Remote code is not: its class is the model repository's, not the library's."""
     from sft_dist.config import fields_cache
-    from sft_dist.model.config import model_type
+    from sft_dist.model.config import model_config, model_type
 
     kind = None if cfg.model.trust_remote_code else model_type(cfg.model)
     if kind is not None and (known := fields_cache.decoder_layers(kind)) is not None:
         return known
     from transformers import AutoModelForCausalLM
-
-    from sft_dist.model.config import model_config
 
     config = model_config(cfg.model)
     model_cls = AutoModelForCausalLM._model_mapping[type(config)]
